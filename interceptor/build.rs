@@ -1,0 +1,28 @@
+//! Builds the eBPF object (interceptor-ebpf) with the nightly toolchain and bpf-linker, so a
+//! plain `cargo build` produces an agent with its kernel programs embedded.
+use std::path::Path;
+
+fn main() -> anyhow::Result<()> {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = Path::new(&manifest)
+        .parent()
+        .expect("the agent crate sits in the workspace");
+    let ebpf_dir = root.join("interceptor-ebpf");
+    // aya-build watches the eBPF crate; the shared types change the object too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("interceptor-common/src").display()
+    );
+    let ebpf_dir = ebpf_dir.to_str().expect("workspace path is UTF-8");
+    let package = aya_build::Package {
+        name: "interceptor-ebpf",
+        root_dir: ebpf_dir,
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], aya_build::Toolchain::default()).map_err(|e| {
+        anyhow::anyhow!(
+            "building the eBPF object failed: {e:#}\n\
+             it needs the nightly toolchain with rust-src and bpf-linker 0.13.0: run `cargo xtask setup`"
+        )
+    })
+}

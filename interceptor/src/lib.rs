@@ -1,0 +1,6 @@
+//! interceptor: per-request HTTP/2 load balancing for Kubernetes pods, without app changes.
+//!
+//! Layers: `bpf` (the only user of aya), `proxy` (the only user of h2), `netns` (entering pod
+//! network namespaces); `app` wires them.
+
+pub mod proxy;

@@ -1,0 +1,1 @@
+//! The userspace data path: pod-local listeners, protocol detection, relaying.

@@ -1,0 +1,56 @@
+//! Project automation: toolchain set-up, tests, benchmarks. Every command installs what it
+//! needs first (idempotently), so the README's two commands work on a fresh machine.
+
+mod bench_connect;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "interceptor project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain and system tools the build and tests need (idempotent).
+    Setup,
+    /// Set up, build everything (eBPF object included) and run the whole test suite.
+    /// The end-to-end tests load the real eBPF object: run as root.
+    Test {
+        /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Measure connect() latency with the hook attached vs detached (needs root).
+    BenchConnect {
+        /// Number of connects per phase.
+        #[arg(long, default_value_t = 20_000)]
+        connects: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            setup::run()?;
+            setup::require_root(
+                "the end-to-end tests load eBPF programs and create network namespaces",
+            )?;
+            setup::cargo(&["build", "--workspace", "--all-targets"])?;
+            let mut test = vec!["test", "--workspace", "--"];
+            test.extend(args.iter().map(String::as_str));
+            setup::cargo(&test)
+        }
+        Cmd::BenchConnect { connects } => {
+            setup::run()?;
+            setup::require_root("the benchmark attaches eBPF programs to a cgroup")?;
+            bench_connect::run(connects)
+        }
+    }
+}

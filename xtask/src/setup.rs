@@ -1,0 +1,186 @@
+//! Idempotent installation of everything the build and the tests need. Each step checks first
+//! and only installs what is missing, so running it twice is cheap.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The bpf-linker release that emits BTF this kernel accepts (DESIGN.md: 0.10.1 does not).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages and the command each one provides.
+const APT_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("nft", "nftables"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("h2load", "nghttp2-client"),
+];
+
+pub fn run() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    apt_tools()?;
+    Ok(())
+}
+
+pub fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions; called through `id -u` to avoid a libc dependency.
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running `id -u`")?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        bail!("must run as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs cargo from the workspace root, failing with the command line on a non-zero exit.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(workspace_root());
+    run_cmd(&mut cmd)
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is missing: the eBPF crate needs it \
+         (install it with `rustup toolchain install nightly`)",
+    )?;
+    let src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    if src.is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} against the nightly's libLLVM \
+         (found: {})",
+        if have.is_empty() { "none" } else { have.trim() }
+    );
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    // bpf-linker's build links `-lLLVM` from $LLVM_PREFIX/lib: give it the nightly's own
+    // libLLVM under the plain name, so the linker and rustc agree on the LLVM version.
+    let prefix = std::env::temp_dir().join(format!("icp-llvm-prefix-{}", std::process::id()));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let mut main_lib = None;
+    for entry in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("libLLVM") {
+            continue;
+        }
+        let link = prefix_lib.join(&name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(entry.path(), &link)?;
+        }
+        if name.starts_with("libLLVM.so.") {
+            main_lib = Some(entry.path());
+        }
+    }
+    let main_lib = main_lib.with_context(|| {
+        format!(
+            "no libLLVM.so.* in {}: the nightly toolchain is incomplete",
+            lib.display()
+        )
+    })?;
+    let plain = prefix_lib.join("libLLVM.so");
+    if !plain.exists() {
+        std::os::unix::fs::symlink(&main_lib, &plain)?;
+    }
+    let llvm_major = main_lib
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libLLVM.so."))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the LLVM version from the nightly's libLLVM name")?
+        .to_string();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let result = run_cmd(
+        Command::new(cargo)
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix)
+            // The installed binary finds libLLVM through this rpath-free path at run time.
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-args=-Wl,-rpath,{}", lib.display()),
+            ),
+    );
+    let _ = std::fs::remove_dir_all(&prefix);
+    result.context("installing bpf-linker (needs crates.io)")?;
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        bail!("bpf-linker {BPF_LINKER_VERSION} installed but `bpf-linker --version` says {have:?}: is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn apt_tools() -> Result<()> {
+    let missing: Vec<&str> = APT_TOOLS
+        .iter()
+        .filter(|(cmd, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    require_root("installing Debian packages with apt-get")?;
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install (needs Debian's package mirror)")
+}
