@@ -240,13 +240,30 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Stat> {
     let dst = *unsafe { SOCK_DST.get(cookie) }?;
     // SAFETY: ctx is the program's context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let addr = if ctx.family() == AF_INET {
-        v4_mapped(ctx.local_ip4().to_ne_bytes())
+    // Volatile loads at fixed offsets: the verifier rejects a context load whose offset is
+    // computed, which is what the compiler makes of "local_ip4 or local_ip6".
+    let ops = ctx.ops;
+    // SAFETY: ops is the program's valid context; each read is of one context field.
+    let (family, local_ip4, local_ip6, local_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).family),
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    let addr = if family == AF_INET {
+        v4_mapped(local_ip4.to_ne_bytes())
     } else {
-        addr6_of(ctx.local_ip6())
+        addr6_of(local_ip6)
     };
     // local_port is in host byte order (unlike remote_port).
-    let port_be = (ctx.local_port() as u16).to_be();
+    let port_be = (local_port as u16).to_be();
     let key = SockKey {
         netns_cookie,
         addr,
@@ -261,7 +278,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Stat> {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn icp_getpeer4(ctx: SockAddrContext) -> i32 {
-    if let Some(stat) = try_getpeer(&ctx, false) {
+    if let Some(stat) = try_getpeer4(&ctx) {
         count(stat);
     }
     1
@@ -269,36 +286,50 @@ pub fn icp_getpeer4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn icp_getpeer6(ctx: SockAddrContext) -> i32 {
-    if let Some(stat) = try_getpeer(&ctx, true) {
+    if let Some(stat) = try_getpeer6(&ctx) {
         count(stat);
     }
     1
 }
 
-/// A redirected socket's peer is the pod-local listener; answer with the address the app
-/// dialled instead, so its logs and checks see the ClusterIP:port.
-fn try_getpeer(ctx: &SockAddrContext, v6: bool) -> Option<Stat> {
-    // SAFETY: the kernel hands every sock_addr program a valid context.
-    let sa = unsafe { &mut *ctx.sock_addr };
+/// The original destination of a redirected socket whose peer is the pod-local listener.
+#[inline(always)]
+fn redirected_dst(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<OrigDst> {
     if sa.user_port as u16 != ICP_LISTEN_PORT.load().to_be() {
         return None;
     }
     // SAFETY: ctx is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
-    let dst = *unsafe { SOCK_DST.get(cookie) }?;
-    if v6 {
-        let w = words_of(&dst.addr);
-        sa.user_ip6[0] = w[0];
-        sa.user_ip6[1] = w[1];
-        sa.user_ip6[2] = w[2];
-        sa.user_ip6[3] = w[3];
-    } else {
-        if !is_v4_mapped(&dst.addr) {
-            return None;
-        }
-        sa.user_ip4 = u32::from_ne_bytes([dst.addr[12], dst.addr[13], dst.addr[14], dst.addr[15]]);
+    unsafe { SOCK_DST.get(cookie) }.copied()
+}
+
+// A redirected socket's peer is the pod-local listener; answer with the address the app
+// dialled instead, so its logs and checks see the ClusterIP:port. The v4 and v6 variants are
+// separate functions: the verifier rejects a context store whose offset is computed, which is
+// what the compiler makes of one function writing either field.
+
+fn try_getpeer4(ctx: &SockAddrContext) -> Option<Stat> {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = redirected_dst(ctx, sa)?;
+    if !is_v4_mapped(&dst.addr) {
+        return None;
     }
+    sa.user_ip4 = u32::from_ne_bytes([dst.addr[12], dst.addr[13], dst.addr[14], dst.addr[15]]);
+    sa.user_port = u32::from(dst.port_be);
+    Some(Stat::PeerRewritten)
+}
+
+fn try_getpeer6(ctx: &SockAddrContext) -> Option<Stat> {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = redirected_dst(ctx, sa)?;
+    let w = words_of(&dst.addr);
+    sa.user_ip6[0] = w[0];
+    sa.user_ip6[1] = w[1];
+    sa.user_ip6[2] = w[2];
+    sa.user_ip6[3] = w[3];
     sa.user_port = u32::from(dst.port_be);
     Some(Stat::PeerRewritten)
 }

@@ -3,4 +3,9 @@
 //! Layers: `bpf` (the only user of aya), `proxy` (the only user of h2), `netns` (entering pod
 //! network namespaces); `app` wires them.
 
+pub mod app;
+pub mod bpf;
+pub mod cli;
+pub mod netns;
 pub mod proxy;
+pub mod telemetry;

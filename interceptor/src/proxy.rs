@@ -1,1 +1,4 @@
 //! The userspace data path: pod-local listeners, protocol detection, relaying.
+
+pub mod passthrough;
+pub mod pod_listener;

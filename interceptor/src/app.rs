@@ -1,0 +1,219 @@
+//! Wiring and lifecycle: the data path (bpf), the pod-local listeners (proxy) and the source
+//! of what to intercept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::bpf::{self, CgroupId, Datapath, DatapathConfig, OrigDstTable, ServiceAction};
+use crate::cli::{PinArgs, RunArgs, StaticPod};
+use crate::netns::Netns;
+use crate::proxy::passthrough;
+use crate::proxy::pod_listener::{Handler, OrigDstResolver, PodContext, PodListener};
+
+/// The agent: `interceptor run`.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing::info!(config = ?args, "starting");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("interceptor")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_agent(args))
+}
+
+async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let config = DatapathConfig {
+        pin_root: args.pins.pin_root.clone(),
+        listen_port: args.listen_port,
+        kernel_debug_log: args.kernel_debug_log,
+        replace_stale_pins: args.replace_stale_pins,
+    };
+    let mut datapath = Datapath::load(&config)?;
+    let handler: Handler = Arc::new(|conn| Box::pin(passthrough::relay(conn)));
+    let mut agent = Agent::new(&datapath, args.listen_port, handler);
+
+    let desired: Vec<(SocketAddr, ServiceAction)> = args
+        .services
+        .iter()
+        .map(|addr| {
+            let action = if args.exclude_ports.contains(&addr.port()) {
+                ServiceAction::Exclude
+            } else {
+                ServiceAction::Intercept
+            };
+            (*addr, action)
+        })
+        .collect();
+    agent.set_services(&mut datapath, &desired)?;
+    for pod in &args.pods {
+        // One pod failing (gone, no process yet) must not stop the others.
+        if let Err(e) = agent.enable_pod(&mut datapath, pod) {
+            tracing::error!(pod = %pod.name, error = %format!("{e:#}"), "cannot intercept pod");
+        }
+    }
+    for id in datapath.prune_stale_links()? {
+        tracing::info!(
+            cgroup_id = id.0,
+            "detached hooks left for a pod that is no longer enabled"
+        );
+    }
+    tracing::info!(
+        pods = agent.pods.len(),
+        services = desired.len(),
+        "agent ready"
+    );
+
+    let mut log_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = log_tick.tick() => datapath.drain_kernel_log(),
+        }
+    }
+    // The hooks stay attached (pinned): with the listeners closed they fail open, and the next
+    // agent picks them up. `interceptor uninstall` removes them.
+    tracing::info!("stopping: closing pod-local listeners, hooks stay pinned and fail open");
+    agent.close_all();
+    Ok(())
+}
+
+/// Adapts the kernel's original-destination map to the proxy's resolver.
+struct MapResolver(OrigDstTable);
+
+impl OrigDstResolver for MapResolver {
+    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
+        self.0.lookup(netns_cookie, peer).map_err(io::Error::other)
+    }
+}
+
+/// The intercepted pods and what keeps them intercepted.
+pub struct Agent {
+    listen_port: u16,
+    resolver: Arc<dyn OrigDstResolver>,
+    handler: Handler,
+    pods: BTreeMap<CgroupId, (String, PodListener)>,
+}
+
+impl Agent {
+    pub fn new(datapath: &Datapath, listen_port: u16, handler: Handler) -> Self {
+        Self {
+            listen_port,
+            resolver: Arc::new(MapResolver(datapath.orig_dst_table())),
+            handler,
+            pods: BTreeMap::new(),
+        }
+    }
+
+    /// Opens the pod's listener in its netns, then attaches the hooks to its cgroup.
+    pub fn enable_pod(
+        &mut self,
+        datapath: &mut Datapath,
+        pod: &StaticPod,
+    ) -> anyhow::Result<CgroupId> {
+        let id = CgroupId::of(&pod.cgroup)
+            .with_context(|| format!("pod {}: cgroup {}", pod.name, pod.cgroup.display()))?;
+        if self.pods.contains_key(&id) {
+            return Ok(id);
+        }
+        let netns = Netns::of_cgroup(&pod.cgroup).with_context(|| {
+            format!(
+                "pod {}: finding its network namespace from {}",
+                pod.name,
+                pod.cgroup.display()
+            )
+        })?;
+        let ctx = Arc::new(PodContext {
+            name: pod.name.clone(),
+            netns,
+        });
+        let listener = PodListener::open(
+            ctx,
+            self.listen_port,
+            self.resolver.clone(),
+            self.handler.clone(),
+        )
+        .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
+        datapath
+            .enable_pod(&pod.cgroup)
+            .with_context(|| format!("pod {}", pod.name))?;
+        tracing::info!(pod = %pod.name, cgroup_id = id.0, "interception enabled");
+        self.pods.insert(id, (pod.name.clone(), listener));
+        Ok(id)
+    }
+
+    /// Detaches the hooks and closes the pod's listener.
+    pub fn disable_pod(&mut self, datapath: &mut Datapath, id: CgroupId) -> anyhow::Result<()> {
+        datapath.disable_pod(id)?;
+        if let Some((name, listener)) = self.pods.remove(&id) {
+            listener.close();
+            tracing::info!(pod = %name, cgroup_id = id.0, "interception disabled");
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's service entries exactly `desired` (entries a previous agent left are removed).
+    pub fn set_services(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &[(SocketAddr, ServiceAction)],
+    ) -> anyhow::Result<()> {
+        let want: BTreeSet<SocketAddr> = desired.iter().map(|(a, _)| *a).collect();
+        for (addr, _) in datapath.services()? {
+            if !want.contains(&addr) {
+                datapath.remove_service(addr)?;
+            }
+        }
+        for (addr, action) in desired {
+            datapath.set_service(*addr, *action)?;
+        }
+        Ok(())
+    }
+
+    pub fn close_all(&mut self) {
+        for (_, (_, listener)) in std::mem::take(&mut self.pods) {
+            listener.close();
+        }
+    }
+}
+
+/// `interceptor status`: read from the pins, so it works while the agent is down.
+pub fn status(args: &PinArgs) -> anyhow::Result<()> {
+    let layout = bpf::PinLayout::new(&args.pin_root);
+    if !layout.dir().exists() {
+        println!(
+            "interceptor is not installed here: no pins under {}",
+            layout.dir().display()
+        );
+        return Ok(());
+    }
+    println!("pins: {}", layout.dir().display());
+    let pods = bpf::pinned_pods(&args.pin_root)?;
+    println!("intercepted pod cgroups ({}):", pods.len());
+    for id in pods {
+        println!("  cgroup id {id}");
+    }
+    println!("kernel counters:");
+    for (stat, value) in bpf::read_pinned_stats(&args.pin_root)? {
+        println!("  {:<15} {value}", stat.label());
+    }
+    Ok(())
+}
+
+/// `interceptor uninstall`.
+pub fn uninstall(args: &PinArgs) -> anyhow::Result<()> {
+    let removed = bpf::uninstall(&args.pin_root)?;
+    println!(
+        "removed {} hook links and {} maps under {}: pods' new connections now go straight to their Services",
+        removed.links,
+        removed.maps,
+        args.pin_root.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The pod-local listener: opened inside a pod's network namespace on 127.0.0.1 and [::1] at
+//! the port the connect hook redirects to. Each accepted connection is matched with the
+//! destination the app dialled and handed on.
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::netns::{netns_cookie, Netns};
+
+/// Backlog of each pod-local listener: bursts of connects from one pod queue here.
+const BACKLOG: i32 = 1024;
+
+/// A pod the agent intercepts, as the data path needs it.
+#[derive(Debug)]
+pub struct PodContext {
+    /// `namespace/name`, for logs and metrics.
+    pub name: String,
+    pub netns: Netns,
+}
+
+/// Resolves an accepted connection to the destination its client dialled.
+pub trait OrigDstResolver: Send + Sync + 'static {
+    /// `None`: the connection was not redirected by the hook (someone dialled the listener
+    /// directly); it is closed.
+    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>>;
+}
+
+/// A connection accepted on a pod-local listener.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// The Service ClusterIP:port the app dialled.
+    pub orig_dst: SocketAddr,
+    pub pod: Arc<PodContext>,
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What to do with each accepted connection (relay, demultiplex, ...).
+pub type Handler = Arc<dyn Fn(Accepted) -> BoxFuture + Send + Sync>;
+
+/// The listeners of one pod; dropping it closes them (the hook then fails open for new
+/// connects from this pod) and ends the accept loops.
+pub struct PodListener {
+    tasks: JoinSet<()>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl PodListener {
+    /// Opens the listeners inside the pod's netns and starts accepting. Must run inside a
+    /// tokio runtime.
+    pub fn open(
+        pod: Arc<PodContext>,
+        port: u16,
+        resolver: Arc<dyn OrigDstResolver>,
+        handler: Handler,
+    ) -> io::Result<Self> {
+        let (v4, v6) = pod.netns.enter(|| {
+            let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+            (v4, v6)
+        })?;
+        let v4 = v4.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("listening on 127.0.0.1:{port} in {}: {e}", pod.name),
+            )
+        })?;
+        let cookie = netns_cookie(&v4)?;
+        let mut sockets = vec![v4];
+        match v6 {
+            Ok(s) => sockets.push(s),
+            // A pod without IPv6 (no ::1) simply gets no IPv6 interception.
+            Err(e) => tracing::debug!(pod = %pod.name, error = %e, "no IPv6 pod-local listener"),
+        }
+        let mut tasks = JoinSet::new();
+        let mut addrs = Vec::new();
+        for socket in sockets {
+            let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+            addrs.push(listener.local_addr()?);
+            tasks.spawn(accept_loop(
+                listener,
+                cookie,
+                pod.clone(),
+                resolver.clone(),
+                handler.clone(),
+            ));
+        }
+        tracing::info!(pod = %pod.name, netns_cookie = cookie, port, "pod-local listener open");
+        Ok(Self { tasks, addrs })
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting; connections already handed on continue.
+    pub fn close(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    netns_cookie: u64,
+    pod: Arc<PodContext>,
+    resolver: Arc<dyn OrigDstResolver>,
+    handler: Handler,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of fds or memory: back off instead of spinning; the hook keeps working.
+                tracing::warn!(pod = %pod.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match resolver.resolve(netns_cookie, peer) {
+            Ok(Some(orig_dst)) => {
+                let _ = stream.set_nodelay(true);
+                tracing::debug!(pod = %pod.name, %peer, %orig_dst, "accepted redirected connection");
+                tokio::spawn(handler(Accepted {
+                    stream,
+                    peer,
+                    orig_dst,
+                    pod: pod.clone(),
+                }));
+            }
+            Ok(None) => {
+                metrics::counter!("interceptor_listener_unresolved_total").increment(1);
+                tracing::warn!(pod = %pod.name, %peer, "connection without an original destination: closed");
+            }
+            Err(e) => {
+                metrics::counter!("interceptor_listener_unresolved_total").increment(1);
+                tracing::warn!(pod = %pod.name, %peer, error = %e, "original destination lookup failed: closed");
+            }
+        }
+    }
+}
+
+/// Opens a TCP connection from inside the pod's netns, so the backend sees the pod's IP and
+/// NetworkPolicy applies as if the app had connected itself.
+pub async fn connect_from_pod(netns: &Netns, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = netns.enter(|| Socket::new(Domain::for_address(addr), Type::STREAM, None))??;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    socket.connect(addr).await
+}
