@@ -1,0 +1,274 @@
+//! The programs the e2e tests run inside "pods" (processes placed in a test netns and cgroup):
+//! a backend that names itself, clients that report where each connection landed.
+//! Output is one line per connection, parsed by the tests:
+//!   OK <peer addr> <local addr> <first line the server sent>
+//!   ERR <error>
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let num = |name: &str, default: u64| -> u64 {
+        flag(name)
+            .map(|v| v.parse().expect("numeric flag"))
+            .unwrap_or(default)
+    };
+    match args.first().map(String::as_str) {
+        Some("pause") => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        Some("serve") => serve(
+            &flag("--name").expect("--name"),
+            &flag("--ports").expect("--ports"),
+        ),
+        Some("connect") => connect(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            num("--count", 1) as usize,
+            num("--concurrency", 1) as usize,
+            flag("--bind-base").map(|p| p.parse().expect("--bind-base PORT")),
+        ),
+        Some("connect-many") => {
+            // --targets A,B,C: connection i dials target i % len.
+            let targets: Vec<SocketAddr> = flag("--targets")
+                .expect("--targets")
+                .split(',')
+                .map(|t| t.parse().expect("target addr"))
+                .collect();
+            connect_many(
+                &targets,
+                num("--count", 1) as usize,
+                flag("--bind-base").map(|p| p.parse().expect("port")),
+            )
+        }
+        Some("loop") => connect_loop(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            Duration::from_millis(num("--duration-ms", 1000)),
+            Duration::from_millis(num("--interval-ms", 20)),
+        ),
+        Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
+        other => {
+            eprintln!("icp-pod: unknown command {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// TCP and UDP on every port given, all addresses (dual-stack): each client gets our name.
+fn serve(name: &str, ports: &str) {
+    let mut threads = Vec::new();
+    for port in ports.split(',') {
+        let port: u16 = port.parse().expect("port");
+        let tcp = TcpListener::bind(("::", port)).expect("bind tcp");
+        let reply = format!("{name}\n");
+        let r = reply.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let mut s = stream;
+                    let _ = s.write_all(r.as_bytes());
+                });
+            }
+        }));
+        let udp = UdpSocket::bind(("::", port)).expect("bind udp");
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(reply.as_bytes(), from);
+            }
+        }));
+    }
+    println!("READY");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn one_connection(to: SocketAddr, bind_port: Option<u16>) -> String {
+    let result = (|| -> std::io::Result<String> {
+        let stream = match bind_port {
+            Some(port) => {
+                let domain = if to.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                bound_connect(domain, port, to)?
+            }
+            None => TcpStream::connect_timeout(&to, IO_TIMEOUT)?,
+        };
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(format!("OK {peer} {local} {}", line.trim_end()))
+    })();
+    result.unwrap_or_else(|e| format!("ERR {e}"))
+}
+
+/// Binds the client port before connecting, so tests can make loopback 4-tuples collide
+/// across pods on purpose.
+fn bound_connect(domain: i32, port: u16, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls on an fd we own; sockaddr structs are zeroed then filled.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const i32).cast(),
+            4,
+        );
+        let rc = if domain == libc::AF_INET {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_port = port.to_be();
+            libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        } else {
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            sa.sin6_family = libc::AF_INET6 as u16;
+            sa.sin6_port = port.to_be();
+            libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                size_of::<libc::sockaddr_in6>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (addr, len) = sockaddr_of(to);
+        if libc::connect(fd, (&addr as *const libc::sockaddr_storage).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: sockaddr_storage is large enough for both families; zeroed is a valid start.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        match addr {
+            SocketAddr::V4(a) => {
+                let sa = &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                sa.sin_family = libc::AF_INET as u16;
+                sa.sin_port = a.port().to_be();
+                sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                (ss, size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(a) => {
+                let sa =
+                    &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                sa.sin6_family = libc::AF_INET6 as u16;
+                sa.sin6_port = a.port().to_be();
+                sa.sin6_addr.s6_addr = a.ip().octets();
+                (ss, size_of::<libc::sockaddr_in6>() as u32)
+            }
+        }
+    }
+}
+
+/// `count` connections, `concurrency` at a time, all starting together per wave.
+fn connect(to: SocketAddr, count: usize, concurrency: usize, bind_base: Option<u16>) {
+    let mut done = 0;
+    while done < count {
+        let wave = concurrency.min(count - done);
+        let barrier = Arc::new(Barrier::new(wave));
+        let handles: Vec<_> = (0..wave)
+            .map(|i| {
+                let barrier = barrier.clone();
+                let port = bind_base.map(|b| b + (done + i) as u16);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    one_connection(to, port)
+                })
+            })
+            .collect();
+        for h in handles {
+            println!(
+                "{}",
+                h.join().unwrap_or_else(|_| "ERR thread panicked".into())
+            );
+        }
+        done += wave;
+    }
+}
+
+/// `count` concurrent connections, connection i to `targets[i % len]` (bound to bind_base + i).
+fn connect_many(targets: &[SocketAddr], count: usize, bind_base: Option<u16>) {
+    let barrier = Arc::new(Barrier::new(count));
+    let handles: Vec<_> = (0..count)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let to = targets[i % targets.len()];
+            let port = bind_base.map(|b| b + i as u16);
+            std::thread::spawn(move || {
+                barrier.wait();
+                format!("{to} {}", one_connection(to, port))
+            })
+        })
+        .collect();
+    for h in handles {
+        println!(
+            "{}",
+            h.join().unwrap_or_else(|_| "- ERR thread panicked".into())
+        );
+    }
+}
+
+/// Connects every `interval` for `duration` (bounded), one line per attempt with the time
+/// since start in ms: `<ms> OK ...` / `<ms> ERR ...`.
+fn connect_loop(to: SocketAddr, duration: Duration, interval: Duration) {
+    let start = Instant::now();
+    let max_attempts = 100_000;
+    for _ in 0..max_attempts {
+        if start.elapsed() >= duration {
+            break;
+        }
+        let at = start.elapsed().as_millis();
+        let line = one_connection(to, None);
+        println!("{at} {line}");
+        std::thread::sleep(interval);
+    }
+}
+
+fn udp(to: SocketAddr) {
+    let result = (|| -> std::io::Result<String> {
+        let sock = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        sock.set_read_timeout(Some(IO_TIMEOUT))?;
+        sock.connect(to)?;
+        sock.send(b"ping")?;
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf)?;
+        Ok(format!(
+            "OK {} {} {}",
+            sock.peer_addr()?,
+            sock.local_addr()?,
+            String::from_utf8_lossy(&buf[..n]).trim_end()
+        ))
+    })();
+    println!("{}", result.unwrap_or_else(|e| format!("ERR {e}")));
+}

@@ -1,0 +1,697 @@
+//! The eBPF interception datapath, end to end, on this kernel: the real object loaded, hooks
+//! attached to pod cgroups, pod-local listeners inside pod netns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use interceptor::app::Agent;
+use interceptor::bpf::{Datapath, DatapathConfig, ServiceAction};
+use interceptor::cli::StaticPod;
+use interceptor_common::names;
+use interceptor_tests::*;
+
+const LISTEN_PORT: u16 = 15001;
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn load_datapath(pins: &PinRoot) -> Datapath {
+    Datapath::load(&DatapathConfig {
+        pin_root: pins.path.clone(),
+        listen_port: LISTEN_PORT,
+        kernel_debug_log: false,
+        replace_stale_pins: false,
+    })
+    .expect("load the eBPF datapath")
+}
+
+fn static_pod(pod: &Pod) -> StaticPod {
+    StaticPod {
+        name: format!("default/{}", pod.name),
+        cgroup: pod.cgroup.path.clone(),
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address literal")
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_recovers_the_original_destination_v4_v6_and_v4_mapped() {
+    let node = Node::new();
+    let client = node.add_pod("client", 1);
+    let pins = PinRoot::new();
+    let mut datapath = load_datapath(&pins);
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
+    let svc4 = sa("10.96.0.10:80");
+    let svc6 = sa("[fd00:96::10]:8080");
+    agent
+        .set_services(
+            &mut datapath,
+            &[
+                (svc4, ServiceAction::Intercept),
+                (svc6, ServiceAction::Intercept),
+            ],
+        )
+        .expect("set services");
+    agent
+        .enable_pod(&mut datapath, &static_pod(&client))
+        .expect("enable the client pod");
+
+    // A v4-mapped destination on an AF_INET6 socket is the same Service as its IPv4 form.
+    let cases = [
+        (svc4, svc4),
+        (svc6, svc6),
+        (sa("[::ffff:10.96.0.10]:80"), svc4),
+    ];
+    for (dialled, service) in cases {
+        let lines = client.run(
+            &[
+                "connect",
+                "--to",
+                &dialled.to_string(),
+                "--count",
+                "50",
+                "--concurrency",
+                "50",
+            ],
+            RUN_TIMEOUT,
+        );
+        assert_eq!(lines.len(), 50, "one result per connection for {dialled}");
+        for line in &lines {
+            let conn = parse_ok(line);
+            assert_eq!(
+                conn.reply,
+                format!("ORIG {service}"),
+                "agent recovered the wrong destination for {dialled}"
+            );
+            assert_eq!(
+                conn.peer, dialled,
+                "getpeername must return what the app dialled"
+            );
+            assert!(
+                is_loopback(&conn.local),
+                "{dialled}: connection was not redirected to the pod-local listener: {line}"
+            );
+        }
+    }
+    let stats = pinned_stats(&pins.path);
+    assert!(stats["redirected"] >= 150, "counters: {stats:?}");
+    assert!(stats["rekeyed"] >= 150, "counters: {stats:?}");
+    assert!(stats["peer_rewritten"] >= 150, "counters: {stats:?}");
+    agent.close_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_pods_with_colliding_loopback_tuples_each_get_their_own_destination() {
+    const PODS: u8 = 10;
+    const PER_POD: usize = 100;
+    let node = Node::new();
+    let pods: Vec<Pod> = (1..=PODS)
+        .map(|n| node.add_pod(&format!("c{n}"), n))
+        .collect();
+    let pins = PinRoot::new();
+    let mut datapath = load_datapath(&pins);
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
+    let services: Vec<SocketAddr> = (1..=10)
+        .map(|i| sa(&format!("10.96.1.{i}:{}", 8000 + i)))
+        .collect();
+    let entries: Vec<_> = services
+        .iter()
+        .map(|s| (*s, ServiceAction::Intercept))
+        .collect();
+    agent
+        .set_services(&mut datapath, &entries)
+        .expect("set services");
+    for pod in &pods {
+        agent
+            .enable_pod(&mut datapath, &static_pod(pod))
+            .expect("enable pod");
+    }
+
+    // Every pod binds the same client ports (41000..41099) and dials 127.0.0.1:15001 after the
+    // rewrite: identical 4-tuples in all ten pods, told apart only by the netns.
+    let targets: Vec<String> = services.iter().map(ToString::to_string).collect();
+    // Pod p's connection i dials service (i + p) % 10, so a mix-up between pods shows.
+    let children: Vec<(usize, ChildGuard)> = pods
+        .iter()
+        .enumerate()
+        .map(|(p, pod)| {
+            let mut rotated = targets.clone();
+            rotated.rotate_left(p);
+            let args = [
+                "connect-many",
+                "--targets",
+                &rotated.join(","),
+                "--count",
+                &PER_POD.to_string(),
+                "--bind-base",
+                "41000",
+            ];
+            (p, pod.spawn(&args))
+        })
+        .collect();
+    let mut ports_seen: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut total = 0;
+    for (p, child) in children {
+        let out = child.wait_output(RUN_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "pod {p} client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), PER_POD, "pod {p}: one line per connection");
+        for line in lines {
+            let (dialled, result) = line.split_once(' ').expect("<target> <result>");
+            let conn = parse_ok(result);
+            assert_eq!(
+                conn.reply,
+                format!("ORIG {dialled}"),
+                "pod {p}: wrong original destination"
+            );
+            assert_eq!(conn.peer.to_string(), dialled, "pod {p}: getpeername");
+            assert!(
+                conn.local.ip().is_loopback(),
+                "pod {p}: not redirected: {line}"
+            );
+            *ports_seen.entry(conn.local.port()).or_default() += 1;
+            total += 1;
+        }
+    }
+    assert_eq!(total, PODS as usize * PER_POD);
+    // The collision the test is about really happened: each client port was used in every pod.
+    assert_eq!(ports_seen.len(), PER_POD, "client ports: {ports_seen:?}");
+    assert!(
+        ports_seen.values().all(|n| *n == PODS as usize),
+        "client ports: {ports_seen:?}"
+    );
+    agent.close_all();
+}
+
+/// Backends b1..b3 answer their name; kube-proxy spreads the Service VIPs over them.
+struct ServiceNode {
+    // Backends go before the node that routes them.
+    backends: Vec<(Pod, ChildGuard)>,
+    node: Node,
+}
+
+fn service_node(services: &[SocketAddr], ports: &str) -> ServiceNode {
+    let node = Node::new();
+    let backends: Vec<(Pod, ChildGuard)> = (1..=3)
+        .map(|i| {
+            let pod = node.add_pod(&format!("b{i}"), 10 + i);
+            let server = pod.serve(ports);
+            (pod, server)
+        })
+        .collect();
+    let kp: Vec<(SocketAddr, Vec<IpAddr>)> = services
+        .iter()
+        .map(|svc| {
+            let ips = backends
+                .iter()
+                .map(|(b, _)| {
+                    if svc.is_ipv4() {
+                        IpAddr::V4(b.ip4)
+                    } else {
+                        IpAddr::V6(b.ip6)
+                    }
+                })
+                .collect();
+            (*svc, ips)
+        })
+        .collect();
+    node.kube_proxy(&kp);
+    ServiceNode { backends, node }
+}
+
+impl ServiceNode {
+    fn backend_names(&self) -> BTreeSet<String> {
+        self.backends.iter().map(|(p, _)| p.name.clone()).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untouched_cases_reach_where_they_would_without_interceptor() {
+    let svc = sa("10.96.0.10:80");
+    let excluded = sa("10.96.0.10:3306");
+    let unknown = sa("10.96.0.20:81");
+    let sn = service_node(&[svc, excluded, unknown], "80,81,3306");
+    let client = sn.node.add_pod("client", 1);
+    let other = sn.node.add_pod("other", 2);
+    let pins = PinRoot::new();
+    let mut datapath = load_datapath(&pins);
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
+    agent
+        .set_services(
+            &mut datapath,
+            &[
+                (svc, ServiceAction::Intercept),
+                (excluded, ServiceAction::Exclude),
+            ],
+        )
+        .expect("set services");
+    let client_id = agent
+        .enable_pod(&mut datapath, &static_pod(&client))
+        .expect("enable client");
+    let names = sn.backend_names();
+    let landed_on_backend = |pod: &Pod, line: &str, what: &str| {
+        let conn = parse_ok(line);
+        assert!(
+            names.contains(&conn.reply),
+            "{what}: expected a backend's answer, got {line}"
+        );
+        assert_eq!(
+            conn.local.ip(),
+            IpAddr::V4(pod.ip4),
+            "{what}: must leave from the pod's own IP: {line}"
+        );
+    };
+    let one = |pod: &Pod, args: &[&str]| pod.run(args, RUN_TIMEOUT).pop().expect("one result line");
+
+    let before = pinned_stats(&pins.path);
+    // Sanity: the enabled pod's Service connect is intercepted.
+    let line = one(&client, &["connect", "--to", &svc.to_string()]);
+    assert_eq!(
+        parse_ok(&line).reply,
+        format!("ORIG {svc}"),
+        "enabled pod, known Service: {line}"
+    );
+    // A pod that is not enabled: the hook is not attached to its cgroup.
+    landed_on_backend(
+        &other,
+        &one(&other, &["connect", "--to", &svc.to_string()]),
+        "pod not enabled",
+    );
+    // An enabled pod dialling a ClusterIP interceptor does not know.
+    landed_on_backend(
+        &client,
+        &one(&client, &["connect", "--to", &unknown.to_string()]),
+        "unknown destination",
+    );
+    // An excluded (server-first) port of a known Service.
+    landed_on_backend(
+        &client,
+        &one(&client, &["connect", "--to", &excluded.to_string()]),
+        "excluded port",
+    );
+    // UDP to the intercepted Service port: left to kube-proxy.
+    let udp = one(&client, &["udp", "--to", &svc.to_string()]);
+    assert!(
+        names.contains(&parse_ok(&udp).reply),
+        "UDP: expected a backend's answer, got {udp}"
+    );
+    let after = pinned_stats(&pins.path);
+    for (label, min) in [
+        ("redirected", 1),
+        ("no_service", 1),
+        ("excluded", 1),
+        ("not_tcp", 1),
+    ] {
+        assert!(
+            after[label] >= before[label] + min,
+            "counter {label} did not count: {before:?} -> {after:?}"
+        );
+    }
+
+    // Disabling the pod detaches its hooks: the same connect now goes to kube-proxy.
+    agent
+        .disable_pod(&mut datapath, client_id)
+        .expect("disable client");
+    landed_on_backend(
+        &client,
+        &one(&client, &["connect", "--to", &svc.to_string()]),
+        "pod disabled",
+    );
+    let attached = bpftool_json(&[
+        "cgroup",
+        "show",
+        client.cgroup.path.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        attached.as_array().map(Vec::len),
+        Some(0),
+        "hooks still attached after disable: {attached}"
+    );
+}
+
+fn agent_args(pins: &PinRoot, pods: &[&Pod], services: &[SocketAddr]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+    ];
+    for pod in pods {
+        args.push("--pod".into());
+        args.push(format!(
+            "default/{}={}",
+            pod.name,
+            pod.cgroup.path.display()
+        ));
+    }
+    for svc in services {
+        args.push("--service".into());
+        args.push(svc.to_string());
+    }
+    args
+}
+
+#[test]
+fn fail_open_when_the_agent_is_killed_and_resume_on_restart() {
+    let svc = sa("10.96.0.10:80");
+    let sn = service_node(&[svc], "80");
+    let client = sn.node.add_pod("client", 1);
+    let pins = PinRoot::new();
+    let args = agent_args(&pins, &[&client], &[svc]);
+    let agent = AgentProcess::start(&args);
+
+    let loop_started = Instant::now();
+    let looping = client.spawn(&[
+        "loop",
+        "--to",
+        &svc.to_string(),
+        "--duration-ms",
+        "6000",
+        "--interval-ms",
+        "20",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = loop_started.elapsed().as_millis() as u64;
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let restart_at = loop_started.elapsed().as_millis() as u64;
+    let agent = AgentProcess::start(&args);
+    let ready_at = loop_started.elapsed().as_millis() as u64;
+    let out = looping.wait_output(RUN_TIMEOUT);
+    assert!(out.status.success(), "client loop failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    note(&format!(
+        "agent killed at {killed_at} ms, restarted at {restart_at} ms, ready at {ready_at} ms"
+    ));
+
+    let names = sn.backend_names();
+    let (mut intercepted_before, mut direct_while_down, mut intercepted_after, mut failures) =
+        (0, 0, 0, Vec::new());
+    for line in text.lines() {
+        let (at, result) = line.split_once(' ').expect("<ms> <result>");
+        let at: u64 = at.parse().expect("ms");
+        if result.starts_with("ERR") {
+            failures.push((at, result.to_string()));
+            continue;
+        }
+        let conn = parse_ok(result);
+        assert!(
+            names.contains(&conn.reply),
+            "at {at} ms the connect did not reach the Service: {line}"
+        );
+        let intercepted = conn.local.ip().is_loopback();
+        // Margins absorb the few ms between this clock and the client's.
+        if at + 200 < killed_at {
+            assert!(
+                intercepted,
+                "before the kill every connect is intercepted: {line}"
+            );
+            intercepted_before += 1;
+        } else if at > killed_at + 200 && at + 200 < restart_at {
+            assert!(
+                !intercepted,
+                "while the agent is down the hook must fail open: {line}"
+            );
+            direct_while_down += 1;
+        } else if at > ready_at + 200 {
+            assert!(
+                intercepted,
+                "after the restart interception resumes: {line}"
+            );
+            intercepted_after += 1;
+        }
+    }
+    // Only a connection in flight at the instant of the kill may die with the agent.
+    assert!(
+        failures.iter().all(|(at, _)| at.abs_diff(killed_at) < 200) && failures.len() <= 1,
+        "connects failed because of interception: {failures:?}"
+    );
+    assert!(intercepted_before > 20 && direct_while_down > 20 && intercepted_after > 20,
+        "phases too short to judge: {intercepted_before} / {direct_while_down} / {intercepted_after}");
+    let stats = pinned_stats(&pins.path);
+    assert!(
+        stats["no_listener"] as usize >= direct_while_down,
+        "fail-open not counted: {stats:?}"
+    );
+    assert!(
+        agent.log_text().contains("reusing pinned map"),
+        "restart did not reuse the pins:\n{}",
+        agent.log_text()
+    );
+    drop(agent);
+}
+
+#[test]
+fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
+    require_root();
+    let pins = PinRoot::new();
+    let dir = pins
+        .path
+        .join(format!("v{}", interceptor_common::ABI_VERSION));
+    // Make sure bpffs is there (the agent mounts it on a fresh machine) before planting the pin.
+    let probe = AgentProcess::start(&[
+        "run".into(),
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+    ]);
+    probe.kill9();
+    interceptor::bpf::uninstall(&pins.path).expect("clear the probe's pins");
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let stale = dir.join(names::MAP_ORIG_DST);
+    let stale_str = stale.to_str().expect("utf-8");
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            stale_str,
+            "type",
+            "lru_hash",
+            "key",
+            "32",
+            "value",
+            "16",
+            "entries",
+            "64",
+            "name",
+            "icp_orig_dst",
+        ],
+    );
+
+    let args = vec![
+        "run".to_string(),
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+    ];
+    let (status, output) = AgentProcess::run_to_exit(&args, Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "the agent must refuse a stale pin:\n{output}"
+    );
+    assert!(
+        output.contains("icp_orig_dst")
+            && output.contains("value size 16, expected 24")
+            && output.contains("--replace-stale-pins"),
+        "the error must name the map, the mismatch and the fix:\n{output}"
+    );
+    assert_eq!(
+        output.lines().filter(|l| l.contains("ERROR")).count(),
+        1,
+        "one clear error line:\n{output}"
+    );
+
+    let mut replace = args.clone();
+    replace.push("--replace-stale-pins".into());
+    let agent = AgentProcess::start(&replace);
+    let info = bpftool_json(&["map", "show", "pinned", stale_str]);
+    assert_eq!(info["bytes_value"], 24, "stale pin not replaced: {info}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bpftool_shows_programs_maps_pins_and_named_fields() {
+    let node = Node::new();
+    let client = node.add_pod("client", 1);
+    let pins = PinRoot::new();
+    let mut datapath = load_datapath(&pins);
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
+    let svc = sa("10.96.0.10:80");
+    agent
+        .set_services(&mut datapath, &[(svc, ServiceAction::Intercept)])
+        .expect("set services");
+    agent
+        .enable_pod(&mut datapath, &static_pod(&client))
+        .expect("enable");
+    let line = client
+        .run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)
+        .pop()
+        .expect("result");
+    assert_eq!(parse_ok(&line).reply, format!("ORIG {svc}"));
+
+    let progs = bpftool_json(&["prog", "list"]);
+    let prog_names: BTreeSet<&str> = progs
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for name in names::PROGRAMS {
+        assert!(prog_names.contains(name), "bpftool prog list lacks {name}");
+    }
+    let maps = bpftool_json(&["map", "list"]);
+    let map_names: BTreeSet<&str> = maps
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    for name in names::MAPS {
+        assert!(map_names.contains(name), "bpftool map list lacks {name}");
+    }
+
+    let tree = bpftool_json(&["cgroup", "tree", cgroup2_root().to_str().expect("utf-8")]);
+    let pod_cgroup = client.cgroup.path.to_str().expect("utf-8");
+    let entry = tree
+        .as_array()
+        .expect("tree")
+        .iter()
+        .find(|e| {
+            e["cgroup"].as_str().is_some_and(|c| {
+                Path::new(pod_cgroup).ends_with(c.trim_start_matches('/')) || c == pod_cgroup
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!("bpftool cgroup tree does not list the pod cgroup {pod_cgroup}: {tree}")
+        });
+    let attached: BTreeSet<&str> = entry["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(
+        attached,
+        names::PROGRAMS.into_iter().collect(),
+        "programs on the pod cgroup"
+    );
+
+    let v = pins
+        .path
+        .join(format!("v{}", interceptor_common::ABI_VERSION));
+    let services = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        v.join(names::MAP_SERVICES).to_str().expect("utf-8"),
+    ]);
+    // With BTF, bpftool prints each entry's fields by name under "formatted".
+    let first = &services[0]["formatted"];
+    assert!(
+        first["key"]["addr"].is_array() && first["key"]["port_be"].is_number(),
+        "BTF field names in keys: {services}"
+    );
+    assert_eq!(
+        first["value"]["action"],
+        interceptor_common::SVC_INTERCEPT,
+        "BTF field names in values: {services}"
+    );
+    let orig = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        v.join(names::MAP_ORIG_DST).to_str().expect("utf-8"),
+    ]);
+    assert!(
+        orig.as_array().expect("dump").iter().any(|e| {
+            let f = &e["formatted"];
+            f["key"]["netns_cookie"].is_number() && f["value"]["port_be"] == 80u16.to_be()
+        }),
+        "icp_orig_dst entry for the connection: {orig}"
+    );
+    let stats = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        v.join(names::MAP_STATS).to_str().expect("utf-8"),
+    ]);
+    let redirected: u64 = stats[0]["formatted"]["values"]
+        .as_array()
+        .expect("per-cpu values")
+        .iter()
+        .filter_map(|c| c["value"].as_u64())
+        .sum();
+    assert!(redirected >= 1, "per-CPU stats readable: {stats}");
+
+    // The status command reads the same pins, without talking to the agent.
+    let status = run(
+        target_bin("interceptor").to_str().expect("utf-8"),
+        &["status", "--pin-root", pins.path.to_str().expect("utf-8")],
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["redirected", &redirected.to_string()]),
+        "{status}"
+    );
+    agent.close_all();
+}
+
+#[test]
+fn uninstall_detaches_every_hook_and_removes_every_pin() {
+    let svc = sa("10.96.0.10:80");
+    let sn = service_node(&[svc], "80");
+    let client = sn.node.add_pod("client", 1);
+    let pins = PinRoot::new();
+    let agent = AgentProcess::start(&agent_args(&pins, &[&client], &[svc]));
+    let before =
+        parse_ok(&client.run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)[0].clone());
+    assert!(
+        before.local.ip().is_loopback(),
+        "intercepted before uninstall"
+    );
+    agent.kill9();
+    let out = run(
+        target_bin("interceptor").to_str().expect("utf-8"),
+        &[
+            "uninstall",
+            "--pin-root",
+            pins.path.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.contains("removed 5 hook links and 4 maps"), "{out}");
+    assert!(!pins.path.exists(), "pins left behind");
+    let attached = bpftool_json(&[
+        "cgroup",
+        "show",
+        client.cgroup.path.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        attached.as_array().map(Vec::len),
+        Some(0),
+        "hooks still attached: {attached}"
+    );
+    let after =
+        parse_ok(&client.run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)[0].clone());
+    assert_eq!(
+        after.local.ip(),
+        IpAddr::V4(client.ip4),
+        "after uninstall connects go straight to kube-proxy"
+    );
+    assert!(sn.backend_names().contains(&after.reply));
+}
