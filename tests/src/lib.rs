@@ -55,20 +55,18 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Where cargo put this test's sibling binaries (`interceptor`, `icp-pod`).
+/// Where cargo put the sibling binaries (`interceptor`, `icp-pod`): next to a program, or one
+/// level up from a test binary in `deps/`.
 pub fn target_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build`, or `cargo xtask test`)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable has a directory");
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{name} is missing next to {}: build it first (`cargo build`, or `cargo xtask test`)", exe.display())
+    })
 }
 
 pub fn bpftool_json(args: &[&str]) -> serde_json::Value {

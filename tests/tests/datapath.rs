@@ -695,3 +695,45 @@ fn uninstall_detaches_every_hook_and_removes_every_pin() {
     );
     assert!(sn.backend_names().contains(&after.reply));
 }
+
+#[test]
+fn kernel_debug_log_is_off_by_default_and_names_each_decision_when_on() {
+    let svc = sa("10.96.0.10:80");
+    let sn = service_node(&[svc], "80");
+    let client = sn.node.add_pod("client", 1);
+    let pins = PinRoot::new();
+    let args = agent_args(&pins, &[&client], &[svc]);
+    let connect_and_settle = |agent: &AgentProcess| {
+        let conn =
+            parse_ok(&client.run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)[0].clone());
+        assert!(conn.local.ip().is_loopback(), "intercepted");
+        // The agent drains the kernel's log ring every 100 ms.
+        std::thread::sleep(Duration::from_millis(400));
+        agent.log_text()
+    };
+
+    let quiet = AgentProcess::start(&args);
+    let log = connect_and_settle(&quiet);
+    assert!(
+        !log.contains("verdict="),
+        "kernel debug records without --kernel-debug-log:\n{log}"
+    );
+    quiet.kill9();
+
+    let mut verbose_args = args.clone();
+    verbose_args.push("--kernel-debug-log".into());
+    let verbose = AgentProcess::start(&verbose_args);
+    let log = connect_and_settle(&verbose);
+    let redirected = format!(
+        "icp_connect4 verdict={}",
+        interceptor_common::Stat::Redirected as u32
+    );
+    assert!(
+        log.contains(&redirected),
+        "no kernel debug record for the redirect:\n{log}"
+    );
+    assert!(
+        log.contains("icp_sockops verdict="),
+        "no kernel debug record for the re-key:\n{log}"
+    );
+}

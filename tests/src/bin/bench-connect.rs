@@ -1,0 +1,158 @@
+//! `cargo xtask bench-connect`: what the connect hook adds to connect(), measured in a pod of a
+//! test node (netns + cgroup), with the real eBPF object. Prints a table; asserts nothing.
+//!
+//! Two paths, each timed with the hook detached and attached, interleaved over rounds:
+//! - redirect: the app dials a Service ClusterIP and lands on the pod-local listener; the
+//!   baseline dials that listener (127.0.0.1:15001) directly, so only the hook differs;
+//! - pass: the app dials something that is not a Service (a listener on 127.0.0.1:15002);
+//!   the hook runs, looks up, and leaves it alone.
+//!
+//! Plus the kernel's own accounting of each program's run time (kernel.bpf_stats_enabled).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use interceptor::app::Agent;
+use interceptor::bpf::{Datapath, DatapathConfig, ServiceAction};
+use interceptor::cli::StaticPod;
+use interceptor_tests::{bpftool_json, ChildGuard, Node, PinRoot, Pod};
+
+const LISTEN_PORT: u16 = 15001;
+const ROUNDS: usize = 5;
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    median: u64,
+    p99: u64,
+}
+
+fn time_connects(pod: &Pod, to: SocketAddr, count: u32) -> Sample {
+    let out = pod.run(
+        &[
+            "connect-bench",
+            "--to",
+            &to.to_string(),
+            "--count",
+            &count.to_string(),
+        ],
+        Duration::from_secs(300),
+    );
+    let fields: Vec<u64> = out[0]
+        .split_whitespace()
+        .map(|f| f.parse().expect("number"))
+        .collect();
+    Sample {
+        median: fields[1],
+        p99: fields[2],
+    }
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let count: u32 = std::env::args()
+        .nth(1)
+        .map(|c| c.parse().expect("connect count"))
+        .unwrap_or(20_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = runtime.enter();
+
+    let node = Node::new();
+    let pod = node.add_pod("bench", 1);
+    pod.netns.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+    );
+    let pins = PinRoot::new();
+    let mut datapath = Datapath::load(&DatapathConfig {
+        pin_root: pins.path.clone(),
+        listen_port: LISTEN_PORT,
+        kernel_debug_log: false,
+        replace_stale_pins: false,
+    })
+    .expect("load the eBPF datapath");
+    // The listener only has to exist and accept; connections are dropped at once.
+    let drop_handler: interceptor::proxy::pod_listener::Handler =
+        std::sync::Arc::new(|_conn| Box::pin(async {}));
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, drop_handler);
+    let svc: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+    agent
+        .set_services(&mut datapath, &[(svc, ServiceAction::Intercept)])
+        .expect("service");
+    let static_pod = StaticPod {
+        name: "bench/pod".into(),
+        cgroup: pod.cgroup.path.clone(),
+    };
+    let id = agent
+        .enable_pod(&mut datapath, &static_pod)
+        .expect("enable pod");
+    // A plain listener that is not a Service, for the pass path.
+    let _other: ChildGuard = pod.serve("15002");
+
+    let listener: SocketAddr = format!("127.0.0.1:{LISTEN_PORT}").parse().expect("addr");
+    let other: SocketAddr = "127.0.0.1:15002".parse().expect("addr");
+    let mut rows: Vec<(&str, Vec<Sample>, Vec<Sample>)> =
+        vec![("redirect", vec![], vec![]), ("pass", vec![], vec![])];
+    let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_else(|_| "0".into());
+    for round in 0..ROUNDS {
+        eprintln!(
+            "round {}/{ROUNDS}: {count} connects per measurement",
+            round + 1
+        );
+        datapath.disable_pod(id).expect("detach");
+        rows[0].1.push(time_connects(&pod, listener, count));
+        rows[1].1.push(time_connects(&pod, other, count));
+        datapath.enable_pod(&pod.cgroup.path).expect("attach");
+        rows[0].2.push(time_connects(&pod, svc, count));
+        rows[1].2.push(time_connects(&pod, other, count));
+    }
+    // Run-time accounting costs two clock reads per program run: measured in a pass of its
+    // own so it does not inflate the latencies above.
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
+    time_connects(&pod, svc, count);
+    time_connects(&pod, other, count);
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim())
+        .expect("restore bpf stats");
+
+    println!("\nconnect() latency in a pod, hook detached vs attached ({count} connects x {ROUNDS} rounds, median of rounds)\n");
+    println!(
+        "| path | detached median | attached median | added median | detached p99 | attached p99 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, detached, attached) in &rows {
+        let dm = median(detached.iter().map(|s| s.median).collect());
+        let am = median(attached.iter().map(|s| s.median).collect());
+        let dp = median(detached.iter().map(|s| s.p99).collect());
+        let ap = median(attached.iter().map(|s| s.p99).collect());
+        println!(
+            "| {name} | {dm} ns | {am} ns | {} ns | {dp} ns | {ap} ns |",
+            am as i64 - dm as i64
+        );
+    }
+
+    println!("\nkernel-accounted run time per program invocation (bpf_stats on, one extra attached pass of each path)\n");
+    println!("| program | runs | mean ns/run |");
+    println!("|---|---:|---:|");
+    let progs = bpftool_json(&["prog", "list"]);
+    for prog in progs.as_array().expect("prog list") {
+        let name = prog["name"].as_str().unwrap_or_default();
+        if !interceptor_common::names::PROGRAMS.contains(&name) {
+            continue;
+        }
+        let runs = prog["run_cnt"].as_u64().unwrap_or(0);
+        let ns = prog["run_time_ns"].as_u64().unwrap_or(0);
+        if runs > 0 {
+            println!("| {name} | {runs} | {} |", ns / runs);
+        }
+    }
+    agent.close_all();
+    drop(datapath);
+}
