@@ -42,8 +42,10 @@ fn main() -> Result<()> {
             setup::require_root(
                 "the end-to-end tests load eBPF programs and create network namespaces",
             )?;
-            setup::cargo(&["build", "--workspace", "--all-targets"])?;
-            let mut test = vec!["test", "--workspace", "--"];
+            // Default members only: the eBPF crate is built by the agent's build.rs for the BPF
+            // target, never for the host.
+            setup::cargo(&["build", "--all-targets"])?;
+            let mut test = vec!["test", "--"];
             test.extend(args.iter().map(String::as_str));
             setup::cargo(&test)
         }
