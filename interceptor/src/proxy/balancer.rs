@@ -96,10 +96,12 @@ impl EndpointStats {
         }
     }
 
-    /// Load as used by p2c: latency times (in-flight + 1).
-    pub fn load(&self, now: Instant) -> f64 {
-        // +1 ns keeps a zero estimate from erasing the in-flight weighting.
-        (self.rtt_ns(now) + 1.0) * (self.in_flight() as f64 + 1.0)
+    /// What p2c compares.
+    pub fn load(&self, now: Instant) -> Load {
+        Load {
+            rtt_ns: self.rtt_ns(now),
+            in_flight: self.in_flight(),
+        }
     }
 
     /// Records a latency sample (time to response headers).
@@ -113,7 +115,10 @@ impl EndpointStats {
                 rtt_ns
             } else {
                 let elapsed = now.saturating_duration_since(e.stamp).as_nanos() as f64;
-                let w = (-elapsed / self.decay_ns).exp();
+                // Time-weighted as in Finagle, but every faster sample moves the estimate by
+                // at least MIN_DOWN_WEIGHT: at thousands of samples a second the pure time
+                // weight is ~0 and one spike would pin the estimate for a whole decay period.
+                let w = (-elapsed / self.decay_ns).exp().min(1.0 - MIN_DOWN_WEIGHT);
                 prev * w + rtt_ns * (1.0 - w)
             };
             e.stamp = now;
@@ -203,8 +208,47 @@ fn seed() -> u64 {
     (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
 }
 
+/// Least weight of a sample faster than the current estimate.
+pub const MIN_DOWN_WEIGHT: f64 = 0.2;
+
+/// Latency estimates closer than this fraction of the larger one count as equal.
+pub const RTT_TIE_RELATIVE: f64 = 0.25;
+/// Latency estimates closer than this (nanoseconds) count as equal: sub-millisecond
+/// differences between pods are noise, and chasing them hands whole runs of streams to
+/// whichever endpoint had the luckiest recent sample.
+pub const RTT_TIE_ABSOLUTE_NS: f64 = 1_000_000.0;
+
+/// What p2c compares for one candidate.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub rtt_ns: f64,
+    pub in_flight: u64,
+}
+
+impl Load {
+    fn cost(self) -> f64 {
+        // +1 ns keeps a zero estimate from erasing the in-flight weighting.
+        (self.rtt_ns + 1.0) * (self.in_flight as f64 + 1.0)
+    }
+}
+
+/// Chooses between two candidates: peak-EWMA latency times (in-flight + 1), except that
+/// equally fast endpoints are compared by in-flight alone, and exact ties are broken at
+/// random. Returns true to take `b`.
+pub fn prefer_b(a: Load, b: Load) -> bool {
+    let diff = (a.rtt_ns - b.rtt_ns).abs();
+    let rtt_tie = diff <= RTT_TIE_ABSOLUTE_NS.max(RTT_TIE_RELATIVE * a.rtt_ns.max(b.rtt_ns));
+    if rtt_tie {
+        if a.in_flight != b.in_flight {
+            return b.in_flight < a.in_flight;
+        }
+        return random_below(2) == 1;
+    }
+    b.cost() < a.cost()
+}
+
 /// Power of two choices among `n` candidates given by index; returns the chosen index.
-pub fn p2c(n: usize, load: impl Fn(usize) -> f64) -> Option<usize> {
+pub fn p2c(n: usize, load: impl Fn(usize) -> Load) -> Option<usize> {
     match n {
         0 => None,
         1 => Some(0),
@@ -214,7 +258,7 @@ pub fn p2c(n: usize, load: impl Fn(usize) -> f64) -> Option<usize> {
             if b >= a {
                 b += 1;
             }
-            Some(if load(b) < load(a) { b } else { a })
+            Some(if prefer_b(load(a), load(b)) { b } else { a })
         }
     }
 }
@@ -225,10 +269,24 @@ mod tests {
 
     #[test]
     fn p2c_prefers_lower_load() {
-        let loads = [5.0, 1.0];
+        let ms = |x: f64, f: u64| Load {
+            rtt_ns: x * 1e6,
+            in_flight: f,
+        };
+        // Clearly slower: avoided.
+        let loads = [ms(20.0, 0), ms(2.0, 0)];
         for _ in 0..100 {
             assert_eq!(p2c(2, |i| loads[i]), Some(1));
         }
+        // Equally fast: fewer in flight wins.
+        let loads = [ms(0.3, 0), ms(0.5, 3)];
+        for _ in 0..100 {
+            assert_eq!(p2c(2, |i| loads[i]), Some(0));
+        }
+        // Equal: both get picked.
+        let loads = [ms(0.3, 1), ms(0.4, 1)];
+        let ones = (0..200).filter(|_| p2c(2, |i| loads[i]) == Some(1)).count();
+        assert!((50..150).contains(&ones), "{ones}");
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Default for ProxyConfig {
             eject_after_failures: 3,
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(30),
-            ewma_decay: Duration::from_secs(1),
+            ewma_decay: Duration::from_millis(250),
             default_rtt: Duration::from_millis(1),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use super::balancer::{p2c, EndpointStats};
+use super::balancer::{p2c, EndpointStats, Load};
 use super::config::BalancerKind;
 
 /// Readiness of an endpoint, as EndpointSlice conditions give it.
@@ -157,7 +157,15 @@ impl Destination {
             }
             let nth = |i: usize| set.iter().filter(usable).nth(i);
             let idx = match self.kind {
-                BalancerKind::P2c => p2c(n, |i| nth(i).map_or(f64::MAX, |e| e.stats.load(now))),
+                BalancerKind::P2c => p2c(n, |i| {
+                    nth(i).map_or(
+                        Load {
+                            rtt_ns: f64::MAX,
+                            in_flight: u64::MAX,
+                        },
+                        |e| e.stats.load(now),
+                    )
+                }),
                 BalancerKind::RoundRobin => Some(self.rr.fetch_add(1, Ordering::Relaxed) % n),
             };
             if let Some(e) = idx.and_then(nth) {
