@@ -104,13 +104,11 @@ fn response_md(state: &BackendState, req: &MetadataMap) -> MetadataMap {
     md
 }
 
-fn requested_failure(req: &MetadataMap) -> Option<Status> {
+/// `x-fail-code: N` makes the call fail with code N and the request payload (UTF-8) as the
+/// message, so messages can hold any text.
+fn requested_failure(req: &MetadataMap, payload: &[u8]) -> Option<Status> {
     let code = req.get("x-fail-code")?.to_str().ok()?.parse::<i32>().ok()?;
-    let msg = req
-        .get("x-fail-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let msg = String::from_utf8_lossy(payload).into_owned();
     let mut md = MetadataMap::new();
     md.insert("x-detail", MetadataValue::from_static("failure-detail"));
     Some(Status::with_metadata(Code::from_i32(code), msg, md))
@@ -145,7 +143,7 @@ impl tonic::server::UnaryService<Bytes> for Unary {
             {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            if let Some(st) = requested_failure(req.metadata()) {
+            if let Some(st) = requested_failure(req.metadata(), req.get_ref()) {
                 return Err(st);
             }
             let md = response_md(&state, req.metadata());
