@@ -48,6 +48,10 @@ pub struct ProxyConfig {
     pub ewma_decay: Duration,
     /// Latency estimate used before any endpoint of a destination has been measured.
     pub default_rtt: Duration,
+    /// A client connection that cancels more streams than this within one second is closed
+    /// with GOAWAY ENHANCE_YOUR_CALM (rapid-reset abuse, CVE-2023-44487): each cancelled
+    /// stream costs an upstream stream too.
+    pub max_client_resets_per_second: u32,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +73,7 @@ impl Default for ProxyConfig {
             eject_max: Duration::from_secs(30),
             ewma_decay: Duration::from_millis(250),
             default_rtt: Duration::from_millis(1),
+            max_client_resets_per_second: 1000,
         }
     }
 }

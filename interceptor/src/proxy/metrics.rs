@@ -18,6 +18,7 @@ pub const EJECTIONS: &str = "interceptor_ejections_total";
 pub const DETECTIONS: &str = "interceptor_detections_total";
 pub const OPAQUE_CONNECTIONS: &str = "interceptor_opaque_connections_total";
 pub const UNAVAILABLE: &str = "interceptor_unavailable_total";
+pub const ABUSIVE_CONNECTIONS: &str = "interceptor_abusive_connections_total";
 
 /// Registers descriptions and units; call once after installing a recorder.
 pub fn describe() {
@@ -63,6 +64,11 @@ pub fn describe() {
         Unit::Count,
         "Streams answered UNAVAILABLE by the proxy itself, by reason"
     );
+    describe_counter!(
+        ABUSIVE_CONNECTIONS,
+        Unit::Count,
+        "Client connections closed for abuse (rapid reset), by reason"
+    );
 }
 
 pub(crate) fn request(endpoint: &Arc<str>, status: &'static str, elapsed: Duration) {
@@ -96,6 +102,10 @@ pub(crate) fn detection(protocol: &'static str) {
 
 pub(crate) fn opaque(outcome: &'static str) {
     counter!(OPAQUE_CONNECTIONS, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn abusive_connection(reason: &'static str) {
+    counter!(ABUSIVE_CONNECTIONS, "reason" => reason).increment(1);
 }
 
 pub(crate) fn unavailable(reason: &'static str) {

@@ -14,6 +14,7 @@ use http::{Request, Response, StatusCode};
 
 use super::balancer::InFlight;
 use super::body::{Pump, PumpError};
+use super::demux::ConnGuard;
 use super::endpoints::Destination;
 use super::grpc;
 use super::metrics as m;
@@ -52,11 +53,18 @@ fn upstream_request(head: &Parts) -> Request<()> {
 }
 
 struct Ctx {
+    guard: Arc<ConnGuard>,
     grpc: bool,
     started: Instant,
 }
 
 impl Ctx {
+    /// The client cancelled the stream.
+    fn cancelled(&self, label: &Arc<str>) {
+        self.guard.client_reset();
+        m::request(label, "cancelled", self.started.elapsed());
+    }
+
     /// Answers the client ourselves (no response headers were sent yet).
     fn local(
         &self,
@@ -98,12 +106,14 @@ enum Attempt {
 pub(crate) async fn forward(
     inner: Arc<Inner>,
     dest: Arc<Destination>,
+    guard: Arc<ConnGuard>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
     let _active = ActiveStream::new();
     let (mut head, body) = req.into_parts();
     let ctx = Ctx {
+        guard,
         grpc: grpc::is_grpc(&head.headers),
         started: Instant::now(),
     };
@@ -129,7 +139,10 @@ pub(crate) async fn forward(
         let in_flight = ep.start();
         let acquired = tokio::select! {
             biased;
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+                ctx.cancelled(&ep.label());
+                return;
+            }
             l = inner.pool.acquire(&ep) => l,
         };
         let lease = match acquired {
@@ -222,7 +235,7 @@ async fn try_endpoint(
             r = poll_fn(|cx| respond.poll_reset(cx)) => {
                 let reason = r.unwrap_or(Reason::CANCEL);
                 up_tx.send_reset(reason);
-                m::request(&label, "cancelled", ctx.started.elapsed());
+                ctx.cancelled(&label);
                 return Attempt::Done;
             }
             _ = &mut sleep => {
@@ -237,7 +250,7 @@ async fn try_endpoint(
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
                     up_tx.send_reset(reason);
                     respond.send_reset(reason);
-                    m::request(&label, "cancelled", ctx.started.elapsed());
+                    ctx.cancelled(&label);
                     return Attempt::Done;
                 }
                 // The response future says why the endpoint stopped taking the body.
@@ -309,7 +322,7 @@ async fn try_endpoint(
         Err(error) => {
             tracing::debug!(%error, "client went away before the response headers");
             up_tx.send_reset(Reason::CANCEL);
-            m::request(&label, "cancelled", ctx.started.elapsed());
+            ctx.cancelled(&label);
             return Attempt::Done;
         }
     };
@@ -367,6 +380,9 @@ async fn try_endpoint(
             },
         }
     };
+    if status == "cancelled" {
+        ctx.guard.client_reset();
+    }
     m::request(&label, status, ctx.started.elapsed());
     drop(lease);
     drop(in_flight);
