@@ -1,0 +1,317 @@
+//! Per-endpoint load statistics and the choice of an endpoint for each stream.
+//!
+//! Power of two choices over peak-EWMA latency weighted by in-flight requests (Finagle,
+//! Linkerd): cheap, no global ordering, and it moves load away from slow or busy endpoints
+//! faster than least-requests alone. The estimate decays towards zero while an endpoint gets
+//! no samples, so an endpoint that was penalised once is probed again instead of starving.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::metrics as m;
+
+/// Load statistics and health of one endpoint, kept across EndpointSet updates.
+#[derive(Debug)]
+pub struct EndpointStats {
+    addr: SocketAddr,
+    label: Arc<str>,
+    in_flight: AtomicU64,
+    ewma: Mutex<Ewma>,
+    decay_ns: f64,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch()` until which the endpoint takes no new streams.
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    cost_ns: f64,
+    stamp: Instant,
+}
+
+/// Ejection policy, copied from the proxy config.
+#[derive(Debug, Clone, Copy)]
+pub struct EjectPolicy {
+    pub after_failures: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl EndpointStats {
+    /// `seed` is the initial latency estimate: for an endpoint added to a live set it is the
+    /// mean of its peers, so it is neither preferred over them (flood) nor avoided (starve).
+    pub fn new(addr: SocketAddr, seed: Duration, decay: Duration) -> Self {
+        Self {
+            addr,
+            label: Arc::from(addr.to_string()),
+            in_flight: AtomicU64::new(0),
+            ewma: Mutex::new(Ewma {
+                cost_ns: seed.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            decay_ns: decay.as_nanos().max(1) as f64,
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The endpoint as a metrics label value (allocated once).
+    pub fn label(&self) -> Arc<str> {
+        self.label.clone()
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream (or opaque connection) as in flight until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// The decayed latency estimate in nanoseconds.
+    pub fn rtt_ns(&self, now: Instant) -> f64 {
+        match self.ewma.lock() {
+            Ok(e) => decayed(&e, now, self.decay_ns),
+            Err(_) => 0.0,
+        }
+    }
+
+    /// What p2c compares.
+    pub fn load(&self, now: Instant) -> Load {
+        Load {
+            rtt_ns: self.rtt_ns(now),
+            in_flight: self.in_flight(),
+        }
+    }
+
+    /// Records a latency sample (time to response headers).
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let now = Instant::now();
+        let rtt_ns = rtt.as_nanos() as f64;
+        if let Ok(mut e) = self.ewma.lock() {
+            let prev = decayed(&e, now, self.decay_ns);
+            // Peak sensitivity: a slower sample is believed at once, a faster one gradually.
+            e.cost_ns = if rtt_ns > prev {
+                rtt_ns
+            } else {
+                let elapsed = now.saturating_duration_since(e.stamp).as_nanos() as f64;
+                // Time-weighted as in Finagle, but every faster sample moves the estimate by
+                // at least MIN_DOWN_WEIGHT: at thousands of samples a second the pure time
+                // weight is ~0 and one spike would pin the estimate for a whole decay period.
+                let w = (-elapsed / self.decay_ns).exp().min(1.0 - MIN_DOWN_WEIGHT);
+                prev * w + rtt_ns * (1.0 - w)
+            };
+            e.stamp = now;
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a connection-level failure; returns true when this ejected the endpoint.
+    pub fn record_failure(&self, policy: &EjectPolicy) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < policy.after_failures || self.is_ejected() {
+            return false;
+        }
+        let times = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let backoff = policy
+            .base
+            .saturating_mul(1u32 << times)
+            .min(policy.max)
+            .max(policy.base.min(policy.max));
+        self.ejected_until_ms
+            .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        m::ejection(&self.label);
+        tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected after repeated connection failures");
+        true
+    }
+}
+
+fn decayed(e: &Ewma, now: Instant, decay_ns: f64) -> f64 {
+    let elapsed = now.saturating_duration_since(e.stamp).as_nanos() as f64;
+    e.cost_ns * (-elapsed / decay_ns).exp()
+}
+
+/// Keeps an endpoint's in-flight count up while alive.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointStats>);
+
+impl InFlight {
+    pub fn stats(&self) -> &Arc<EndpointStats> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A small xorshift generator per thread: p2c needs cheap, not cryptographic, randomness.
+pub fn random_below(n: usize) -> usize {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+    if n <= 1 {
+        return 0;
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        ((x >> 11) % n as u64) as usize
+    })
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let local = 0u8;
+    // Mix in a stack address so threads started in the same nanosecond differ.
+    (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+}
+
+/// Least weight of a sample faster than the current estimate.
+pub const MIN_DOWN_WEIGHT: f64 = 0.2;
+
+/// Latency estimates closer than this fraction of the larger one count as equal.
+pub const RTT_TIE_RELATIVE: f64 = 0.25;
+/// Latency estimates closer than this (nanoseconds) count as equal: sub-millisecond
+/// differences between pods are noise, and chasing them hands whole runs of streams to
+/// whichever endpoint had the luckiest recent sample.
+pub const RTT_TIE_ABSOLUTE_NS: f64 = 1_000_000.0;
+
+/// What p2c compares for one candidate.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub rtt_ns: f64,
+    pub in_flight: u64,
+}
+
+impl Load {
+    fn cost(self) -> f64 {
+        // +1 ns keeps a zero estimate from erasing the in-flight weighting.
+        (self.rtt_ns + 1.0) * (self.in_flight as f64 + 1.0)
+    }
+}
+
+/// Chooses between two candidates: peak-EWMA latency times (in-flight + 1), except that
+/// equally fast endpoints are compared by in-flight alone, and exact ties are broken at
+/// random. Returns true to take `b`.
+pub fn prefer_b(a: Load, b: Load) -> bool {
+    let diff = (a.rtt_ns - b.rtt_ns).abs();
+    let rtt_tie = diff <= RTT_TIE_ABSOLUTE_NS.max(RTT_TIE_RELATIVE * a.rtt_ns.max(b.rtt_ns));
+    if rtt_tie {
+        if a.in_flight != b.in_flight {
+            return b.in_flight < a.in_flight;
+        }
+        return random_below(2) == 1;
+    }
+    b.cost() < a.cost()
+}
+
+/// Power of two choices among `n` candidates given by index; returns the chosen index.
+pub fn p2c(n: usize, load: impl Fn(usize) -> Load) -> Option<usize> {
+    match n {
+        0 => None,
+        1 => Some(0),
+        _ => {
+            let a = random_below(n);
+            let mut b = random_below(n - 1);
+            if b >= a {
+                b += 1;
+            }
+            Some(if prefer_b(load(a), load(b)) { b } else { a })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2c_prefers_lower_load() {
+        let ms = |x: f64, f: u64| Load {
+            rtt_ns: x * 1e6,
+            in_flight: f,
+        };
+        // Clearly slower: avoided.
+        let loads = [ms(20.0, 0), ms(2.0, 0)];
+        for _ in 0..100 {
+            assert_eq!(p2c(2, |i| loads[i]), Some(1));
+        }
+        // Equally fast: fewer in flight wins.
+        let loads = [ms(0.3, 0), ms(0.5, 3)];
+        for _ in 0..100 {
+            assert_eq!(p2c(2, |i| loads[i]), Some(0));
+        }
+        // Equal: both get picked.
+        let loads = [ms(0.3, 1), ms(0.4, 1)];
+        let ones = (0..200).filter(|_| p2c(2, |i| loads[i]) == Some(1)).count();
+        assert!((50..150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn ejection_backs_off_and_recovers() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let s = EndpointStats::new(addr, Duration::from_millis(1), Duration::from_secs(1));
+        let p = EjectPolicy {
+            after_failures: 2,
+            base: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+        };
+        assert!(!s.record_failure(&p));
+        assert!(s.record_failure(&p));
+        assert!(s.is_ejected());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!s.is_ejected());
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let s = EndpointStats::new(addr, Duration::from_millis(1), Duration::from_millis(100));
+        s.observe_rtt(Duration::from_millis(50));
+        assert!(s.rtt_ns(Instant::now()) > 40e6);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(s.rtt_ns(Instant::now()) < 5e6);
+    }
+}

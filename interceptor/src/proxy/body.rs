@@ -1,0 +1,240 @@
+//! Moves one direction of a stream (DATA then optional trailers) from an h2 `RecvStream` to
+//! an h2 `SendStream`, with end-to-end flow control: receive window is released to the sender
+//! only once the bytes were handed to the other side within its window, so memory per stream
+//! stays bounded by the windows.
+//!
+//! `step` is cancel-safe (all progress lives in the struct), so it can sit in a `select!`
+//! next to the other direction, resets and deadlines.
+//!
+//! A request body can keep a replay log: up to `limit` bytes of everything read, so that a
+//! stream the endpoint refused can be sent again elsewhere.
+
+use std::future::poll_fn;
+use std::task::Poll;
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http::HeaderMap;
+
+#[derive(Debug)]
+pub enum PumpError {
+    /// Reading from the source failed (it was reset, or its connection failed).
+    Recv(h2::Error),
+    /// The sink was reset by its peer with this reason, or failed.
+    Send(Option<Reason>, Option<h2::Error>),
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Data(Bytes),
+    End(Option<HeaderMap>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Data,
+    Trailers,
+    Ended,
+}
+
+pub struct Pump {
+    recv: RecvStream,
+    source: Source,
+    /// Bytes read but not yet sent, and whether their window is still to be released.
+    pending: Option<(Bytes, bool)>,
+    sent_end: bool,
+    log: Vec<Event>,
+    log_bytes: usize,
+    limit: usize,
+    replayable: bool,
+    cursor: usize,
+    /// The trailers (or None) that ended the stream, for status accounting.
+    end_trailers: Option<HeaderMap>,
+}
+
+impl Pump {
+    /// A pump without replay log.
+    pub fn new(recv: RecvStream) -> Self {
+        Self::with_replay(recv, 0)
+    }
+
+    /// A pump that keeps up to `limit` bytes for replay.
+    pub fn with_replay(recv: RecvStream, limit: usize) -> Self {
+        let ended = recv.is_end_stream();
+        Self {
+            recv,
+            source: if ended { Source::Ended } else { Source::Data },
+            pending: None,
+            sent_end: false,
+            log: Vec::new(),
+            log_bytes: 0,
+            limit,
+            replayable: limit > 0,
+            cursor: 0,
+            end_trailers: None,
+        }
+    }
+
+    /// True when the source had nothing but END_STREAM: send the headers with END_STREAM.
+    pub fn empty(&self) -> bool {
+        self.source == Source::Ended && self.log.is_empty() && self.pending.is_none()
+    }
+
+    /// Marks the end as already sent (with the headers).
+    pub fn mark_sent_end(&mut self) {
+        self.sent_end = true;
+    }
+
+    /// Everything, END_STREAM included, has been handed to the sink.
+    pub fn done(&self) -> bool {
+        self.sent_end
+    }
+
+    /// Whether what was read so far is all in the replay log.
+    pub fn can_replay(&self) -> bool {
+        self.replayable
+    }
+
+    pub fn end_trailers(&self) -> Option<&HeaderMap> {
+        self.end_trailers.as_ref()
+    }
+
+    /// Starts sending from the beginning of the log again (to a new sink). Only valid when
+    /// `can_replay()`.
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
+        self.pending = None;
+        self.sent_end = false;
+    }
+
+    /// Moves one event (a DATA chunk or part of one, or the end) to `tx`.
+    pub async fn step(&mut self, tx: &mut SendStream<Bytes>) -> Result<(), PumpError> {
+        if self.pending.is_none() {
+            if self.cursor < self.log.len() {
+                let ev = self.log[self.cursor].clone();
+                self.cursor += 1;
+                match ev {
+                    Event::Data(b) => self.pending = Some((b, false)),
+                    Event::End(t) => return self.send_end(tx, t),
+                }
+            } else {
+                match self.source {
+                    Source::Data => {
+                        // Watch the sink for a reset while waiting: a peer that gives up must
+                        // not wait for the other side's next byte to be noticed.
+                        let next = poll_fn(|cx| {
+                            if let Poll::Ready(r) = tx.poll_reset(cx) {
+                                return Poll::Ready(Err(r));
+                            }
+                            self.recv.poll_data(cx).map(Ok)
+                        })
+                        .await;
+                        match next {
+                            Err(Ok(reason)) => return Err(PumpError::Send(Some(reason), None)),
+                            Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
+                            Ok(Some(Ok(b))) => self.take(b).map_err(PumpError::Recv)?,
+                            Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
+                            Ok(None) => {
+                                self.source = Source::Trailers;
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Source::Trailers => {
+                        let t = poll_fn(|cx| self.recv.poll_trailers(cx))
+                            .await
+                            .map_err(PumpError::Recv)?;
+                        self.source = Source::Ended;
+                        self.record(Event::End(t.clone()), 0);
+                        return self.send_end(tx, t);
+                    }
+                    Source::Ended => {
+                        self.record(Event::End(None), 0);
+                        return self.send_end(tx, None);
+                    }
+                }
+            }
+        }
+        self.send_pending(tx).await
+    }
+
+    fn take(&mut self, b: Bytes) -> Result<(), h2::Error> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let len = b.len();
+        if self.record(Event::Data(b.clone()), len) {
+            // The log holds it now: the sender's window can reopen at once.
+            self.recv.flow_control().release_capacity(len)?;
+            self.pending = Some((b, false));
+        } else {
+            self.pending = Some((b, true));
+        }
+        Ok(())
+    }
+
+    /// Appends to the replay log; returns false (and stops logging) when over the limit.
+    fn record(&mut self, ev: Event, len: usize) -> bool {
+        if !self.replayable {
+            return false;
+        }
+        if self.log_bytes + len > self.limit {
+            self.replayable = false;
+            self.log = Vec::new();
+            self.cursor = 0;
+            return false;
+        }
+        self.log_bytes += len;
+        self.log.push(ev);
+        self.cursor = self.log.len();
+        true
+    }
+
+    fn send_end(
+        &mut self,
+        tx: &mut SendStream<Bytes>,
+        t: Option<HeaderMap>,
+    ) -> Result<(), PumpError> {
+        let r = match &t {
+            Some(t) => tx.send_trailers(t.clone()),
+            None => tx.send_data(Bytes::new(), true),
+        };
+        r.map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
+        self.end_trailers = t;
+        self.sent_end = true;
+        Ok(())
+    }
+
+    async fn send_pending(&mut self, tx: &mut SendStream<Bytes>) -> Result<(), PumpError> {
+        let Some((chunk, release)) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let want = chunk.len();
+        tx.reserve_capacity(want);
+        let cap = loop {
+            let c = tx.capacity();
+            if c > 0 {
+                break c.min(want);
+            }
+            match poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
+                None => return Err(PumpError::Send(None, None)),
+            }
+        };
+        let part = chunk.split_to(cap);
+        let release = *release;
+        if chunk.is_empty() {
+            self.pending = None;
+        }
+        tx.send_data(part, false)
+            .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
+        if release {
+            self.recv
+                .flow_control()
+                .release_capacity(cap)
+                .map_err(PumpError::Recv)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,109 @@
+//! The HTTP/2 server side: one h2 server per client connection, one task per stream.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Notify};
+
+use super::endpoints::Destination;
+use super::server::Inner;
+
+/// Per-connection abuse accounting shared with the connection's stream tasks.
+pub(crate) struct ConnGuard {
+    limit: u32,
+    started: Instant,
+    window_start_ms: AtomicU64,
+    resets: AtomicU32,
+    tripped: AtomicBool,
+    trip: Notify,
+}
+
+impl ConnGuard {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            started: Instant::now(),
+            window_start_ms: AtomicU64::new(0),
+            resets: AtomicU32::new(0),
+            tripped: AtomicBool::new(false),
+            trip: Notify::new(),
+        }
+    }
+
+    /// Called by a stream task when the client cancelled its stream.
+    pub(crate) fn client_reset(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) >= 1000 {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.resets.store(0, Ordering::Relaxed);
+        }
+        let n = self.resets.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.limit && !self.tripped.swap(true, Ordering::Relaxed) {
+            self.trip.notify_one();
+        }
+    }
+}
+
+/// Serves HTTP/2 on `io` until the client closes it, it fails, or a drain that started with
+/// `shutdown` completes. Errors end only this connection; its streams are reset by h2.
+pub(crate) async fn serve<T>(
+    inner: Arc<Inner>,
+    dest: Arc<Destination>,
+    io: T,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &inner.config;
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        // Each buffered outbound byte was already released to the other side's window, so
+        // cap what h2 may queue per stream to what one window can carry.
+        .max_send_buffer_size(cfg.stream_window as usize);
+    let handshake = builder.handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(cfg.connect_timeout, handshake).await {
+        Ok(r) => r?,
+        Err(_) => {
+            tracing::debug!("client HTTP/2 handshake timed out");
+            return Ok(());
+        }
+    };
+    let guard = Arc::new(ConnGuard::new(cfg.max_client_resets_per_second));
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(super::stream::forward(inner.clone(), dest.clone(), guard.clone(), req, respond));
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(dest = %dest.addr(), %error, "client HTTP/2 connection failed");
+                    return Err(error);
+                }
+                None => return Ok(()),
+            },
+            _ = guard.trip.notified() => {
+                tracing::warn!(dest = %dest.addr(), limit = cfg.max_client_resets_per_second, "client cancels streams faster than the limit; closing its connection");
+                super::metrics::abusive_connection("rapid_reset");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            }
+            // A dropped sender means the proxy itself is gone: drain as well.
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                tracing::debug!(dest = %dest.addr(), "draining client connection");
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}

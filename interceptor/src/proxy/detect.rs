@@ -1,0 +1,210 @@
+//! Protocol detection on an accepted connection.
+//!
+//! Bytes are read (not peeked) so that waiting for a partial preface does not spin on a
+//! readable socket; what was read is handed on and replayed first ([`Prefixed`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 client connection preface (RFC 9113 3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 with prior knowledge: demultiplexed per stream.
+    Http2,
+    /// Anything else: relayed as opaque TCP.
+    Opaque(OpaqueKind),
+}
+
+/// Why a connection is relayed opaquely (a metrics label, nothing depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpaqueKind {
+    Http1,
+    Tls,
+    /// No bytes within the detection wait: a server-first protocol, or an idle client.
+    ServerFirst,
+    /// The client closed its side before sending anything.
+    Empty,
+    Other,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http2 => "h2",
+            Protocol::Opaque(OpaqueKind::Http1) => "http1",
+            Protocol::Opaque(OpaqueKind::Tls) => "tls",
+            Protocol::Opaque(OpaqueKind::ServerFirst) => "server_first",
+            Protocol::Opaque(OpaqueKind::Empty) => "empty",
+            Protocol::Opaque(OpaqueKind::Other) => "other",
+        }
+    }
+}
+
+fn classify_opaque(buf: &[u8]) -> OpaqueKind {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    if buf.first() == Some(&0x16) {
+        OpaqueKind::Tls
+    } else if METHODS
+        .iter()
+        .any(|m| buf.starts_with(m) || m.starts_with(buf))
+    {
+        OpaqueKind::Http1
+    } else {
+        OpaqueKind::Other
+    }
+}
+
+/// Reads until the bytes either are the full HTTP/2 preface or cannot be, or until `wait`
+/// passes. Returns the protocol and every byte read, which the caller must forward first.
+pub async fn detect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    wait: Duration,
+) -> io::Result<(Protocol, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len().max(512));
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        let n = tokio::select! {
+            r = io.read_buf(&mut buf) => r?,
+            _ = &mut deadline => {
+                // A partial preface that stalls is not HTTP/2 we can serve: relay it as sent.
+                let kind = if buf.is_empty() { OpaqueKind::ServerFirst } else { classify_opaque(&buf) };
+                return Ok((Protocol::Opaque(kind), buf));
+            }
+        };
+        let have = buf.len().min(H2_PREFACE.len());
+        if buf[..have] != H2_PREFACE[..have] {
+            let kind = classify_opaque(&buf);
+            return Ok((Protocol::Opaque(kind), buf));
+        }
+        if buf.len() >= H2_PREFACE.len() {
+            return Ok((Protocol::Http2, buf));
+        }
+        if n == 0 {
+            let kind = if buf.is_empty() {
+                OpaqueKind::Empty
+            } else {
+                OpaqueKind::Other
+            };
+            return Ok((Protocol::Opaque(kind), buf));
+        }
+    }
+}
+
+/// An IO that yields `prefix` before reading from `inner`; writes go straight to `inner`.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: BytesMut,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: BytesMut, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn run(input: &'static [u8], close: bool) -> (Protocol, BytesMut) {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(input).await.expect("write");
+        if close {
+            client.shutdown().await.expect("shutdown");
+        }
+        let r = detect(&mut server, Duration::from_millis(100))
+            .await
+            .expect("detect");
+        drop(client);
+        r
+    }
+
+    #[tokio::test]
+    async fn classifies_first_bytes() {
+        assert_eq!(run(H2_PREFACE, false).await.0, Protocol::Http2);
+        assert_eq!(
+            run(b"GET / HTTP/1.1\r\n", false).await.0,
+            Protocol::Opaque(OpaqueKind::Http1)
+        );
+        assert_eq!(
+            run(b"\x16\x03\x01\x02\x00", false).await.0,
+            Protocol::Opaque(OpaqueKind::Tls)
+        );
+        assert_eq!(
+            run(b"", false).await.0,
+            Protocol::Opaque(OpaqueKind::ServerFirst)
+        );
+        assert_eq!(run(b"", true).await.0, Protocol::Opaque(OpaqueKind::Empty));
+        // A stalled partial preface is relayed, with the bytes read so far.
+        let (p, buf) = run(b"PRI * HT", false).await;
+        assert_eq!(p, Protocol::Opaque(OpaqueKind::Other));
+        assert_eq!(&buf[..], b"PRI * HT");
+    }
+}

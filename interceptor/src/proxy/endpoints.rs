@@ -1,0 +1,283 @@
+//! The endpoints of one destination (a Service's ClusterIP:port), replaceable at run time.
+//!
+//! An update swaps the whole set atomically: the next stream sees it, streams already on a
+//! removed endpoint finish on their pooled connection, and statistics of endpoints that stay
+//! are carried over so an update does not reset what the balancer has learnt.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::balancer::{p2c, EndpointStats, Load};
+use super::config::BalancerKind;
+
+/// Readiness of an endpoint, as EndpointSlice conditions give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndpointState {
+    /// `ready`: takes new streams.
+    Ready,
+    /// `serving` and `terminating`: takes new streams only when no endpoint is ready.
+    Terminating,
+    /// Takes no new streams.
+    NotReady,
+}
+
+/// One endpoint as discovery reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub state: EndpointState,
+}
+
+impl EndpointSpec {
+    pub fn ready(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            state: EndpointState::Ready,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    state: EndpointState,
+    stats: Arc<EndpointStats>,
+}
+
+/// Balancing state of one destination.
+#[derive(Debug)]
+pub struct Destination {
+    addr: SocketAddr,
+    kind: BalancerKind,
+    decay: Duration,
+    default_rtt: Duration,
+    set: RwLock<Arc<Vec<Endpoint>>>,
+    rr: AtomicUsize,
+}
+
+impl Destination {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        kind: BalancerKind,
+        decay: Duration,
+        default_rtt: Duration,
+    ) -> Self {
+        Self {
+            addr,
+            kind,
+            decay,
+            default_rtt,
+            set: RwLock::new(Arc::new(Vec::new())),
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn current(&self) -> Arc<Vec<Endpoint>> {
+        match self.set.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the endpoint set. Duplicate addresses keep their first entry.
+    pub fn update(&self, specs: impl IntoIterator<Item = EndpointSpec>) {
+        let old = self.current();
+        let now = Instant::now();
+        let measured: Vec<f64> = old
+            .iter()
+            .filter(|e| e.state == EndpointState::Ready)
+            .map(|e| e.stats.rtt_ns(now))
+            .collect();
+        // A new endpoint starts at its peers' mean latency: lower would flood it with every
+        // p2c comparison it enters, higher would starve it until the estimate decays.
+        let seed = if measured.is_empty() {
+            self.default_rtt
+        } else {
+            Duration::from_nanos((measured.iter().sum::<f64>() / measured.len() as f64) as u64)
+        };
+        let mut next: Vec<Endpoint> = Vec::new();
+        for spec in specs {
+            if next.iter().any(|e| e.stats.addr() == spec.addr) {
+                continue;
+            }
+            let stats = old
+                .iter()
+                .find(|e| e.stats.addr() == spec.addr)
+                .map(|e| e.stats.clone())
+                .unwrap_or_else(|| Arc::new(EndpointStats::new(spec.addr, seed, self.decay)));
+            next.push(Endpoint {
+                state: spec.state,
+                stats,
+            });
+        }
+        tracing::debug!(dest = %self.addr, endpoints = next.len(), "endpoint set updated");
+        let next = Arc::new(next);
+        match self.set.write() {
+            Ok(mut s) => *s = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    /// The current set as specs.
+    pub fn snapshot(&self) -> Vec<EndpointSpec> {
+        self.current()
+            .iter()
+            .map(|e| EndpointSpec {
+                addr: e.stats.addr(),
+                state: e.state,
+            })
+            .collect()
+    }
+
+    /// Statistics of a current endpoint (for tests and the admin API).
+    pub fn stats(&self, addr: SocketAddr) -> Option<Arc<EndpointStats>> {
+        self.current()
+            .iter()
+            .find(|e| e.stats.addr() == addr)
+            .map(|e| e.stats.clone())
+    }
+
+    /// Chooses an endpoint for a new stream, skipping `exclude` (endpoints this stream already
+    /// failed on). Ready endpoints first; terminating ones only when none is ready.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {
+        let set = self.current();
+        let now = Instant::now();
+        for tier in [EndpointState::Ready, EndpointState::Terminating] {
+            let usable = |e: &&Endpoint| {
+                e.state == tier && !e.stats.is_ejected() && !exclude.contains(&e.stats.addr())
+            };
+            let n = set.iter().filter(usable).count();
+            if n == 0 {
+                continue;
+            }
+            let nth = |i: usize| set.iter().filter(usable).nth(i);
+            let idx = match self.kind {
+                BalancerKind::P2c => p2c(n, |i| {
+                    nth(i).map_or(
+                        Load {
+                            rtt_ns: f64::MAX,
+                            in_flight: u64::MAX,
+                        },
+                        |e| e.stats.load(now),
+                    )
+                }),
+                BalancerKind::RoundRobin => Some(self.rr.fetch_add(1, Ordering::Relaxed) % n),
+            };
+            if let Some(e) = idx.and_then(nth) {
+                return Some(e.stats.clone());
+            }
+        }
+        None
+    }
+}
+
+/// Handle through which discovery replaces a destination's endpoints.
+#[derive(Debug, Clone)]
+pub struct EndpointsHandle(pub(crate) Arc<Destination>);
+
+impl EndpointsHandle {
+    /// Replaces the endpoint set; the next stream sees the update.
+    pub fn update(&self, specs: impl IntoIterator<Item = EndpointSpec>) {
+        self.0.update(specs)
+    }
+
+    /// Replaces the set with these addresses, all ready.
+    pub fn set_ready(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        self.0.update(addrs.into_iter().map(EndpointSpec::ready))
+    }
+
+    /// Changes the state of one endpoint (e.g. to `Terminating`); false if it is not in the set.
+    pub fn set_state(&self, addr: SocketAddr, state: EndpointState) -> bool {
+        let mut specs = self.0.snapshot();
+        let mut found = false;
+        for s in specs.iter_mut().filter(|s| s.addr == addr) {
+            s.state = state;
+            found = true;
+        }
+        if found {
+            self.0.update(specs);
+        }
+        found
+    }
+
+    pub fn snapshot(&self) -> Vec<EndpointSpec> {
+        self.0.snapshot()
+    }
+
+    pub fn destination(&self) -> &Arc<Destination> {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn round_robin_rotates_and_skips_not_ready() {
+        let d = Destination::new(
+            addr(1),
+            BalancerKind::RoundRobin,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        d.update([
+            EndpointSpec::ready(addr(10)),
+            EndpointSpec {
+                addr: addr(11),
+                state: EndpointState::NotReady,
+            },
+            EndpointSpec::ready(addr(12)),
+        ]);
+        let picks: Vec<u16> = (0..4)
+            .map(|_| d.pick(&[]).expect("an endpoint").addr().port())
+            .collect();
+        assert_eq!(picks, vec![10, 12, 10, 12]);
+    }
+
+    #[test]
+    fn terminating_used_only_without_ready() {
+        let d = Destination::new(
+            addr(1),
+            BalancerKind::P2c,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        d.update([
+            EndpointSpec {
+                addr: addr(10),
+                state: EndpointState::Terminating,
+            },
+            EndpointSpec::ready(addr(11)),
+        ]);
+        for _ in 0..50 {
+            assert_eq!(d.pick(&[]).expect("an endpoint").addr(), addr(11));
+        }
+        assert_eq!(d.pick(&[addr(11)]).expect("fallback").addr(), addr(10));
+        assert!(d.pick(&[addr(10), addr(11)]).is_none());
+    }
+
+    #[test]
+    fn update_keeps_stats_of_remaining_endpoints() {
+        let d = Destination::new(
+            addr(1),
+            BalancerKind::P2c,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        d.update([EndpointSpec::ready(addr(10))]);
+        let before = d.stats(addr(10)).expect("stats");
+        d.update([EndpointSpec::ready(addr(10)), EndpointSpec::ready(addr(11))]);
+        let after = d.stats(addr(10)).expect("stats");
+        assert!(Arc::ptr_eq(&before, &after));
+    }
+}

@@ -1,0 +1,307 @@
+//! Pooled HTTP/2 client connections per endpoint, shared by every client connection of one
+//! `Proxy`.
+//!
+//! A connection is reused until it carries `streams_per_connection` streams (or the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS, if lower); then another is opened, up to
+//! `max_connections_per_endpoint`, because one h2 connection is driven by one task and more
+//! than one lets an endpoint's traffic use more than one core. Past that cap streams queue
+//! inside h2 on the least-loaded connection.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+
+use super::balancer::EndpointStats;
+use super::connector::Connector;
+use super::metrics as m;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to endpoint {addr} failed: {source}; check that the endpoint listens and is reachable from the pod's network namespace")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to endpoint {addr} timed out after {timeout:?}; the endpoint is down or filtered (raise connect_timeout if it is only slow)")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP/2 handshake with endpoint {addr} failed: {source}; the endpoint must accept HTTP/2 with prior knowledge (h2c)")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+}
+
+/// Pool limits and HTTP/2 client settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub streams_per_connection: usize,
+    pub max_connections_per_endpoint: usize,
+    pub idle_timeout: Duration,
+}
+
+/// The pool of upstream connections, keyed by endpoint address.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    connector: Arc<dyn Connector>,
+    cfg: PoolConfig,
+    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+}
+
+struct EndpointPool {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    // Serialises connects to one endpoint so a burst of streams opens one connection, not
+    // one per stream.
+    connect_lock: tokio::sync::Mutex<()>,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    active: AtomicUsize,
+    // Shared with the task driving the connection; the task must not hold the SendRequest, or
+    // the connection could never close when the pool lets go of it.
+    closed: Arc<AtomicBool>,
+    last_used_ms: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Conn {
+    fn limit(&self, soft: usize) -> usize {
+        soft.min(self.send.current_max_send_streams()).max(1)
+    }
+
+    fn idle_for(&self, now: u64) -> Duration {
+        Duration::from_millis(now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// One stream's claim on a pooled connection.
+pub struct Lease {
+    conn: Arc<Conn>,
+    send: SendRequest<Bytes>,
+}
+
+impl Lease {
+    pub fn sender(&mut self) -> &mut SendRequest<Bytes> {
+        &mut self.send
+    }
+
+    /// Takes the connection out of rotation (it refused new streams or went away).
+    pub fn retire(&self) {
+        self.conn.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        self.conn.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl EndpointPool {
+    /// A lease on the least-loaded live connection under its limit (any, if `over_limit`).
+    fn try_lease(&self, cfg: &PoolConfig, over_limit: bool) -> (Option<Lease>, usize) {
+        let mut conns = match self.conns.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let now = now_ms();
+        conns.retain(|c| {
+            !c.closed.load(Ordering::Relaxed)
+                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
+        });
+        let best = conns
+            .iter()
+            .filter(|c| {
+                over_limit || c.active.load(Ordering::Relaxed) < c.limit(cfg.streams_per_connection)
+            })
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))
+            .cloned();
+        let live = conns.len();
+        drop(conns);
+        (best.map(lease), live)
+    }
+}
+
+fn lease(conn: Arc<Conn>) -> Lease {
+    conn.active.fetch_add(1, Ordering::Relaxed);
+    conn.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    let send = conn.send.clone();
+    Lease { conn, send }
+}
+
+impl Pool {
+    pub fn new(connector: Arc<dyn Connector>, cfg: PoolConfig) -> Self {
+        let inner = Arc::new(PoolInner {
+            connector,
+            cfg,
+            endpoints: Mutex::new(HashMap::new()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reap(Arc::downgrade(&inner)));
+        }
+        Self { inner }
+    }
+
+    /// A stream slot on a connection to `ep`, connecting if needed.
+    pub async fn acquire(&self, ep: &EndpointStats) -> Result<Lease, PoolError> {
+        let addr = ep.addr();
+        let cfg = &self.inner.cfg;
+        let epool = {
+            let mut map = match self.inner.endpoints.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.entry(addr)
+                .or_insert_with(|| {
+                    Arc::new(EndpointPool {
+                        conns: Mutex::new(Vec::new()),
+                        connect_lock: tokio::sync::Mutex::new(()),
+                    })
+                })
+                .clone()
+        };
+        if let (Some(l), _) = epool.try_lease(cfg, false) {
+            return Ok(l);
+        }
+        let _connecting = epool.connect_lock.lock().await;
+        let (found, live) = epool.try_lease(cfg, false);
+        if let Some(l) = found {
+            return Ok(l);
+        }
+        if live >= cfg.max_connections_per_endpoint {
+            if let (Some(l), _) = epool.try_lease(cfg, true) {
+                return Ok(l);
+            }
+        }
+        let conn = self.connect(addr, ep.label()).await?;
+        let l = lease(conn.clone());
+        match epool.conns.lock() {
+            Ok(mut c) => c.push(conn),
+            Err(p) => p.into_inner().push(conn),
+        }
+        Ok(l)
+    }
+
+    async fn connect(&self, addr: SocketAddr, label: Arc<str>) -> Result<Arc<Conn>, PoolError> {
+        let cfg = &self.inner.cfg;
+        let started = Instant::now();
+        let tcp =
+            match tokio::time::timeout(cfg.connect_timeout, self.inner.connector.connect(addr))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(PoolError::Timeout {
+                        addr,
+                        timeout: cfg.connect_timeout,
+                    })
+                }
+            };
+        let remaining = cfg.connect_timeout.saturating_sub(started.elapsed());
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tcp);
+        let (send, connection) = match tokio::time::timeout(remaining, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(source)) => return Err(PoolError::Handshake { addr, source }),
+            Err(_) => {
+                return Err(PoolError::Timeout {
+                    addr,
+                    timeout: cfg.connect_timeout,
+                })
+            }
+        };
+        let closed = Arc::new(AtomicBool::new(false));
+        let task_closed = closed.clone();
+        m::upstream_connections(&label, 1.0);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(endpoint = %addr, %error, "upstream connection ended with an error");
+            }
+            task_closed.store(true, Ordering::Relaxed);
+            m::upstream_connections(&label, -1.0);
+        });
+        tracing::debug!(endpoint = %addr, "upstream connection established");
+        Ok(Arc::new(Conn {
+            send,
+            active: AtomicUsize::new(0),
+            closed,
+            last_used_ms: AtomicU64::new(now_ms()),
+        }))
+    }
+
+    /// Live pooled connections to `addr` (for tests and the admin API).
+    pub fn connections(&self, addr: SocketAddr) -> usize {
+        let epool = match self.inner.endpoints.lock() {
+            Ok(m) => m.get(&addr).cloned(),
+            Err(p) => p.into_inner().get(&addr).cloned(),
+        };
+        epool.map_or(0, |e| match e.conns.lock() {
+            Ok(c) => c
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Relaxed))
+                .count(),
+            Err(_) => 0,
+        })
+    }
+}
+
+/// Closes idle connections (including those to endpoints no destination uses any more).
+async fn reap(pool: Weak<PoolInner>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.cfg.idle_timeout / 2).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(p) = pool.upgrade() else { return };
+        let mut map = match p.endpoints.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.retain(|_, e| e.prune(&p.cfg) > 0 || e.connect_lock.try_lock().is_err());
+    }
+}
+
+impl EndpointPool {
+    /// Drops closed and long-idle connections; returns how many remain.
+    fn prune(&self, cfg: &PoolConfig) -> usize {
+        let mut conns = match self.conns.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let now = now_ms();
+        conns.retain(|c| {
+            !c.closed.load(Ordering::Relaxed)
+                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
+        });
+        conns.len()
+    }
+}

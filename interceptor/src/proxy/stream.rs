@@ -1,0 +1,401 @@
+//! One client stream: choose an endpoint, send the request on a pooled connection, relay both
+//! directions, and map failures (replay, reset propagation, local UNAVAILABLE/deadline).
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+
+use super::balancer::InFlight;
+use super::body::{Pump, PumpError};
+use super::demux::ConnGuard;
+use super::endpoints::Destination;
+use super::grpc;
+use super::metrics as m;
+use super::pool::Lease;
+use super::server::Inner;
+
+struct ActiveStream;
+
+impl ActiveStream {
+    fn new() -> Self {
+        m::active_streams(1.0);
+        Self
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        m::active_streams(-1.0);
+    }
+}
+
+/// Sleeps until the deadline, or forever without one.
+async fn deadline_sleep(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn upstream_request(head: &Parts) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = head.method.clone();
+    *r.uri_mut() = head.uri.clone();
+    *r.headers_mut() = head.headers.clone();
+    r
+}
+
+struct Ctx {
+    guard: Arc<ConnGuard>,
+    grpc: bool,
+    started: Instant,
+}
+
+impl Ctx {
+    /// The client cancelled the stream.
+    fn cancelled(&self, label: &Arc<str>) {
+        self.guard.client_reset();
+        m::request(label, "cancelled", self.started.elapsed());
+    }
+
+    /// Answers the client ourselves (no response headers were sent yet).
+    fn local(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        code: u32,
+        http: StatusCode,
+        msg: &str,
+        label: &Arc<str>,
+    ) {
+        let resp = grpc::local_response(self.grpc, code, http, msg);
+        if let Err(error) = respond.send_response(resp, true) {
+            tracing::debug!(%error, "client went away before the local response");
+        }
+        let status = if self.grpc {
+            m::grpc_status_label(code.to_string().as_bytes())
+        } else {
+            m::http_status_label(http.as_u16())
+        };
+        m::request(label, status, self.started.elapsed());
+    }
+}
+
+fn none_label() -> Arc<str> {
+    static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NONE.get_or_init(|| Arc::from("none")).clone()
+}
+
+/// What one attempt on one endpoint came to.
+enum Attempt {
+    /// Finished (successfully or not); nothing more to do.
+    Done,
+    /// Not processed by the endpoint: try another.
+    Replay(&'static str),
+    /// The endpoint's connection failed with the request in flight; the client was answered
+    /// UNAVAILABLE and the failure counts towards ejection.
+    Failed,
+}
+
+pub(crate) async fn forward(
+    inner: Arc<Inner>,
+    dest: Arc<Destination>,
+    guard: Arc<ConnGuard>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let _active = ActiveStream::new();
+    let (mut head, body) = req.into_parts();
+    let ctx = Ctx {
+        guard,
+        grpc: grpc::is_grpc(&head.headers),
+        started: Instant::now(),
+    };
+    grpc::strip_hop_by_hop(&mut head.headers);
+    let deadline = grpc::grpc_timeout(&head.headers).map(|d| tokio::time::Instant::now() + d);
+    let mut body = Pump::with_replay(body, inner.config.replay_buffer_bytes);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let policy = inner.eject_policy();
+
+    for attempt in 1..=inner.config.max_attempts {
+        let Some(ep) = dest.pick(&tried) else {
+            m::unavailable("no_endpoint");
+            let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
+            ctx.local(
+                &mut respond,
+                grpc::UNAVAILABLE,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &msg,
+                &none_label(),
+            );
+            return;
+        };
+        let in_flight = ep.start();
+        let acquired = tokio::select! {
+            biased;
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+                ctx.cancelled(&ep.label());
+                return;
+            }
+            l = inner.pool.acquire(&ep) => l,
+        };
+        let lease = match acquired {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
+                m::connect_failure(&ep.label());
+                ep.record_failure(&policy);
+                tried.push(ep.addr());
+                continue;
+            }
+        };
+        match try_endpoint(
+            &ctx,
+            &head,
+            &mut body,
+            &mut respond,
+            lease,
+            in_flight,
+            deadline,
+        )
+        .await
+        {
+            Attempt::Done => return,
+            Attempt::Replay(reason) => {
+                m::replay(reason);
+                tracing::debug!(endpoint = %ep.addr(), reason, attempt, "stream not processed; replaying on another endpoint");
+                tried.push(ep.addr());
+            }
+            Attempt::Failed => {
+                ep.record_failure(&policy);
+                return;
+            }
+        }
+        // With every endpoint tried, allow the set again (a refused stream may well succeed
+        // on a fresh connection to the same endpoint).
+        if dest.pick(&tried).is_none() {
+            tried.clear();
+        }
+    }
+    m::unavailable("attempts_exhausted");
+    let msg = format!(
+        "interceptor: no endpoint of {} could take the request",
+        dest.addr()
+    );
+    ctx.local(
+        &mut respond,
+        grpc::UNAVAILABLE,
+        StatusCode::SERVICE_UNAVAILABLE,
+        &msg,
+        &none_label(),
+    );
+}
+
+async fn try_endpoint(
+    ctx: &Ctx,
+    head: &Parts,
+    body: &mut Pump,
+    respond: &mut SendResponse<Bytes>,
+    mut lease: Lease,
+    in_flight: InFlight,
+    deadline: Option<tokio::time::Instant>,
+) -> Attempt {
+    let ep = in_flight.stats().clone();
+    let label = ep.label();
+    body.rewind();
+    let eos = body.empty();
+    let sent_at = Instant::now();
+    let (resp_fut, mut up_tx) = match lease.sender().send_request(upstream_request(head), eos) {
+        Ok(pair) => pair,
+        Err(error) => {
+            // The connection is going away or gone; the stream never left this process.
+            tracing::debug!(endpoint = %ep.addr(), %error, "pooled connection refused a new stream");
+            lease.retire();
+            return Attempt::Replay("connection_closing");
+        }
+    };
+    if eos {
+        body.mark_sent_end();
+    }
+    tokio::pin!(resp_fut);
+    let sleep = deadline_sleep(deadline);
+    tokio::pin!(sleep);
+    let mut req_failed = false;
+
+    // Phase 1: request body flows while waiting for the response headers.
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = poll_fn(|cx| respond.poll_reset(cx)) => {
+                let reason = r.unwrap_or(Reason::CANCEL);
+                up_tx.send_reset(reason);
+                ctx.cancelled(&label);
+                return Attempt::Done;
+            }
+            _ = &mut sleep => {
+                up_tx.send_reset(Reason::CANCEL);
+                ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", &label);
+                return Attempt::Done;
+            }
+            r = &mut resp_fut => break r,
+            s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
+                Ok(()) => {}
+                Err(PumpError::Recv(e)) => {
+                    let reason = e.reason().unwrap_or(Reason::CANCEL);
+                    up_tx.send_reset(reason);
+                    respond.send_reset(reason);
+                    ctx.cancelled(&label);
+                    return Attempt::Done;
+                }
+                // The response future says why the endpoint stopped taking the body.
+                Err(PumpError::Send(..)) => req_failed = true,
+            },
+        }
+    };
+
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            let refused = e.is_remote()
+                && ((e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM))
+                    || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)));
+            if e.is_go_away() {
+                lease.retire();
+            }
+            if refused {
+                if body.can_replay() {
+                    return Attempt::Replay(if e.is_go_away() {
+                        "goaway"
+                    } else {
+                        "refused_stream"
+                    });
+                }
+                // The body was streamed past the replay buffer: only the client can retry.
+                respond.send_reset(Reason::REFUSED_STREAM);
+                m::request(&label, "reset", ctx.started.elapsed());
+                return Attempt::Done;
+            }
+            if e.is_reset() && e.is_remote() {
+                respond.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                m::request(&label, "reset", ctx.started.elapsed());
+                return Attempt::Done;
+            }
+            // The connection broke with the request in flight: it may have been processed,
+            // so it is not replayed.
+            tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed before the response");
+            lease.retire();
+            m::unavailable("connection_failed");
+            ctx.local(
+                respond,
+                grpc::UNAVAILABLE,
+                StatusCode::BAD_GATEWAY,
+                "interceptor: connection to the endpoint failed",
+                &label,
+            );
+            return Attempt::Failed;
+        }
+    };
+    ep.observe_rtt(sent_at.elapsed());
+    ep.record_success();
+
+    // Phase 2: response headers to the client, then both directions until both ended.
+    let (mut parts, up_body) = resp.into_parts();
+    grpc::strip_hop_by_hop(&mut parts.headers);
+    let trailers_only_status = if ctx.grpc {
+        parts
+            .headers
+            .get(grpc::GRPC_STATUS)
+            .map(|v| m::grpc_status_label(v.as_bytes()))
+    } else {
+        Some(m::http_status_label(parts.status.as_u16()))
+    };
+    let mut resp_body = Pump::new(up_body);
+    let eos = resp_body.empty();
+    let mut client_tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
+        Ok(tx) => tx,
+        Err(error) => {
+            tracing::debug!(%error, "client went away before the response headers");
+            up_tx.send_reset(Reason::CANCEL);
+            ctx.cancelled(&label);
+            return Attempt::Done;
+        }
+    };
+    if eos {
+        resp_body.mark_sent_end();
+    }
+    let status = loop {
+        if resp_body.done() && (body.done() || req_failed) {
+            let from_trailers = resp_body
+                .end_trailers()
+                .and_then(|t| t.get(grpc::GRPC_STATUS))
+                .map(|v| m::grpc_status_label(v.as_bytes()));
+            break from_trailers.or(trailers_only_status).unwrap_or("unknown");
+        }
+        tokio::select! {
+            biased;
+            _ = &mut sleep, if !resp_body.done() => {
+                up_tx.send_reset(Reason::CANCEL);
+                end_with_status(ctx, &mut client_tx, grpc::DEADLINE_EXCEEDED, "interceptor: deadline exceeded");
+                break "4";
+            }
+            s = resp_body.step(&mut client_tx), if !resp_body.done() => match s {
+                Ok(()) => {}
+                Err(PumpError::Send(reason, _)) => {
+                    // The client reset the stream or its connection failed.
+                    up_tx.send_reset(reason.unwrap_or(Reason::CANCEL));
+                    break "cancelled";
+                }
+                Err(PumpError::Recv(e)) if e.is_reset() && e.is_remote() => {
+                    client_tx.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                    break "reset";
+                }
+                Err(PumpError::Recv(e)) => {
+                    tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed during the response");
+                    end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: connection to the endpoint failed");
+                    break "14";
+                }
+            },
+            s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
+                Ok(()) => {}
+                Err(PumpError::Recv(e)) => {
+                    let reason = e.reason().unwrap_or(Reason::CANCEL);
+                    up_tx.send_reset(reason);
+                    client_tx.send_reset(reason);
+                    break "cancelled";
+                }
+                Err(PumpError::Send(reason, _)) => {
+                    req_failed = true;
+                    if resp_body.done() {
+                        // The endpoint finished and stopped the request body (RFC 9113
+                        // 8.1): tell the client the same.
+                        client_tx.send_reset(reason.unwrap_or(Reason::NO_ERROR));
+                    }
+                }
+            },
+        }
+    };
+    if status == "cancelled" {
+        ctx.guard.client_reset();
+    }
+    m::request(&label, status, ctx.started.elapsed());
+    drop(lease);
+    drop(in_flight);
+    Attempt::Done
+}
+
+/// Ends a stream whose response headers were already sent: gRPC gets a status in trailers,
+/// anything else a reset.
+fn end_with_status(ctx: &Ctx, tx: &mut SendStream<Bytes>, code: u32, msg: &str) {
+    if ctx.grpc {
+        if tx.send_trailers(grpc::status_trailers(code, msg)).is_ok() {
+            return;
+        }
+    }
+    tx.send_reset(Reason::INTERNAL_ERROR);
+}

@@ -1,0 +1,420 @@
+//! Cancellation, resets, deadlines, endpoint shutdown and crashes, and the absence of any
+//! usable endpoint.
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::Reason;
+use interceptor::proxy::config::ProxyConfig;
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tonic::Code;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A raw h2 backend whose behaviour is chosen by path:
+/// `/reset-before/N` resets with reason N before any response; `/reset-after/N` sends
+/// headers and one DATA frame, then resets with N; `/hang` never answers and reports when
+/// its stream is reset.
+async fn raw_backend(
+    ip: [u8; 4],
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+) {
+    let l = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind raw h2 backend");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let _ = tx.send((format!("start {path}"), Instant::now()));
+                        let reason = |p: &str| {
+                            Reason::from(
+                                p.rsplit('/')
+                                    .next()
+                                    .and_then(|n| n.parse::<u32>().ok())
+                                    .unwrap_or(2),
+                            )
+                        };
+                        if path.starts_with("/reset-before/") {
+                            respond.send_reset(reason(&path));
+                        } else if path.starts_with("/reset-after/") {
+                            let mut resp = http::Response::new(());
+                            resp.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            let Ok(mut s) = respond.send_response(resp, false) else {
+                                return;
+                            };
+                            let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            s.send_reset(reason(&path));
+                        } else {
+                            let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                            let _ = tx.send((format!("reset {r:?}"), Instant::now()));
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A raw h2 client connection to the proxy.
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let s = TcpStream::connect(addr).await.expect("connect proxy");
+    let (send, conn) = h2::client::handshake(s)
+        .await
+        .expect("h2 handshake with proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+fn grpc_request(path: &str, extra: &[(&'static str, &'static str)]) -> http::Request<()> {
+    let mut r = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://svc.test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in extra {
+        r = r.header(*k, *v);
+    }
+    r.body(()).expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cancel_resets_the_upstream_stream_within_100ms() {
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let mut c = client(p.addr).await;
+    for round in 0..3 {
+        let call = tokio::spawn({
+            let mut c = c.clone();
+            async move { hang(&mut c, request(Bytes::from_static(b"wait"), &[])).await }
+        });
+        timeout(LIMIT, async {
+            while b.state.hang_started.lock().expect("lock").len() <= round {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("call reached the backend");
+        let cancelled = Instant::now();
+        call.abort();
+        let dropped = timeout(LIMIT, async {
+            loop {
+                if let Some(t) = b
+                    .state
+                    .hang_dropped
+                    .lock()
+                    .expect("lock")
+                    .get(round)
+                    .copied()
+                {
+                    return t;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("backend saw the cancellation");
+        let took = dropped.saturating_duration_since(cancelled);
+        println!("cancel reached the backend after {took:?}");
+        assert!(took <= Duration::from_millis(100), "cancel took {took:?}");
+    }
+    // The connection is still usable.
+    unary(&mut c, request(Bytes::from_static(b"after"), &[]))
+        .await
+        .expect("call after cancels");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_reaches_the_client_with_its_reason() {
+    let (addr, _events) = raw_backend([127, 0, 0, 2]).await;
+    let p = start_proxy(ProxyConfig::default(), &[addr]).await;
+    let mut send = h2_client(p.addr).await;
+    for (path, reason) in [
+        ("/reset-before/11", Reason::ENHANCE_YOUR_CALM),
+        ("/reset-before/2", Reason::INTERNAL_ERROR),
+        ("/reset-after/8", Reason::CANCEL),
+        ("/reset-after/12", Reason::INADEQUATE_SECURITY),
+    ] {
+        send = send.ready().await.expect("ready");
+        let (resp, _body) = send
+            .send_request(grpc_request(path, &[]), true)
+            .expect("send");
+        let outcome = timeout(LIMIT, async {
+            let resp = resp.await?;
+            let mut body = resp.into_body();
+            while let Some(chunk) = body.data().await {
+                chunk?;
+            }
+            body.trailers().await.map(|_| ())
+        })
+        .await
+        .expect("outcome in time");
+        let err = outcome.expect_err("the stream was reset");
+        assert_eq!(err.reason(), Some(reason), "{path}: {err:?}");
+        assert!(err.is_reset(), "{path}: {err:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_is_enforced_and_resets_upstream() {
+    let (addr, mut events) = raw_backend([127, 0, 0, 2]).await;
+    let p = start_proxy(ProxyConfig::default(), &[addr]).await;
+    let send = h2_client(p.addr).await;
+    let mut send = send.ready().await.expect("ready");
+    let started = Instant::now();
+    let (resp, _body) = send
+        .send_request(grpc_request("/hang", &[("grpc-timeout", "200m")]), true)
+        .expect("send");
+    let resp = timeout(LIMIT, resp)
+        .await
+        .expect("answer in time")
+        .expect("response");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .expect("trailers-only status"),
+        "4"
+    );
+    let reset = timeout(LIMIT, async {
+        loop {
+            let (what, _) = events.recv().await.expect("backend event");
+            if what.starts_with("reset") {
+                return what;
+            }
+        }
+    })
+    .await
+    .expect("backend stream reset");
+    assert!(reset.contains("CANCEL"), "{reset}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_endpoint_answers_unavailable_at_once() {
+    let p = start_proxy(ProxyConfig::default(), &[]).await;
+    let mut c = client(p.addr).await;
+    let started = Instant::now();
+    let st = unary(&mut c, request(Bytes::from_static(b"x"), &[]))
+        .await
+        .expect_err("no endpoint");
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Non-gRPC HTTP/2 gets a 503.
+    let send = h2_client(p.addr).await;
+    let mut send = send.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .uri("http://svc.test/")
+        .body(())
+        .expect("request");
+    let (resp, _) = send.send_request(req, true).expect("send");
+    let resp = timeout(LIMIT, resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+
+    // Endpoints that all refuse connections: UNAVAILABLE too, and fast.
+    let dead: Vec<SocketAddr> = (2..=4)
+        .map(|i| {
+            std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, i], 0)))
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+        })
+        .collect();
+    p.proxy.endpoints(p.addr).set_ready(dead);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let st = unary(&mut c, request(Bytes::from_static(b"x"), &[]))
+            .await
+            .expect_err("all refuse");
+        assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_endpoint_is_skipped_and_ejected() {
+    let live = Backend::start([127, 0, 0, 2], "b2");
+    let dead = std::net::TcpListener::bind("127.0.0.3:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let p = start_proxy(ProxyConfig::default(), &[live.addr, dead]).await;
+    let mut c = client(p.addr).await;
+    for _ in 0..200 {
+        unary(&mut c, request(Bytes::from_static(b"x"), &[]))
+            .await
+            .expect("call succeeds despite a dead endpoint");
+    }
+    let stats = p
+        .proxy
+        .endpoints(p.addr)
+        .destination()
+        .stats(dead)
+        .expect("stats");
+    assert!(stats.is_ejected(), "the dead endpoint was ejected");
+    assert_eq!(live.calls(), 200);
+}
+
+/// Load with per-call latency, counting failures by code.
+struct Load {
+    failures: Arc<Mutex<Vec<(Instant, Code)>>>,
+    ok: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    async fn start(addr: SocketAddr, concurrency: usize, sleep_ms: &'static str) -> Load {
+        let c = client(addr).await;
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (mut c, failures, ok, stop) =
+                (c.clone(), failures.clone(), ok.clone(), stop.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match unary(
+                        &mut c,
+                        request(Bytes::from_static(b"load"), &[("x-sleep-ms", sleep_ms)]),
+                    )
+                    .await
+                    {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(st) => {
+                            eprintln!("call failed: {st:?}");
+                            failures
+                                .lock()
+                                .expect("lock")
+                                .push((Instant::now(), st.code()));
+                        }
+                    }
+                }
+            });
+        }
+        Load {
+            failures,
+            ok,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop(mut self) -> (usize, Vec<(Instant, Code)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        timeout(LIMIT, async {
+            while let Some(r) = self.tasks.join_next().await {
+                r.expect("load task");
+            }
+        })
+        .await
+        .expect("load stopped");
+        let f = self.failures.lock().expect("lock").clone();
+        (self.ok.load(Ordering::Relaxed), f)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_graceful_shutdown_under_load_fails_no_call() {
+    let mut backends: Vec<Backend> = (2..=4)
+        .map(|i| Backend::start([127, 0, 0, i], &format!("b{i}")))
+        .collect();
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let load = Load::start(p.addr, 24, "5").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = backends[0].calls();
+    backends[0].shutdown_gracefully();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, failures) = load.stop().await;
+    println!(
+        "{ok} calls ok; b2 took {before} before its shutdown, {} in all",
+        backends[0].calls()
+    );
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    assert!(before > 0 && ok > before * 2);
+    // The other two carried the load after the shutdown.
+    let rest: HashMap<_, _> = backends[1..]
+        .iter()
+        .map(|b| (b.state.name.clone(), b.calls()))
+        .collect();
+    assert!(rest.values().all(|n| *n > 0), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_fails_only_its_in_flight_calls_with_unavailable() {
+    let mut backends: Vec<Backend> = (2..=4)
+        .map(|i| Backend::start([127, 0, 0, i], &format!("b{i}")))
+        .collect();
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let concurrency = 12;
+    let load = Load::start(p.addr, concurrency, "30").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let killed = Instant::now();
+    backends[0].kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, failures) = load.stop().await;
+    println!("{ok} calls ok, {} failed: {failures:?}", failures.len());
+    assert!(
+        failures.iter().all(|(_, c)| *c == Code::Unavailable),
+        "{failures:?}"
+    );
+    // Only calls in flight on the killed backend may fail: at most its share of the
+    // concurrency, and only right at the kill.
+    assert!(failures.len() <= concurrency, "{} failures", failures.len());
+    assert!(
+        failures
+            .iter()
+            .all(|(t, _)| t.saturating_duration_since(killed) < Duration::from_millis(200)),
+        "failures after the kill settled: {failures:?}"
+    );
+    assert!(ok > 100);
+}

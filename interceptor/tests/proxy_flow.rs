@@ -1,0 +1,171 @@
+//! Replay of refused streams, and end-to-end flow control (memory stays bounded when a
+//! client stops reading).
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::Reason;
+use interceptor::proxy::config::ProxyConfig;
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// An h2 backend that reads a little of each request, then refuses it with REFUSED_STREAM.
+async fn refusing_backend(ip: [u8; 4]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        // Let some of the body arrive first, so a replay must resend it.
+                        let _ = timeout(Duration::from_millis(5), body.data()).await;
+                        respond.send_reset(Reason::REFUSED_STREAM);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_replayed_with_their_body() {
+    let (refusing, refused) = refusing_backend([127, 0, 0, 2]).await;
+    let good = Backend::start([127, 0, 0, 3], "b3");
+    let p = start_proxy(ProxyConfig::default(), &[refusing, good.addr]).await;
+    let mut c = client(p.addr).await;
+    timeout(LIMIT, async {
+        for i in 0..60u8 {
+            // 10 x 4 KiB: within the replay buffer.
+            let msgs: Vec<Bytes> = (0..10).map(|j| pattern(4096, i.wrapping_add(j))).collect();
+            let mut d = Digest::default();
+            for m in &msgs {
+                d.update(m);
+            }
+            let r = client_stream(&mut c, msgs, &[])
+                .await
+                .expect("call replayed to the good endpoint");
+            assert_eq!(r.into_inner(), d.to_bytes());
+            let r = unary(&mut c, request(pattern(1000, i), &[]))
+                .await
+                .expect("unary replayed");
+            assert_eq!(r.into_inner(), pattern(1000, i));
+        }
+    })
+    .await
+    .expect("calls in time");
+    println!("refused and replayed: {}", refused.load(Ordering::Relaxed));
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the refusing endpoint was never tried"
+    );
+    assert_eq!(good.calls(), 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_stops_the_backend() {
+    // A backend that streams as fast as flow control lets it, counting what h2 accepted.
+    let l = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sent_by_backend = sent.clone();
+    tokio::spawn(async move {
+        let Ok((s, _)) = l.accept().await else { return };
+        let Ok(mut conn) = h2::server::handshake(s).await else {
+            return;
+        };
+        let Some(Ok((_req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let Ok(mut tx) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let mut i = 0u8;
+        loop {
+            tx.reserve_capacity(16 * 1024);
+            let Some(Ok(cap)) = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await else {
+                return;
+            };
+            if cap == 0 {
+                continue;
+            }
+            let chunk = pattern(cap, i);
+            i = i.wrapping_add(1);
+            if tx.send_data(chunk, false).is_err() {
+                return;
+            }
+            sent_by_backend.fetch_add(cap, Ordering::Relaxed);
+        }
+    });
+    let p = start_proxy(ProxyConfig::default(), &[addr]).await;
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    // The client's windows are h2's defaults (64 KiB), and it releases nothing for a second.
+    let (send, conn) = h2::client::handshake(s).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .uri("http://svc.test/stream")
+        .body(())
+        .expect("request");
+    let (resp, _) = send.send_request(req, true).expect("send");
+    let resp = timeout(LIMIT, resp)
+        .await
+        .expect("headers in time")
+        .expect("response");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stalled_at = sent.load(Ordering::Relaxed);
+    println!("backend sent {stalled_at} bytes while the client read nothing");
+    // Client window + the proxy's per-stream window towards the backend, plus a frame.
+    let bound = 64 * 1024 + ProxyConfig::default().stream_window as usize + 64 * 1024;
+    assert!(
+        stalled_at <= bound,
+        "backend sent {stalled_at} bytes, more than the windows allow ({bound})"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sent.load(Ordering::Relaxed),
+        stalled_at,
+        "backend kept sending"
+    );
+
+    // Reading resumes the flow.
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    timeout(LIMIT, async {
+        while got < 8 * 1024 * 1024 {
+            let chunk = body.data().await.expect("more data").expect("data");
+            got += chunk.len();
+            body.flow_control()
+                .release_capacity(chunk.len())
+                .expect("release");
+        }
+    })
+    .await
+    .expect("8 MiB after resuming");
+    assert!(sent.load(Ordering::Relaxed) >= got);
+}

@@ -1,0 +1,566 @@
+//! Shared pieces of the proxy tests: real tonic gRPC backends and clients on 127.0.0.x with a
+//! hand-written bytes codec (no protoc), and a proxy bound to 127.0.0.1.
+//!
+//! Included by each `proxy_*.rs` test with `#[path]`; cargo also builds it alone (no tests).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use interceptor::proxy::config::ProxyConfig;
+use interceptor::proxy::connector::TcpConnector;
+use interceptor::proxy::server::Proxy;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::server::NamedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+pub const MAX_MSG: usize = 32 * 1024 * 1024;
+
+// ---- codec -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+// ---- backend -----------------------------------------------------------------------------
+
+/// What a backend saw.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    pub name: String,
+    pub calls: AtomicUsize,
+    /// Calls to /test.Echo/Hang that started.
+    pub hang_started: Mutex<Vec<Instant>>,
+    /// When handlers of /test.Echo/Hang were dropped (the stream was reset).
+    pub hang_dropped: Mutex<Vec<Instant>>,
+}
+
+type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+type BoxStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
+
+#[derive(Clone)]
+struct EchoService(Arc<BackendState>);
+
+impl NamedService for EchoService {
+    const NAME: &'static str = "test.Echo";
+}
+
+fn response_md(state: &BackendState, req: &MetadataMap) -> MetadataMap {
+    let mut md = MetadataMap::new();
+    if let Ok(v) = MetadataValue::try_from(state.name.as_str()) {
+        md.insert("x-backend", v);
+    }
+    if let Some(v) = req.get("x-echo") {
+        md.insert("x-echo", v.clone());
+    }
+    if let Some(v) = req.get_bin("x-echo-bin") {
+        md.insert_bin("x-echo-bin", v.clone());
+    }
+    md
+}
+
+/// `x-fail-code: N` makes the call fail with code N and the request payload (UTF-8) as the
+/// message, so messages can hold any text.
+fn requested_failure(req: &MetadataMap, payload: &[u8]) -> Option<Status> {
+    let code = req.get("x-fail-code")?.to_str().ok()?.parse::<i32>().ok()?;
+    let msg = String::from_utf8_lossy(payload).into_owned();
+    let mut md = MetadataMap::new();
+    md.insert("x-detail", MetadataValue::from_static("failure-detail"));
+    Some(Status::with_metadata(Code::from_i32(code), msg, md))
+}
+
+/// Ends a response stream with OK plus a custom trailer.
+fn ok_trailers() -> Status {
+    let mut md = MetadataMap::new();
+    md.insert("x-trailer", MetadataValue::from_static("done"));
+    Status::with_metadata(Code::Ok, "", md)
+}
+
+fn with_md<T>(body: T, md: MetadataMap) -> Response<T> {
+    let mut r = Response::new(body);
+    *r.metadata_mut() = md;
+    r
+}
+
+struct Unary(Arc<BackendState>);
+impl tonic::server::UnaryService<Bytes> for Unary {
+    type Response = Bytes;
+    type Future = BoxFut<Result<Response<Bytes>, Status>>;
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            state.calls.fetch_add(1, Ordering::Relaxed);
+            if let Some(ms) = req
+                .metadata()
+                .get("x-sleep-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if let Some(st) = requested_failure(req.metadata(), req.get_ref()) {
+                return Err(st);
+            }
+            let md = response_md(&state, req.metadata());
+            Ok(with_md(req.into_inner(), md))
+        })
+    }
+}
+
+/// Request: count (u32 LE), size (u32 LE), gap in ms (u32 LE, optional).
+struct ServerStream(Arc<BackendState>);
+impl tonic::server::ServerStreamingService<Bytes> for ServerStream {
+    type Response = Bytes;
+    type ResponseStream = BoxStream;
+    type Future = BoxFut<Result<Response<BoxStream>, Status>>;
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            state.calls.fetch_add(1, Ordering::Relaxed);
+            let md = response_md(&state, req.metadata());
+            let mut b = req.into_inner();
+            if b.len() < 8 {
+                return Err(Status::invalid_argument("need count and size"));
+            }
+            let count = b.get_u32_le();
+            let size = b.get_u32_le() as usize;
+            let gap = if b.len() >= 4 { b.get_u32_le() } else { 0 };
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                for i in 0..count {
+                    if gap > 0 {
+                        tokio::time::sleep(Duration::from_millis(gap as u64)).await;
+                    }
+                    if tx.send(Ok(pattern(size, i as u8))).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Err(ok_trailers())).await;
+            });
+            Ok(with_md(Box::pin(ReceiverStream::new(rx)) as BoxStream, md))
+        })
+    }
+}
+
+/// Replies with total length (u64 LE) and FNV-1a of all bytes (u64 LE).
+struct ClientStream(Arc<BackendState>);
+impl tonic::server::ClientStreamingService<Bytes> for ClientStream {
+    type Response = Bytes;
+    type Future = BoxFut<Result<Response<Bytes>, Status>>;
+    fn call(&mut self, req: Request<Streaming<Bytes>>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            state.calls.fetch_add(1, Ordering::Relaxed);
+            let md = response_md(&state, req.metadata());
+            let mut s = req.into_inner();
+            let mut digest = Digest::default();
+            while let Some(m) = s.message().await? {
+                digest.update(&m);
+            }
+            Ok(with_md(digest.to_bytes(), md))
+        })
+    }
+}
+
+struct Bidi(Arc<BackendState>);
+impl tonic::server::StreamingService<Bytes> for Bidi {
+    type Response = Bytes;
+    type ResponseStream = BoxStream;
+    type Future = BoxFut<Result<Response<BoxStream>, Status>>;
+    fn call(&mut self, req: Request<Streaming<Bytes>>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            state.calls.fetch_add(1, Ordering::Relaxed);
+            let md = response_md(&state, req.metadata());
+            let mut s = req.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                loop {
+                    match s.message().await {
+                        Ok(Some(m)) => {
+                            if tx.send(Ok(m)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(st) => {
+                            let _ = tx.send(Err(st)).await;
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Err(ok_trailers())).await;
+            });
+            Ok(with_md(Box::pin(ReceiverStream::new(rx)) as BoxStream, md))
+        })
+    }
+}
+
+struct DropMark(Arc<BackendState>);
+impl Drop for DropMark {
+    fn drop(&mut self) {
+        if let Ok(mut v) = self.0.hang_dropped.lock() {
+            v.push(Instant::now());
+        }
+    }
+}
+
+/// Never answers; records when it starts and when it is dropped (stream reset).
+struct Hang(Arc<BackendState>);
+impl tonic::server::UnaryService<Bytes> for Hang {
+    type Response = Bytes;
+    type Future = BoxFut<Result<Response<Bytes>, Status>>;
+    fn call(&mut self, _req: Request<Bytes>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            state.calls.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut v) = state.hang_started.lock() {
+                v.push(Instant::now());
+            }
+            let _mark = DropMark(state.clone());
+            std::future::pending::<()>().await;
+            Err(Status::internal("unreachable"))
+        })
+    }
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for EchoService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let state = self.0.clone();
+        let path = req.uri().path().to_string();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .max_decoding_message_size(MAX_MSG)
+                .max_encoding_message_size(MAX_MSG);
+            let resp = match path.as_str() {
+                "/test.Echo/Unary" => grpc.unary(Unary(state), req).await,
+                "/test.Echo/Hang" => grpc.unary(Hang(state), req).await,
+                "/test.Echo/ServerStream" => grpc.server_streaming(ServerStream(state), req).await,
+                "/test.Echo/ClientStream" => grpc.client_streaming(ClientStream(state), req).await,
+                "/test.Echo/Bidi" => grpc.streaming(Bidi(state), req).await,
+                _ => Status::unimplemented(path).into_http(),
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// A tonic gRPC server in its own thread and runtime, so that `kill` can drop every task
+/// and socket at once like a crashed process.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub state: Arc<BackendState>,
+    graceful: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Starts a backend on `ip` (a 127.0.0.0/8 address) and an ephemeral port.
+    pub fn start(ip: [u8; 4], name: &str) -> Backend {
+        assert_eq!(ip[0], 127, "tests only use 127.0.0.0/8");
+        let listener =
+            std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind backend");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking backend listener");
+        let addr = listener.local_addr().expect("backend addr");
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let svc = EchoService(state.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("backend runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let serve = tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = graceful_rx.await;
+                    });
+                tokio::select! {
+                    r = serve => { let _ = r; }
+                    _ = kill_rx => {}
+                }
+            });
+            // Dropping the runtime drops every connection task: sockets close mid-stream.
+            rt.shutdown_background();
+        });
+        Backend {
+            addr,
+            state,
+            graceful: Some(graceful_tx),
+            kill: Some(kill_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::Relaxed)
+    }
+
+    /// Graceful shutdown: GOAWAY, in-flight calls finish, listener closes.
+    pub fn shutdown_gracefully(&mut self) {
+        if let Some(tx) = self.graceful.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Abrupt stop: all connections close at once, in-flight calls get no response.
+    pub fn kill(&mut self) {
+        if let Some(tx) = self.kill.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---- proxy and clients ---------------------------------------------------------------------
+
+pub struct ProxyUnderTest {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProxyUnderTest {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A proxy on 127.0.0.1; its own listen address doubles as the destination key.
+pub async fn start_proxy(config: ProxyConfig, endpoints: &[SocketAddr]) -> ProxyUnderTest {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    let proxy = Proxy::new(config, Arc::new(TcpConnector));
+    proxy.endpoints(addr).set_ready(endpoints.iter().copied());
+    let p = proxy.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let p = p.clone();
+            tokio::spawn(async move {
+                let _ = p.serve_connection(s, addr).await;
+            });
+        }
+    });
+    ProxyUnderTest {
+        addr,
+        proxy,
+        accept,
+    }
+}
+
+pub type Client = tonic::client::Grpc<Channel>;
+
+/// One client connection (a tonic Channel to one address uses one HTTP/2 connection).
+pub async fn client(addr: SocketAddr) -> Client {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint uri")
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .expect("connect client to proxy");
+    tonic::client::Grpc::new(ch)
+        .max_decoding_message_size(MAX_MSG)
+        .max_encoding_message_size(MAX_MSG)
+}
+
+fn path(method: &str) -> http::uri::PathAndQuery {
+    http::uri::PathAndQuery::try_from(format!("/test.Echo/{method}")).expect("path")
+}
+
+pub fn request<T>(msg: T, md: &[(&'static str, &str)]) -> Request<T> {
+    let mut r = Request::new(msg);
+    for (k, v) in md {
+        r.metadata_mut()
+            .insert(*k, MetadataValue::try_from(*v).expect("ascii metadata"));
+    }
+    r
+}
+
+pub async fn unary(c: &mut Client, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    c.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    c.unary(req, path("Unary"), RawCodec).await
+}
+
+pub async fn hang(c: &mut Client, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    c.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    c.unary(req, path("Hang"), RawCodec).await
+}
+
+pub async fn server_stream(
+    c: &mut Client,
+    req: Request<Bytes>,
+) -> Result<Response<Streaming<Bytes>>, Status> {
+    c.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    c.server_streaming(req, path("ServerStream"), RawCodec)
+        .await
+}
+
+pub async fn client_stream(
+    c: &mut Client,
+    msgs: Vec<Bytes>,
+    md: &[(&'static str, &str)],
+) -> Result<Response<Bytes>, Status> {
+    c.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let req = request(tokio_stream::iter(msgs), md);
+    c.client_streaming(req, path("ClientStream"), RawCodec)
+        .await
+}
+
+pub async fn bidi<S>(c: &mut Client, req: Request<S>) -> Result<Response<Streaming<Bytes>>, Status>
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    c.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    c.streaming(req, path("Bidi"), RawCodec).await
+}
+
+/// Deterministic payload of `size` bytes, varying with `seed`.
+pub fn pattern(size: usize, seed: u8) -> Bytes {
+    let mut v = Vec::with_capacity(size);
+    for i in 0..size {
+        v.push((i as u8).wrapping_mul(31).wrapping_add(seed));
+    }
+    Bytes::from(v)
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    pub len: u64,
+    pub fnv: u64,
+}
+
+impl Digest {
+    pub fn update(&mut self, b: &[u8]) {
+        if self.len == 0 {
+            self.fnv = 0xcbf2_9ce4_8422_2325;
+        }
+        for x in b {
+            self.fnv ^= *x as u64;
+            self.fnv = self.fnv.wrapping_mul(0x100_0000_01b3);
+        }
+        self.len += b.len() as u64;
+    }
+    pub fn to_bytes(self) -> Bytes {
+        let mut v = Vec::with_capacity(16);
+        v.put_u64_le(self.len);
+        v.put_u64_le(self.fnv);
+        Bytes::from(v)
+    }
+}
+
+/// Backend name from the `x-backend` response header.
+pub fn backend_of<T>(r: &Response<T>) -> String {
+    r.metadata()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string()
+}
+
+pub fn shares(counts: &HashMap<String, usize>) -> Vec<(String, f64)> {
+    let total: usize = counts.values().sum();
+    let mut v: Vec<(String, f64)> = counts
+        .iter()
+        .map(|(k, n)| (k.clone(), *n as f64 / total.max(1) as f64))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Drains a response stream, returning messages and trailers.
+pub async fn collect(mut s: Streaming<Bytes>) -> Result<(Vec<Bytes>, Option<MetadataMap>), Status> {
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.push(m?);
+    }
+    let t = s.trailers().await?;
+    Ok((out, t))
+}
