@@ -183,6 +183,17 @@ impl Agent {
     }
 }
 
+/// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
+pub fn standalone_proxy(args: crate::proxy::standalone::ProxyArgs) -> anyhow::Result<()> {
+    tracing::info!(config = ?args, "starting standalone proxy");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("interceptor")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(crate::proxy::standalone::run(args))
+}
+
 /// `interceptor status`: read from the pins, so it works while the agent is down.
 pub fn status(args: &PinArgs) -> anyhow::Result<()> {
     let layout = bpf::PinLayout::new(&args.pin_root);

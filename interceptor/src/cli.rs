@@ -49,6 +49,9 @@ pub enum Command {
     Status(PinArgs),
     /// Detach every hook and remove every pin: pods' new connections go straight to kube-proxy.
     Uninstall(PinArgs),
+    /// The HTTP/2 balancer alone, without eBPF or a cluster: listen on an address and spread
+    /// each stream over the given endpoints.
+    Proxy(crate::proxy::standalone::ProxyArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => interceptor::app::run(args),
         Command::Status(args) => interceptor::app::status(&args),
         Command::Uninstall(args) => interceptor::app::uninstall(&args),
+        Command::Proxy(args) => interceptor::app::standalone_proxy(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

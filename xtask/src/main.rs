@@ -18,6 +18,8 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain and system tools the build and tests need (idempotent).
     Setup,
+    /// Set up, build, and run the balancer demo on loopback (no cluster, no root needed).
+    ProxyDemo,
     /// Set up, build everything (eBPF object included) and run the whole test suite.
     /// The end-to-end tests load the real eBPF object: run as root.
     Test {
@@ -48,6 +50,20 @@ fn main() -> Result<()> {
             let mut test = vec!["test", "--"];
             test.extend(args.iter().map(String::as_str));
             setup::cargo(&test)
+        }
+        Cmd::ProxyDemo => {
+            setup::run()?;
+            setup::cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "interceptor",
+                "-p",
+                "interceptor-tests",
+                "--bins",
+            ])?;
+            let bin = setup::workspace_root().join("target/release/proxy-demo");
+            setup::run_cmd(&mut std::process::Command::new(bin))
         }
         Cmd::BenchConnect { connects } => {
             setup::run()?;
