@@ -114,13 +114,22 @@ fn main() {
         rows[0].2.push(time_connects(&pod, svc, count));
         rows[1].2.push(time_connects(&pod, other, count));
     }
-    // Run-time accounting costs two clock reads per program run: measured in a pass of its
-    // own so it does not inflate the latencies above.
+    // Run-time accounting costs two clock reads per program run: measured in passes of their
+    // own, per path, so it does not inflate the latencies above.
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
-    time_connects(&pod, svc, count);
-    time_connects(&pod, other, count);
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim())
-        .expect("restore bpf stats");
+    let mut run_times = Vec::new();
+    for (name, to) in [("redirect", svc), ("pass", other)] {
+        let before = prog_run_stats();
+        time_connects(&pod, to, count);
+        let after = prog_run_stats();
+        for (prog, (cnt, ns)) in after {
+            let (c0, n0) = before.get(&prog).copied().unwrap_or((0, 0));
+            if cnt > c0 {
+                run_times.push((name, prog, cnt - c0, (ns - n0) / (cnt - c0), (ns - n0) / u64::from(count)));
+            }
+        }
+    }
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim()).expect("restore bpf stats");
 
     println!("\nconnect() latency in a pod, hook detached vs attached ({count} connects x {ROUNDS} rounds, median of rounds)\n");
     println!(
@@ -138,21 +147,26 @@ fn main() {
         );
     }
 
-    println!("\nkernel-accounted run time per program invocation (bpf_stats on, one extra attached pass of each path)\n");
-    println!("| program | runs | mean ns/run |");
-    println!("|---|---:|---:|");
-    let progs = bpftool_json(&["prog", "list"]);
-    for prog in progs.as_array().expect("prog list") {
-        let name = prog["name"].as_str().unwrap_or_default();
-        if !interceptor_common::names::PROGRAMS.contains(&name) {
-            continue;
-        }
-        let runs = prog["run_cnt"].as_u64().unwrap_or(0);
-        let ns = prog["run_time_ns"].as_u64().unwrap_or(0);
-        if runs > 0 {
-            println!("| {name} | {runs} | {} |", ns / runs);
-        }
+    println!("\nkernel-accounted program run time, bpf_stats on, one extra attached pass per path ({count} connects)\n");
+    println!("| path | program | runs | ns per run | ns per connect |");
+    println!("|---|---|---:|---:|---:|");
+    for (path, prog, runs, per_run, per_connect) in run_times {
+        println!("| {path} | {prog} | {runs} | {per_run} | {per_connect} |");
     }
     agent.close_all();
     drop(datapath);
+}
+
+/// (run_cnt, run_time_ns) of each of our loaded programs, by name.
+fn prog_run_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for prog in bpftool_json(&["prog", "list"]).as_array().expect("prog list") {
+        let name = prog["name"].as_str().unwrap_or_default();
+        if interceptor_common::names::PROGRAMS.contains(&name) {
+            let e = out.entry(name.to_string()).or_insert((0, 0));
+            e.0 += prog["run_cnt"].as_u64().unwrap_or(0);
+            e.1 += prog["run_time_ns"].as_u64().unwrap_or(0);
+        }
+    }
+    out
 }
