@@ -169,3 +169,35 @@ async fn a_client_that_stops_reading_stops_the_backend() {
     .expect("8 MiB after resuming");
     assert!(sent.load(Ordering::Relaxed) >= got);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_stream_limit_opens_more_upstream_connections() {
+    let b = Backend::start_with([127, 0, 0, 2], "b2", Some(4));
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let c = client(p.addr).await;
+    // 16 calls held open at once on one client connection, against a peer that takes 4
+    // streams per connection.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..16u8 {
+        let mut c = c.clone();
+        calls.spawn(async move {
+            let r = unary(&mut c, request(pattern(10, i), &[("x-sleep-ms", "300")])).await;
+            r.map(|r| r.into_inner() == pattern(10, i))
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let conns = p.proxy.upstream_connections(b.addr);
+    println!("upstream connections with 16 calls in flight: {conns}");
+    assert!(
+        conns >= 4,
+        "only {conns} upstream connections for 16 streams at 4 per connection"
+    );
+    timeout(LIMIT, async {
+        while let Some(r) = calls.join_next().await {
+            assert!(r.expect("task").expect("call succeeds"), "payload intact");
+        }
+    })
+    .await
+    .expect("calls in time");
+    assert_eq!(b.calls(), 16);
+}

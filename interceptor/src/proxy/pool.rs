@@ -92,6 +92,12 @@ impl Conn {
         soft.min(self.send.current_max_send_streams()).max(1)
     }
 
+    /// Still usable: not closed, and not idle for longer than `idle_timeout`.
+    fn keep(&self, now: u64, idle_timeout: Duration) -> bool {
+        let idle = self.active.load(Ordering::Relaxed) == 0 && self.idle_for(now) > idle_timeout;
+        !self.closed.load(Ordering::Relaxed) && !idle
+    }
+
     fn idle_for(&self, now: u64) -> Duration {
         Duration::from_millis(now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)))
     }
@@ -129,10 +135,7 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         let now = now_ms();
-        conns.retain(|c| {
-            !c.closed.load(Ordering::Relaxed)
-                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
-        });
+        conns.retain(|c| c.keep(now, cfg.idle_timeout));
         let best = conns
             .iter()
             .filter(|c| {
@@ -238,6 +241,8 @@ impl Pool {
                 })
             }
         };
+        let (send, mut connection) = (send, connection);
+        let ping = connection.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
         let task_closed = closed.clone();
         m::upstream_connections(&label, 1.0);
@@ -248,6 +253,22 @@ impl Pool {
             task_closed.store(true, Ordering::Relaxed);
             m::upstream_connections(&label, -1.0);
         });
+        // One PING round trip: the peer's SETTINGS precede its PING ack, so afterwards
+        // `current_max_send_streams` is the peer's real limit instead of h2's optimistic
+        // default, and a burst of streams spreads over connections instead of queueing.
+        if let Some(mut ping) = ping {
+            let remaining = cfg.connect_timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(remaining, ping.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(source)) => return Err(PoolError::Handshake { addr, source }),
+                Err(_) => {
+                    return Err(PoolError::Timeout {
+                        addr,
+                        timeout: cfg.connect_timeout,
+                    })
+                }
+            }
+        }
         tracing::debug!(endpoint = %addr, "upstream connection established");
         Ok(Arc::new(Conn {
             send,
@@ -298,10 +319,7 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         let now = now_ms();
-        conns.retain(|c| {
-            !c.closed.load(Ordering::Relaxed)
-                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
-        });
+        conns.retain(|c| c.keep(now, cfg.idle_timeout));
         conns.len()
     }
 }
