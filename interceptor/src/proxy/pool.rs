@@ -56,6 +56,15 @@ pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints = self.inner.endpoints.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Pool")
+            .field("endpoints", &endpoints)
+            .finish()
+    }
+}
+
 struct PoolInner {
     connector: Arc<dyn Connector>,
     cfg: PoolConfig,
@@ -276,6 +285,18 @@ impl Pool {
             closed,
             last_used_ms: AtomicU64::new(now_ms()),
         }))
+    }
+
+    /// Forgets every pooled connection to `addr` (the endpoint was removed). Streams holding
+    /// a lease finish; each connection closes once its last stream is done.
+    pub fn retire_endpoint(&self, addr: SocketAddr) {
+        let removed = match self.inner.endpoints.lock() {
+            Ok(mut m) => m.remove(&addr),
+            Err(p) => p.into_inner().remove(&addr),
+        };
+        if removed.is_some() {
+            tracing::debug!(endpoint = %addr, "endpoint removed; its pooled connections drain and close");
+        }
     }
 
     /// Live pooled connections to `addr` (for tests and the admin API).
