@@ -153,7 +153,12 @@ async fn rapid_reset_storm_closes_only_that_connection() {
     println!("storm: {sent} streams sent before {outcome:?}; connection ended with {conn_result:?}; backend saw {} calls", b.calls());
     assert!(sent < storm, "the storm connection was never closed");
     let err = conn_result.expect_err("the connection ended with an error");
-    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    // GOAWAY ENHANCE_YOUR_CALM; or, when the proxy closed the socket with the storm's bytes
+    // still unread, the kernel's RST can overtake the GOAWAY on its way to the client.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err:?}"
+    );
     healthy(&mut good).await;
     // A fresh connection works too.
     let mut fresh = client(p.addr).await;

@@ -13,6 +13,10 @@ use interceptor::proxy::config::{BalancerKind, ProxyConfig};
 use support::*;
 use tokio::time::timeout;
 
+/// Balancing is measured against real backends sharing two cores: tests in this file run one
+/// at a time, or they would measure each other's CPU contention instead of the balancer.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn spread(kind: BalancerKind, concurrency: usize) -> HashMap<String, usize> {
     let backends: Vec<Backend> = (2..=4)
         .map(|i| Backend::start([127, 0, 0, i], &format!("b{i}")))
@@ -94,6 +98,7 @@ fn assert_even(counts: &HashMap<String, usize>, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_spreads_3000_calls_evenly_over_one_connection() {
+    let _serial = SERIAL.lock().await;
     let counts = spread(BalancerKind::P2c, 15).await;
     assert_even(&counts, "p2c, 15 in flight");
 }
@@ -103,6 +108,7 @@ async fn p2c_spreads_3000_calls_evenly_over_one_connection() {
 /// +-3% here, only to "neither starved nor flooded".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_sequential_calls_neither_starve_nor_flood() {
+    let _serial = SERIAL.lock().await;
     let counts = spread(BalancerKind::P2c, 1).await;
     let s = shares(&counts);
     println!("p2c, sequential: {s:?}");
@@ -118,6 +124,7 @@ async fn p2c_sequential_calls_neither_starve_nor_flood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_3000_calls_evenly() {
+    let _serial = SERIAL.lock().await;
     let counts = spread(BalancerKind::RoundRobin, 15).await;
     assert_even(&counts, "round robin, 15 in flight");
 }
@@ -180,6 +187,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_endpoint_gets_first_call_fast_and_fair_share_within_a_second() {
+    let _serial = SERIAL.lock().await;
     let b2 = Backend::start([127, 0, 0, 2], "b2");
     let b3 = Backend::start([127, 0, 0, 3], "b3");
     let p = start_proxy(ProxyConfig::default(), &[b2.addr, b3.addr]).await;
@@ -234,6 +242,7 @@ async fn added_endpoint_gets_first_call_fast_and_fair_share_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_endpoint_drains_with_zero_failed_calls() {
+    let _serial = SERIAL.lock().await;
     let b2 = Backend::start([127, 0, 0, 2], "b2");
     let b3 = Backend::start([127, 0, 0, 3], "b3");
     let b4 = Backend::start([127, 0, 0, 4], "b4");

@@ -169,3 +169,135 @@ async fn a_client_that_stops_reading_stops_the_backend() {
     .expect("8 MiB after resuming");
     assert!(sent.load(Ordering::Relaxed) >= got);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_stream_limit_opens_more_upstream_connections() {
+    let b = Backend::start_with([127, 0, 0, 2], "b2", Some(4));
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let c = client(p.addr).await;
+    // 16 calls held open at once on one client connection, against a peer that takes 4
+    // streams per connection.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..16u8 {
+        let mut c = c.clone();
+        calls.spawn(async move {
+            let r = unary(&mut c, request(pattern(10, i), &[("x-sleep-ms", "300")])).await;
+            r.map(|r| r.into_inner() == pattern(10, i))
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let conns = p.proxy.upstream_connections(b.addr);
+    println!("upstream connections with 16 calls in flight: {conns}");
+    assert!(
+        conns >= 4,
+        "only {conns} upstream connections for 16 streams at 4 per connection"
+    );
+    timeout(LIMIT, async {
+        while let Some(r) = calls.join_next().await {
+            assert!(r.expect("task").expect("call succeeds"), "payload intact");
+        }
+    })
+    .await
+    .expect("calls in time");
+    assert_eq!(b.calls(), 16);
+}
+
+/// An h2 backend that answers gRPC calls by echoing the framed request body, and starts a
+/// graceful shutdown (GOAWAY) on each connection as soon as its first stream arrives.
+async fn goaway_backend(ip: [u8; 4]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                let mut first = true;
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if first {
+                        conn.graceful_shutdown();
+                        first = false;
+                    }
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut echo = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            echo.extend_from_slice(&chunk);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let mut resp = http::Response::new(());
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/grpc"),
+                        );
+                        resp.headers_mut()
+                            .insert("x-backend", http::HeaderValue::from_static("goaway"));
+                        let Ok(mut tx) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = tx.send_data(Bytes::from(echo), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = tx.send_trailers(trailers);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_an_upstream_goaway_are_replayed() {
+    let (going, answered) = goaway_backend([127, 0, 0, 2]).await;
+    let good = Backend::start([127, 0, 0, 3], "b3");
+    let p = start_proxy(ProxyConfig::default(), &[going, good.addr]).await;
+    let c = client(p.addr).await;
+    let mut total = 0;
+    timeout(LIMIT, async {
+        for round in 0..10u8 {
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0..20u8 {
+                let mut c = c.clone();
+                let payload = pattern(100 + i as usize, round.wrapping_add(i));
+                calls.spawn(async move {
+                    let r = unary(&mut c, request(payload.clone(), &[])).await;
+                    r.map(|r| r.into_inner() == payload)
+                });
+            }
+            while let Some(r) = calls.join_next().await {
+                assert!(
+                    r.expect("task").expect("call succeeds despite GOAWAY"),
+                    "payload intact"
+                );
+                total += 1;
+            }
+        }
+    })
+    .await
+    .expect("calls in time");
+    let by_goaway = answered.load(Ordering::Relaxed);
+    println!(
+        "{total} calls: {by_goaway} answered by the draining backend, {} by the other",
+        good.calls()
+    );
+    assert_eq!(
+        by_goaway + good.calls(),
+        total,
+        "every call answered exactly once"
+    );
+    assert!(
+        by_goaway > 0,
+        "the draining backend answered its processed streams"
+    );
+}

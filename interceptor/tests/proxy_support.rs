@@ -311,6 +311,11 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on `ip` (a 127.0.0.0/8 address) and an ephemeral port.
     pub fn start(ip: [u8; 4], name: &str) -> Backend {
+        Self::start_with(ip, name, None)
+    }
+
+    /// Like `start`, advertising SETTINGS_MAX_CONCURRENT_STREAMS = `max_streams`.
+    pub fn start_with(ip: [u8; 4], name: &str, max_streams: Option<u32>) -> Backend {
         assert_eq!(ip[0], 127, "tests only use 127.0.0.0/8");
         let listener =
             std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind backend");
@@ -336,6 +341,7 @@ impl Backend {
                 let incoming =
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 let serve = tonic::transport::Server::builder()
+                    .max_concurrent_streams(max_streams)
                     .add_service(svc)
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = graceful_rx.await;

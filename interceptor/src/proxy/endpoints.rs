@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::balancer::{p2c, EndpointStats, Load};
 use super::config::BalancerKind;
+use super::pool::Pool;
 
 /// Readiness of an endpoint, as EndpointSlice conditions give it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +55,7 @@ pub struct Destination {
     default_rtt: Duration,
     set: RwLock<Arc<Vec<Endpoint>>>,
     rr: AtomicUsize,
+    pool: Option<Pool>,
 }
 
 impl Destination {
@@ -70,7 +72,14 @@ impl Destination {
             default_rtt,
             set: RwLock::new(Arc::new(Vec::new())),
             rr: AtomicUsize::new(0),
+            pool: None,
         }
+    }
+
+    /// Lets updates release pooled connections of removed endpoints.
+    pub(crate) fn with_pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -118,8 +127,19 @@ impl Destination {
         tracing::debug!(dest = %self.addr, endpoints = next.len(), "endpoint set updated");
         let next = Arc::new(next);
         match self.set.write() {
-            Ok(mut s) => *s = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
+            Ok(mut s) => *s = next.clone(),
+            Err(poisoned) => *poisoned.into_inner() = next.clone(),
+        }
+        // Pooled connections to removed endpoints leave the pool now; streams still on them
+        // finish, then h2 closes the connection. (Another destination sharing the endpoint
+        // just reconnects.)
+        if let Some(pool) = &self.pool {
+            for gone in old
+                .iter()
+                .filter(|o| !next.iter().any(|n| n.stats.addr() == o.stats.addr()))
+            {
+                pool.retire_endpoint(gone.stats.addr());
+            }
         }
     }
 

@@ -56,6 +56,15 @@ pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints = self.inner.endpoints.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Pool")
+            .field("endpoints", &endpoints)
+            .finish()
+    }
+}
+
 struct PoolInner {
     connector: Arc<dyn Connector>,
     cfg: PoolConfig,
@@ -90,6 +99,12 @@ fn now_ms() -> u64 {
 impl Conn {
     fn limit(&self, soft: usize) -> usize {
         soft.min(self.send.current_max_send_streams()).max(1)
+    }
+
+    /// Still usable: not closed, and not idle for longer than `idle_timeout`.
+    fn keep(&self, now: u64, idle_timeout: Duration) -> bool {
+        let idle = self.active.load(Ordering::Relaxed) == 0 && self.idle_for(now) > idle_timeout;
+        !self.closed.load(Ordering::Relaxed) && !idle
     }
 
     fn idle_for(&self, now: u64) -> Duration {
@@ -129,10 +144,7 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         let now = now_ms();
-        conns.retain(|c| {
-            !c.closed.load(Ordering::Relaxed)
-                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
-        });
+        conns.retain(|c| c.keep(now, cfg.idle_timeout));
         let best = conns
             .iter()
             .filter(|c| {
@@ -238,6 +250,8 @@ impl Pool {
                 })
             }
         };
+        let (send, mut connection) = (send, connection);
+        let ping = connection.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
         let task_closed = closed.clone();
         m::upstream_connections(&label, 1.0);
@@ -248,6 +262,22 @@ impl Pool {
             task_closed.store(true, Ordering::Relaxed);
             m::upstream_connections(&label, -1.0);
         });
+        // One PING round trip: the peer's SETTINGS precede its PING ack, so afterwards
+        // `current_max_send_streams` is the peer's real limit instead of h2's optimistic
+        // default, and a burst of streams spreads over connections instead of queueing.
+        if let Some(mut ping) = ping {
+            let remaining = cfg.connect_timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(remaining, ping.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(source)) => return Err(PoolError::Handshake { addr, source }),
+                Err(_) => {
+                    return Err(PoolError::Timeout {
+                        addr,
+                        timeout: cfg.connect_timeout,
+                    })
+                }
+            }
+        }
         tracing::debug!(endpoint = %addr, "upstream connection established");
         Ok(Arc::new(Conn {
             send,
@@ -255,6 +285,18 @@ impl Pool {
             closed,
             last_used_ms: AtomicU64::new(now_ms()),
         }))
+    }
+
+    /// Forgets every pooled connection to `addr` (the endpoint was removed). Streams holding
+    /// a lease finish; each connection closes once its last stream is done.
+    pub fn retire_endpoint(&self, addr: SocketAddr) {
+        let removed = match self.inner.endpoints.lock() {
+            Ok(mut m) => m.remove(&addr),
+            Err(p) => p.into_inner().remove(&addr),
+        };
+        if removed.is_some() {
+            tracing::debug!(endpoint = %addr, "endpoint removed; its pooled connections drain and close");
+        }
     }
 
     /// Live pooled connections to `addr` (for tests and the admin API).
@@ -298,10 +340,7 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         let now = now_ms();
-        conns.retain(|c| {
-            !c.closed.load(Ordering::Relaxed)
-                && !(c.active.load(Ordering::Relaxed) == 0 && c.idle_for(now) > cfg.idle_timeout)
-        });
+        conns.retain(|c| c.keep(now, cfg.idle_timeout));
         conns.len()
     }
 }

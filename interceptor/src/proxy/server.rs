@@ -56,12 +56,15 @@ impl Inner {
         dests
             .entry(dest)
             .or_insert_with(|| {
-                Arc::new(Destination::new(
-                    dest,
-                    self.config.balancer,
-                    self.config.ewma_decay,
-                    self.config.default_rtt,
-                ))
+                Arc::new(
+                    Destination::new(
+                        dest,
+                        self.config.balancer,
+                        self.config.ewma_decay,
+                        self.config.default_rtt,
+                    )
+                    .with_pool(self.pool.clone()),
+                )
             })
             .clone()
     }

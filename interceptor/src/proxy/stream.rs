@@ -392,10 +392,8 @@ async fn try_endpoint(
 /// Ends a stream whose response headers were already sent: gRPC gets a status in trailers,
 /// anything else a reset.
 fn end_with_status(ctx: &Ctx, tx: &mut SendStream<Bytes>, code: u32, msg: &str) {
-    if ctx.grpc {
-        if tx.send_trailers(grpc::status_trailers(code, msg)).is_ok() {
-            return;
-        }
+    if ctx.grpc && tx.send_trailers(grpc::status_trailers(code, msg)).is_ok() {
+        return;
     }
     tx.send_reset(Reason::INTERNAL_ERROR);
 }
