@@ -18,12 +18,15 @@ use crate::proxy::pod_listener::{Handler, OrigDstResolver, PodContext, PodListen
 /// The agent: `interceptor run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(run_agent(args))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("interceptor")
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_agent(args))
+        .context("starting the async runtime")
 }
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -186,12 +189,7 @@ impl Agent {
 /// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
 pub fn standalone_proxy(args: crate::proxy::standalone::ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting standalone proxy");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("interceptor")
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(crate::proxy::standalone::run(args))
+    runtime()?.block_on(crate::proxy::standalone::run(args))
 }
 
 /// `interceptor status`: read from the pins, so it works while the agent is down.

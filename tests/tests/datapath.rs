@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use interceptor::app::Agent;
-use interceptor::bpf::{Datapath, DatapathConfig, ServiceAction};
+use interceptor::bpf::{CgroupId, Datapath, DatapathConfig, ServiceAction};
 use interceptor::cli::StaticPod;
 use interceptor_common::names;
 use interceptor_tests::*;
@@ -23,6 +23,29 @@ fn load_datapath(pins: &PinRoot) -> Datapath {
         replace_stale_pins: false,
     })
     .expect("load the eBPF datapath")
+}
+
+/// The agent in this process, with the echo handler: each intercepted connection is told the
+/// original destination the agent recovered for it.
+fn in_process_agent(
+    pins: &PinRoot,
+    services: &[(SocketAddr, ServiceAction)],
+    pods: &[&Pod],
+) -> (Datapath, Agent, Vec<CgroupId>) {
+    let mut datapath = load_datapath(pins);
+    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
+    agent
+        .set_services(&mut datapath, services)
+        .expect("set services");
+    let ids = pods
+        .iter()
+        .map(|pod| {
+            agent
+                .enable_pod(&mut datapath, &static_pod(pod))
+                .expect("enable pod")
+        })
+        .collect();
+    (datapath, agent, ids)
 }
 
 fn static_pod(pod: &Pod) -> StaticPod {
@@ -50,22 +73,13 @@ async fn redirect_recovers_the_original_destination_v4_v6_and_v4_mapped() {
     let node = Node::new();
     let client = node.add_pod("client", 1);
     let pins = PinRoot::new();
-    let mut datapath = load_datapath(&pins);
-    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
     let svc4 = sa("10.96.0.10:80");
     let svc6 = sa("[fd00:96::10]:8080");
-    agent
-        .set_services(
-            &mut datapath,
-            &[
-                (svc4, ServiceAction::Intercept),
-                (svc6, ServiceAction::Intercept),
-            ],
-        )
-        .expect("set services");
-    agent
-        .enable_pod(&mut datapath, &static_pod(&client))
-        .expect("enable the client pod");
+    let services = [
+        (svc4, ServiceAction::Intercept),
+        (svc6, ServiceAction::Intercept),
+    ];
+    let (_datapath, mut agent, _) = in_process_agent(&pins, &services, &[&client]);
 
     // A v4-mapped destination on an AF_INET6 socket is the same Service as its IPv4 form.
     let cases = [
@@ -120,8 +134,6 @@ async fn ten_pods_with_colliding_loopback_tuples_each_get_their_own_destination(
         .map(|n| node.add_pod(&format!("c{n}"), n))
         .collect();
     let pins = PinRoot::new();
-    let mut datapath = load_datapath(&pins);
-    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
     let services: Vec<SocketAddr> = (1..=10)
         .map(|i| sa(&format!("10.96.1.{i}:{}", 8000 + i)))
         .collect();
@@ -129,14 +141,8 @@ async fn ten_pods_with_colliding_loopback_tuples_each_get_their_own_destination(
         .iter()
         .map(|s| (*s, ServiceAction::Intercept))
         .collect();
-    agent
-        .set_services(&mut datapath, &entries)
-        .expect("set services");
-    for pod in &pods {
-        agent
-            .enable_pod(&mut datapath, &static_pod(pod))
-            .expect("enable pod");
-    }
+    let pod_refs: Vec<&Pod> = pods.iter().collect();
+    let (_datapath, mut agent, _) = in_process_agent(&pins, &entries, &pod_refs);
 
     // Every pod binds the same client ports (41000..41099) and dials 127.0.0.1:15001 after the
     // rewrite: identical 4-tuples in all ten pods, told apart only by the netns.
@@ -250,20 +256,12 @@ async fn untouched_cases_reach_where_they_would_without_interceptor() {
     let client = sn.node.add_pod("client", 1);
     let other = sn.node.add_pod("other", 2);
     let pins = PinRoot::new();
-    let mut datapath = load_datapath(&pins);
-    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
-    agent
-        .set_services(
-            &mut datapath,
-            &[
-                (svc, ServiceAction::Intercept),
-                (excluded, ServiceAction::Exclude),
-            ],
-        )
-        .expect("set services");
-    let client_id = agent
-        .enable_pod(&mut datapath, &static_pod(&client))
-        .expect("enable client");
+    let services = [
+        (svc, ServiceAction::Intercept),
+        (excluded, ServiceAction::Exclude),
+    ];
+    let (mut datapath, mut agent, ids) = in_process_agent(&pins, &services, &[&client]);
+    let client_id = ids[0];
     let names = sn.backend_names();
     let landed_on_backend = |pod: &Pod, line: &str, what: &str| {
         let conn = parse_ok(line);
@@ -528,15 +526,9 @@ async fn bpftool_shows_programs_maps_pins_and_named_fields() {
     let node = Node::new();
     let client = node.add_pod("client", 1);
     let pins = PinRoot::new();
-    let mut datapath = load_datapath(&pins);
-    let mut agent = Agent::new(&datapath, LISTEN_PORT, echo_orig_handler());
     let svc = sa("10.96.0.10:80");
-    agent
-        .set_services(&mut datapath, &[(svc, ServiceAction::Intercept)])
-        .expect("set services");
-    agent
-        .enable_pod(&mut datapath, &static_pod(&client))
-        .expect("enable");
+    let (_datapath, mut agent, _) =
+        in_process_agent(&pins, &[(svc, ServiceAction::Intercept)], &[&client]);
     let line = client
         .run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)
         .pop()

@@ -106,9 +106,11 @@ impl PodLinks {
             links: Vec::new(),
         };
         // On failure `pod` drops its links unpinned: a half-attached pod is never left behind.
-        let result = (|| {
-            for program in SOCK_ADDR_PROGRAMS {
-                let prog: &mut CgroupSockAddr = ebpf
+        // aya's program types share attach/take_link but no trait: one macro serves both.
+        macro_rules! attach_and_pin {
+            ($ty:ty, $program:expr) => {{
+                let program: &'static str = $program;
+                let prog: &mut $ty = ebpf
                     .program_mut(program)
                     .and_then(|p| p.try_into().ok())
                     .ok_or(AttachError::NotLoaded(program))?;
@@ -126,24 +128,15 @@ impl PodLinks {
                 let link = FdLink::try_from(link)
                     .map_err(|source| AttachError::Link { program, source })?;
                 pod.replace_pin(program, link)?;
+            }};
+        }
+        // On failure `pod` drops its links unpinned: a half-attached pod is never left behind.
+        let result = (|| {
+            for program in SOCK_ADDR_PROGRAMS {
+                attach_and_pin!(CgroupSockAddr, program);
             }
-            let program = names::PROG_SOCKOPS;
-            let prog: &mut SockOps = ebpf
-                .program_mut(program)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(AttachError::NotLoaded(program))?;
-            let attach_err = |source| AttachError::Attach {
-                program,
-                path: cgroup.to_path_buf(),
-                source,
-            };
-            let id = prog
-                .attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            let link =
-                FdLink::try_from(link).map_err(|source| AttachError::Link { program, source })?;
-            pod.replace_pin(program, link)
+            attach_and_pin!(SockOps, names::PROG_SOCKOPS);
+            Ok(())
         })();
         match result {
             Ok(()) => {

@@ -125,11 +125,18 @@ fn main() {
         for (prog, (cnt, ns)) in after {
             let (c0, n0) = before.get(&prog).copied().unwrap_or((0, 0));
             if cnt > c0 {
-                run_times.push((name, prog, cnt - c0, (ns - n0) / (cnt - c0), (ns - n0) / u64::from(count)));
+                run_times.push((
+                    name,
+                    prog,
+                    cnt - c0,
+                    (ns - n0) / (cnt - c0),
+                    (ns - n0) / u64::from(count),
+                ));
             }
         }
     }
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim()).expect("restore bpf stats");
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim())
+        .expect("restore bpf stats");
 
     println!("\nconnect() latency in a pod, hook detached vs attached ({count} connects x {ROUNDS} rounds, median of rounds)\n");
     println!(
@@ -160,7 +167,10 @@ fn main() {
 /// (run_cnt, run_time_ns) of each of our loaded programs, by name.
 fn prog_run_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
     let mut out = std::collections::BTreeMap::new();
-    for prog in bpftool_json(&["prog", "list"]).as_array().expect("prog list") {
+    for prog in bpftool_json(&["prog", "list"])
+        .as_array()
+        .expect("prog list")
+    {
         let name = prog["name"].as_str().unwrap_or_default();
         if interceptor_common::names::PROGRAMS.contains(&name) {
             let e = out.entry(name.to_string()).or_insert((0, 0));

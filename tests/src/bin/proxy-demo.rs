@@ -172,7 +172,10 @@ fn main() {
         std::env::temp_dir().join(format!("icp-demo-endpoints-{}", std::process::id()));
     let write_endpoints = |backends: &[Backend]| {
         let text: String = backends.iter().map(|b| format!("{}\n", b.addr)).collect();
-        std::fs::write(&endpoints_file, text).expect("write endpoints file");
+        // Write then rename, as a config manager would: the proxy never reads half a file.
+        let tmp = endpoints_file.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write endpoints file");
+        std::fs::rename(&tmp, &endpoints_file).expect("replace endpoints file");
     };
     write_endpoints(&backends);
     let listen: SocketAddr = {
