@@ -12,8 +12,13 @@ use anyhow::Context;
 use crate::bpf::{self, CgroupId, Datapath, DatapathConfig, OrigDstTable, ServiceAction};
 use crate::cli::{PinArgs, RunArgs, StaticPod};
 use crate::netns::Netns;
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::endpoints::EndpointSpec;
 use crate::proxy::passthrough;
-use crate::proxy::pod_listener::{Handler, OrigDstResolver, PodContext, PodListener};
+use crate::proxy::pod_listener::{
+    Accepted, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
+};
+use crate::proxy::server::Proxy;
 
 /// The agent: `interceptor run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -37,8 +42,12 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         replace_stale_pins: args.replace_stale_pins,
     };
     let mut datapath = Datapath::load(&config)?;
-    let handler: Handler = Arc::new(|conn| Box::pin(passthrough::relay(conn)));
-    let mut agent = Agent::new(&datapath, args.listen_port, handler);
+    let balanced: BTreeMap<SocketAddr, Vec<SocketAddr>> = args
+        .endpoints
+        .iter()
+        .map(|e| (e.service, e.endpoints.clone()))
+        .collect();
+    let mut agent = Agent::with_balancing(&datapath, args.listen_port, balanced);
 
     let desired: Vec<(SocketAddr, ServiceAction)> = args
         .services
@@ -96,20 +105,63 @@ impl OrigDstResolver for MapResolver {
     }
 }
 
+/// Makes the connection handler of one pod (each pod gets its own demultiplexer and pools).
+type HandlerFactory = Arc<dyn Fn(&Arc<PodContext>) -> Handler + Send + Sync>;
+
 /// The intercepted pods and what keeps them intercepted.
 pub struct Agent {
     listen_port: u16,
     resolver: Arc<dyn OrigDstResolver>,
-    handler: Handler,
+    handlers: HandlerFactory,
     pods: BTreeMap<CgroupId, (String, PodListener)>,
 }
 
 impl Agent {
+    /// An agent whose every pod hands accepted connections to `handler`.
     pub fn new(datapath: &Datapath, listen_port: u16, handler: Handler) -> Self {
+        Self::with_factory(datapath, listen_port, Arc::new(move |_| handler.clone()))
+    }
+
+    /// An agent that balances each HTTP/2 stream of a connection to one of `balanced`'s
+    /// Services over that Service's endpoints, through a demultiplexer per pod (its upstream
+    /// connections are opened from the pod's netns and pooled per pod). Connections to other
+    /// intercepted Services are relayed to their original destination.
+    pub fn with_balancing(
+        datapath: &Datapath,
+        listen_port: u16,
+        balanced: BTreeMap<SocketAddr, Vec<SocketAddr>>,
+    ) -> Self {
+        let balanced = Arc::new(balanced);
+        let factory: HandlerFactory = Arc::new(move |pod: &Arc<PodContext>| {
+            let proxy = Proxy::new(ProxyConfig::default(), Arc::new(PodConnector(pod.clone())));
+            for (service, endpoints) in balanced.iter() {
+                proxy
+                    .endpoints(*service)
+                    .update(endpoints.iter().map(|e| EndpointSpec::ready(*e)));
+            }
+            let balanced = balanced.clone();
+            Arc::new(move |conn: Accepted| {
+                let proxy = proxy.clone();
+                let balanced = balanced.contains_key(&conn.orig_dst);
+                Box::pin(async move {
+                    if !balanced {
+                        return passthrough::relay(conn).await;
+                    }
+                    let (pod, dest) = (conn.pod.name.clone(), conn.orig_dst);
+                    if let Err(e) = proxy.serve_connection(conn.stream, dest).await {
+                        tracing::debug!(pod = %pod, %dest, error = %e, "client connection ended with an error");
+                    }
+                })
+            })
+        });
+        Self::with_factory(datapath, listen_port, factory)
+    }
+
+    fn with_factory(datapath: &Datapath, listen_port: u16, handlers: HandlerFactory) -> Self {
         Self {
             listen_port,
             resolver: Arc::new(MapResolver(datapath.orig_dst_table())),
-            handler,
+            handlers,
             pods: BTreeMap::new(),
         }
     }
@@ -136,13 +188,9 @@ impl Agent {
             name: pod.name.clone(),
             netns,
         });
-        let listener = PodListener::open(
-            ctx,
-            self.listen_port,
-            self.resolver.clone(),
-            self.handler.clone(),
-        )
-        .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
+        let handler = (self.handlers)(&ctx);
+        let listener = PodListener::open(ctx, self.listen_port, self.resolver.clone(), handler)
+            .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
         datapath
             .enable_pod(&pod.cgroup)
             .with_context(|| format!("pod {}", pod.name))?;

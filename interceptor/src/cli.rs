@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// A Service ClusterIP:port whose connects are intercepted. Repeatable.
     #[arg(long = "service", env = "INTERCEPTOR_SERVICES", value_delimiter = ',')]
     pub services: Vec<SocketAddr>,
+    /// Endpoints for per-request balancing of a Service: VIP:PORT=EP[,EP...]. Repeatable
+    /// (`;`-separated in the env var). Intercepted Services without endpoints are relayed to
+    /// their original destination, where kube-proxy routes them as before.
+    #[arg(long = "endpoints", env = "INTERCEPTOR_ENDPOINTS", value_delimiter = ';', value_parser = parse_endpoints)]
+    pub endpoints: Vec<StaticEndpoints>,
     /// Service ports never intercepted (server-first protocols).
     #[arg(long, env = "INTERCEPTOR_EXCLUDE_PORTS", value_delimiter = ',', default_value = DEFAULT_EXCLUDED_PORTS)]
     pub exclude_ports: Vec<u16>,
@@ -90,6 +95,26 @@ pub struct RunArgs {
 pub struct StaticPod {
     pub name: String,
     pub cgroup: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct StaticEndpoints {
+    pub service: SocketAddr,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+fn parse_endpoints(s: &str) -> Result<StaticEndpoints, String> {
+    let usage = || format!("expected VIP:PORT=ENDPOINT[,ENDPOINT...], got {s:?}");
+    let (service, list) = s.split_once('=').ok_or_else(usage)?;
+    let service = service.parse().map_err(|_| usage())?;
+    let endpoints = list
+        .split(',')
+        .map(|e| e.trim().parse().map_err(|_| usage()))
+        .collect::<Result<Vec<SocketAddr>, String>>()?;
+    if endpoints.is_empty() {
+        return Err(usage());
+    }
+    Ok(StaticEndpoints { service, endpoints })
 }
 
 fn parse_pod(s: &str) -> Result<StaticPod, String> {
@@ -116,6 +141,18 @@ mod tests {
         assert_eq!(pod.cgroup, PathBuf::from("/sys/fs/cgroup/kubepods/pod1"));
         assert!(parse_pod("no-cgroup").is_err());
         assert!(parse_pod("=/x").is_err());
+    }
+
+    #[test]
+    fn endpoints_parse_and_reject_garbage() {
+        let e = parse_endpoints("10.96.0.10:80=10.244.0.11:8080,10.244.0.12:8080").expect("valid");
+        assert_eq!(
+            e.service,
+            "10.96.0.10:80".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(e.endpoints.len(), 2);
+        assert!(parse_endpoints("10.96.0.10:80").is_err());
+        assert!(parse_endpoints("10.96.0.10:80=nope").is_err());
     }
 
     #[test]

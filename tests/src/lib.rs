@@ -198,12 +198,17 @@ pub struct Pod {
 impl Pod {
     /// Starts `icp-pod ARGS` inside this pod (its netns and cgroup).
     pub fn spawn(&self, args: &[&str]) -> ChildGuard {
+        self.spawn_program(&target_bin("icp-pod"), args)
+    }
+
+    /// Starts any program inside this pod (its netns and cgroup), e.g. h2load.
+    pub fn spawn_program(&self, program: &Path, args: &[&str]) -> ChildGuard {
         let netns = File::open(self.netns.path()).expect("open pod netns");
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(self.cgroup.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
-        let mut cmd = Command::new(target_bin("icp-pod"));
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -222,7 +227,9 @@ impl Pod {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("spawn icp-pod in the pod");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} in the pod: {e}", program.display()));
         drop((netns, procs));
         ChildGuard(Some(child))
     }

@@ -168,3 +168,13 @@ pub async fn connect_from_pod(netns: &Netns, addr: SocketAddr) -> io::Result<Tcp
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     socket.connect(addr).await
 }
+
+/// Opens the demultiplexer's upstream connections from inside one pod's netns.
+pub struct PodConnector(pub Arc<PodContext>);
+
+impl super::connector::Connector for PodConnector {
+    fn connect(&self, addr: SocketAddr) -> super::connector::ConnectFuture {
+        let pod = self.0.clone();
+        Box::pin(async move { connect_from_pod(&pod.netns, addr).await })
+    }
+}

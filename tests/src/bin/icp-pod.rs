@@ -60,6 +60,7 @@ fn main() {
             flag("--to").expect("--to").parse().expect("--to ADDR"),
             num("--count", 10_000) as usize,
         ),
+        Some("h2serve") => h2serve(num("--port", 0) as u16),
         Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
         other => {
             eprintln!("icp-pod: unknown command {other:?}");
@@ -317,4 +318,50 @@ fn connect_bench(to: SocketAddr, count: usize) {
     let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
     let mean = samples.iter().sum::<u64>() / samples.len() as u64;
     println!("{count} {median} {p99} {mean}");
+}
+
+/// A gRPC-shaped HTTP/2 backend: answers every request (200, a small body, `grpc-status: 0`
+/// trailers) and, on SIGTERM, prints `served <N>` and exits.
+fn h2serve(port: u16) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("::", port))
+            .await
+            .expect("bind h2 backend");
+        let served = Arc::new(AtomicU64::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let response = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .expect("response");
+                        let Ok(mut send) = respond.send_response(response, false) else {
+                            continue;
+                        };
+                        let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = send.send_trailers(trailers);
+                    }
+                });
+            }
+        });
+        println!("READY");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        term.recv().await;
+        println!("served {}", served.load(Ordering::Relaxed));
+    });
 }
