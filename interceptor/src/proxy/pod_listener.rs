@@ -149,13 +149,58 @@ async fn accept_loop(
             }
             Ok(None) => {
                 metrics::counter!("interceptor_listener_unresolved_total").increment(1);
-                tracing::warn!(pod = %pod.name, %peer, "connection without an original destination: closed");
+                if let Some(suppressed) = UNRESOLVED_WARNINGS.allow() {
+                    tracing::warn!(pod = %pod.name, %peer, suppressed, "connection without an original destination (dialled the listener directly?): closed");
+                }
             }
             Err(e) => {
                 metrics::counter!("interceptor_listener_unresolved_total").increment(1);
-                tracing::warn!(pod = %pod.name, %peer, error = %e, "original destination lookup failed: closed");
+                if let Some(suppressed) = UNRESOLVED_WARNINGS.allow() {
+                    tracing::warn!(pod = %pod.name, %peer, error = %e, suppressed, "original destination lookup failed: closed");
+                }
             }
         }
+    }
+}
+
+/// At most one warning per interval for connections the listener cannot place: a client
+/// dialling the listener in a loop must not flood the log (the metric counts every one).
+static UNRESOLVED_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+struct RateLimit {
+    interval_ms: u64,
+    next_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    const fn new(interval: Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events suppressed since the last allowed one)` when this one may be logged.
+    fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.interval_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
     }
 }
 
@@ -176,5 +221,20 @@ impl super::connector::Connector for PodConnector {
     fn connect(&self, addr: SocketAddr) -> super::connector::ConnectFuture {
         let pod = self.0.clone();
         Box::pin(async move { connect_from_pod(&pod.netns, addr).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_one_per_interval_and_counts_the_rest() {
+        let limit = RateLimit::new(Duration::from_millis(50));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(limit.allow(), Some(2));
     }
 }

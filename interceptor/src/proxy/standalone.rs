@@ -26,28 +26,48 @@ pub enum BalancerArg {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
     /// Address to accept client connections on.
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_LISTEN",
+        default_value = "127.0.0.1:15001"
+    )]
     pub listen: SocketAddr,
     /// Endpoints (ADDR[,ADDR...]).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS", value_delimiter = ',')]
     pub endpoints: Vec<SocketAddr>,
     /// File with one endpoint ADDR per line ('#' starts a comment); re-read when it changes.
-    #[arg(long)]
+    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS_FILE")]
     pub endpoints_file: Option<PathBuf>,
     /// How each stream's endpoint is chosen.
-    #[arg(long, value_enum, default_value_t = BalancerArg::P2c)]
+    #[arg(long, env = "INTERCEPTOR_PROXY_BALANCER", value_enum, default_value_t = BalancerArg::P2c)]
     pub balancer: BalancerArg,
     /// Wait for a client's first bytes before relaying it as opaque TCP, in milliseconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_DETECT_TIMEOUT_MS",
+        default_value_t = 300
+    )]
     pub detect_timeout_ms: u64,
     /// Connect timeout per endpoint, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_CONNECT_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
     pub connect_timeout_ms: u64,
     /// How often the endpoints file is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_RELOAD_INTERVAL_MS",
+        default_value_t = 1000
+    )]
     pub reload_interval_ms: u64,
     /// On shutdown, how long in-flight streams may take to finish, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_DRAIN_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub drain_timeout_ms: u64,
 }
 
