@@ -627,3 +627,33 @@ pub fn note(msg: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{msg}");
 }
+
+/// A gRPC-shaped HTTP/2 backend on `listener`: every request gets 200, a small body and
+/// `grpc-status: 0` trailers, and is counted in `served`. Runs until the task is dropped.
+pub async fn serve_grpc_shaped(
+    listener: tokio::net::TcpListener,
+    served: Arc<std::sync::atomic::AtomicU64>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let served = served.clone();
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                served.fetch_add(1, Ordering::Relaxed);
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("static response");
+                let Ok(mut send) = respond.send_response(response, false) else {
+                    continue;
+                };
+                let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let _ = send.send_trailers(trailers);
+            }
+        });
+    }
+}

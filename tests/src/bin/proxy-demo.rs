@@ -27,31 +27,10 @@ async fn start_backend() -> Backend {
         .expect("bind backend");
     let addr = listener.local_addr().expect("backend addr");
     let served = Arc::new(AtomicU64::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let response = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(response, false) else {
-                        continue;
-                    };
-                    let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x05hello"), false);
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    let _ = send.send_trailers(trailers);
-                }
-            });
-        }
-    });
+    tokio::spawn(interceptor_tests::serve_grpc_shaped(
+        listener,
+        served.clone(),
+    ));
     Backend { addr, served }
 }
 
