@@ -48,6 +48,16 @@ fn in_process_agent(
     (datapath, agent, ids)
 }
 
+/// `bpftool cgroup show` lists no program on the pod's cgroup.
+fn assert_no_hooks(pod: &Pod, when: &str) {
+    let attached = bpftool_json(&["cgroup", "show", pod.cgroup.path.to_str().expect("utf-8")]);
+    assert_eq!(
+        attached.as_array().map(Vec::len),
+        Some(0),
+        "hooks still attached {when}: {attached}"
+    );
+}
+
 fn static_pod(pod: &Pod) -> StaticPod {
     StaticPod {
         name: format!("default/{}", pod.name),
@@ -331,16 +341,7 @@ async fn untouched_cases_reach_where_they_would_without_interceptor() {
         &one(&client, &["connect", "--to", &svc.to_string()]),
         "pod disabled",
     );
-    let attached = bpftool_json(&[
-        "cgroup",
-        "show",
-        client.cgroup.path.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(
-        attached.as_array().map(Vec::len),
-        Some(0),
-        "hooks still attached after disable: {attached}"
-    );
+    assert_no_hooks(&client, "after disable");
 }
 
 fn agent_args(pins: &PinRoot, pods: &[&Pod], services: &[SocketAddr]) -> Vec<String> {
@@ -668,16 +669,7 @@ fn uninstall_detaches_every_hook_and_removes_every_pin() {
     );
     assert!(out.contains("removed 5 hook links and 4 maps"), "{out}");
     assert!(!pins.path.exists(), "pins left behind");
-    let attached = bpftool_json(&[
-        "cgroup",
-        "show",
-        client.cgroup.path.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(
-        attached.as_array().map(Vec::len),
-        Some(0),
-        "hooks still attached: {attached}"
-    );
+    assert_no_hooks(&client, "after uninstall");
     let after =
         parse_ok(&client.run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT)[0].clone());
     assert_eq!(
