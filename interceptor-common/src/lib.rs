@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Version of the map layouts below; pins live under `<pin root>/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Kernel-visible names: what `bpftool prog list` / `bpftool map list` show.
 /// The eBPF crate repeats them as literals (attribute arguments must be literals); the e2e
@@ -38,7 +38,6 @@ pub mod names {
 
 /// Map sizes, shared so the agent can validate a reused pin against what it would create.
 pub const SERVICES_MAX: u32 = 16_384;
-pub const SOCK_DST_MAX: u32 = 65_536;
 pub const ORIG_DST_MAX: u32 = 65_536;
 
 /// An IPv6 address or an IPv4 address in its v4-mapped form (`::ffff:a.b.c.d`), network

@@ -11,8 +11,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
+    helpers::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext, Global,
@@ -20,7 +20,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use interceptor_common::{
     v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, SockKey, Stat, ORIG_DST_MAX,
-    SERVICES_MAX, SOCK_DST_MAX, STAT_COUNT, SVC_INTERCEPT,
+    SERVICES_MAX, STAT_COUNT, SVC_INTERCEPT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -38,10 +38,11 @@ static ICP_LISTEN_PORT: Global<u16> = Global::new(15001);
 #[btf_map(name = "icp_services")]
 static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> = HashMap::new();
 
-/// Socket cookie of a redirected client socket -> the destination it dialled. Read by sock_ops
-/// (re-keying) and getpeername (so the app sees the ClusterIP). LRU: sockets close unseen.
+/// Per-socket storage of a redirected client socket: the destination it dialled. Read by
+/// sock_ops (re-keying) and getpeername (so the app sees the ClusterIP). It lives and dies
+/// with the socket: no eviction, no clean-up, no shared hash to insert into per connect.
 #[btf_map(name = "icp_sock_dst")]
-static SOCK_DST: LruHashMap<u64, OrigDst, { SOCK_DST_MAX as usize }> = LruHashMap::new();
+static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
 
 /// (pod netns cookie, client addr, client port) -> the destination it dialled; what the
 /// agent looks up after accept on the pod-local listener.
@@ -149,16 +150,19 @@ fn decide(
     if !listener_present(ctx, v6_listener, ICP_LISTEN_PORT.load().to_be()) {
         return Stat::NoListener;
     }
-    // SAFETY: ctx is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let dst = OrigDst {
+    let mut dst = OrigDst {
         addr,
         port_be,
         _pad: [0; 6],
     };
-    if SOCK_DST.insert(cookie, dst, 0).is_err() {
+    // SAFETY: ctx is the program's context; the helper copies `dst` into new storage.
+    let slot = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut dst)) };
+    if slot.is_null() {
         return Stat::RecordFailed;
     }
+    // SAFETY: this socket's storage; an earlier connect of the same socket may have left a
+    // value, so write ours.
+    unsafe { *slot = dst };
     Stat::Redirected
 }
 
@@ -234,10 +238,21 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Stat> {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return None;
     }
-    // SAFETY: ctx is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let dst = *unsafe { SOCK_DST.get(cookie) }?;
+    // SAFETY: ops is the program's valid context.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // The map's address is what the loader relocates into a map reference.
+    let map = core::ptr::from_ref(&SOCK_DST).cast_mut().cast::<c_void>();
+    // SAFETY: sk is a non-null socket from the context; without the create flag no value is read.
+    let slot =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<OrigDst>();
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: this socket's storage, copied out at once.
+    let dst = unsafe { *slot };
     // SAFETY: ctx is the program's context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Volatile loads at fixed offsets: the verifier rejects a context load whose offset is
@@ -298,10 +313,13 @@ fn redirected_dst(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<OrigDst> 
     if sa.user_port as u16 != ICP_LISTEN_PORT.load().to_be() {
         return None;
     }
-    // SAFETY: ctx is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    unsafe { SOCK_DST.get(cookie) }.copied()
+    // SAFETY: ctx is the program's context; without the create flag nothing is allocated.
+    let slot = unsafe { SOCK_DST.get_ptr_mut(ctx) };
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: this socket's storage, copied out at once.
+    Some(unsafe { *slot })
 }
 
 // A redirected socket's peer is the pod-local listener; answer with the address the app

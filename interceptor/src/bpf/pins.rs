@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{MapInfo, MapType};
 use interceptor_common::{
     names, OrigDst, ServiceKey, ServiceValue, SockKey, ABI_VERSION, ORIG_DST_MAX, SERVICES_MAX,
-    SOCK_DST_MAX, STAT_COUNT,
+    STAT_COUNT,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -119,10 +119,11 @@ const MAP_SPECS: [MapSpec; 4] = [
     ),
     spec(
         names::MAP_SOCK_DST,
-        MapType::LruHash,
-        size_of::<u64>(),
+        MapType::SkStorage,
+        // Socket storage is keyed by a socket fd and sized by the kernel (max_entries 0).
+        size_of::<i32>(),
         size_of::<OrigDst>(),
-        SOCK_DST_MAX,
+        0,
     ),
     spec(
         names::MAP_ORIG_DST,
