@@ -18,7 +18,7 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain and system tools the build and tests need (idempotent).
     Setup,
-    /// Set up, build, and run the balancer demo on loopback (no cluster, no root needed).
+    /// Set up, build, and run the balancer demo on loopback (no cluster needed; installing missing tools needs root).
     ProxyDemo,
     /// Set up, build everything (eBPF object included) and run the whole test suite.
     /// The end-to-end tests load the real eBPF object: run as root.
