@@ -137,10 +137,6 @@ impl Datapath {
         })
     }
 
-    pub fn layout(&self) -> &PinLayout {
-        &self.layout
-    }
-
     /// Attaches the hooks to a pod's cgroup (and pins the links, replacing a previous agent's).
     /// Idempotent.
     pub fn enable_pod(&mut self, cgroup: &Path) -> Result<CgroupId, BpfError> {
@@ -171,10 +167,6 @@ impl Datapath {
         )?)
     }
 
-    pub fn enabled_pods(&self) -> impl Iterator<Item = CgroupId> + '_ {
-        self.attached.keys().copied()
-    }
-
     pub fn set_service(&mut self, addr: SocketAddr, action: ServiceAction) -> Result<(), BpfError> {
         self.maps.set_service(addr, action)
     }
@@ -203,12 +195,6 @@ impl Datapath {
         if let Some(logger) = self.logger.as_mut() {
             logger.flush();
         }
-    }
-
-    /// The fd to wait on for kernel log records, when the kernel debug log is on.
-    pub fn kernel_log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.logger.as_ref().map(|l| l.as_fd())
     }
 }
 

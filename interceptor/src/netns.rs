@@ -65,13 +65,6 @@ impl Netns {
         }
         Ok(out)
     }
-
-    /// The kernel's cookie for this netns (what `bpf_get_netns_cookie` returns in the pod).
-    pub fn cookie(&self) -> io::Result<u64> {
-        let sock = self
-            .enter(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
-        netns_cookie(&sock)
-    }
 }
 
 fn setns(file: &File) -> io::Result<()> {

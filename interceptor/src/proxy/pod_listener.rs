@@ -50,7 +50,6 @@ pub type Handler = Arc<dyn Fn(Accepted) -> BoxFuture + Send + Sync>;
 /// connects from this pod) and ends the accept loops.
 pub struct PodListener {
     tasks: JoinSet<()>,
-    addrs: Vec<SocketAddr>,
 }
 
 impl PodListener {
@@ -81,10 +80,8 @@ impl PodListener {
             Err(e) => tracing::debug!(pod = %pod.name, error = %e, "no IPv6 pod-local listener"),
         }
         let mut tasks = JoinSet::new();
-        let mut addrs = Vec::new();
         for socket in sockets {
             let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
-            addrs.push(listener.local_addr()?);
             tasks.spawn(accept_loop(
                 listener,
                 cookie,
@@ -94,11 +91,7 @@ impl PodListener {
             ));
         }
         tracing::info!(pod = %pod.name, netns_cookie = cookie, port, "pod-local listener open");
-        Ok(Self { tasks, addrs })
-    }
-
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+        Ok(Self { tasks })
     }
 
     /// Stops accepting; connections already handed on continue.
