@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bpf;
 pub mod cli;
+pub mod discovery;
 pub mod netns;
 pub mod proxy;
 pub mod telemetry;
