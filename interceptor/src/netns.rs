@@ -27,25 +27,51 @@ impl Netns {
         Self::open(&PathBuf::from(format!("/proc/{pid}/ns/net")))
     }
 
-    /// The netns of the first process found in a cgroup (a pod's cgroup holds its sandbox and
-    /// containers, which share one netns).
+    /// The netns of the first process found in a cgroup or below it: under cgroup v2 a
+    /// pod's processes live in its containers' child cgroups (the sandbox and the app
+    /// containers), which all share the pod's netns.
     pub fn of_cgroup(cgroup: &Path) -> io::Result<Self> {
-        let procs = cgroup.join("cgroup.procs");
-        let text = std::fs::read_to_string(&procs)?;
         let mut last_err = io::Error::new(
             io::ErrorKind::NotFound,
             format!(
-                "no process in {}: the pod has no running container yet",
-                procs.display()
+                "no process in {} or below it: the pod has no running container yet",
+                cgroup.display()
             ),
         );
-        for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            match Self::of_pid(pid) {
-                Ok(ns) => return Ok(ns),
-                Err(e) => last_err = e,
+        // Breadth-first, bounded: pod cgroups are shallow (pod / container).
+        let mut queue = std::collections::VecDeque::from([(cgroup.to_path_buf(), 0u32)]);
+        while let Some((dir, depth)) = queue.pop_front() {
+            let procs = dir.join("cgroup.procs");
+            let text = match std::fs::read_to_string(&procs) {
+                Ok(t) => t,
+                Err(e) if depth == 0 => return Err(e),
+                Err(_) => continue,
+            };
+            for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                match Self::of_pid(pid) {
+                    Ok(ns) => return Ok(ns),
+                    Err(e) => last_err = e,
+                }
+            }
+            if depth < 4 {
+                if let Ok(children) = std::fs::read_dir(&dir) {
+                    for child in children.flatten() {
+                        if child.file_type().is_ok_and(|t| t.is_dir()) {
+                            queue.push_back((child.path(), depth + 1));
+                        }
+                    }
+                }
             }
         }
         Err(last_err)
+    }
+
+    /// Identity of the namespace (device and inode of its nsfs file): a pod whose sandbox
+    /// was recreated has a new one.
+    pub fn id(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
     }
 
     pub fn path(&self) -> &Path {

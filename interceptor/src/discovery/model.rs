@@ -1,1 +1,124 @@
-//! TODO
+//! The desired state of this node, whatever source produced it: which pods are intercepted,
+//! which Service ports the kernel redirects, and the endpoints the proxy balances over.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::proxy::endpoints::{EndpointSpec, EndpointState};
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod's UID, which names its cgroup on the node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PodUid(pub String);
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Kubernetes QoS class: the kubelet puts the pod's cgroup under a class-specific parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// A pod on this node that should be intercepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodTarget {
+    pub pod: ObjectRef,
+    pub uid: PodUid,
+    pub qos: Option<QosClass>,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What the kernel does with connects to one ClusterIP:port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PortAction {
+    Intercept,
+    /// Opted out (annotation or excluded port): left to kube-proxy, counted as excluded.
+    Exclude,
+}
+
+/// Why a Service port is not intercepted (for `explain` and logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ExcludeReason {
+    ServiceAnnotation,
+    SkipPortsAnnotation,
+    ExcludedPort,
+}
+
+/// One TCP port of a Service, on one of its ClusterIPs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub service: ObjectRef,
+    pub port_name: Option<String>,
+    /// `appProtocol`, a hint only: detection decides what a connection carries.
+    pub app_protocol: Option<String>,
+    pub action: PortAction,
+    pub exclude_reason: Option<ExcludeReason>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// An endpoint as EndpointSlices give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Endpoint {
+    /// Ready takes new streams; serving-but-terminating only when nothing is ready.
+    pub fn spec(&self) -> EndpointSpec {
+        let state = if self.ready {
+            EndpointState::Ready
+        } else if self.serving && self.terminating {
+            EndpointState::Terminating
+        } else {
+            EndpointState::NotReady
+        };
+        EndpointSpec {
+            addr: self.addr,
+            state,
+        }
+    }
+}
+
+/// Everything this node should do, keyed for cheap diffs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredState {
+    /// Intercepted pods on this node, by UID.
+    pub pods: BTreeMap<PodUid, PodTarget>,
+    /// Every TCP ClusterIP:port of every Service (intercepted or excluded).
+    pub services: BTreeMap<SocketAddr, ServicePort>,
+    /// Pods on this node that are not intercepted, and why (for `explain`).
+    pub skipped_pods: BTreeMap<ObjectRef, String>,
+}

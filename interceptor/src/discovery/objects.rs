@@ -1,1 +1,417 @@
-//! TODO
+//! The Kubernetes objects a source has seen, and the one function that turns them into this
+//! node's desired state. Both sources (kube watch, manifest files) end here, so a behaviour
+//! tested on one holds for the other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::model::{
+    DesiredState, Endpoint, ExcludeReason, ObjectRef, PodTarget, PodUid, PortAction, QosClass,
+    ServicePort,
+};
+use super::{ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION};
+
+/// Label linking an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The objects a source currently knows, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub pods: BTreeMap<ObjectRef, Pod>,
+}
+
+/// Node-level settings that shape the desired state.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Only pods scheduled here are intercepted (`None`: every pod the source lists).
+    pub node_name: Option<String>,
+    /// Service ports never intercepted (server-first protocols).
+    pub exclude_ports: Vec<u16>,
+}
+
+pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+fn opted_out(meta: &ObjectMeta) -> bool {
+    annotation(meta, INTERCEPT_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+}
+
+impl Objects {
+    /// Whether the namespace carries the enablement label.
+    pub fn namespace_enabled(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.metadata.labels.as_ref())
+            .and_then(|l| l.get(ENABLED_LABEL))
+            .is_some_and(|v| v == "true")
+    }
+
+    /// This node's desired state.
+    pub fn desired_state(&self, policy: &Policy) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (name, pod) in &self.pods {
+            match self.pod_target(pod, policy) {
+                Ok(Some(target)) => {
+                    state.pods.insert(target.uid.clone(), target);
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    state.skipped_pods.insert(name.clone(), why);
+                }
+            }
+        }
+        for (name, svc) in &self.services {
+            self.service_ports(name, svc, policy, &mut state.services);
+        }
+        state
+    }
+
+    /// `Ok(None)`: not on this node. `Err(why)`: on this node but not intercepted.
+    fn pod_target(&self, pod: &Pod, policy: &Policy) -> Result<Option<PodTarget>, String> {
+        let spec = pod.spec.as_ref();
+        if let Some(node) = &policy.node_name {
+            if spec.and_then(|s| s.node_name.as_deref()) != Some(node.as_str()) {
+                return Ok(None);
+            }
+        }
+        let name = object_ref(&pod.metadata);
+        if !self.namespace_enabled(&name.namespace) {
+            return Err(format!(
+                "namespace {} is not labelled {ENABLED_LABEL}=true",
+                name.namespace
+            ));
+        }
+        if opted_out(&pod.metadata) {
+            return Err(format!("pod annotation {INTERCEPT_ANNOTATION}=false"));
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            return Err("hostNetwork pod: it shares the node's network namespace".to_string());
+        }
+        let status = pod.status.as_ref();
+        if let Some(phase @ ("Succeeded" | "Failed")) = status.and_then(|s| s.phase.as_deref()) {
+            return Err(format!("pod phase {phase}"));
+        }
+        let Some(uid) = pod.metadata.uid.clone().filter(|u| !u.is_empty()) else {
+            return Err("pod has no metadata.uid".to_string());
+        };
+        let qos = match status.and_then(|s| s.qos_class.as_deref()) {
+            Some("Guaranteed") => Some(QosClass::Guaranteed),
+            Some("Burstable") => Some(QosClass::Burstable),
+            Some("BestEffort") => Some(QosClass::BestEffort),
+            _ => None,
+        };
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().filter_map(|p| p.ip.parse().ok()).collect())
+            .unwrap_or_default();
+        Ok(Some(PodTarget {
+            pod: name,
+            uid: PodUid(uid),
+            qos,
+            ips,
+        }))
+    }
+
+    fn service_ports(
+        &self,
+        name: &ObjectRef,
+        svc: &Service,
+        policy: &Policy,
+        out: &mut BTreeMap<SocketAddr, ServicePort>,
+    ) {
+        let Some(spec) = svc.spec.as_ref() else {
+            return;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return;
+        }
+        let mut ips: BTreeSet<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        // Headless Services have no ClusterIP: clients dial pods directly, nothing to redirect.
+        ips.retain(|ip| !ip.is_unspecified());
+        let opted_out_svc = opted_out(&svc.metadata);
+        let skip: Vec<String> = annotation(&svc.metadata, SKIP_PORTS_ANNOTATION)
+            .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+            .unwrap_or_default();
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            let skipped = skip.iter().any(|s| {
+                s == &number.to_string() || port.name.as_deref().is_some_and(|n| n == s.as_str())
+            });
+            let exclude_reason = if opted_out_svc {
+                Some(ExcludeReason::ServiceAnnotation)
+            } else if skipped {
+                Some(ExcludeReason::SkipPortsAnnotation)
+            } else if policy.exclude_ports.contains(&number) {
+                Some(ExcludeReason::ExcludedPort)
+            } else {
+                None
+            };
+            for ip in &ips {
+                let endpoints = self.endpoints(name, port.name.as_deref(), ip.is_ipv4());
+                out.insert(
+                    SocketAddr::new(*ip, number),
+                    ServicePort {
+                        service: name.clone(),
+                        port_name: port.name.clone().filter(|n| !n.is_empty()),
+                        app_protocol: port.app_protocol.clone(),
+                        action: if exclude_reason.is_some() {
+                            PortAction::Exclude
+                        } else {
+                            PortAction::Intercept
+                        },
+                        exclude_reason: exclude_reason.clone(),
+                        endpoints,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Endpoints of one Service port in one address family, from all its EndpointSlices.
+    fn endpoints(&self, service: &ObjectRef, port_name: Option<&str>, v4: bool) -> Vec<Endpoint> {
+        let want_name = port_name.unwrap_or("");
+        let mut out: Vec<Endpoint> = Vec::new();
+        for (slice_name, slice) in &self.slices {
+            if slice_name.namespace != service.namespace
+                || slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    != Some(&service.name)
+            {
+                continue;
+            }
+            let family_ok = match slice.address_type.as_str() {
+                "IPv4" => v4,
+                "IPv6" => !v4,
+                _ => false,
+            };
+            if !family_ok {
+                continue;
+            }
+            let Some(port) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or("") == want_name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let cond = ep.conditions.as_ref();
+                // Per the EndpointSlice API: unknown readiness counts as ready, `serving`
+                // defaults to `ready`, `terminating` to false.
+                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                for addr in &ep.addresses {
+                    let Ok(ip) = addr.parse::<IpAddr>() else {
+                        continue;
+                    };
+                    let addr = SocketAddr::new(ip, port);
+                    if out.iter().any(|e| e.addr == addr) {
+                        continue;
+                    }
+                    out.push(Endpoint {
+                        addr,
+                        ready,
+                        serving,
+                        terminating,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|e| e.addr);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("valid object")
+    }
+
+    fn sample(labelled: bool) -> Objects {
+        let mut o = Objects::default();
+        let mut ns = serde_json::json!({"metadata": {"name": "shop"}});
+        if labelled {
+            ns["metadata"]["labels"] = serde_json::json!({ENABLED_LABEL: "true"});
+        }
+        o.namespaces.insert("shop".into(), parse(ns));
+        o.services.insert(
+            ObjectRef::new("shop", "greet"),
+            parse(serde_json::json!({
+                "metadata": {"name": "greet", "namespace": "shop",
+                             "annotations": {SKIP_PORTS_ANNOTATION: "admin"}},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                         "ports": [{"name": "grpc", "port": 50051},
+                                   {"name": "admin", "port": 9000},
+                                   {"name": "dns", "port": 53, "protocol": "UDP"}]}
+            })),
+        );
+        o.slices.insert(
+            ObjectRef::new("shop", "greet-abc"),
+            parse(serde_json::json!({
+                "metadata": {"name": "greet-abc", "namespace": "shop",
+                             "labels": {SERVICE_NAME_LABEL: "greet"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "grpc", "port": 8080}, {"name": "admin", "port": 9001}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.0.0.4"]}
+                ]
+            })),
+        );
+        o.pods.insert(
+            ObjectRef::new("shop", "client"),
+            parse(serde_json::json!({
+                "metadata": {"name": "client", "namespace": "shop", "uid": "u-1"},
+                "spec": {"nodeName": "node-a", "containers": []},
+                "status": {"phase": "Running", "qosClass": "BestEffort", "podIPs": [{"ip": "10.0.0.9"}]}
+            })),
+        );
+        o.pods.insert(
+            ObjectRef::new("shop", "elsewhere"),
+            parse(serde_json::json!({
+                "metadata": {"name": "elsewhere", "namespace": "shop", "uid": "u-2"},
+                "spec": {"nodeName": "node-b", "containers": []}
+            })),
+        );
+        o
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            node_name: Some("node-a".into()),
+            exclude_ports: vec![3306],
+        }
+    }
+
+    #[test]
+    fn labelled_namespace_enables_only_this_nodes_pods() {
+        let state = sample(true).desired_state(&policy());
+        let uids: Vec<&str> = state.pods.keys().map(|u| u.0.as_str()).collect();
+        assert_eq!(uids, ["u-1"]);
+        let pod = &state.pods[&PodUid("u-1".into())];
+        assert_eq!(pod.qos, Some(QosClass::BestEffort));
+        assert_eq!(pod.ips, ["10.0.0.9".parse::<IpAddr>().expect("ip")]);
+
+        let state = sample(false).desired_state(&policy());
+        assert!(state.pods.is_empty());
+        assert!(state.skipped_pods[&ObjectRef::new("shop", "client")].contains("not labelled"));
+    }
+
+    #[test]
+    fn pod_opt_out_annotation() {
+        let mut o = sample(true);
+        let pod = o
+            .pods
+            .get_mut(&ObjectRef::new("shop", "client"))
+            .expect("pod");
+        pod.metadata.annotations =
+            Some([(INTERCEPT_ANNOTATION.to_string(), "false".to_string())].into());
+        let state = o.desired_state(&policy());
+        assert!(state.pods.is_empty());
+        assert!(state.skipped_pods[&ObjectRef::new("shop", "client")].contains("annotation"));
+    }
+
+    #[test]
+    fn service_ports_per_cluster_ip_with_endpoints_and_conditions() {
+        let state = sample(true).desired_state(&policy());
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let keys: Vec<SocketAddr> = state.services.keys().copied().collect();
+        // UDP is never intercepted; both families of a dual-stack Service are.
+        assert_eq!(
+            keys,
+            [
+                addr("10.96.0.10:9000"),
+                addr("10.96.0.10:50051"),
+                addr("[fd00::10]:9000"),
+                addr("[fd00::10]:50051")
+            ]
+        );
+        let grpc = &state.services[&addr("10.96.0.10:50051")];
+        assert_eq!(grpc.action, PortAction::Intercept);
+        let eps: Vec<(SocketAddr, bool, bool)> = grpc
+            .endpoints
+            .iter()
+            .map(|e| (e.addr, e.ready, e.terminating))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                (addr("10.0.0.2:8080"), true, false),
+                (addr("10.0.0.3:8080"), false, true),
+                (addr("10.0.0.4:8080"), true, false)
+            ]
+        );
+        // No IPv6 slice: the v6 ClusterIP has no endpoints.
+        assert!(state.services[&addr("[fd00::10]:50051")]
+            .endpoints
+            .is_empty());
+        let admin = &state.services[&addr("10.96.0.10:9000")];
+        assert_eq!(admin.action, PortAction::Exclude);
+        assert_eq!(
+            admin.exclude_reason,
+            Some(ExcludeReason::SkipPortsAnnotation)
+        );
+    }
+
+    #[test]
+    fn service_opt_out_and_excluded_ports() {
+        let mut o = sample(true);
+        let svc = o
+            .services
+            .get_mut(&ObjectRef::new("shop", "greet"))
+            .expect("svc");
+        svc.metadata.annotations =
+            Some([(INTERCEPT_ANNOTATION.to_string(), "false".to_string())].into());
+        let state = o.desired_state(&Policy {
+            node_name: None,
+            exclude_ports: vec![50051],
+        });
+        assert!(state
+            .services
+            .values()
+            .all(|p| p.action == PortAction::Exclude
+                && p.exclude_reason == Some(ExcludeReason::ServiceAnnotation)));
+        // Without a node name every listed pod counts.
+        assert_eq!(state.pods.len(), 2);
+    }
+}
