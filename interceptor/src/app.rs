@@ -1,28 +1,35 @@
-//! Wiring and lifecycle: the data path (bpf), the pod-local listeners (proxy) and the source
-//! of what to intercept.
+//! Wiring and lifecycle: the data path (bpf), the pod-local listeners and demultiplexers
+//! (proxy), the source of what to intercept (discovery), and the admin endpoint.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io;
+pub mod agent;
+pub mod inspect;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::watch;
 
-use crate::bpf::{self, CgroupId, Datapath, DatapathConfig, OrigDstTable, ServiceAction};
-use crate::cli::{PinArgs, RunArgs, StaticPod};
-use crate::netns::Netns;
+use crate::admin::{self, Admin};
+use crate::bpf::{Datapath, DatapathConfig, ServiceAction};
+use crate::cli::{RunArgs, Source};
+use crate::discovery::cgroup::CgroupLayout;
+use crate::discovery::objects::{Objects, Policy};
+use crate::discovery::{file, kube};
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
-use crate::proxy::passthrough;
-use crate::proxy::pod_listener::{
-    Accepted, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
-};
-use crate::proxy::server::Proxy;
+
+pub use agent::Agent;
+pub use inspect::{explain, status, uninstall};
+use reconcile::{Reconciler, SharedState};
 
 /// The agent: `interceptor run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing::info!(config = ?args, "starting");
+    check_args(&args)?;
+    tracing::info!(config = %serde_json::to_string(&args).unwrap_or_default(), "starting");
     runtime()?.block_on(run_agent(args))
 }
 
@@ -34,7 +41,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Flags that contradict each other fail before anything is touched.
+fn check_args(args: &RunArgs) -> anyhow::Result<()> {
+    let static_flags = !args.pods.is_empty() || !args.services.is_empty() || !args.endpoints.is_empty();
+    if static_flags && args.source != Source::Static {
+        anyhow::bail!("--pod, --service and --endpoints describe a static setup: add --source static (the {:?} source finds pods and Services itself)", args.source);
+    }
+    if args.source == Source::Kube && args.node_name.as_deref().unwrap_or("").is_empty() {
+        anyhow::bail!("--source kube needs --node-name (INTERCEPTOR_NODE_NAME; in the DaemonSet it comes from the downward API's spec.nodeName)");
+    }
+    if args.source != Source::File && args.manifests.is_some() {
+        anyhow::bail!("--manifests is only read with --source file");
+    }
+    Ok(())
+}
+
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = admin::install_metrics()?;
+    // The cgroup layout and the Kubernetes client are checked before the datapath is touched:
+    // a misconfigured agent must not take over a previous agent's hooks and then exit.
+    let layout = match args.source {
+        Source::Static => None,
+        _ => Some(CgroupLayout::detect(args.cgroup_root.clone())?),
+    };
+    let kube_client = match args.source {
+        Source::Kube => Some(kube::client().await?),
+        _ => None,
+    };
+    if let Some(path) = &args.manifests {
+        file::load(path).context("the agent starts only with manifests that parse")?;
+    }
+
     let config = DatapathConfig {
         pin_root: args.pins.pin_root.clone(),
         listen_port: args.listen_port,
@@ -42,13 +79,113 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         replace_stale_pins: args.replace_stale_pins,
     };
     let mut datapath = Datapath::load(&config)?;
-    let balanced: BTreeMap<SocketAddr, Vec<SocketAddr>> = args
+    let mut agent = Agent::with_balancing(&datapath, args.listen_port, ProxyConfig::default());
+    let state = SharedState::default();
+    admin::serve(
+        args.admin_addr,
+        Arc::new(Admin {
+            metrics,
+            config: serde_json::to_value(&args).unwrap_or_default(),
+            state: Some(state.clone()),
+            pin_root: Some(args.pins.pin_root.clone()),
+        }),
+    )
+    .await?;
+
+    let (objects_tx, mut objects_rx) = watch::channel(Arc::new(Objects::default()));
+    let mut source = tokio::task::JoinSet::new();
+    match (args.source, layout.clone()) {
+        (Source::Static, _) => {
+            apply_static(&args, &mut agent, &mut datapath)?;
+            if let Ok(mut v) = state.write() {
+                v.ready = true;
+            }
+            tracing::info!(pods = agent.enabled().len(), services = args.services.len(), "agent ready");
+        }
+        (Source::File, _) => {
+            let path = args.manifests.clone().context("--source file needs --manifests")?;
+            source.spawn(async move {
+                file::watch_manifests(path, objects_tx).await.map_err(anyhow::Error::from)
+            });
+        }
+        (Source::Kube, _) => {
+            let client = kube_client.context("Kubernetes client")?;
+            let node = args.node_name.clone().unwrap_or_default();
+            source.spawn(async move {
+                kube::watch_cluster(client, node, objects_tx).await.map_err(anyhow::Error::from)
+            });
+        }
+    }
+    let policy = Policy {
+        node_name: args.node_name.clone(),
+        exclude_ports: args.exclude_ports.clone(),
+    };
+    let mut reconciler = layout.map(|l| Reconciler::new(l, state.clone()));
+    let mut applied_once = false;
+
+    let mut log_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = log_tick.tick() => datapath.drain_kernel_log(),
+            changed = objects_rx.changed(), if reconciler.is_some() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let objects = objects_rx.borrow_and_update().clone();
+                let desired = objects.desired_state(&policy);
+                if let Some(r) = reconciler.as_mut() {
+                    r.apply(desired, &mut agent, &mut datapath);
+                }
+                if !applied_once {
+                    applied_once = true;
+                    tracing::info!(pods = agent.enabled().len(), "agent ready");
+                }
+            }
+            _ = retry_tick.tick(), if applied_once => {
+                if let Some(r) = reconciler.as_mut() {
+                    r.retry(&mut agent, &mut datapath);
+                }
+            }
+            Some(ended) = source.join_next() => {
+                // A source only returns on a fatal error; what was applied stays in force.
+                match ended {
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "discovery stopped; the agent keeps serving the last state"),
+                    Ok(Ok(())) => tracing::warn!("discovery ended; the agent keeps serving the last state"),
+                    Err(e) => tracing::error!(error = %e, "discovery task failed; the agent keeps serving the last state"),
+                }
+            }
+        }
+    }
+    // The hooks stay attached (pinned): with the listeners closed they fail open, and the next
+    // agent picks them up. `interceptor uninstall` removes them.
+    tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "stopping: closing pod-local listeners (new connects fail open), draining open connections; hooks stay pinned");
+    source.abort_all();
+    let left = agent.drain(args.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(connections = left, "drain timeout reached; closing the remaining connections");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+/// `--source static`: pods, services and endpoints straight from the flags.
+fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> anyhow::Result<()> {
+    let routes: BTreeMap<SocketAddr, Vec<EndpointSpec>> = args
         .endpoints
         .iter()
-        .map(|e| (e.service, e.endpoints.clone()))
+        .map(|e| {
+            (
+                e.service,
+                e.endpoints.iter().copied().map(EndpointSpec::ready).collect(),
+            )
+        })
         .collect();
-    let mut agent = Agent::with_balancing(&datapath, args.listen_port, balanced);
-
+    agent.set_endpoints(routes);
     let desired: Vec<(SocketAddr, ServiceAction)> = args
         .services
         .iter()
@@ -61,216 +198,21 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             (*addr, action)
         })
         .collect();
-    agent.set_services(&mut datapath, &desired)?;
+    agent.set_services(datapath, &desired)?;
     for pod in &args.pods {
         // One pod failing (gone, no process yet) must not stop the others.
-        if let Err(e) = agent.enable_pod(&mut datapath, pod) {
+        if let Err(e) = agent.enable_pod(datapath, pod) {
             tracing::error!(pod = %pod.name, error = %format!("{e:#}"), "cannot intercept pod");
         }
     }
     for id in datapath.prune_stale_links()? {
-        tracing::info!(
-            cgroup_id = id.0,
-            "detached hooks left for a pod that is no longer enabled"
-        );
+        tracing::info!(cgroup_id = id.0, "detached hooks left for a pod that is no longer enabled");
     }
-    tracing::info!(
-        pods = agent.pods.len(),
-        services = desired.len(),
-        "agent ready"
-    );
-
-    let mut log_tick = tokio::time::interval(Duration::from_millis(100));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
-            _ = log_tick.tick() => datapath.drain_kernel_log(),
-        }
-    }
-    // The hooks stay attached (pinned): with the listeners closed they fail open, and the next
-    // agent picks them up. `interceptor uninstall` removes them.
-    tracing::info!("stopping: closing pod-local listeners, hooks stay pinned and fail open");
-    agent.close_all();
     Ok(())
-}
-
-/// Adapts the kernel's original-destination map to the proxy's resolver.
-struct MapResolver(OrigDstTable);
-
-impl OrigDstResolver for MapResolver {
-    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
-        self.0.lookup(netns_cookie, peer).map_err(io::Error::other)
-    }
-}
-
-/// Makes the connection handler of one pod (each pod gets its own demultiplexer and pools).
-type HandlerFactory = Arc<dyn Fn(&Arc<PodContext>) -> Handler + Send + Sync>;
-
-/// The intercepted pods and what keeps them intercepted.
-pub struct Agent {
-    listen_port: u16,
-    resolver: Arc<dyn OrigDstResolver>,
-    handlers: HandlerFactory,
-    pods: BTreeMap<CgroupId, (String, PodListener)>,
-}
-
-impl Agent {
-    /// An agent whose every pod hands accepted connections to `handler`.
-    pub fn new(datapath: &Datapath, listen_port: u16, handler: Handler) -> Self {
-        Self::with_factory(datapath, listen_port, Arc::new(move |_| handler.clone()))
-    }
-
-    /// An agent that balances each HTTP/2 stream of a connection to one of `balanced`'s
-    /// Services over that Service's endpoints, through a demultiplexer per pod (its upstream
-    /// connections are opened from the pod's netns and pooled per pod). Connections to other
-    /// intercepted Services are relayed to their original destination.
-    pub fn with_balancing(
-        datapath: &Datapath,
-        listen_port: u16,
-        balanced: BTreeMap<SocketAddr, Vec<SocketAddr>>,
-    ) -> Self {
-        let balanced = Arc::new(balanced);
-        let factory: HandlerFactory = Arc::new(move |pod: &Arc<PodContext>| {
-            let proxy = Proxy::new(ProxyConfig::default(), Arc::new(PodConnector(pod.clone())));
-            for (service, endpoints) in balanced.iter() {
-                proxy
-                    .endpoints(*service)
-                    .update(endpoints.iter().map(|e| EndpointSpec::ready(*e)));
-            }
-            let balanced = balanced.clone();
-            Arc::new(move |conn: Accepted| {
-                let proxy = proxy.clone();
-                let balanced = balanced.contains_key(&conn.orig_dst);
-                Box::pin(async move {
-                    if !balanced {
-                        return passthrough::relay(conn).await;
-                    }
-                    let (pod, dest) = (conn.pod.name.clone(), conn.orig_dst);
-                    if let Err(e) = proxy.serve_connection(conn.stream, dest).await {
-                        tracing::debug!(pod = %pod, %dest, error = %e, "client connection ended with an error");
-                    }
-                })
-            })
-        });
-        Self::with_factory(datapath, listen_port, factory)
-    }
-
-    fn with_factory(datapath: &Datapath, listen_port: u16, handlers: HandlerFactory) -> Self {
-        Self {
-            listen_port,
-            resolver: Arc::new(MapResolver(datapath.orig_dst_table())),
-            handlers,
-            pods: BTreeMap::new(),
-        }
-    }
-
-    /// Opens the pod's listener in its netns, then attaches the hooks to its cgroup.
-    pub fn enable_pod(
-        &mut self,
-        datapath: &mut Datapath,
-        pod: &StaticPod,
-    ) -> anyhow::Result<CgroupId> {
-        let id = CgroupId::of(&pod.cgroup)
-            .with_context(|| format!("pod {}: cgroup {}", pod.name, pod.cgroup.display()))?;
-        if self.pods.contains_key(&id) {
-            return Ok(id);
-        }
-        let netns = Netns::of_cgroup(&pod.cgroup).with_context(|| {
-            format!(
-                "pod {}: finding its network namespace from {}",
-                pod.name,
-                pod.cgroup.display()
-            )
-        })?;
-        let ctx = Arc::new(PodContext {
-            name: pod.name.clone(),
-            netns,
-        });
-        let handler = (self.handlers)(&ctx);
-        let listener = PodListener::open(ctx, self.listen_port, self.resolver.clone(), handler)
-            .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
-        datapath
-            .enable_pod(&pod.cgroup)
-            .with_context(|| format!("pod {}", pod.name))?;
-        tracing::info!(pod = %pod.name, cgroup_id = id.0, "interception enabled");
-        self.pods.insert(id, (pod.name.clone(), listener));
-        Ok(id)
-    }
-
-    /// Detaches the hooks and closes the pod's listener.
-    pub fn disable_pod(&mut self, datapath: &mut Datapath, id: CgroupId) -> anyhow::Result<()> {
-        datapath.disable_pod(id)?;
-        if let Some((name, listener)) = self.pods.remove(&id) {
-            listener.close();
-            tracing::info!(pod = %name, cgroup_id = id.0, "interception disabled");
-        }
-        Ok(())
-    }
-
-    /// Makes the kernel's service entries exactly `desired` (entries a previous agent left are removed).
-    pub fn set_services(
-        &mut self,
-        datapath: &mut Datapath,
-        desired: &[(SocketAddr, ServiceAction)],
-    ) -> anyhow::Result<()> {
-        let want: BTreeSet<SocketAddr> = desired.iter().map(|(a, _)| *a).collect();
-        for (addr, _) in datapath.services()? {
-            if !want.contains(&addr) {
-                datapath.remove_service(addr)?;
-            }
-        }
-        for (addr, action) in desired {
-            datapath.set_service(*addr, *action)?;
-        }
-        Ok(())
-    }
-
-    pub fn close_all(&mut self) {
-        for (_, (_, listener)) in std::mem::take(&mut self.pods) {
-            listener.close();
-        }
-    }
 }
 
 /// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
 pub fn standalone_proxy(args: crate::proxy::standalone::ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting standalone proxy");
     runtime()?.block_on(crate::proxy::standalone::run(args))
-}
-
-/// `interceptor status`: read from the pins, so it works while the agent is down.
-pub fn status(args: &PinArgs) -> anyhow::Result<()> {
-    let layout = bpf::PinLayout::new(&args.pin_root);
-    if !layout.dir().exists() {
-        println!(
-            "interceptor is not installed here: no pins under {}",
-            layout.dir().display()
-        );
-        return Ok(());
-    }
-    println!("pins: {}", layout.dir().display());
-    let pods = bpf::pinned_pods(&args.pin_root)?;
-    println!("intercepted pod cgroups ({}):", pods.len());
-    for id in pods {
-        println!("  cgroup id {id}");
-    }
-    println!("kernel counters:");
-    for (stat, value) in bpf::read_pinned_stats(&args.pin_root)? {
-        println!("  {:<15} {value}", stat.label());
-    }
-    Ok(())
-}
-
-/// `interceptor uninstall`.
-pub fn uninstall(args: &PinArgs) -> anyhow::Result<()> {
-    let removed = bpf::uninstall(&args.pin_root)?;
-    println!(
-        "removed {} hook links and {} maps under {}: pods' new connections now go straight to their Services",
-        removed.links,
-        removed.maps,
-        args.pin_root.display()
-    );
-    Ok(())
 }

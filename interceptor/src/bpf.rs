@@ -231,3 +231,8 @@ pub fn read_pinned_stats(pin_root: &Path) -> Result<Vec<(Stat, u64)>, BpfError> 
 pub fn pinned_pods(pin_root: &Path) -> Result<Vec<CgroupId>, BpfError> {
     Ok(attach::pinned_cgroups(&PinLayout::new(pin_root))?)
 }
+
+/// Service entries in the pinned map, without a running agent.
+pub fn read_pinned_services(pin_root: &Path) -> Result<Vec<(SocketAddr, ServiceAction)>, BpfError> {
+    maps::read_pinned_services(&PinLayout::new(pin_root))
+}

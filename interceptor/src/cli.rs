@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 
 use crate::bpf::DEFAULT_PIN_ROOT;
 
@@ -45,8 +46,11 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the agent: load the eBPF programs, intercept the enabled pods, relay their connections.
     Run(RunArgs),
-    /// Show what is intercepted and the kernel counters, read from the pins (works without the agent).
-    Status(PinArgs),
+    /// Show what is intercepted, services, endpoints and counters: from the agent's admin
+    /// endpoint, and from the pins (which work without the agent).
+    Status(StatusArgs),
+    /// Say why a connect from a pod to an address would or would not be intercepted.
+    Explain(ExplainArgs),
     /// Detach every hook and remove every pin: pods' new connections go straight to kube-proxy.
     Uninstall(PinArgs),
     /// The HTTP/2 balancer alone, without eBPF or a cluster: listen on an address and spread
@@ -54,7 +58,7 @@ pub enum Command {
     Proxy(crate::proxy::standalone::ProxyArgs),
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize)]
 pub struct PinArgs {
     /// bpffs directory holding interceptor's pins.
     #[arg(long, env = "INTERCEPTOR_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
@@ -62,9 +66,66 @@ pub struct PinArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// The agent's admin endpoint.
+    #[arg(long, env = "INTERCEPTOR_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub status: StatusArgs,
+    /// The pod, as NAMESPACE/NAME.
+    pub pod: String,
+    /// The address the pod dials, e.g. 10.96.0.10:50051.
+    pub target: SocketAddr,
+}
+
+/// Admin endpoint default: loopback only (health, readiness, metrics, config, state).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
+
+/// Where the agent learns what to intercept.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Kubernetes API watch (the DaemonSet).
+    Kube,
+    /// Manifest files of Kubernetes objects (`--manifests`), reloaded on change.
+    File,
+    /// Only the `--pod`, `--service` and `--endpoints` flags.
+    Static,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
 pub struct RunArgs {
     #[command(flatten)]
     pub pins: PinArgs,
+    /// Where the desired state comes from.
+    #[arg(long, env = "INTERCEPTOR_SOURCE", value_enum, default_value_t = Source::Kube)]
+    pub source: Source,
+    /// Manifest file, or directory of `*.yaml` files, for `--source file`.
+    #[arg(long, env = "INTERCEPTOR_MANIFESTS", required_if_eq("source", "file"))]
+    pub manifests: Option<PathBuf>,
+    /// This node's name: only pods scheduled here are intercepted (required for `--source
+    /// kube`; optional for `--source file`, where it filters by `spec.nodeName`).
+    #[arg(long, env = "INTERCEPTOR_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's IP (informational: logged and shown in /config).
+    #[arg(long, env = "INTERCEPTOR_NODE_IP")]
+    pub node_ip: Option<std::net::IpAddr>,
+    /// The cgroup2 mount the kubelet uses (default: found in /proc/mounts).
+    #[arg(long, env = "INTERCEPTOR_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Admin endpoint: /healthz, /readyz, /metrics, /config, /state. Port 0 picks a free one.
+    #[arg(long, env = "INTERCEPTOR_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// On SIGTERM, how long open connections may take to finish (e.g. `20s`, `500ms`).
+    #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[serde(serialize_with = "serialize_duration")]
+    pub drain_timeout: std::time::Duration,
     /// Port of the pod-local listener (127.0.0.1 and [::1] inside each pod).
     #[arg(long, env = "INTERCEPTOR_LISTEN_PORT", default_value_t = 15001)]
     pub listen_port: u16,
@@ -91,16 +152,40 @@ pub struct RunArgs {
     pub replace_stale_pins: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StaticPod {
     pub name: String,
     pub cgroup: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StaticEndpoints {
     pub service: SocketAddr,
     pub endpoints: Vec<SocketAddr>,
+}
+
+fn serialize_duration<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+/// `20s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 20s or 500ms, got {s:?}"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("unknown unit in {s:?}: use ms, s or m")),
+    }
 }
 
 fn parse_endpoints(s: &str) -> Result<StaticEndpoints, String> {
@@ -153,6 +238,16 @@ mod tests {
         assert_eq!(e.endpoints.len(), 2);
         assert!(parse_endpoints("10.96.0.10:80").is_err());
         assert!(parse_endpoints("10.96.0.10:80=nope").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("20s"), Ok(std::time::Duration::from_secs(20)));
+        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(std::time::Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
     }
 
     #[test]

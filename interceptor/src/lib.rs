@@ -3,6 +3,7 @@
 //! Layers: `bpf` (the only user of aya), `proxy` (the only user of h2), `netns` (entering pod
 //! network namespaces); `app` wires them.
 
+pub mod admin;
 pub mod app;
 pub mod bpf;
 pub mod cli;

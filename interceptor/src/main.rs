@@ -10,6 +10,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => interceptor::app::run(args),
         Command::Status(args) => interceptor::app::status(&args),
+        Command::Explain(args) => interceptor::app::explain(&args),
         Command::Uninstall(args) => interceptor::app::uninstall(&args),
         Command::Proxy(args) => interceptor::app::standalone_proxy(args),
     };

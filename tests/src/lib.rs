@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Fails the test (never skips it) when the capabilities are missing.
+pub mod cluster;
+pub mod greet;
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -191,7 +194,10 @@ pub struct Pod {
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
     pause: Option<ChildGuard>,
+    /// Where the pod's processes go (a container's cgroup for kubelet-style pods).
     pub cgroup: Cgroup,
+    /// The pod-level cgroup of a kubelet-style pod (hooks attach here), removed with the pod.
+    pub pod_cgroup: Option<Cgroup>,
     pub netns: Netns,
 }
 
@@ -360,6 +366,17 @@ impl Node {
 
     /// A pod with addresses 10.244.0.N and fd00:244::N.
     pub fn add_pod(&self, name: &str, n: u8) -> Pod {
+        self.add_pod_in(name, n, self.cgroup_parent.path.join(name), None)
+    }
+
+    /// Like `add_pod`, with the pod's processes in `cgroup_dir`.
+    pub fn add_pod_in(
+        &self,
+        name: &str,
+        n: u8,
+        cgroup_dir: PathBuf,
+        pod_cgroup: Option<Cgroup>,
+    ) -> Pod {
         let ip4 = Ipv4Addr::new(10, 244, 0, n);
         let ip6: Ipv6Addr = format!("fd00:244::{n:x}").parse().expect("pod ipv6");
         let netns = Netns::new(format!("icp-{}-{name}", self.id));
@@ -399,13 +416,14 @@ impl Node {
         netns.ip(&[
             "-6", "route", "add", "default", "via", NODE_GW6, "dev", "eth0",
         ]);
-        let cgroup = Cgroup::new(self.cgroup_parent.path.join(name));
+        let cgroup = Cgroup::new(cgroup_dir);
         let mut pod = Pod {
             name: name.to_string(),
             ip4,
             ip6,
             pause: None,
             cgroup,
+            pod_cgroup,
             netns,
         };
         pod.pause = Some(pod.spawn(&["pause"]));
@@ -416,9 +434,10 @@ impl Node {
     /// port), chosen at random per connection, in the node's netns.
     pub fn kube_proxy(&self, services: &[(SocketAddr, Vec<std::net::IpAddr>)]) {
         let mut rules = String::new();
+        // Each call replaces the whole rule set (a scale-up re-programs the Service).
         for family in ["ip", "ip6"] {
             rules.push_str(&format!(
-                "table {family} icp_kp {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n  }}\n}}\n"
+                "table {family} icp_kp {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n  }}\n}}\nflush table {family} icp_kp\n"
             ));
         }
         for (vip, backends) in services {
@@ -493,6 +512,8 @@ impl AgentProcess {
         let mut child = Command::new(target_bin("interceptor"))
             .args(args)
             .env("INTERCEPTOR_LOG", "info,interceptor=debug")
+            // Tests run agents side by side: each gets a free admin port (see `admin_addr`).
+            .env("INTERCEPTOR_ADMIN_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -558,6 +579,31 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// The admin endpoint's address, from the agent's start-up log.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.log_text();
+        log.lines()
+            .find_map(|l| {
+                let (_, rest) = l.split_once("admin_addr=")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("the agent logged no admin endpoint address:\n{log}"))
+    }
+
+    /// GET on the admin endpoint: (status code, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        interceptor::admin::get(self.admin_addr(), path)
+            .unwrap_or_else(|e| panic!("admin GET {path}: {e}\n{}", self.log_text()))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the agent to exit.
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.0.take().expect("agent running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        ChildGuard(Some(child)).wait_output(timeout).status
     }
 
     /// SIGKILL: no clean-up code runs, as when the agent crashes or is OOM-killed.

@@ -119,6 +119,7 @@ fn one_client_connection_is_balanced_per_request_through_the_hook() {
     let endpoints: Vec<String> = backends.iter().map(|b| b.addr4(8080).to_string()).collect();
     let args = vec![
         "run".to_string(),
+        "--source=static".to_string(),
         "--pin-root".into(),
         pins.path.display().to_string(),
         "--pod".into(),

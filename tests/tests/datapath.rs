@@ -347,6 +347,7 @@ async fn untouched_cases_reach_where_they_would_without_interceptor() {
 fn agent_args(pins: &PinRoot, pods: &[&Pod], services: &[SocketAddr]) -> Vec<String> {
     let mut args = vec![
         "run".to_string(),
+        "--source=static".to_string(),
         "--pin-root".into(),
         pins.path.display().to_string(),
     ];
@@ -465,6 +466,7 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
     // Make sure bpffs is there (the agent mounts it on a fresh machine) before planting the pin.
     let probe = AgentProcess::start(&[
         "run".into(),
+        "--source=static".into(),
         "--pin-root".into(),
         pins.path.display().to_string(),
     ]);
@@ -494,6 +496,7 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
 
     let args = vec![
         "run".to_string(),
+        "--source=static".to_string(),
         "--pin-root".into(),
         pins.path.display().to_string(),
     ];

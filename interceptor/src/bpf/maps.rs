@@ -110,16 +110,7 @@ impl Maps {
     }
 
     pub(super) fn services(&self) -> Result<Vec<(SocketAddr, ServiceAction)>, BpfError> {
-        let mut out = Vec::new();
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(map_err(names::MAP_SERVICES))?;
-            out.push((
-                socket_addr(key.addr, key.port_be),
-                ServiceAction::from_raw(value.action),
-            ));
-        }
-        out.sort_by_key(|(a, _)| *a);
-        Ok(out)
+        list_services(&self.services)
     }
 
     pub(super) fn orig_dst_table(&self) -> OrigDstTable {
@@ -129,6 +120,31 @@ impl Maps {
     pub(super) fn stats(&self) -> Result<Vec<(Stat, u64)>, BpfError> {
         sum_stats(&self.stats)
     }
+}
+
+fn list_services(
+    services: &HashMap<MapData, ServiceKey, ServiceValue>,
+) -> Result<Vec<(SocketAddr, ServiceAction)>, BpfError> {
+    let mut out = Vec::new();
+    for entry in services.iter() {
+        let (key, value) = entry.map_err(map_err(names::MAP_SERVICES))?;
+        out.push((
+            socket_addr(key.addr, key.port_be),
+            ServiceAction::from_raw(value.action),
+        ));
+    }
+    out.sort_by_key(|(a, _)| *a);
+    Ok(out)
+}
+
+/// The service entries in the pinned map, without a running agent.
+pub(super) fn read_pinned_services(
+    layout: &PinLayout,
+) -> Result<Vec<(SocketAddr, ServiceAction)>, BpfError> {
+    let path = layout.map(names::MAP_SERVICES);
+    let data = MapData::from_pin(&path).map_err(map_err(names::MAP_SERVICES))?;
+    let services = HashMap::try_from(Map::HashMap(data)).map_err(map_err(names::MAP_SERVICES))?;
+    list_services(&services)
 }
 
 fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(Stat, u64)>, BpfError> {

@@ -61,6 +61,16 @@ fn main() {
             num("--count", 10_000) as usize,
         ),
         Some("h2serve") => h2serve(num("--port", 0) as u16),
+        Some("greet-server") => interceptor_tests::greet::serve(
+            &flag("--name").expect("--name"),
+            num("--port", 50051) as u16,
+        ),
+        Some("greet-client") => interceptor_tests::greet::client(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            num("--concurrency", 4) as usize,
+            Duration::from_secs(num("--seconds", 30)),
+            Duration::from_millis(num("--report-ms", 100)),
+        ),
         Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
         other => {
             eprintln!("icp-pod: unknown command {other:?}");

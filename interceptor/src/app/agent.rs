@@ -1,0 +1,279 @@
+//! The intercepted pods and what keeps them intercepted: per pod a listener in its netns, the
+//! hooks on its cgroup and (when balancing) a demultiplexer with its own upstream pools.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::bpf::{CgroupId, Datapath, OrigDstTable, ServiceAction};
+use crate::cli::StaticPod;
+use crate::netns::Netns;
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::passthrough;
+use crate::proxy::pod_listener::{
+    Accepted, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
+};
+use crate::proxy::server::Proxy;
+
+/// Adapts the kernel's original-destination map to the proxy's resolver.
+struct MapResolver(OrigDstTable);
+
+impl OrigDstResolver for MapResolver {
+    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
+        self.0.lookup(netns_cookie, peer).map_err(io::Error::other)
+    }
+}
+
+/// The connection handler of one pod, and its demultiplexer when it has one.
+struct PodHandler {
+    handler: Handler,
+    proxy: Option<Proxy>,
+}
+
+type HandlerFactory = Arc<dyn Fn(&Arc<PodContext>) -> PodHandler + Send + Sync>;
+
+/// Endpoints per balanced destination (ClusterIP:port), shared with every pod's handler.
+type Routes = Arc<RwLock<BTreeMap<SocketAddr, Vec<EndpointSpec>>>>;
+
+struct EnabledPod {
+    name: String,
+    listener: PodListener,
+    proxy: Option<Proxy>,
+    netns_id: Option<(u64, u64)>,
+}
+
+/// Counts a client connection as open while alive (the shutdown drain waits for zero).
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Agent {
+    listen_port: u16,
+    resolver: Arc<dyn OrigDstResolver>,
+    factory: HandlerFactory,
+    pods: BTreeMap<CgroupId, EnabledPod>,
+    routes: Routes,
+    open: Arc<AtomicUsize>,
+}
+
+impl Agent {
+    /// An agent whose every pod hands accepted connections to `handler`.
+    pub fn new(datapath: &Datapath, listen_port: u16, handler: Handler) -> Self {
+        let factory: HandlerFactory = Arc::new(move |_| PodHandler {
+            handler: handler.clone(),
+            proxy: None,
+        });
+        Self::with_factory(datapath, listen_port, factory, Routes::default())
+    }
+
+    /// An agent that balances each HTTP/2 stream of a connection to a destination with
+    /// endpoints (see [`Agent::set_endpoints`]) over those endpoints, through a demultiplexer
+    /// per pod (its upstream connections are opened from the pod's netns and pooled per pod).
+    /// Connections to other intercepted destinations are relayed to where they were going.
+    pub fn with_balancing(datapath: &Datapath, listen_port: u16, config: ProxyConfig) -> Self {
+        let routes = Routes::default();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (routes_h, open_h) = (routes.clone(), open.clone());
+        let factory: HandlerFactory = Arc::new(move |pod: &Arc<PodContext>| {
+            let proxy = Proxy::new(config.clone(), Arc::new(PodConnector(pod.clone())));
+            let (routes, open) = (routes_h.clone(), open_h.clone());
+            let p = proxy.clone();
+            let handler: Handler = Arc::new(move |conn: Accepted| {
+                let proxy = p.clone();
+                let balanced = match routes.read() {
+                    Ok(r) => r.contains_key(&conn.orig_dst),
+                    Err(poisoned) => poisoned.into_inner().contains_key(&conn.orig_dst),
+                };
+                let open = Open::new(&open);
+                Box::pin(async move {
+                    let _open = open;
+                    if !balanced {
+                        return passthrough::relay(conn).await;
+                    }
+                    let (pod, dest) = (conn.pod.name.clone(), conn.orig_dst);
+                    if let Err(e) = proxy.serve_connection(conn.stream, dest).await {
+                        tracing::debug!(pod = %pod, %dest, error = %e, "client connection ended with an error");
+                    }
+                })
+            });
+            PodHandler {
+                handler,
+                proxy: Some(proxy),
+            }
+        });
+        let mut agent = Self::with_factory(datapath, listen_port, factory, routes);
+        agent.open = open;
+        agent
+    }
+
+    fn with_factory(
+        datapath: &Datapath,
+        listen_port: u16,
+        factory: HandlerFactory,
+        routes: Routes,
+    ) -> Self {
+        Self {
+            listen_port,
+            resolver: Arc::new(MapResolver(datapath.orig_dst_table())),
+            factory,
+            pods: BTreeMap::new(),
+            routes,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Opens the pod's listener in its netns, then attaches the hooks to its cgroup.
+    pub fn enable_pod(
+        &mut self,
+        datapath: &mut Datapath,
+        pod: &StaticPod,
+    ) -> anyhow::Result<CgroupId> {
+        let id = CgroupId::of(&pod.cgroup)
+            .with_context(|| format!("pod {}: cgroup {}", pod.name, pod.cgroup.display()))?;
+        if self.pods.contains_key(&id) {
+            return Ok(id);
+        }
+        let netns = Netns::of_cgroup(&pod.cgroup).with_context(|| {
+            format!(
+                "pod {}: finding its network namespace from {}",
+                pod.name,
+                pod.cgroup.display()
+            )
+        })?;
+        let netns_id = netns.id().ok();
+        let ctx = Arc::new(PodContext {
+            name: pod.name.clone(),
+            netns,
+        });
+        let PodHandler { handler, proxy } = (self.factory)(&ctx);
+        if let Some(proxy) = &proxy {
+            let routes = self.routes.read().map(|r| r.clone()).unwrap_or_default();
+            for (dest, endpoints) in routes {
+                proxy.endpoints(dest).update(endpoints);
+            }
+        }
+        let listener = PodListener::open(ctx, self.listen_port, self.resolver.clone(), handler)
+            .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
+        datapath
+            .enable_pod(&pod.cgroup)
+            .with_context(|| format!("pod {}", pod.name))?;
+        tracing::info!(pod = %pod.name, cgroup_id = id.0, "interception enabled");
+        self.pods.insert(
+            id,
+            EnabledPod {
+                name: pod.name.clone(),
+                listener,
+                proxy,
+                netns_id,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Detaches the hooks and closes the pod's listener; its open connections finish.
+    pub fn disable_pod(&mut self, datapath: &mut Datapath, id: CgroupId) -> anyhow::Result<()> {
+        datapath.disable_pod(id)?;
+        if let Some(pod) = self.pods.remove(&id) {
+            pod.listener.close();
+            tracing::info!(pod = %pod.name, cgroup_id = id.0, "interception disabled");
+        }
+        Ok(())
+    }
+
+    /// The enabled pods' cgroups.
+    pub fn enabled(&self) -> BTreeSet<CgroupId> {
+        self.pods.keys().copied().collect()
+    }
+
+    /// Whether the pod's listener still lives in the netns a process of `cgroup` is in now
+    /// (false after the pod sandbox was recreated: the listener must be reopened).
+    pub fn netns_current(&self, id: CgroupId, cgroup: &std::path::Path) -> bool {
+        let Some(pod) = self.pods.get(&id) else {
+            return false;
+        };
+        match (pod.netns_id, Netns::of_cgroup(cgroup).and_then(|n| n.id())) {
+            (Some(have), Ok(now)) => have == now,
+            // Cannot tell (no process right now): leave it alone.
+            _ => true,
+        }
+    }
+
+    /// Makes the kernel's service entries exactly `desired` (entries a previous agent left are removed).
+    pub fn set_services(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &[(SocketAddr, ServiceAction)],
+    ) -> anyhow::Result<()> {
+        let want: BTreeMap<SocketAddr, ServiceAction> = desired.iter().copied().collect();
+        let have: BTreeMap<SocketAddr, ServiceAction> = datapath.services()?.into_iter().collect();
+        for addr in have.keys().filter(|a| !want.contains_key(a)) {
+            datapath.remove_service(*addr)?;
+        }
+        for (addr, action) in &want {
+            if have.get(addr) != Some(action) {
+                datapath.set_service(*addr, *action)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the balanced destinations and their endpoints, in every pod's demultiplexer.
+    /// The next stream sees the change; streams in flight finish where they are.
+    pub fn set_endpoints(&mut self, routes: BTreeMap<SocketAddr, Vec<EndpointSpec>>) {
+        let old = match self.routes.write() {
+            Ok(mut r) => std::mem::replace(&mut *r, routes.clone()),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), routes.clone()),
+        };
+        for pod in self.pods.values() {
+            let Some(proxy) = &pod.proxy else { continue };
+            for (dest, endpoints) in &routes {
+                if old.get(dest) != Some(endpoints) {
+                    proxy.endpoints(*dest).update(endpoints.iter().copied());
+                }
+            }
+            for gone in old.keys().filter(|d| !routes.contains_key(d)) {
+                proxy.remove_destination(*gone);
+            }
+        }
+    }
+
+    /// Closes every listener (new connects fail open to kube-proxy), asks every HTTP/2 client
+    /// to go away, and waits up to `timeout` for open connections to finish. Returns how many
+    /// were still open.
+    pub async fn drain(&mut self, timeout: Duration) -> usize {
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            pod.listener.close();
+            if let Some(proxy) = pod.proxy {
+                proxy.shutdown();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn close_all(&mut self) {
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            pod.listener.close();
+        }
+    }
+}

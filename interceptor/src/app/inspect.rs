@@ -1,0 +1,208 @@
+//! The operator's commands: `status`, `explain`, `uninstall`. They read the agent's admin
+//! endpoint when it answers and the pins (which outlive the agent) always, so they work at
+//! 3 a.m. with the agent crash-looping.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use serde_json::Value;
+
+use crate::admin;
+use crate::bpf::{self, ServiceAction};
+use crate::cli::{ExplainArgs, PinArgs, StatusArgs};
+
+/// The agent's `/state`, or why it could not be read.
+fn agent_state(addr: SocketAddr) -> Result<Value, String> {
+    match admin::get(addr, "/state") {
+        Ok((200, body)) => serde_json::from_str(&body).map_err(|e| format!("unreadable /state: {e}")),
+        Ok((code, body)) => Err(format!("HTTP {code}: {}", body.trim())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn endpoint_summary(port: &Value) -> String {
+    let eps = port.get("endpoints").and_then(Value::as_array).cloned().unwrap_or_default();
+    let ready = eps.iter().filter(|e| e["ready"] == Value::Bool(true)).count();
+    let terminating = eps.iter().filter(|e| e["terminating"] == Value::Bool(true)).count();
+    format!("{} endpoints ({ready} ready, {terminating} terminating)", eps.len())
+}
+
+fn service_label(port: &Value) -> String {
+    let name = port["service"]
+        .as_object()
+        .map(|s| format!("{}/{}", str_of(&port["service"], "namespace"), s.get("name").and_then(Value::as_str).unwrap_or("")))
+        .unwrap_or_default();
+    match port.get("port_name").and_then(Value::as_str) {
+        Some(p) => format!("{name}:{p}"),
+        None => name,
+    }
+}
+
+fn action_text(port: &Value) -> String {
+    match str_of(port, "action") {
+        "Intercept" => format!("intercepted, {}", endpoint_summary(port)),
+        _ => {
+            let why = match str_of(port, "exclude_reason") {
+                "ServiceAnnotation" => "Service annotation interceptor.io/intercept=false",
+                "SkipPortsAnnotation" => "Service annotation interceptor.io/skip-ports",
+                "ExcludedPort" => "port in --exclude-ports (server-first protocol)",
+                _ => "excluded",
+            };
+            format!("not intercepted: {why}")
+        }
+    }
+}
+
+/// `interceptor status`.
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    match agent_state(args.admin_addr) {
+        Ok(state) => {
+            println!(
+                "agent: running (admin {}), {} , state generation {}",
+                args.admin_addr,
+                if state["ready"] == Value::Bool(true) { "ready" } else { "not ready" },
+                state["generation"]
+            );
+            let pods = state["pods"].as_object().cloned().unwrap_or_default();
+            println!("pods to intercept on this node ({}):", pods.len());
+            for (uid, p) in &pods {
+                if p["intercepted"] == Value::Bool(true) {
+                    println!("  {:<40} intercepted  cgroup id {}  uid {uid}", str_of(p, "pod"), p["cgroup_id"]);
+                } else {
+                    println!("  {:<40} PENDING  {}", str_of(p, "pod"), str_of(p, "error"));
+                }
+            }
+            let skipped = state["desired"]["skipped_pods"].as_object().cloned().unwrap_or_default();
+            if !skipped.is_empty() {
+                println!("pods on this node left alone ({}):", skipped.len());
+                for (pod, why) in &skipped {
+                    println!("  {pod:<40} {}", why.as_str().unwrap_or(""));
+                }
+            }
+            let services = state["desired"]["services"].as_object().cloned().unwrap_or_default();
+            println!("service ports ({}):", services.len());
+            for (addr, port) in &services {
+                println!("  {addr:<24} {:<32} {}", service_label(port), action_text(port));
+            }
+        }
+        Err(e) => println!(
+            "agent: not reachable at {} ({e}); showing what the pins say",
+            args.admin_addr
+        ),
+    }
+    pins_status(&args.pins)
+}
+
+fn pins_status(args: &PinArgs) -> anyhow::Result<()> {
+    let layout = bpf::PinLayout::new(&args.pin_root);
+    if !layout.dir().exists() {
+        println!(
+            "pins: none under {} (no hooks installed: every connect goes straight to kube-proxy)",
+            layout.dir().display()
+        );
+        return Ok(());
+    }
+    println!("pins: {}", layout.dir().display());
+    let pods = bpf::pinned_pods(&args.pin_root)?;
+    println!("hooked pod cgroups ({}):", pods.len());
+    for id in pods {
+        println!("  cgroup id {id}");
+    }
+    let services = bpf::read_pinned_services(&args.pin_root)?;
+    println!("kernel service entries: {}", services.len());
+    println!("kernel counters:");
+    for (stat, value) in bpf::read_pinned_stats(&args.pin_root)? {
+        println!("  {:<15} {value}", stat.label());
+    }
+    Ok(())
+}
+
+/// `interceptor explain <pod> <ip:port>`: each check in the order the hook makes them.
+pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    let target = args.target;
+    let pin_root = &args.status.pins.pin_root;
+    let hooked: BTreeSet<u64> = bpf::pinned_pods(pin_root).map(|v| v.into_iter().map(|c| c.0).collect()).unwrap_or_default();
+    let kernel_entry = bpf::read_pinned_services(pin_root)
+        .ok()
+        .and_then(|s| s.into_iter().find(|(a, _)| *a == target).map(|(_, act)| act));
+    println!("explain: connect from {} to {target}", args.pod);
+    let mut verdict: Option<String> = None;
+    let mut fail = |why: String| {
+        println!("  [no]  {why}");
+        if verdict.is_none() {
+            verdict = Some(why);
+        }
+    };
+
+    let state = agent_state(args.status.admin_addr);
+    match &state {
+        Ok(_) => println!("  [ok]  agent reachable at {}", args.status.admin_addr),
+        Err(e) => fail(format!(
+            "agent not reachable at {} ({e}): its pod-local listeners are gone, so the hooks fail open and every connect goes to kube-proxy",
+            args.status.admin_addr
+        )),
+    }
+    if let Ok(state) = &state {
+        let pod = state["pods"]
+            .as_object()
+            .and_then(|pods| pods.values().find(|p| str_of(p, "pod") == args.pod).cloned());
+        match pod {
+            Some(p) if p["intercepted"] == Value::Bool(true) => {
+                let id = p["cgroup_id"].as_u64().unwrap_or(0);
+                println!("  [ok]  pod {} is intercepted (cgroup id {id})", args.pod);
+                if !hooked.contains(&id) {
+                    fail(format!("no hook pinned for cgroup id {id} under {}: run `bpftool cgroup tree` and check the agent log", pin_root.display()));
+                } else {
+                    println!("  [ok]  hooks pinned for cgroup id {id}");
+                }
+            }
+            Some(p) => fail(format!("pod {} should be intercepted but is not yet: {}", args.pod, str_of(&p, "error"))),
+            None => match state["desired"]["skipped_pods"].get(&args.pod) {
+                Some(why) => fail(format!("pod {} is left alone: {}", args.pod, why.as_str().unwrap_or(""))),
+                None => fail(format!(
+                    "pod {} is not known on this node (not scheduled here, or not yet seen): run explain on the agent of the pod's node",
+                    args.pod
+                )),
+            },
+        }
+        match state["desired"]["services"].get(target.to_string()) {
+            Some(port) => {
+                let text = action_text(port);
+                if str_of(port, "action") == "Intercept" {
+                    println!("  [ok]  {target} is {} of {}", text, service_label(port));
+                } else {
+                    fail(format!("{target} ({}) is {text}", service_label(port)));
+                }
+            }
+            None => fail(format!(
+                "{target} is not a ClusterIP:port of any TCP Service: the connect goes where it was going (pod IPs, headless Services, UDP and external addresses are never intercepted)"
+            )),
+        }
+    }
+    match kernel_entry {
+        Some(ServiceAction::Intercept) => println!("  [ok]  kernel map icp_services has {target}: intercept"),
+        Some(ServiceAction::Exclude) => fail(format!("kernel map icp_services has {target} marked excluded")),
+        None => fail(format!("kernel map icp_services has no entry for {target}")),
+    }
+    match verdict {
+        None => println!("verdict: INTERCEPTED: the connect is redirected to the pod-local listener, and each HTTP/2 stream is balanced over the Service's endpoints (other protocols: one endpoint per connection)"),
+        Some(why) => println!("verdict: NOT intercepted: {why}"),
+    }
+    Ok(())
+}
+
+/// `interceptor uninstall`.
+pub fn uninstall(args: &PinArgs) -> anyhow::Result<()> {
+    let removed = bpf::uninstall(&args.pin_root)?;
+    println!(
+        "removed {} hook links and {} maps under {}: pods' new connections now go straight to their Services",
+        removed.links,
+        removed.maps,
+        args.pin_root.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! Desired state -> datapath and proxy: kernel service entries, balanced endpoint sets, and
+//! which pods are intercepted. Idempotent (applying the same state twice changes nothing) and
+//! safe across agent restarts (hooks a previous agent pinned are taken over, and only the
+//! ones no longer wanted are detached, after the first complete state).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::agent::Agent;
+use crate::bpf::{CgroupId, Datapath, ServiceAction};
+use crate::cli::StaticPod;
+use crate::discovery::cgroup::CgroupLayout;
+use crate::discovery::model::{DesiredState, PodUid, PortAction};
+use crate::proxy::endpoints::EndpointSpec;
+
+/// A pod's interception as the agent sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub intercepted: bool,
+    pub cgroup: Option<PathBuf>,
+    pub cgroup_id: Option<u64>,
+    /// Why it is not intercepted yet (retried every second).
+    pub error: Option<String>,
+}
+
+/// What the admin endpoint serves as `/state`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StateView {
+    /// True once a complete desired state has been applied.
+    pub ready: bool,
+    pub generation: u64,
+    pub applied_at_unix_ms: u64,
+    pub desired: DesiredState,
+    pub pods: BTreeMap<PodUid, PodStatus>,
+}
+
+pub type SharedState = Arc<RwLock<StateView>>;
+
+struct Enabled {
+    id: CgroupId,
+    cgroup: PathBuf,
+}
+
+pub struct Reconciler {
+    layout: CgroupLayout,
+    desired: DesiredState,
+    enabled: BTreeMap<PodUid, Enabled>,
+    errors: BTreeMap<PodUid, String>,
+    services: Option<Vec<(SocketAddr, ServiceAction)>>,
+    routes: Option<BTreeMap<SocketAddr, Vec<EndpointSpec>>>,
+    pruned: bool,
+    generation: u64,
+    view: SharedState,
+}
+
+impl Reconciler {
+    pub fn new(layout: CgroupLayout, view: SharedState) -> Self {
+        Self {
+            layout,
+            desired: DesiredState::default(),
+            enabled: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            services: None,
+            routes: None,
+            pruned: false,
+            generation: 0,
+            view,
+        }
+    }
+
+    /// Applies a new desired state.
+    pub fn apply(&mut self, desired: DesiredState, agent: &mut Agent, datapath: &mut Datapath) {
+        let started = Instant::now();
+        self.desired = desired;
+        self.generation += 1;
+        self.sync_services(agent, datapath);
+        self.sync_pods(agent, datapath);
+        if !self.pruned {
+            // Only now is it known which of a previous agent's hooks are still wanted.
+            self.pruned = true;
+            match datapath.prune_stale_links() {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::info!(cgroup_id = id.0, "detached hooks left for a pod that is no longer intercepted");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not prune hooks a previous agent left"),
+            }
+        }
+        tracing::debug!(generation = self.generation, elapsed_us = started.elapsed().as_micros() as u64, "desired state applied");
+        self.publish();
+    }
+
+    /// Retries pods that could not be enabled yet and re-opens listeners of pods whose
+    /// sandbox (netns) was recreated. Call periodically.
+    pub fn retry(&mut self, agent: &mut Agent, datapath: &mut Datapath) {
+        let stale: Vec<PodUid> = self
+            .enabled
+            .iter()
+            .filter(|(_, e)| !agent.netns_current(e.id, &e.cgroup))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &stale {
+            if let Some(e) = self.enabled.remove(uid) {
+                tracing::info!(uid = %uid, "pod network namespace changed (sandbox recreated): reopening its listener");
+                if let Err(err) = agent.disable_pod(datapath, e.id) {
+                    tracing::warn!(uid = %uid, error = %format!("{err:#}"), "detaching before re-enable failed");
+                }
+            }
+        }
+        let missing = self
+            .desired
+            .pods
+            .keys()
+            .any(|uid| !self.enabled.contains_key(uid));
+        if missing || !stale.is_empty() {
+            self.sync_pods(agent, datapath);
+            self.publish();
+        }
+    }
+
+    fn sync_services(&mut self, agent: &mut Agent, datapath: &mut Datapath) {
+        let services: Vec<(SocketAddr, ServiceAction)> = self
+            .desired
+            .services
+            .iter()
+            .map(|(addr, port)| {
+                let action = match port.action {
+                    PortAction::Intercept => ServiceAction::Intercept,
+                    PortAction::Exclude => ServiceAction::Exclude,
+                };
+                (*addr, action)
+            })
+            .collect();
+        if self.services.as_ref() != Some(&services) {
+            match agent.set_services(datapath, &services) {
+                Ok(()) => {
+                    tracing::info!(entries = services.len(), "service entries updated");
+                    self.services = Some(services);
+                }
+                Err(e) => {
+                    // Next change retries; the kernel keeps the entries it has.
+                    tracing::error!(error = %format!("{e:#}"), "updating service entries failed");
+                    self.services = None;
+                }
+            }
+        }
+        let routes: BTreeMap<SocketAddr, Vec<EndpointSpec>> = self
+            .desired
+            .services
+            .iter()
+            .filter(|(_, p)| p.action == PortAction::Intercept)
+            .map(|(addr, p)| (*addr, p.endpoints.iter().map(|e| e.spec()).collect()))
+            .collect();
+        if self.routes.as_ref() != Some(&routes) {
+            agent.set_endpoints(routes.clone());
+            self.routes = Some(routes);
+        }
+    }
+
+    fn sync_pods(&mut self, agent: &mut Agent, datapath: &mut Datapath) {
+        let gone: Vec<PodUid> = self
+            .enabled
+            .keys()
+            .filter(|uid| !self.desired.pods.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(e) = self.enabled.remove(&uid) {
+                if let Err(err) = agent.disable_pod(datapath, e.id) {
+                    tracing::error!(uid = %uid, error = %format!("{err:#}"), "disabling interception failed");
+                }
+            }
+        }
+        self.errors.retain(|uid, _| self.desired.pods.contains_key(uid));
+        let wanted: Vec<_> = self
+            .desired
+            .pods
+            .iter()
+            .filter(|(uid, _)| !self.enabled.contains_key(*uid))
+            .map(|(uid, t)| (uid.clone(), t.clone()))
+            .collect();
+        for (uid, target) in wanted {
+            let result = self
+                .layout
+                .pod_cgroup(&uid, target.qos)
+                .map_err(anyhow::Error::from)
+                .and_then(|cgroup| {
+                    let id = agent.enable_pod(
+                        datapath,
+                        &StaticPod {
+                            name: target.pod.to_string(),
+                            cgroup: cgroup.clone(),
+                        },
+                    )?;
+                    Ok(Enabled { id, cgroup })
+                });
+            match result {
+                Ok(e) => {
+                    self.errors.remove(&uid);
+                    self.enabled.insert(uid, e);
+                }
+                Err(err) => {
+                    let msg = format!("{err:#}");
+                    // One line per new reason, not one per retry.
+                    if self.errors.get(&uid) != Some(&msg) {
+                        tracing::warn!(pod = %target.pod, uid = %uid, error = %msg, "pod not intercepted yet; retrying every second");
+                    }
+                    self.errors.insert(uid, msg);
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let pods = self
+            .desired
+            .pods
+            .iter()
+            .map(|(uid, t)| {
+                let e = self.enabled.get(uid);
+                (
+                    uid.clone(),
+                    PodStatus {
+                        pod: t.pod.to_string(),
+                        intercepted: e.is_some(),
+                        cgroup: e.map(|e| e.cgroup.clone()),
+                        cgroup_id: e.map(|e| e.id.0),
+                        error: self.errors.get(uid).cloned(),
+                    },
+                )
+            })
+            .collect();
+        let view = StateView {
+            ready: true,
+            generation: self.generation,
+            applied_at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            desired: self.desired.clone(),
+            pods,
+        };
+        match self.view.write() {
+            Ok(mut v) => *v = view,
+            Err(p) => *p.into_inner() = view,
+        }
+    }
+}

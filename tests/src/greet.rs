@@ -1,0 +1,266 @@
+//! "greet": a real gRPC service (tonic, hand-written bytes codec, no protoc) whose replies name
+//! the pod that served them, and a client that keeps ONE channel and counts replies per pod.
+//! Used by the demo and the discovery end-to-end tests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Request, Response, Status};
+
+pub const METHOD: &str = "/greet.Greeter/SayHello";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+struct SayHello(Arc<str>);
+
+impl tonic::server::UnaryService<Bytes> for SayHello {
+    type Response = Bytes;
+    type Future = BoxFut<Result<Response<Bytes>, Status>>;
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let name = self.0.clone();
+        Box::pin(async move {
+            let who = String::from_utf8_lossy(req.get_ref()).to_string();
+            Ok(Response::new(Bytes::from(format!("hello {who} from {name}"))))
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Greeter(Arc<str>);
+
+impl tonic::server::NamedService for Greeter {
+    const NAME: &'static str = "greet.Greeter";
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Greeter {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let name = self.0.clone();
+        Box::pin(async move {
+            let resp = if req.uri().path() == METHOD {
+                tonic::server::Grpc::new(RawCodec)
+                    .unary(SayHello(name), req)
+                    .await
+            } else {
+                Status::unimplemented(req.uri().path().to_string()).into_http()
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// Serves greet on `port` (all addresses, dual-stack) until the process ends; prints READY.
+pub fn serve(name: &str, port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let name: Arc<str> = Arc::from(name);
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("::", port))
+            .await
+            .expect("bind greet server");
+        println!("READY");
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(Greeter(name))
+            .serve_with_incoming(incoming)
+            .await
+            .expect("greet server");
+    });
+}
+
+/// What the client saw so far.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub by_pod: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// One channel (one HTTP/2 connection) to `target`; `concurrency` callers loop on SayHello
+/// for `duration` (the caller may kill it earlier). Prints a progress line every `report`:
+/// `TALLY <ms since start> <errors> pod=count pod=count ...` (cumulative), then `DONE`.
+pub fn client(target: SocketAddr, concurrency: usize, duration: Duration, report: Duration) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+            .expect("uri")
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect the greet channel");
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let started = Instant::now();
+        let deadline = started + duration;
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..concurrency {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            let tally = tally.clone();
+            workers.spawn(async move {
+                let path = http::uri::PathAndQuery::from_static(METHOD);
+                while Instant::now() < deadline {
+                    let call = async {
+                        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+                        grpc.unary(Request::new(Bytes::from(format!("w{w}"))), path.clone(), RawCodec)
+                            .await
+                    };
+                    let result = tokio::time::timeout(Duration::from_secs(5), call).await;
+                    let mut t = tally.lock().expect("tally");
+                    match result {
+                        Ok(Ok(resp)) => {
+                            let text = String::from_utf8_lossy(resp.get_ref()).to_string();
+                            let pod = text.rsplit(" from ").next().unwrap_or("?").to_string();
+                            *t.by_pod.entry(pod).or_default() += 1;
+                        }
+                        Ok(Err(status)) => {
+                            t.errors += 1;
+                            t.last_error = Some(format!("{:?}: {}", status.code(), status.message()));
+                        }
+                        Err(_) => {
+                            t.errors += 1;
+                            t.last_error = Some("call timed out after 5 s".into());
+                        }
+                    }
+                }
+            });
+        }
+        let print = |t: &Tally| {
+            let pods: Vec<String> = t.by_pod.iter().map(|(p, n)| format!("{p}={n}")).collect();
+            println!(
+                "TALLY {} {} {}",
+                started.elapsed().as_millis(),
+                t.errors,
+                pods.join(" ")
+            );
+            if let Some(e) = &t.last_error {
+                eprintln!("last error: {e}");
+            }
+        };
+        let mut tick = tokio::time::interval(report);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => print(&tally.lock().expect("tally")),
+                done = workers.join_next() => if done.is_none() { break },
+            }
+        }
+        print(&tally.lock().expect("tally"));
+        println!("DONE");
+    });
+}
+
+/// A parsed TALLY line.
+#[derive(Debug, Clone, Default)]
+pub struct TallyLine {
+    pub at: Duration,
+    pub errors: u64,
+    pub by_pod: BTreeMap<String, u64>,
+}
+
+pub fn parse_tally(line: &str) -> Option<TallyLine> {
+    let mut f = line.strip_prefix("TALLY ")?.split_whitespace();
+    let at = Duration::from_millis(f.next()?.parse().ok()?);
+    let errors = f.next()?.parse().ok()?;
+    let by_pod = f
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect();
+    Some(TallyLine { at, errors, by_pod })
+}
+
+impl TallyLine {
+    /// Calls per pod between `earlier` and this line (pods with none are left out).
+    pub fn since(&self, earlier: &TallyLine) -> BTreeMap<String, u64> {
+        self.by_pod
+            .iter()
+            .map(|(p, n)| (p.clone(), n - earlier.by_pod.get(p).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// Jain's fairness index of `counts` over `pods` (pods with no calls count as 0).
+pub fn jain(counts: &BTreeMap<String, u64>, pods: &[String]) -> f64 {
+    let xs: Vec<f64> = pods
+        .iter()
+        .map(|p| counts.get(p).copied().unwrap_or(0) as f64)
+        .collect();
+    let sum: f64 = xs.iter().sum();
+    let sq: f64 = xs.iter().map(|x| x * x).sum();
+    if sq == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (xs.len() as f64 * sq)
+}
+
+/// Largest count over the mean, over `pods`.
+pub fn max_over_mean(counts: &BTreeMap<String, u64>, pods: &[String]) -> f64 {
+    let xs: Vec<f64> = pods
+        .iter()
+        .map(|p| counts.get(p).copied().unwrap_or(0) as f64)
+        .collect();
+    let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let max = xs.iter().cloned().fold(0.0, f64::max);
+    if mean == 0.0 {
+        0.0
+    } else {
+        max / mean
+    }
+}
