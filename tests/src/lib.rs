@@ -2,6 +2,11 @@
 //! cgroups that the test creates (and removes, also when it panics), with kube-proxy emulated
 //! by an nftables random DNAT in the node's netns. "Pods" are real processes placed in a netns
 //! and a cgroup. ClusterIPs and pod IPs exist only inside these namespaces.
+//!
+//! `kube_api` is a test Kubernetes API server (list/watch over plain HTTP on 127.0.0.1) for the
+//! discovery tests; it needs no root.
+
+pub mod kube_api;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
