@@ -19,7 +19,16 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir,
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::default()).map_err(|e| {
+    // `nightly` unless INTERCEPTOR_EBPF_TOOLCHAIN names another: the image build pins a dated
+    // nightly (deploy/Dockerfile), which rustup cannot install under the plain name.
+    println!("cargo:rerun-if-env-changed=INTERCEPTOR_EBPF_TOOLCHAIN");
+    let pinned = std::env::var("INTERCEPTOR_EBPF_TOOLCHAIN").unwrap_or_default();
+    let toolchain = if pinned.is_empty() {
+        aya_build::Toolchain::Nightly
+    } else {
+        aya_build::Toolchain::Custom(&pinned)
+    };
+    aya_build::build_ebpf([package], toolchain).map_err(|e| {
         anyhow::anyhow!(
             "building the eBPF object failed: {e:#}\n\
              it needs the nightly toolchain with rust-src and bpf-linker 0.13.0: run `cargo xtask setup`"

@@ -17,7 +17,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the toolchain and system tools the build and tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building needs (nightly rust-src, bpf-linker): no apt, no pip. The image
+        /// build (deploy/Dockerfile) uses it.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, build, and run the balancer demo on loopback (no cluster needed; installing missing tools needs root).
     ProxyDemo,
     /// Set up, build everything (eBPF object included) and run the whole test suite.
@@ -38,7 +43,8 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup { build_only: true } => setup::build_tools(),
+        Cmd::Setup { build_only: false } => setup::run(),
         Cmd::Test { args } => {
             setup::run()?;
             setup::require_root(

@@ -9,6 +9,11 @@ use anyhow::{bail, Context, Result};
 /// The bpf-linker release that emits BTF this kernel accepts (DESIGN.md: 0.10.1 does not).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// kubernetes-validate bundles the Kubernetes JSON schemas (1.33, which the tests validate
+/// against, among them), so tests/tests/deploy.rs validates deploy/ offline. This release
+/// installs with pip on the project's Python 3.11.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
 /// Debian packages and the command each one provides.
 const APT_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
@@ -18,11 +23,29 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
 ];
 
+/// Everything: what building needs, plus the tools the tests run.
 pub fn run() -> Result<()> {
+    build_tools()?;
+    apt_tools()?;
+    kubernetes_validate()?;
+    Ok(())
+}
+
+/// Only what building the agent needs (its build.rs compiles the eBPF object): the nightly's
+/// rust-src and bpf-linker. No apt, no pip: this is what the image build runs.
+pub fn build_tools() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    apt_tools()?;
     Ok(())
+}
+
+/// The toolchain that builds the eBPF crate: `nightly`, or the one INTERCEPTOR_EBPF_TOOLCHAIN
+/// names (the image build pins a dated nightly; the agent's build.rs reads the same variable).
+fn nightly() -> String {
+    std::env::var("INTERCEPTOR_EBPF_TOOLCHAIN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "nightly".into())
 }
 
 pub fn require_root(why: &str) -> Result<()> {
@@ -69,16 +92,24 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
-        "the nightly toolchain is missing: the eBPF crate needs it \
-         (install it with `rustup toolchain install nightly`)",
-    )?;
+    let nightly = nightly();
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{nightly}"))
+            .args(["--print", "sysroot"]),
+    )
+    .with_context(|| {
+        format!(
+            "the {nightly} toolchain is missing: the eBPF crate needs it \
+             (install it with `rustup toolchain install {nightly}`)"
+        )
+    })?;
     let src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     if src.is_dir() {
         return Ok(());
     }
-    eprintln!("setup: adding rust-src to the nightly toolchain");
-    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    eprintln!("setup: adding rust-src to the {nightly} toolchain");
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &nightly]))
 }
 
 fn bpf_linker() -> Result<()> {
@@ -91,8 +122,13 @@ fn bpf_linker() -> Result<()> {
          (found: {})",
         if have.is_empty() { "none" } else { have.trim() }
     );
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("rustc +nightly --print sysroot")?;
+    let nightly = nightly();
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{nightly}"))
+            .args(["--print", "sysroot"]),
+    )
+    .with_context(|| format!("rustc +{nightly} --print sysroot"))?;
     let lib = Path::new(sysroot.trim()).join("lib");
     // bpf-linker's build links `-lLLVM` from $LLVM_PREFIX/lib: give it the nightly's own
     // libLLVM under the plain name, so the linker and rustc agree on the LLVM version.
@@ -183,4 +219,43 @@ fn apt_tools() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("apt-get install (needs Debian's package mirror)")
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let have = output(Command::new("python3").args([
+        "-c",
+        "import importlib.metadata, kubernetes_validate; \
+         print(importlib.metadata.version('kubernetes-validate'))",
+    ]))
+    .unwrap_or_default();
+    if have.trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing the Python package kubernetes-validate {KUBERNETES_VALIDATE_VERSION} \
+         (found: {})",
+        if have.trim().is_empty() {
+            "none"
+        } else {
+            have.trim()
+        }
+    );
+    if output(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+        bail!(
+            "python3 with pip is missing: the deploy/ tests validate the manifests with the \
+             Python package kubernetes-validate (on Debian: apt-get install python3-pip)"
+        );
+    }
+    run_cmd(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
+    .context(
+        "pip install kubernetes-validate (needs PyPI; a Python that pip calls \"externally \
+         managed\" needs a virtualenv on PATH first)",
+    )
 }
