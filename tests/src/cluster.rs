@@ -3,10 +3,15 @@
 //! objects (Namespace, Service, EndpointSlice, Pod) of the file source, written as real
 //! multi-document YAML manifests.
 
-use std::net::IpAddr;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
-use crate::{Cgroup, Node, Pod};
+use crate::greet::{self, TallyLine};
+use crate::{bpftool_json, note, AgentProcess, Cgroup, ChildGuard, Node, PinRoot, Pod};
 
 /// The node name used in manifests and passed to the agent.
 pub const NODE_NAME: &str = "node-a";
@@ -99,3 +104,259 @@ pub fn write_manifests(path: &Path, docs: &[String]) {
     std::fs::write(&tmp, docs.join("---\n")).expect("write manifests");
     std::fs::rename(&tmp, path).expect("replace manifests");
 }
+
+pub const NS: &str = "shop";
+pub const PORT: u16 = 50051;
+pub const EFFECT_LIMIT: Duration = Duration::from_secs(1);
+
+pub fn vip() -> SocketAddr {
+    SocketAddr::from(([10, 96, 0, 10], PORT))
+}
+
+/// What the manifest says; rendered in full on every change.
+#[derive(Clone)]
+pub struct Spec {
+    pub labelled: bool,
+    pub service_annotations: Vec<(&'static str, &'static str)>,
+    pub client_annotations: Vec<(&'static str, &'static str)>,
+    /// Server pod numbers listed as ready endpoints.
+    pub endpoints: Vec<u8>,
+    /// Adds a Service that does not parse.
+    pub broken: bool,
+}
+
+pub struct Server {
+    pub n: u8,
+    pub pod: Pod,
+    _process: ChildGuard,
+}
+
+/// A node with one client pod and greet server pods behind the Service `shop/greet`.
+pub struct GreetCluster {
+    pub servers: Vec<Server>,
+    pub client: Pod,
+    pub node: Node,
+    pub pins: PinRoot,
+    pub manifests: PathBuf,
+}
+
+impl Drop for GreetCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.manifests);
+    }
+}
+
+pub const CLIENT_N: u8 = 2;
+
+impl GreetCluster {
+    pub fn new(servers: &[u8]) -> Self {
+        let node = Node::new();
+        let pins = PinRoot::new();
+        let client = node.add_kube_pod("client", CLIENT_N);
+        let manifests = std::env::temp_dir().join(format!("icp-{}-manifests.yaml", node.id));
+        let mut c = GreetCluster {
+            servers: Vec::new(),
+            client,
+            node,
+            pins,
+            manifests,
+        };
+        for &n in servers {
+            c.add_server(n);
+        }
+        c.program_kube_proxy();
+        c
+    }
+
+    pub fn add_server(&mut self, n: u8) {
+        let pod = self.node.add_kube_pod(&format!("greet-{n}"), n);
+        let mut process = pod.spawn(&["greet-server", "--name", &pod.name, "--port", &PORT.to_string()]);
+        let stdout = process.0.as_mut().and_then(|c| c.stdout.take()).expect("server stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("server readiness");
+        assert_eq!(line.trim(), "READY", "greet server {} did not start", pod.name);
+        self.servers.push(Server { n, pod, _process: process });
+    }
+
+    pub fn remove_server(&mut self, n: u8) {
+        self.servers.retain(|s| s.n != n);
+    }
+
+    /// Emulated kube-proxy: the Service's ClusterIP DNATed to the current servers.
+    pub fn program_kube_proxy(&self) {
+        let ips: Vec<IpAddr> = self.servers.iter().map(|s| IpAddr::V4(s.pod.ip4)).collect();
+        self.node.kube_proxy(&[(vip(), ips)]);
+    }
+
+    /// Writes the manifest file; returns when it was written.
+    pub fn write(&self, spec: &Spec) -> Instant {
+        write_manifests(&self.manifests, &self.docs(spec));
+        Instant::now()
+    }
+
+    /// The Kubernetes objects `spec` describes.
+    pub fn docs(&self, spec: &Spec) -> Vec<String> {
+        let mut docs = vec![
+            namespace(NS, spec.labelled),
+            service(NS, "greet", vip().ip(), PORT, &spec.service_annotations),
+            endpoint_slice(
+                NS,
+                "greet",
+                PORT,
+                &spec
+                    .endpoints
+                    .iter()
+                    .filter_map(|n| self.servers.iter().find(|s| s.n == *n))
+                    .map(|s| (IpAddr::V4(s.pod.ip4), true))
+                    .collect::<Vec<_>>(),
+            ),
+            pod(NS, &self.client, CLIENT_N, &spec.client_annotations),
+        ];
+        for s in &self.servers {
+            docs.push(pod(NS, &s.pod, s.n, &[]));
+        }
+        if spec.broken {
+            docs.push("apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: shop\nspec:\n  ports:\n  - port: not-a-number\n".into());
+        }
+        docs
+    }
+
+    /// The agent on the file source.
+    pub fn start_agent(&self) -> AgentProcess {
+        let mut args = vec![
+            "run".to_string(),
+            "--source=file".into(),
+            "--manifests".into(),
+            self.manifests.display().to_string(),
+        ];
+        args.extend(self.node_args());
+        AgentProcess::start(&args)
+    }
+
+    /// Agent flags for this node (every source).
+    pub fn node_args(&self) -> Vec<String> {
+        vec![
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--cgroup-root".into(),
+            self.node.cgroup_parent.path.display().to_string(),
+            "--pin-root".into(),
+            self.pins.path.display().to_string(),
+        ]
+    }
+
+    pub fn client_slice(&self) -> String {
+        self.client.pod_cgroup.as_ref().expect("kubelet-style pod").path.display().to_string()
+    }
+
+    pub fn client_hooked(&self) -> bool {
+        let progs = bpftool_json(&["cgroup", "show", &self.client_slice()]);
+        progs.to_string().contains("icp_connect4")
+    }
+
+    pub fn kernel_action(&self) -> Option<interceptor::bpf::ServiceAction> {
+        interceptor::bpf::read_pinned_services(&self.pins.path)
+            .ok()?
+            .into_iter()
+            .find(|(a, _)| *a == vip())
+            .map(|(_, act)| act)
+    }
+
+    pub fn server_names(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.pod.name.clone()).collect()
+    }
+
+    /// Starts a greet client in the client pod: ONE channel to the ClusterIP for `seconds`.
+    pub fn client_run(&self, seconds: u64) -> Tallies {
+        let mut child = self.client.spawn(&[
+            "greet-client",
+            "--to",
+            &vip().to_string(),
+            "--concurrency",
+            "4",
+            "--seconds",
+            &seconds.to_string(),
+            "--report-ms",
+            "25",
+        ]);
+        let stdout = child.0.as_mut().and_then(|c| c.stdout.take()).expect("client stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Tallies { _child: child, rx, last: TallyLine::default(), history: Vec::new() }
+    }
+}
+
+/// A running greet client's cumulative tallies, with when each arrived.
+pub struct Tallies {
+    _child: ChildGuard,
+    rx: Receiver<(Instant, String)>,
+    pub last: TallyLine,
+    pub history: Vec<(Instant, TallyLine)>,
+}
+
+impl Tallies {
+    /// Reads lines until `pred` holds for the latest tally, or panics after `timeout`.
+    pub fn until(&mut self, timeout: Duration, what: &str, pred: impl Fn(&TallyLine) -> bool) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((at, line)) => {
+                    if let Some(t) = greet::parse_tally(&line) {
+                        self.last = t.clone();
+                        self.history.push((at, t.clone()));
+                        if pred(&t) {
+                            return at;
+                        }
+                    } else if line == "DONE" {
+                        panic!("client finished before: {what} (last tally {:?})", self.last);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("not within {timeout:?}: {what} (last tally {:?})", self.last),
+                Err(RecvTimeoutError::Disconnected) => panic!("client exited before: {what} (last tally {:?})", self.last),
+            }
+        }
+    }
+
+    /// Collects for `d` and returns the calls per pod in that window.
+    pub fn window(&mut self, d: Duration) -> BTreeMap<String, u64> {
+        let start = self.last.clone();
+        let end = Instant::now() + d;
+        self.until(d + Duration::from_secs(2), "window end", |_| Instant::now() >= end);
+        self.last.since(&start)
+    }
+
+    /// Total calls so far.
+    pub fn total(&self) -> u64 {
+        self.last.by_pod.values().sum()
+    }
+}
+
+/// Polls `cond` every 10 ms; returns the elapsed time since `since` when it first held.
+pub fn effect(since: Instant, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let deadline = since + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: no effect within 5 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = since.elapsed();
+    note(&format!("{what}: took effect in {} ms", took.as_millis()));
+    assert!(took <= EFFECT_LIMIT, "{what} took {took:?} (limit {EFFECT_LIMIT:?})");
+    took
+}
+
+pub fn share_line(counts: &BTreeMap<String, u64>) -> String {
+    let total: u64 = counts.values().sum();
+    counts
+        .iter()
+        .map(|(p, n)| format!("{p}={n} ({:.0}%)", 100.0 * *n as f64 / total.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+

@@ -514,8 +514,21 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `interceptor ARGS` and waits for "agent ready"; panics with its log if it exits.
     pub fn start(args: &[String]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. KUBECONFIG).
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(target_bin("interceptor"))
             .args(args)
+            .envs(env.iter().copied())
+            // Test API servers live on 127.0.0.1: a proxy from the environment must not apply.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .env("INTERCEPTOR_LOG", "info,interceptor=debug")
             // Tests run agents side by side: each gets a free admin port (see `admin_addr`).
             .env("INTERCEPTOR_ADMIN_ADDR", "127.0.0.1:0")

@@ -95,6 +95,37 @@ impl Shared {
     }
 }
 
+/// Retry spacing for a failed watch: 100 ms first (a 410 Gone is routine compaction and the
+/// relist should follow at once, where kube-rs's default waits 800 ms), doubling to 30 s while
+/// the API server keeps failing, back to the start after a success.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// How one kind is stored in `Objects`.
 struct Kind<K> {
     slot: usize,
@@ -108,7 +139,7 @@ async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind<K>, shar
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api, config).backoff(WatchBackoff::new()).boxed();
     let mut buffer: Vec<K> = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
