@@ -23,6 +23,9 @@ enum Cmd {
         #[arg(long)]
         build_only: bool,
     },
+    /// Set up, build, and run the demo: a node in network namespaces, the agent on the file
+    /// source, one gRPC channel balanced over a Service's pods (needs root; no cluster).
+    Demo,
     /// Set up, build, and run the balancer demo on loopback (no cluster needed; installing missing tools needs root).
     ProxyDemo,
     /// Set up, build everything (eBPF object included) and run the whole test suite.
@@ -56,6 +59,15 @@ fn main() -> Result<()> {
             let mut test = vec!["test", "--"];
             test.extend(args.iter().map(String::as_str));
             setup::cargo(&test)
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            setup::require_root(
+                "the demo builds network namespaces and cgroups and loads eBPF programs",
+            )?;
+            setup::cargo(&["build", "-p", "interceptor", "-p", "interceptor-tests", "--bins"])?;
+            let bin = setup::workspace_root().join("target/debug/demo");
+            setup::run_cmd(&mut std::process::Command::new(bin))
         }
         Cmd::ProxyDemo => {
             setup::run()?;
