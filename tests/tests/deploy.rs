@@ -343,6 +343,23 @@ fn daemonset_configures_the_agent_by_interceptor_env_vars_only() {
 }
 
 #[test]
+fn every_daemonset_env_var_is_a_setting_of_interceptor_run() {
+    let help = std::process::Command::new(interceptor_tests::target_bin("interceptor"))
+        .args(["run", "--help"])
+        .output()
+        .expect("run `interceptor run --help`");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let ds = daemonset();
+    for var in agent_container(&ds).env.clone().unwrap_or_default() {
+        assert!(
+            help.contains(&format!("[env: {}=", var.name)),
+            "the DaemonSet sets {} but `interceptor run` has no such setting:\n{help}",
+            var.name
+        );
+    }
+}
+
+#[test]
 fn daemonset_probes_target_the_admin_endpoint() {
     let ds = daemonset();
     let pod = ds
