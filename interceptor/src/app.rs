@@ -30,12 +30,15 @@ use reconcile::{Reconciler, SharedState};
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     tracing::info!(config = %serde_json::to_string(&args).unwrap_or_default(), "starting");
-    runtime()?.block_on(run_agent(args))
+    runtime(args.worker_threads)?.block_on(run_agent(args))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all()
         .thread_name("interceptor")
         .build()
         .context("starting the async runtime")
@@ -214,5 +217,5 @@ fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> a
 /// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
 pub fn standalone_proxy(args: crate::proxy::standalone::ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting standalone proxy");
-    runtime()?.block_on(crate::proxy::standalone::run(args))
+    runtime(args.worker_threads)?.block_on(crate::proxy::standalone::run(args))
 }

@@ -69,6 +69,12 @@ pub struct ProxyArgs {
         default_value_t = 10_000
     )]
     pub drain_timeout_ms: u64,
+    /// Admin endpoint (/healthz, /readyz, /metrics, /config); off unless given.
+    #[arg(long, env = "INTERCEPTOR_PROXY_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Async runtime worker threads (default: one per CPU).
+    #[arg(long, env = "INTERCEPTOR_PROXY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 impl ProxyArgs {
@@ -120,14 +126,35 @@ fn apply(handle: &EndpointsHandle, fixed: &[SocketAddr], from_file: &[SocketAddr
     );
 }
 
-/// Runs until Ctrl-C, then drains.
+/// Runs until Ctrl-C or SIGTERM, then drains.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.admin_addr {
+        let metrics = crate::admin::install_metrics()?;
+        crate::admin::serve(
+            addr,
+            Arc::new(crate::admin::Admin {
+                metrics,
+                config: serde_json::json!({ "mode": "proxy", "args": format!("{args:?}") }),
+                state: None,
+                pin_root: None,
+            }),
+        )
+        .await?;
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the proxy listener on {}", args.listen))?;
     serve(listener, args, async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot wait for Ctrl-C; stopping");
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::error!(%error, "cannot wait for SIGTERM; stopping");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
     })
     .await
