@@ -90,7 +90,6 @@ impl Admin {
 
     fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
-        const JSON: &str = "application/json";
         match path {
             "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => match self.ready() {
@@ -102,19 +101,12 @@ impl Admin {
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics_text(),
             ),
-            "/config" => (
-                StatusCode::OK,
-                JSON,
-                serde_json::to_string_pretty(&self.config).unwrap_or_default(),
-            ),
+            "/config" => json_body(serde_json::to_string_pretty(&self.config)),
             "/state" => match &self.state {
-                Some(s) => {
-                    let body = match s.read() {
-                        Ok(v) => serde_json::to_string_pretty(&*v),
-                        Err(p) => serde_json::to_string_pretty(&*p.into_inner()),
-                    };
-                    (StatusCode::OK, JSON, body.unwrap_or_default())
-                }
+                Some(s) => json_body(match s.read() {
+                    Ok(v) => serde_json::to_string_pretty(&*v),
+                    Err(p) => serde_json::to_string_pretty(&*p.into_inner()),
+                }),
                 None => (StatusCode::NOT_FOUND, TEXT, "no agent state in proxy mode\n".into()),
             },
             _ => (
@@ -123,6 +115,17 @@ impl Admin {
                 "not found: try /healthz /readyz /metrics /config /state\n".into(),
             ),
         }
+    }
+}
+
+fn json_body(r: serde_json::Result<String>) -> (StatusCode, &'static str, String) {
+    match r {
+        Ok(body) => (StatusCode::OK, "application/json", body),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            format!("cannot serialise: {e}\n"),
+        ),
     }
 }
 

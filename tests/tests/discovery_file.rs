@@ -181,3 +181,191 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
     assert_eq!(t.last.errors, errors_before, "zero failed calls across the scale-down");
     assert!(t.total() > 0);
 }
+
+/// Runs an operator command (`status`, `explain`) against this agent; returns its stdout.
+fn operator(agent: &AgentProcess, c: &Cluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(target_bin("interceptor"))
+        .args(args)
+        .args([
+            "--admin-addr",
+            &agent.admin_addr().to_string(),
+            "--pin-root",
+            &c.pins.path.display().to_string(),
+        ])
+        .output()
+        .expect("run the interceptor CLI");
+    assert!(out.status.success(), "interceptor {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
+    let c = Cluster::new(&[40, 41]);
+    let mut spec = Spec {
+        labelled: false,
+        service_annotations: vec![],
+        client_annotations: vec![],
+        endpoints: vec![40, 41],
+        broken: false,
+    };
+    c.write(&spec);
+    let agent = c.start_agent();
+    let vip = interceptor_tests::cluster::vip().to_string();
+
+    let why = operator(&agent, &c, &["explain", "shop/client", &vip]);
+    note(&format!("explain (unlabelled):\n{why}"));
+    assert!(why.contains("verdict: NOT intercepted"), "{why}");
+    assert!(why.contains("not labelled interceptor.io/enabled=true"), "names the missing label: {why}");
+
+    spec.labelled = true;
+    let at = c.write(&spec);
+    effect(at, "label -> hooked", || c.client_hooked());
+    let why = operator(&agent, &c, &["explain", "shop/client", &vip]);
+    note(&format!("explain (labelled):\n{why}"));
+    assert!(why.contains("verdict: INTERCEPTED"), "{why}");
+    let why = operator(&agent, &c, &["explain", "shop/client", "10.96.0.99:80"]);
+    assert!(why.contains("not a ClusterIP:port of any TCP Service"), "{why}");
+
+    // Some traffic, so that counters and request metrics exist.
+    let mut t = c.client_run(5);
+    t.window(Duration::from_millis(500));
+    drop(t);
+
+    let status = operator(&agent, &c, &["status"]);
+    note(&format!("status:\n{status}"));
+    assert!(status.contains("agent: running"), "{status}");
+    assert!(status.contains("shop/client") && status.contains("intercepted"), "{status}");
+    assert!(status.contains(&format!("{vip}")) && status.contains("2 endpoints (2 ready"), "{status}");
+    assert!(status.contains("redirected"), "kernel counters: {status}");
+
+    let (code, body) = agent.admin_get("/healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, metrics) = agent.admin_get("/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "interceptor_requests_total",
+        "interceptor_request_duration_seconds_bucket",
+        "interceptor_kernel_connects_total{reason=\"redirected\"}",
+        "interceptor_detections_total",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+    let (code, config) = agent.admin_get("/config");
+    assert_eq!(code, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).expect("/config is JSON");
+    assert_eq!(config["source"], "file");
+    assert_eq!(config["node_name"], interceptor_tests::cluster::NODE_NAME);
+
+    // With the agent gone, status still reads the pins and says so (client and both servers:
+    // the whole namespace is labelled).
+    drop(agent);
+    let out = std::process::Command::new(target_bin("interceptor"))
+        .args(["status", "--admin-addr", "127.0.0.1:9", "--pin-root", &c.pins.path.display().to_string()])
+        .output()
+        .expect("status without the agent");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("agent: not reachable") && text.contains("hooked pod cgroups (3)"), "{text}");
+}
+
+#[test]
+fn a_pod_without_a_cgroup_is_reported_once_and_retried_and_others_keep_working() {
+    let c = Cluster::new(&[50, 51]);
+    let spec = Spec {
+        labelled: true,
+        service_annotations: vec![],
+        client_annotations: vec![],
+        endpoints: vec![50, 51],
+        broken: false,
+    };
+    // A pod the kubelet has not created a cgroup for (or laid out in an unknown way).
+    let mut docs = c.docs(&spec);
+    docs.push(format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: ghost, namespace: shop, uid: {}}}\nspec: {{nodeName: {}, containers: [{{name: a, image: b}}]}}\nstatus: {{phase: Running, qosClass: Burstable}}\n",
+        interceptor_tests::cluster::pod_uid(99),
+        interceptor_tests::cluster::NODE_NAME
+    ));
+    interceptor_tests::cluster::write_manifests(&c.manifests, &docs);
+    let agent = c.start_agent();
+    effect(Instant::now(), "client hooked despite the ghost pod", || c.client_hooked());
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("pod not intercepted yet")).collect();
+    assert_eq!(lines.len(), 1, "one line per reason, not one per retry:\n{log}");
+    assert!(
+        lines[0].contains("shop/ghost") && lines[0].contains("--cgroup-root"),
+        "the line names the pod and the fix: {}",
+        lines[0]
+    );
+    let state = agent.admin_get("/state").1;
+    assert!(state.contains("no cgroup for pod uid"), "/state shows why: {state}");
+
+    // The kubelet creates it: the next retry picks it up.
+    let ghost_slice = c.node.cgroup_parent.path.join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        interceptor_tests::cluster::pod_uid(99).replace('-', "_")
+    ));
+    let ghost = c.node.add_pod_in("ghost", 99, ghost_slice.join("crio-0123.scope"), Some(Cgroup::new(ghost_slice.clone())));
+    let at = Instant::now();
+    let deadline = at + Duration::from_secs(3);
+    while !bpftool_json(&["cgroup", "show", &ghost_slice.display().to_string()]).to_string().contains("icp_connect4") {
+        assert!(Instant::now() < deadline, "the late pod was never hooked:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    note(&format!("late cgroup (CRI-O scope, Burstable, cgroupfs-free systemd layout) hooked {} ms after it appeared", at.elapsed().as_millis()));
+    drop(ghost);
+}
+
+#[test]
+fn a_restarted_agent_takes_over_without_detaching_what_stays_wanted() {
+    let c = Cluster::new(&[60, 61]);
+    let spec = Spec {
+        labelled: true,
+        service_annotations: vec![],
+        client_annotations: vec![],
+        endpoints: vec![60, 61],
+        broken: false,
+    };
+    c.write(&spec);
+    let agent = c.start_agent();
+    effect(Instant::now(), "first agent hooks the client", || c.client_hooked());
+    agent.kill9();
+    assert!(c.client_hooked(), "hooks stay pinned when the agent dies");
+    let agent = c.start_agent();
+    assert!(c.client_hooked(), "still hooked after the restart");
+    let mut t = c.client_run(5);
+    let w = t.window(Duration::from_millis(800));
+    assert_eq!(w.len(), 2, "the restarted agent balances again: {w:?}");
+    assert_eq!(t.last.errors, 0);
+    assert!(!agent.log_text().contains("detached hooks left"), "nothing wanted was detached:\n{}", agent.log_text());
+}
+
+#[test]
+fn start_up_errors_are_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("icp-{}-startup", unique_id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let broken = dir.join("broken.yaml");
+    std::fs::write(&broken, "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: x}]}\n").expect("write");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["run".into(), "--source=file".into(), "--manifests".into(), broken.display().to_string(), "--cgroup-root".into(), dir.display().to_string()],
+            "document 2 (Service a/s)",
+        ),
+        (
+            vec!["run".into(), "--source=file".into(), "--manifests".into(), broken.display().to_string(), "--cgroup-root".into(), "/nonexistent/cgroup".into()],
+            "set --cgroup-root to the cgroup2 mount",
+        ),
+        (vec!["run".into(), "--source=kube".into()], "--source kube needs --node-name"),
+        (
+            vec!["run".into(), "--pod".into(), "a=/sys/fs/cgroup".into()],
+            "add --source static",
+        ),
+    ];
+    for (args, expect) in cases {
+        let (status, out) = AgentProcess::run_to_exit(&args, Duration::from_secs(10));
+        assert!(!status.success(), "{args:?} must fail");
+        let errors: Vec<&str> = out.lines().filter(|l| l.contains("ERROR") || l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: one error line, got:\n{out}");
+        assert!(errors[0].contains(expect), "{args:?}: {:?} should say {expect:?}", errors[0]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -119,6 +119,7 @@ pub struct DesiredState {
     pub pods: BTreeMap<PodUid, PodTarget>,
     /// Every TCP ClusterIP:port of every Service (intercepted or excluded).
     pub services: BTreeMap<SocketAddr, ServicePort>,
-    /// Pods on this node that are not intercepted, and why (for `explain`).
-    pub skipped_pods: BTreeMap<ObjectRef, String>,
+    /// Pods on this node that are not intercepted, and why (for `explain`), by
+    /// `namespace/name` (a string, so the state serialises as a JSON object).
+    pub skipped_pods: BTreeMap<String, String>,
 }

@@ -74,7 +74,7 @@ impl Objects {
                 }
                 Ok(None) => {}
                 Err(why) => {
-                    state.skipped_pods.insert(name.clone(), why);
+                    state.skipped_pods.insert(name.to_string(), why);
                 }
             }
         }
@@ -334,7 +334,7 @@ mod tests {
 
         let state = sample(false).desired_state(&policy());
         assert!(state.pods.is_empty());
-        assert!(state.skipped_pods[&ObjectRef::new("shop", "client")].contains("not labelled"));
+        assert!(state.skipped_pods["shop/client"].contains("not labelled"));
     }
 
     #[test]
@@ -348,7 +348,7 @@ mod tests {
             Some([(INTERCEPT_ANNOTATION.to_string(), "false".to_string())].into());
         let state = o.desired_state(&policy());
         assert!(state.pods.is_empty());
-        assert!(state.skipped_pods[&ObjectRef::new("shop", "client")].contains("annotation"));
+        assert!(state.skipped_pods["shop/client"].contains("annotation"));
     }
 
     #[test]
