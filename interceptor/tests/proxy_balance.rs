@@ -272,3 +272,42 @@ async fn removed_endpoint_drains_with_zero_failed_calls() {
         .count();
     assert!(before > 0, "the endpoint took calls before its removal");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_steers_away_from_a_slow_endpoint_but_keeps_probing_it() {
+    let _serial = SERIAL.lock().await;
+    let backends: Vec<Backend> = (2..=4)
+        .map(|i| Backend::start([127, 0, 0, i], &format!("b{i}")))
+        .collect();
+    backends[2].state.delay_ms.store(30, Ordering::Relaxed);
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let c = client(p.addr).await;
+    let counts = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let mut c = c.clone();
+        let counts = counts.clone();
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let r = unary(&mut c, request(pattern(64, t as u8), &[]))
+                    .await
+                    .expect("unary call");
+                *counts.lock().expect("counts").entry(backend_of(&r)).or_default() += 1;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("call task");
+    }
+    let counts = counts.lock().expect("counts").clone();
+    let total: usize = counts.values().sum();
+    let slow = counts.get("b4").copied().unwrap_or(0);
+    println!("30 ms endpoint vs two fast ones, 8 concurrent callers for 2 s: {counts:?}");
+    assert!(slow > 0, "a slow endpoint is still probed: {counts:?}");
+    assert!(
+        (slow as f64) < 0.05 * total as f64,
+        "a 30 ms endpoint should get well under its third: {counts:?}"
+    );
+}

@@ -74,6 +74,8 @@ impl Decoder for RawDecoder {
 pub struct BackendState {
     pub name: String,
     pub calls: AtomicUsize,
+    /// Added to every unary call (a slow endpoint).
+    pub delay_ms: std::sync::atomic::AtomicU64,
     /// Calls to /test.Echo/Hang that started.
     pub hang_started: Mutex<Vec<Instant>>,
     /// When handlers of /test.Echo/Hang were dropped (the stream was reset).
@@ -135,6 +137,10 @@ impl tonic::server::UnaryService<Bytes> for Unary {
         let state = self.0.clone();
         Box::pin(async move {
             state.calls.fetch_add(1, Ordering::Relaxed);
+            let delay = state.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if let Some(ms) = req
                 .metadata()
                 .get("x-sleep-ms")
