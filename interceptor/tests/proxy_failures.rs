@@ -418,3 +418,113 @@ async fn killed_backend_fails_only_its_in_flight_calls_with_unavailable() {
     );
     assert!(ok > 100);
 }
+
+/// A TCP relay in front of a backend whose existing connections can be frozen (bytes stop
+/// flowing both ways, the sockets stay open: a black-holed peer); connections accepted later
+/// flow normally.
+struct FreezableRelay {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    frozen_up_to: Arc<AtomicUsize>,
+}
+
+impl FreezableRelay {
+    async fn start(backend: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let frozen_up_to = Arc::new(AtomicUsize::new(0));
+        let (acc, frozen) = (accepted.clone(), frozen_up_to.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = acc.fetch_add(1, Ordering::Relaxed) + 1;
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let a = tokio::spawn(pump(cr, sw, generation, frozen.clone()));
+                    let b = tokio::spawn(pump(sr, cw, generation, frozen));
+                    let _ = tokio::join!(a, b);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            frozen_up_to,
+        }
+    }
+
+    /// Freezes every connection accepted so far.
+    fn freeze_existing(&self) {
+        self.frozen_up_to
+            .store(self.accepted.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    generation: usize,
+    frozen_up_to: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if generation <= frozen_up_to.load(Ordering::Relaxed) {
+            // Black hole: swallow everything, answer nothing, keep the socket open.
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_connection_is_found_by_keepalive_and_replaced() {
+    let backend = Backend::start([127, 0, 0, 3], "b3");
+    let relay = FreezableRelay::start(backend.addr).await;
+    let p = start_proxy(
+        ProxyConfig {
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        &[relay.addr],
+    )
+    .await;
+    let mut c = client(p.addr).await;
+    unary(&mut c, request(Bytes::from_static(b"warm"), &[]))
+        .await
+        .expect("call through the relay");
+    assert_eq!(relay.accepted.load(Ordering::Relaxed), 1, "one pooled connection");
+
+    // The peer goes silent without closing: only PING can tell.
+    relay.freeze_existing();
+    let frozen_at = Instant::now();
+    let deadline = frozen_at + Duration::from_secs(5);
+    while relay.accepted.load(Ordering::Relaxed) < 2 || p.proxy.upstream_connections(relay.addr) == 0 {
+        // Nudge the pool: a call made after the keepalive verdict opens a fresh connection.
+        let _ = timeout(
+            Duration::from_millis(300),
+            unary(&mut c, request(Bytes::from_static(b"probe"), &[])),
+        )
+        .await;
+        assert!(Instant::now() < deadline, "the silent connection was never replaced");
+    }
+    let replaced = frozen_at.elapsed();
+    println!("silent upstream connection replaced {} ms after it went quiet", replaced.as_millis());
+    let r = timeout(Duration::from_secs(2), unary(&mut c, request(Bytes::from_static(b"after"), &[])))
+        .await
+        .expect("a call after the keepalive verdict does not hang")
+        .expect("and succeeds on the new connection");
+    assert_eq!(backend_of(&r), "b3");
+}

@@ -35,6 +35,11 @@ pub struct ProxyConfig {
     pub max_connections_per_endpoint: usize,
     /// Idle pooled connections are closed after this long.
     pub idle_timeout: Duration,
+    /// A PING on every pooled upstream connection this often (zero: off)...
+    pub keepalive_interval: Duration,
+    /// ...and a connection whose PING is not answered within this is closed: a black-holed
+    /// endpoint (node gone, conntrack lost) would otherwise hold new streams until they time out.
+    pub keepalive_timeout: Duration,
     /// Request body bytes kept per stream so that a refused stream can be replayed elsewhere.
     pub replay_buffer_bytes: usize,
     /// Attempts per stream (first try included) on refused streams and failed connects.
@@ -66,6 +71,8 @@ impl Default for ProxyConfig {
             streams_per_connection: 100,
             max_connections_per_endpoint: 4,
             idle_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
             replay_buffer_bytes: 64 * 1024,
             max_attempts: 3,
             eject_after_failures: 3,

@@ -48,6 +48,8 @@ pub struct PoolConfig {
     pub streams_per_connection: usize,
     pub max_connections_per_endpoint: usize,
     pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 /// The pool of upstream connections, keyed by endpoint address.
@@ -255,17 +257,18 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let task_closed = closed.clone();
         m::upstream_connections(&label, 1.0);
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
+            // Runs also when keepalive aborts this task.
+            let _closed = MarkClosed(task_closed, label);
             if let Err(error) = connection.await {
                 tracing::debug!(endpoint = %addr, %error, "upstream connection ended with an error");
             }
-            task_closed.store(true, Ordering::Relaxed);
-            m::upstream_connections(&label, -1.0);
         });
         // One PING round trip: the peer's SETTINGS precede its PING ack, so afterwards
         // `current_max_send_streams` is the peer's real limit instead of h2's optimistic
         // default, and a burst of streams spreads over connections instead of queueing.
-        if let Some(mut ping) = ping {
+        let mut ping = ping;
+        if let Some(ping) = ping.as_mut() {
             let remaining = cfg.connect_timeout.saturating_sub(started.elapsed());
             match tokio::time::timeout(remaining, ping.ping(h2::Ping::opaque())).await {
                 Ok(Ok(_pong)) => {}
@@ -276,6 +279,18 @@ impl Pool {
                         timeout: cfg.connect_timeout,
                     })
                 }
+            }
+        }
+        if let Some(ping) = ping {
+            if !cfg.keepalive_interval.is_zero() {
+                tokio::spawn(keepalive(
+                    ping,
+                    addr,
+                    closed.clone(),
+                    driver.abort_handle(),
+                    cfg.keepalive_interval,
+                    cfg.keepalive_timeout,
+                ));
             }
         }
         tracing::debug!(endpoint = %addr, "upstream connection established");
@@ -342,5 +357,45 @@ impl EndpointPool {
         let now = now_ms();
         conns.retain(|c| c.keep(now, cfg.idle_timeout));
         conns.len()
+    }
+}
+
+/// Marks a pooled connection closed and updates the gauge when its driver task ends.
+struct MarkClosed(Arc<AtomicBool>, Arc<str>);
+
+impl Drop for MarkClosed {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        m::upstream_connections(&self.1, -1.0);
+    }
+}
+
+/// PINGs an upstream connection every `interval`; when one is not answered within `timeout`
+/// the connection leaves the pool and is closed (streams still on it fail), so new streams
+/// stop queueing on a peer that went silent. Ends with the connection.
+async fn keepalive(
+    mut ping: h2::PingPong,
+    addr: SocketAddr,
+    closed: Arc<AtomicBool>,
+    driver: tokio::task::AbortHandle,
+    interval: Duration,
+    timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if closed.load(Ordering::Relaxed) || driver.is_finished() {
+            return;
+        }
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection is gone or closing: its driver task handles that.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!(endpoint = %addr, timeout_ms = timeout.as_millis() as u64, "endpoint did not answer a keepalive PING; closing the connection");
+                closed.store(true, Ordering::Relaxed);
+                driver.abort();
+                return;
+            }
+        }
     }
 }

@@ -83,6 +83,8 @@ impl Proxy {
                 streams_per_connection: config.streams_per_connection,
                 max_connections_per_endpoint: config.max_connections_per_endpoint,
                 idle_timeout: config.idle_timeout,
+                keepalive_interval: config.keepalive_interval,
+                keepalive_timeout: config.keepalive_timeout,
             },
         );
         let (shutdown, _) = watch::channel(false);
