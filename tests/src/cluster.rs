@@ -41,6 +41,24 @@ impl Node {
     }
 }
 
+impl Pod {
+    /// A container restart as containerd does it: the old container's process dies, a new one
+    /// starts in a new scope under the same pod cgroup (the netns stays: the sandbox holds it).
+    pub fn restart_container(&mut self, generation: u8) {
+        let slice = self
+            .pod_cgroup
+            .as_ref()
+            .expect("a kubelet-style pod (add_kube_pod)")
+            .path
+            .clone();
+        let scope = Cgroup::new(slice.join(format!("cri-containerd-restart{generation}.scope")));
+        let old = std::mem::replace(&mut self.cgroup, scope);
+        self.pause = None;
+        drop(old);
+        self.pause = Some(self.spawn(&["pause"]));
+    }
+}
+
 pub fn namespace(name: &str, enabled: bool) -> String {
     let labels = if enabled {
         "\n  labels:\n    interceptor.io/enabled: \"true\""
@@ -288,7 +306,7 @@ impl GreetCluster {
                 }
             }
         });
-        Tallies { _child: child, rx, last: TallyLine::default(), history: Vec::new() }
+        Tallies { _child: child, rx, last: TallyLine::default(), history: Vec::new(), last_error: None }
     }
 }
 
@@ -298,6 +316,8 @@ pub struct Tallies {
     rx: Receiver<(Instant, String)>,
     pub last: TallyLine,
     pub history: Vec<(Instant, TallyLine)>,
+    /// The client's most recent failed call, if any.
+    pub last_error: Option<String>,
 }
 
 impl Tallies {
@@ -314,6 +334,8 @@ impl Tallies {
                         if pred(&t) {
                             return at;
                         }
+                    } else if let Some(e) = line.strip_prefix("LAST_ERROR ") {
+                        self.last_error = Some(e.to_string());
                     } else if line == "DONE" {
                         panic!("client finished before: {what} (last tally {:?})", self.last);
                     }

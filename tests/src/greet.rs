@@ -191,7 +191,7 @@ pub fn client(target: SocketAddr, concurrency: usize, duration: Duration, report
                 pods.join(" ")
             );
             if let Some(e) = &t.last_error {
-                eprintln!("last error: {e}");
+                println!("LAST_ERROR {e}");
             }
         };
         let mut tick = tokio::time::interval(report);

@@ -369,3 +369,51 @@ fn start_up_errors_are_one_clear_line() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
+    let mut c = Cluster::new(&[70, 71]);
+    let spec = Spec {
+        labelled: true,
+        service_annotations: vec![],
+        client_annotations: vec![],
+        endpoints: vec![70, 71],
+        broken: false,
+    };
+    c.write(&spec);
+    let agent = c.start_agent();
+    effect(Instant::now(), "client hooked", || c.client_hooked());
+
+    // The client's container restarts: hooks sit on the pod's cgroup, so nothing to redo.
+    c.client.restart_container(1);
+    assert!(c.client_hooked(), "still hooked after the container restart");
+    let mut t = c.client_run(20);
+    let w = t.window(Duration::from_millis(800));
+    note(&format!("after a container restart: {}", share_line(&w)));
+    assert_eq!(w.len(), 2, "the restarted container's calls are balanced: {w:?}");
+
+    // SIGTERM: listeners close (new connects fail open), clients get GOAWAY, in-flight calls
+    // finish. The client's channel reconnects through kube-proxy without a failed call.
+    let stopped_at = Instant::now();
+    let status = agent.terminate(Duration::from_secs(30));
+    note(&format!("agent stopped (SIGTERM, drain) in {} ms: {status}", stopped_at.elapsed().as_millis()));
+    assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
+    let after = t.window(Duration::from_millis(1500));
+    note(&format!("after the agent stopped: {} ({} failed calls in all, last: {:?})", share_line(&after), t.last.errors, t.last_error));
+    let total: u64 = after.values().sum();
+    let top = after.values().copied().max().unwrap_or(0);
+    assert!(total > 0, "calls go on through kube-proxy");
+    assert!(top as f64 > 0.95 * total as f64, "back on one pod (kube-proxy), apart from calls in flight at the stop: {after:?}");
+    // The agent answers every stream it accepted (GOAWAY, then drain). What tonic had queued
+    // for the closing connection but not sent yet it fails as CANCELLED on its side (grpc-go
+    // and grpc-java retry those transparently; tonic does not): at most one per caller.
+    assert!(
+        t.last.errors <= 4,
+        "at most the 4 callers' queued requests may fail on the client side: {} failed, last {:?}",
+        t.last.errors,
+        t.last_error
+    );
+    if let Some(e) = &t.last_error {
+        assert!(e.starts_with("Cancelled"), "only client-side cancellations: {e}");
+    }
+}
