@@ -71,7 +71,9 @@ impl Admin {
             None => Ok(()),
             Some(s) => match s.read() {
                 Ok(v) if v.ready => Ok(()),
-                Ok(_) => Err("waiting for the first complete desired state (discovery not synced yet)"),
+                Ok(_) => {
+                    Err("waiting for the first complete desired state (discovery not synced yet)")
+                }
                 Err(_) => Err("state lock poisoned"),
             },
         }
@@ -107,7 +109,11 @@ impl Admin {
                     Ok(v) => serde_json::to_string_pretty(&*v),
                     Err(p) => serde_json::to_string_pretty(&*p.into_inner()),
                 }),
-                None => (StatusCode::NOT_FOUND, TEXT, "no agent state in proxy mode\n".into()),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    TEXT,
+                    "no agent state in proxy mode\n".into(),
+                ),
             },
             _ => (
                 StatusCode::NOT_FOUND,
@@ -129,7 +135,10 @@ fn json_body(r: serde_json::Result<String>) -> (StatusCode, &'static str, String
     }
 }
 
-async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    admin: Arc<Admin>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = admin.respond(req.uri().path());
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

@@ -46,7 +46,8 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Flags that contradict each other fail before anything is touched.
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
-    let static_flags = !args.pods.is_empty() || !args.services.is_empty() || !args.endpoints.is_empty();
+    let static_flags =
+        !args.pods.is_empty() || !args.services.is_empty() || !args.endpoints.is_empty();
     if static_flags && args.source != Source::Static {
         anyhow::bail!("--pod, --service and --endpoints describe a static setup: add --source static (the {:?} source finds pods and Services itself)", args.source);
     }
@@ -103,19 +104,30 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             if let Ok(mut v) = state.write() {
                 v.ready = true;
             }
-            tracing::info!(pods = agent.enabled().len(), services = args.services.len(), "agent ready");
+            tracing::info!(
+                pods = agent.enabled().len(),
+                services = args.services.len(),
+                "agent ready"
+            );
         }
         (Source::File, _) => {
-            let path = args.manifests.clone().context("--source file needs --manifests")?;
+            let path = args
+                .manifests
+                .clone()
+                .context("--source file needs --manifests")?;
             source.spawn(async move {
-                file::watch_manifests(path, objects_tx).await.map_err(anyhow::Error::from)
+                file::watch_manifests(path, objects_tx)
+                    .await
+                    .map_err(anyhow::Error::from)
             });
         }
         (Source::Kube, _) => {
             let client = kube_client.context("Kubernetes client")?;
             let node = args.node_name.clone().unwrap_or_default();
             source.spawn(async move {
-                kube::watch_cluster(client, node, objects_tx).await.map_err(anyhow::Error::from)
+                kube::watch_cluster(client, node, objects_tx)
+                    .await
+                    .map_err(anyhow::Error::from)
             });
         }
     }
@@ -169,7 +181,10 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     source.abort_all();
     let left = agent.drain(args.drain_timeout).await;
     if left > 0 {
-        tracing::warn!(connections = left, "drain timeout reached; closing the remaining connections");
+        tracing::warn!(
+            connections = left,
+            "drain timeout reached; closing the remaining connections"
+        );
     } else {
         tracing::info!("drained");
     }
@@ -184,7 +199,11 @@ fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> a
         .map(|e| {
             (
                 e.service,
-                e.endpoints.iter().copied().map(EndpointSpec::ready).collect(),
+                e.endpoints
+                    .iter()
+                    .copied()
+                    .map(EndpointSpec::ready)
+                    .collect(),
             )
         })
         .collect();
@@ -209,7 +228,10 @@ fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> a
         }
     }
     for id in datapath.prune_stale_links()? {
-        tracing::info!(cgroup_id = id.0, "detached hooks left for a pod that is no longer enabled");
+        tracing::info!(
+            cgroup_id = id.0,
+            "detached hooks left for a pod that is no longer enabled"
+        );
     }
     Ok(())
 }

@@ -245,9 +245,18 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("20s"), Ok(std::time::Duration::from_secs(20)));
-        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(
+            parse_duration("20s"),
+            Ok(std::time::Duration::from_secs(20))
+        );
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
         assert_eq!(parse_duration("7"), Ok(std::time::Duration::from_secs(7)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5h").is_err());

@@ -294,7 +294,11 @@ async fn p2c_steers_away_from_a_slow_endpoint_but_keeps_probing_it() {
                 let r = unary(&mut c, request(pattern(64, t as u8), &[]))
                     .await
                     .expect("unary call");
-                *counts.lock().expect("counts").entry(backend_of(&r)).or_default() += 1;
+                *counts
+                    .lock()
+                    .expect("counts")
+                    .entry(backend_of(&r))
+                    .or_default() += 1;
             }
         });
     }

@@ -505,26 +505,41 @@ async fn a_silent_upstream_connection_is_found_by_keepalive_and_replaced() {
     unary(&mut c, request(Bytes::from_static(b"warm"), &[]))
         .await
         .expect("call through the relay");
-    assert_eq!(relay.accepted.load(Ordering::Relaxed), 1, "one pooled connection");
+    assert_eq!(
+        relay.accepted.load(Ordering::Relaxed),
+        1,
+        "one pooled connection"
+    );
 
     // The peer goes silent without closing: only PING can tell.
     relay.freeze_existing();
     let frozen_at = Instant::now();
     let deadline = frozen_at + Duration::from_secs(5);
-    while relay.accepted.load(Ordering::Relaxed) < 2 || p.proxy.upstream_connections(relay.addr) == 0 {
+    while relay.accepted.load(Ordering::Relaxed) < 2
+        || p.proxy.upstream_connections(relay.addr) == 0
+    {
         // Nudge the pool: a call made after the keepalive verdict opens a fresh connection.
         let _ = timeout(
             Duration::from_millis(300),
             unary(&mut c, request(Bytes::from_static(b"probe"), &[])),
         )
         .await;
-        assert!(Instant::now() < deadline, "the silent connection was never replaced");
+        assert!(
+            Instant::now() < deadline,
+            "the silent connection was never replaced"
+        );
     }
     let replaced = frozen_at.elapsed();
-    println!("silent upstream connection replaced {} ms after it went quiet", replaced.as_millis());
-    let r = timeout(Duration::from_secs(2), unary(&mut c, request(Bytes::from_static(b"after"), &[])))
-        .await
-        .expect("a call after the keepalive verdict does not hang")
-        .expect("and succeeds on the new connection");
+    println!(
+        "silent upstream connection replaced {} ms after it went quiet",
+        replaced.as_millis()
+    );
+    let r = timeout(
+        Duration::from_secs(2),
+        unary(&mut c, request(Bytes::from_static(b"after"), &[])),
+    )
+    .await
+    .expect("a call after the keepalive verdict does not hang")
+    .expect("and succeeds on the new connection");
     assert_eq!(backend_of(&r), "b3");
 }

@@ -80,7 +80,13 @@ fn annotations_yaml(annotations: &[(&str, &str)]) -> String {
 }
 
 /// A ClusterIP Service with one TCP port named `grpc`.
-pub fn service(ns: &str, name: &str, cluster_ip: IpAddr, port: u16, annotations: &[(&str, &str)]) -> String {
+pub fn service(
+    ns: &str,
+    name: &str,
+    cluster_ip: IpAddr,
+    port: u16,
+    annotations: &[(&str, &str)],
+) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}{}\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n  ports:\n  - name: grpc\n    port: {port}\n    targetPort: {port}\n    protocol: TCP\n    appProtocol: grpc\n",
         annotations_yaml(annotations)
@@ -98,7 +104,11 @@ pub fn endpoint_slice(ns: &str, service: &str, port: u16, endpoints: &[(IpAddr, 
     if endpoints.is_empty() {
         eps.push_str("[]\n");
     }
-    let family = if endpoints.iter().all(|(ip, _)| ip.is_ipv4()) { "IPv4" } else { "IPv6" };
+    let family = if endpoints.iter().all(|(ip, _)| ip.is_ipv4()) {
+        "IPv4"
+    } else {
+        "IPv6"
+    };
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abcde\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n- name: grpc\n  port: {port}\n  protocol: TCP\nendpoints:\n{eps}"
     )
@@ -188,12 +198,33 @@ impl GreetCluster {
 
     pub fn add_server(&mut self, n: u8) {
         let pod = self.node.add_kube_pod(&format!("greet-{n}"), n);
-        let mut process = pod.spawn(&["greet-server", "--name", &pod.name, "--port", &PORT.to_string()]);
-        let stdout = process.0.as_mut().and_then(|c| c.stdout.take()).expect("server stdout");
+        let mut process = pod.spawn(&[
+            "greet-server",
+            "--name",
+            &pod.name,
+            "--port",
+            &PORT.to_string(),
+        ]);
+        let stdout = process
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .expect("server stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("server readiness");
-        assert_eq!(line.trim(), "READY", "greet server {} did not start", pod.name);
-        self.servers.push(Server { n, pod, _process: process });
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server readiness");
+        assert_eq!(
+            line.trim(),
+            "READY",
+            "greet server {} did not start",
+            pod.name
+        );
+        self.servers.push(Server {
+            n,
+            pod,
+            _process: process,
+        });
     }
 
     pub fn remove_server(&mut self, n: u8) {
@@ -264,7 +295,13 @@ impl GreetCluster {
     }
 
     pub fn client_slice(&self) -> String {
-        self.client.pod_cgroup.as_ref().expect("kubelet-style pod").path.display().to_string()
+        self.client
+            .pod_cgroup
+            .as_ref()
+            .expect("kubelet-style pod")
+            .path
+            .display()
+            .to_string()
     }
 
     pub fn client_hooked(&self) -> bool {
@@ -297,7 +334,11 @@ impl GreetCluster {
             "--report-ms",
             "25",
         ]);
-        let stdout = child.0.as_mut().and_then(|c| c.stdout.take()).expect("client stdout");
+        let stdout = child
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .expect("client stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -306,7 +347,13 @@ impl GreetCluster {
                 }
             }
         });
-        Tallies { _child: child, rx, last: TallyLine::default(), history: Vec::new(), last_error: None }
+        Tallies {
+            _child: child,
+            rx,
+            last: TallyLine::default(),
+            history: Vec::new(),
+            last_error: None,
+        }
     }
 }
 
@@ -322,7 +369,12 @@ pub struct Tallies {
 
 impl Tallies {
     /// Reads lines until `pred` holds for the latest tally, or panics after `timeout`.
-    pub fn until(&mut self, timeout: Duration, what: &str, pred: impl Fn(&TallyLine) -> bool) -> Instant {
+    pub fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&TallyLine) -> bool,
+    ) -> Instant {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -337,11 +389,19 @@ impl Tallies {
                     } else if let Some(e) = line.strip_prefix("LAST_ERROR ") {
                         self.last_error = Some(e.to_string());
                     } else if line == "DONE" {
-                        panic!("client finished before: {what} (last tally {:?})", self.last);
+                        panic!(
+                            "client finished before: {what} (last tally {:?})",
+                            self.last
+                        );
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => panic!("not within {timeout:?}: {what} (last tally {:?})", self.last),
-                Err(RecvTimeoutError::Disconnected) => panic!("client exited before: {what} (last tally {:?})", self.last),
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "not within {timeout:?}: {what} (last tally {:?})",
+                    self.last
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("client exited before: {what} (last tally {:?})", self.last)
+                }
             }
         }
     }
@@ -350,7 +410,9 @@ impl Tallies {
     pub fn window(&mut self, d: Duration) -> BTreeMap<String, u64> {
         let start = self.last.clone();
         let end = Instant::now() + d;
-        self.until(d + Duration::from_secs(2), "window end", |_| Instant::now() >= end);
+        self.until(d + Duration::from_secs(2), "window end", |_| {
+            Instant::now() >= end
+        });
         self.last.since(&start)
     }
 
@@ -369,7 +431,10 @@ pub fn effect(since: Instant, what: &str, cond: impl Fn() -> bool) -> Duration {
     }
     let took = since.elapsed();
     note(&format!("{what}: took effect in {} ms", took.as_millis()));
-    assert!(took <= EFFECT_LIMIT, "{what} took {took:?} (limit {EFFECT_LIMIT:?})");
+    assert!(
+        took <= EFFECT_LIMIT,
+        "{what} took {took:?} (limit {EFFECT_LIMIT:?})"
+    );
     took
 }
 
@@ -381,4 +446,3 @@ pub fn share_line(counts: &BTreeMap<String, u64>) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
-

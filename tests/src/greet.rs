@@ -63,7 +63,9 @@ impl tonic::server::UnaryService<Bytes> for SayHello {
         let name = self.0.clone();
         Box::pin(async move {
             let who = String::from_utf8_lossy(req.get_ref()).to_string();
-            Ok(Response::new(Bytes::from(format!("hello {who} from {name}"))))
+            Ok(Response::new(Bytes::from(format!(
+                "hello {who} from {name}"
+            ))))
         })
     }
 }
@@ -158,9 +160,15 @@ pub fn client(target: SocketAddr, concurrency: usize, duration: Duration, report
                 let path = http::uri::PathAndQuery::from_static(METHOD);
                 while Instant::now() < deadline {
                     let call = async {
-                        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-                        grpc.unary(Request::new(Bytes::from(format!("w{w}"))), path.clone(), RawCodec)
+                        grpc.ready()
                             .await
+                            .map_err(|e| Status::unavailable(e.to_string()))?;
+                        grpc.unary(
+                            Request::new(Bytes::from(format!("w{w}"))),
+                            path.clone(),
+                            RawCodec,
+                        )
+                        .await
                     };
                     let result = tokio::time::timeout(Duration::from_secs(5), call).await;
                     let mut t = tally.lock().expect("tally");
@@ -172,7 +180,8 @@ pub fn client(target: SocketAddr, concurrency: usize, duration: Duration, report
                         }
                         Ok(Err(status)) => {
                             t.errors += 1;
-                            t.last_error = Some(format!("{:?}: {}", status.code(), status.message()));
+                            t.last_error =
+                                Some(format!("{:?}: {}", status.code(), status.message()));
                         }
                         Err(_) => {
                             t.errors += 1;

@@ -24,20 +24,33 @@ fn label_unlabel_and_opt_outs_take_effect_within_a_second() {
     };
     c.write(&spec);
     let agent = c.start_agent();
-    assert!(!c.client_hooked(), "unlabelled namespace: the client pod must not be hooked");
-    assert_eq!(agent.admin_get("/readyz").0, 200, "agent ready after the first state");
+    assert!(
+        !c.client_hooked(),
+        "unlabelled namespace: the client pod must not be hooked"
+    );
+    assert_eq!(
+        agent.admin_get("/readyz").0,
+        200,
+        "agent ready after the first state"
+    );
 
     // Before: kube-proxy pins the one channel to one pod.
     let mut t = c.client_run(10);
     let before = t.window(Duration::from_millis(800));
     note(&format!("before (unlabelled): {}", share_line(&before)));
-    assert_eq!(before.len(), 1, "one channel through kube-proxy lands on one pod: {before:?}");
+    assert_eq!(
+        before.len(),
+        1,
+        "one channel through kube-proxy lands on one pod: {before:?}"
+    );
     drop(t);
 
     // Label the namespace: the pod's hooks are attached, new channels are balanced.
     spec.labelled = true;
     let at = c.write(&spec);
-    effect(at, "label namespace -> client pod hooked", || c.client_hooked());
+    effect(at, "label namespace -> client pod hooked", || {
+        c.client_hooked()
+    });
     let mut t = c.client_run(10);
     let after = t.window(Duration::from_millis(1500));
     note(&format!("after labelling: {}", share_line(&after)));
@@ -58,39 +71,58 @@ fn label_unlabel_and_opt_outs_take_effect_within_a_second() {
         .lines()
         .find(|l| l.contains("manifests not applied"))
         .unwrap_or_else(|| panic!("no error line for the broken manifest:\n{log}"));
-    assert!(line.contains("Service shop/broken"), "the error names the object: {line}");
+    assert!(
+        line.contains("Service shop/broken"),
+        "the error names the object: {line}"
+    );
     assert!(c.client_hooked(), "the previous state stays in force");
     spec.broken = false;
 
     // Service opt-out: its ClusterIP:port becomes excluded in the kernel map.
     spec.service_annotations = vec![("interceptor.io/intercept", "false")];
     let at = c.write(&spec);
-    effect(at, "Service annotation intercept=false -> kernel entry excluded", || {
-        c.kernel_action() == Some(interceptor::bpf::ServiceAction::Exclude)
-    });
+    effect(
+        at,
+        "Service annotation intercept=false -> kernel entry excluded",
+        || c.kernel_action() == Some(interceptor::bpf::ServiceAction::Exclude),
+    );
     let mut t = c.client_run(10);
     let opted = t.window(Duration::from_millis(800));
     note(&format!("Service opted out: {}", share_line(&opted)));
-    assert_eq!(opted.len(), 1, "an opted-out Service is left to kube-proxy: {opted:?}");
+    assert_eq!(
+        opted.len(),
+        1,
+        "an opted-out Service is left to kube-proxy: {opted:?}"
+    );
     drop(t);
     spec.service_annotations.clear();
     let at = c.write(&spec);
-    effect(at, "Service annotation removed -> kernel entry intercepted", || {
-        c.kernel_action() == Some(interceptor::bpf::ServiceAction::Intercept)
-    });
+    effect(
+        at,
+        "Service annotation removed -> kernel entry intercepted",
+        || c.kernel_action() == Some(interceptor::bpf::ServiceAction::Intercept),
+    );
 
     // Pod opt-out: its hooks are detached.
     spec.client_annotations = vec![("interceptor.io/intercept", "false")];
     let at = c.write(&spec);
-    effect(at, "pod annotation intercept=false -> hooks detached", || !c.client_hooked());
+    effect(
+        at,
+        "pod annotation intercept=false -> hooks detached",
+        || !c.client_hooked(),
+    );
     spec.client_annotations.clear();
     let at = c.write(&spec);
-    effect(at, "pod annotation removed -> hooks attached", || c.client_hooked());
+    effect(at, "pod annotation removed -> hooks attached", || {
+        c.client_hooked()
+    });
 
     // Unlabel: interception stops for new connections.
     spec.labelled = false;
     let at = c.write(&spec);
-    effect(at, "unlabel namespace -> hooks detached", || !c.client_hooked());
+    effect(at, "unlabel namespace -> hooks detached", || {
+        !c.client_hooked()
+    });
     let mut t = c.client_run(10);
     let unlabelled = t.window(Duration::from_millis(800));
     note(&format!("after unlabelling: {}", share_line(&unlabelled)));
@@ -127,8 +159,13 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
         l.by_pod.get("greet-23").copied().unwrap_or(0) > 0
     });
     let first_ms = first.duration_since(at).as_millis();
-    note(&format!("scale up: new pod's first call {first_ms} ms after the manifest changed"));
-    assert!(first.duration_since(at) <= EFFECT_LIMIT, "first call after {first_ms} ms");
+    note(&format!(
+        "scale up: new pod's first call {first_ms} ms after the manifest changed"
+    ));
+    assert!(
+        first.duration_since(at) <= EFFECT_LIMIT,
+        "first call after {first_ms} ms"
+    );
     // Fair share: the end of the first 250 ms window in which the new pod took at least 60%
     // of a fair quarter.
     let fair_at = loop {
@@ -138,10 +175,16 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
         if total > 0 && mine as f64 >= 0.6 * total as f64 / 4.0 {
             break Instant::now();
         }
-        assert!(at.elapsed() < Duration::from_secs(3), "greet-23 never reached a fair share: {w:?}");
+        assert!(
+            at.elapsed() < Duration::from_secs(3),
+            "greet-23 never reached a fair share: {w:?}"
+        );
     };
     let fair = fair_at.duration_since(at);
-    note(&format!("scale up: new pod at a fair share {} ms after the manifest changed", fair.as_millis()));
+    note(&format!(
+        "scale up: new pod at a fair share {} ms after the manifest changed",
+        fair.as_millis()
+    ));
     assert!(fair <= EFFECT_LIMIT, "fair share after {fair:?}");
     let four = t.window(Duration::from_millis(1500));
     let pods4 = c.server_names();
@@ -151,7 +194,10 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
         greet::jain(&four, &pods4),
         greet::max_over_mean(&four, &pods4)
     ));
-    assert!(greet::jain(&four, &pods4) >= 0.95, "balanced over 4: {four:?}");
+    assert!(
+        greet::jain(&four, &pods4) >= 0.95,
+        "balanced over 4: {four:?}"
+    );
 
     // Scale down: greet-21 leaves the EndpointSlice (then the pod stops).
     let errors_before = t.last.errors;
@@ -168,17 +214,29 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
         } else if last_change.0.elapsed() >= Duration::from_millis(300) {
             break;
         }
-        assert!(at.elapsed() < Duration::from_secs(5), "greet-21 still gets calls");
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "greet-21 still gets calls"
+        );
     }
     let took = last_change.0.saturating_duration_since(at);
-    note(&format!("scale down: removed pod's last call {} ms after the manifest changed", took.as_millis()));
-    assert!(took <= EFFECT_LIMIT, "removed endpoint kept taking calls for {took:?}");
+    note(&format!(
+        "scale down: removed pod's last call {} ms after the manifest changed",
+        took.as_millis()
+    ));
+    assert!(
+        took <= EFFECT_LIMIT,
+        "removed endpoint kept taking calls for {took:?}"
+    );
     c.remove_server(21);
     c.program_kube_proxy();
     let rest = t.window(Duration::from_millis(800));
     note(&format!("after scale down: {}", share_line(&rest)));
     assert!(!rest.contains_key("greet-21"), "{rest:?}");
-    assert_eq!(t.last.errors, errors_before, "zero failed calls across the scale-down");
+    assert_eq!(
+        t.last.errors, errors_before,
+        "zero failed calls across the scale-down"
+    );
     assert!(t.total() > 0);
 }
 
@@ -194,7 +252,11 @@ fn operator(agent: &AgentProcess, c: &Cluster, args: &[&str]) -> String {
         ])
         .output()
         .expect("run the interceptor CLI");
-    assert!(out.status.success(), "interceptor {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "interceptor {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -215,7 +277,10 @@ fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
     let why = operator(&agent, &c, &["explain", "shop/client", &vip]);
     note(&format!("explain (unlabelled):\n{why}"));
     assert!(why.contains("verdict: NOT intercepted"), "{why}");
-    assert!(why.contains("not labelled interceptor.io/enabled=true"), "names the missing label: {why}");
+    assert!(
+        why.contains("not labelled interceptor.io/enabled=true"),
+        "names the missing label: {why}"
+    );
 
     spec.labelled = true;
     let at = c.write(&spec);
@@ -224,7 +289,10 @@ fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
     note(&format!("explain (labelled):\n{why}"));
     assert!(why.contains("verdict: INTERCEPTED"), "{why}");
     let why = operator(&agent, &c, &["explain", "shop/client", "10.96.0.99:80"]);
-    assert!(why.contains("not a ClusterIP:port of any TCP Service"), "{why}");
+    assert!(
+        why.contains("not a ClusterIP:port of any TCP Service"),
+        "{why}"
+    );
 
     // Some traffic, so that counters and request metrics exist.
     let mut t = c.client_run(5);
@@ -234,8 +302,14 @@ fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
     let status = operator(&agent, &c, &["status"]);
     note(&format!("status:\n{status}"));
     assert!(status.contains("agent: running"), "{status}");
-    assert!(status.contains("shop/client") && status.contains("intercepted"), "{status}");
-    assert!(status.contains(&format!("{vip}")) && status.contains("2 endpoints (2 ready"), "{status}");
+    assert!(
+        status.contains("shop/client") && status.contains("intercepted"),
+        "{status}"
+    );
+    assert!(
+        status.contains(vip.as_str()) && status.contains("2 endpoints (2 ready"),
+        "{status}"
+    );
     assert!(status.contains("redirected"), "kernel counters: {status}");
 
     let (code, body) = agent.admin_get("/healthz");
@@ -260,11 +334,20 @@ fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
     // the whole namespace is labelled).
     drop(agent);
     let out = std::process::Command::new(target_bin("interceptor"))
-        .args(["status", "--admin-addr", "127.0.0.1:9", "--pin-root", &c.pins.path.display().to_string()])
+        .args([
+            "status",
+            "--admin-addr",
+            "127.0.0.1:9",
+            "--pin-root",
+            &c.pins.path.display().to_string(),
+        ])
         .output()
         .expect("status without the agent");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("agent: not reachable") && text.contains("hooked pod cgroups (3)"), "{text}");
+    assert!(
+        text.contains("agent: not reachable") && text.contains("hooked pod cgroups (3)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -286,29 +369,55 @@ fn a_pod_without_a_cgroup_is_reported_once_and_retried_and_others_keep_working()
     ));
     interceptor_tests::cluster::write_manifests(&c.manifests, &docs);
     let agent = c.start_agent();
-    effect(Instant::now(), "client hooked despite the ghost pod", || c.client_hooked());
+    effect(
+        Instant::now(),
+        "client hooked despite the ghost pod",
+        || c.client_hooked(),
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let log = agent.log_text();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("pod not intercepted yet")).collect();
-    assert_eq!(lines.len(), 1, "one line per reason, not one per retry:\n{log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pod not intercepted yet"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line per reason, not one per retry:\n{log}"
+    );
     assert!(
         lines[0].contains("shop/ghost") && lines[0].contains("--cgroup-root"),
         "the line names the pod and the fix: {}",
         lines[0]
     );
     let state = agent.admin_get("/state").1;
-    assert!(state.contains("no cgroup for pod uid"), "/state shows why: {state}");
+    assert!(
+        state.contains("no cgroup for pod uid"),
+        "/state shows why: {state}"
+    );
 
     // The kubelet creates it: the next retry picks it up.
     let ghost_slice = c.node.cgroup_parent.path.join(format!(
         "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
         interceptor_tests::cluster::pod_uid(99).replace('-', "_")
     ));
-    let ghost = c.node.add_pod_in("ghost", 99, ghost_slice.join("crio-0123.scope"), Some(Cgroup::new(ghost_slice.clone())));
+    let ghost = c.node.add_pod_in(
+        "ghost",
+        99,
+        ghost_slice.join("crio-0123.scope"),
+        Some(Cgroup::new(ghost_slice.clone())),
+    );
     let at = Instant::now();
     let deadline = at + Duration::from_secs(3);
-    while !bpftool_json(&["cgroup", "show", &ghost_slice.display().to_string()]).to_string().contains("icp_connect4") {
-        assert!(Instant::now() < deadline, "the late pod was never hooked:\n{}", agent.log_text());
+    while !bpftool_json(&["cgroup", "show", &ghost_slice.display().to_string()])
+        .to_string()
+        .contains("icp_connect4")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the late pod was never hooked:\n{}",
+            agent.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     note(&format!("late cgroup (CRI-O scope, Burstable, cgroupfs-free systemd layout) hooked {} ms after it appeared", at.elapsed().as_millis()));
@@ -327,7 +436,9 @@ fn a_restarted_agent_takes_over_without_detaching_what_stays_wanted() {
     };
     c.write(&spec);
     let agent = c.start_agent();
-    effect(Instant::now(), "first agent hooks the client", || c.client_hooked());
+    effect(Instant::now(), "first agent hooks the client", || {
+        c.client_hooked()
+    });
     agent.kill9();
     assert!(c.client_hooked(), "hooks stay pinned when the agent dies");
     let agent = c.start_agent();
@@ -336,7 +447,11 @@ fn a_restarted_agent_takes_over_without_detaching_what_stays_wanted() {
     let w = t.window(Duration::from_millis(800));
     assert_eq!(w.len(), 2, "the restarted agent balances again: {w:?}");
     assert_eq!(t.last.errors, 0);
-    assert!(!agent.log_text().contains("detached hooks left"), "nothing wanted was detached:\n{}", agent.log_text());
+    assert!(
+        !agent.log_text().contains("detached hooks left"),
+        "nothing wanted was detached:\n{}",
+        agent.log_text()
+    );
 }
 
 #[test]
@@ -347,14 +462,31 @@ fn start_up_errors_are_one_clear_line() {
     std::fs::write(&broken, "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: x}]}\n").expect("write");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["run".into(), "--source=file".into(), "--manifests".into(), broken.display().to_string(), "--cgroup-root".into(), dir.display().to_string()],
+            vec![
+                "run".into(),
+                "--source=file".into(),
+                "--manifests".into(),
+                broken.display().to_string(),
+                "--cgroup-root".into(),
+                dir.display().to_string(),
+            ],
             "document 2 (Service a/s)",
         ),
         (
-            vec!["run".into(), "--source=file".into(), "--manifests".into(), broken.display().to_string(), "--cgroup-root".into(), "/nonexistent/cgroup".into()],
+            vec![
+                "run".into(),
+                "--source=file".into(),
+                "--manifests".into(),
+                broken.display().to_string(),
+                "--cgroup-root".into(),
+                "/nonexistent/cgroup".into(),
+            ],
             "set --cgroup-root to the cgroup2 mount",
         ),
-        (vec!["run".into(), "--source=kube".into()], "--source kube needs --node-name"),
+        (
+            vec!["run".into(), "--source=kube".into()],
+            "--source kube needs --node-name",
+        ),
         (
             vec!["run".into(), "--pod".into(), "a=/sys/fs/cgroup".into()],
             "add --source static",
@@ -363,9 +495,16 @@ fn start_up_errors_are_one_clear_line() {
     for (args, expect) in cases {
         let (status, out) = AgentProcess::run_to_exit(&args, Duration::from_secs(10));
         assert!(!status.success(), "{args:?} must fail");
-        let errors: Vec<&str> = out.lines().filter(|l| l.contains("ERROR") || l.starts_with("error")).collect();
+        let errors: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.starts_with("error"))
+            .collect();
         assert_eq!(errors.len(), 1, "{args:?}: one error line, got:\n{out}");
-        assert!(errors[0].contains(expect), "{args:?}: {:?} should say {expect:?}", errors[0]);
+        assert!(
+            errors[0].contains(expect),
+            "{args:?}: {:?} should say {expect:?}",
+            errors[0]
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -386,24 +525,45 @@ fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
 
     // The client's container restarts: hooks sit on the pod's cgroup, so nothing to redo.
     c.client.restart_container(1);
-    assert!(c.client_hooked(), "still hooked after the container restart");
+    assert!(
+        c.client_hooked(),
+        "still hooked after the container restart"
+    );
     let mut t = c.client_run(20);
     let w = t.window(Duration::from_millis(800));
     note(&format!("after a container restart: {}", share_line(&w)));
-    assert_eq!(w.len(), 2, "the restarted container's calls are balanced: {w:?}");
+    assert_eq!(
+        w.len(),
+        2,
+        "the restarted container's calls are balanced: {w:?}"
+    );
 
     // SIGTERM: listeners close (new connects fail open), clients get GOAWAY, in-flight calls
     // finish. The client's channel reconnects through kube-proxy without a failed call.
     let stopped_at = Instant::now();
     let status = agent.terminate(Duration::from_secs(30));
-    note(&format!("agent stopped (SIGTERM, drain) in {} ms: {status}", stopped_at.elapsed().as_millis()));
-    assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
+    note(&format!(
+        "agent stopped (SIGTERM, drain) in {} ms: {status}",
+        stopped_at.elapsed().as_millis()
+    ));
+    assert!(
+        status.success(),
+        "the agent exits cleanly on SIGTERM: {status}"
+    );
     let after = t.window(Duration::from_millis(1500));
-    note(&format!("after the agent stopped: {} ({} failed calls in all, last: {:?})", share_line(&after), t.last.errors, t.last_error));
+    note(&format!(
+        "after the agent stopped: {} ({} failed calls in all, last: {:?})",
+        share_line(&after),
+        t.last.errors,
+        t.last_error
+    ));
     let total: u64 = after.values().sum();
     let top = after.values().copied().max().unwrap_or(0);
     assert!(total > 0, "calls go on through kube-proxy");
-    assert!(top as f64 > 0.95 * total as f64, "back on one pod (kube-proxy), apart from calls in flight at the stop: {after:?}");
+    assert!(
+        top as f64 > 0.95 * total as f64,
+        "back on one pod (kube-proxy), apart from calls in flight at the stop: {after:?}"
+    );
     // The agent answers every stream it accepted (GOAWAY, then drain). What tonic had queued
     // for the closing connection but not sent yet it fails as CANCELLED on its side (grpc-go
     // and grpc-java retry those transparently; tonic does not): at most one per caller.
@@ -414,6 +574,9 @@ fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
         t.last_error
     );
     if let Some(e) = &t.last_error {
-        assert!(e.starts_with("Cancelled"), "only client-side cancellations: {e}");
+        assert!(
+            e.starts_with("Cancelled"),
+            "only client-side cancellations: {e}"
+        );
     }
 }

@@ -43,16 +43,26 @@ impl Standalone {
             .spawn()
             .expect("start interceptor proxy");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() || std::net::TcpStream::connect(admin).is_err() {
-            assert!(Instant::now() < deadline, "interceptor proxy did not listen within 10 s");
+        while std::net::TcpStream::connect(listen).is_err()
+            || std::net::TcpStream::connect(admin).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "interceptor proxy did not listen within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { listen, admin, child: ChildGuard(Some(child)) }
+        Self {
+            listen,
+            admin,
+            child: ChildGuard(Some(child)),
+        }
     }
 
     /// (VmRSS, VmHWM) in KiB.
     fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid())).expect("proxy status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid()))
+            .expect("proxy status");
         let field = |name: &str| -> u64 {
             status
                 .lines()
@@ -112,15 +122,30 @@ fn curl_prior_knowledge_and_h2load_work_through_the_standalone_proxy() {
             .output()
             .expect("curl is installed");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(text.trim(), "200 2", "curl over HTTP/2 prior knowledge");
     }
     let after_curl: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     assert_eq!(after_curl.iter().sum::<u64>(), 30, "{after_curl:?}");
-    assert!(after_curl.iter().all(|c| *c > 0), "30 separate curl connections reach every backend: {after_curl:?}");
+    assert!(
+        after_curl.iter().all(|c| *c > 0),
+        "30 separate curl connections reach every backend: {after_curl:?}"
+    );
 
     let out = Command::new("h2load")
-        .args(["-c1", "-m10", "-n", "600", "-H", "content-type: application/grpc", &url])
+        .args([
+            "-c1",
+            "-m10",
+            "-n",
+            "600",
+            "-H",
+            "content-type: application/grpc",
+            &url,
+        ])
         .output()
         .expect("h2load is installed");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -128,9 +153,18 @@ fn curl_prior_knowledge_and_h2load_work_through_the_standalone_proxy() {
         text.contains("600 succeeded, 0 failed, 0 errored"),
         "h2load through the proxy:\n{text}"
     );
-    let per: Vec<u64> = counts.iter().zip(&after_curl).map(|(c, b)| c.load(Ordering::Relaxed) - b).collect();
-    note(&format!("h2load -c1 -n600 through `interceptor proxy`: per backend {per:?}"));
-    assert!(per.iter().all(|c| *c >= 120), "one h2load connection is spread: {per:?}");
+    let per: Vec<u64> = counts
+        .iter()
+        .zip(&after_curl)
+        .map(|(c, b)| c.load(Ordering::Relaxed) - b)
+        .collect();
+    note(&format!(
+        "h2load -c1 -n600 through `interceptor proxy`: per backend {per:?}"
+    ));
+    assert!(
+        per.iter().all(|c| *c >= 120),
+        "one h2load connection is spread: {per:?}"
+    );
     let (code, metrics) = interceptor::admin::get(proxy.admin, "/metrics").expect("metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("interceptor_requests_total"), "{metrics}");
@@ -141,11 +175,18 @@ fn curl_prior_knowledge_and_h2load_work_through_the_standalone_proxy() {
 async fn big_backend(listener: tokio::net::TcpListener, total: usize) {
     while let Ok((stream, _)) = listener.accept().await {
         tokio::spawn(async move {
-            let Ok(mut conn) = h2::server::handshake(stream).await else { return };
+            let Ok(mut conn) = h2::server::handshake(stream).await else {
+                return;
+            };
             while let Some(Ok((_req, mut respond))) = conn.accept().await {
                 tokio::spawn(async move {
-                    let resp = http::Response::builder().header("content-type", "application/octet-stream").body(()).expect("response");
-                    let Ok(mut send) = respond.send_response(resp, false) else { return };
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/octet-stream")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(resp, false) else {
+                        return;
+                    };
                     let chunk = Bytes::from(vec![7u8; 64 * 1024]);
                     let mut left = total;
                     while left > 0 {
@@ -172,7 +213,9 @@ async fn big_backend(listener: tokio::net::TcpListener, total: usize) {
 fn a_slow_consumer_of_100_mib_keeps_the_proxy_memory_bounded() {
     const TOTAL: usize = 100 * 1024 * 1024;
     let rt = runtime();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
     let backend = listener.local_addr().expect("addr");
     rt.spawn(big_backend(listener, TOTAL));
     let proxy = Standalone::start(&[backend]);
@@ -180,12 +223,18 @@ fn a_slow_consumer_of_100_mib_keeps_the_proxy_memory_bounded() {
     let listen = proxy.listen;
     let pid = proxy.child.pid();
     let (received, took, peak) = rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(listen).await.expect("connect proxy");
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect proxy");
         // The client's own windows stay at the protocol default (64 KiB): flow control, not a
         // big receive buffer, is what has to hold the backend back.
         let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
         tokio::spawn(conn);
-        let req = http::Request::builder().method("GET").uri(format!("http://{listen}/big")).body(()).expect("request");
+        let req = http::Request::builder()
+            .method("GET")
+            .uri(format!("http://{listen}/big"))
+            .body(())
+            .expect("request");
         let (resp, _) = client.send_request(req, true).expect("send request");
         let mut body = resp.await.expect("response headers").into_body();
         let started = Instant::now();
@@ -194,18 +243,24 @@ fn a_slow_consumer_of_100_mib_keeps_the_proxy_memory_bounded() {
         let mut n = 0u64;
         // Slow: a 20 ms pause every 64 DATA frames (about 1 MiB), 2 s of pauses in all; bounded
         // at 60 s.
-        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.data()).await.expect("data keeps coming") {
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("data keeps coming")
+        {
             let chunk = chunk.expect("data frame");
             received += chunk.len();
             let _ = body.flow_control().release_capacity(chunk.len());
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if n % 256 == 0 {
+            if n.is_multiple_of(256) {
                 peak_kib = peak_kib.max(rss_kib(pid));
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "slow read bounded at 60 s");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "slow read bounded at 60 s"
+            );
         }
         (received, started.elapsed(), peak_kib)
     });

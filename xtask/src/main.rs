@@ -65,7 +65,14 @@ fn main() -> Result<()> {
             setup::require_root(
                 "the demo builds network namespaces and cgroups and loads eBPF programs",
             )?;
-            setup::cargo(&["build", "-p", "interceptor", "-p", "interceptor-tests", "--bins"])?;
+            setup::cargo(&[
+                "build",
+                "-p",
+                "interceptor",
+                "-p",
+                "interceptor-tests",
+                "--bins",
+            ])?;
             let bin = setup::workspace_root().join("target/debug/demo");
             setup::run_cmd(&mut std::process::Command::new(bin))
         }

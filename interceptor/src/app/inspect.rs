@@ -14,7 +14,9 @@ use crate::cli::{ExplainArgs, PinArgs, StatusArgs};
 /// The agent's `/state`, or why it could not be read.
 fn agent_state(addr: SocketAddr) -> Result<Value, String> {
     match admin::get(addr, "/state") {
-        Ok((200, body)) => serde_json::from_str(&body).map_err(|e| format!("unreadable /state: {e}")),
+        Ok((200, body)) => {
+            serde_json::from_str(&body).map_err(|e| format!("unreadable /state: {e}"))
+        }
         Ok((code, body)) => Err(format!("HTTP {code}: {}", body.trim())),
         Err(e) => Err(e.to_string()),
     }
@@ -25,16 +27,35 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn endpoint_summary(port: &Value) -> String {
-    let eps = port.get("endpoints").and_then(Value::as_array).cloned().unwrap_or_default();
-    let ready = eps.iter().filter(|e| e["ready"] == Value::Bool(true)).count();
-    let terminating = eps.iter().filter(|e| e["terminating"] == Value::Bool(true)).count();
-    format!("{} endpoints ({ready} ready, {terminating} terminating)", eps.len())
+    let eps = port
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ready = eps
+        .iter()
+        .filter(|e| e["ready"] == Value::Bool(true))
+        .count();
+    let terminating = eps
+        .iter()
+        .filter(|e| e["terminating"] == Value::Bool(true))
+        .count();
+    format!(
+        "{} endpoints ({ready} ready, {terminating} terminating)",
+        eps.len()
+    )
 }
 
 fn service_label(port: &Value) -> String {
     let name = port["service"]
         .as_object()
-        .map(|s| format!("{}/{}", str_of(&port["service"], "namespace"), s.get("name").and_then(Value::as_str).unwrap_or("")))
+        .map(|s| {
+            format!(
+                "{}/{}",
+                str_of(&port["service"], "namespace"),
+                s.get("name").and_then(Value::as_str).unwrap_or("")
+            )
+        })
         .unwrap_or_default();
     match port.get("port_name").and_then(Value::as_str) {
         Some(p) => format!("{name}:{p}"),
@@ -64,29 +85,47 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             println!(
                 "agent: running (admin {}), {} , state generation {}",
                 args.admin_addr,
-                if state["ready"] == Value::Bool(true) { "ready" } else { "not ready" },
+                if state["ready"] == Value::Bool(true) {
+                    "ready"
+                } else {
+                    "not ready"
+                },
                 state["generation"]
             );
             let pods = state["pods"].as_object().cloned().unwrap_or_default();
             println!("pods to intercept on this node ({}):", pods.len());
             for (uid, p) in &pods {
                 if p["intercepted"] == Value::Bool(true) {
-                    println!("  {:<40} intercepted  cgroup id {}  uid {uid}", str_of(p, "pod"), p["cgroup_id"]);
+                    println!(
+                        "  {:<40} intercepted  cgroup id {}  uid {uid}",
+                        str_of(p, "pod"),
+                        p["cgroup_id"]
+                    );
                 } else {
                     println!("  {:<40} PENDING  {}", str_of(p, "pod"), str_of(p, "error"));
                 }
             }
-            let skipped = state["desired"]["skipped_pods"].as_object().cloned().unwrap_or_default();
+            let skipped = state["desired"]["skipped_pods"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             if !skipped.is_empty() {
                 println!("pods on this node left alone ({}):", skipped.len());
                 for (pod, why) in &skipped {
                     println!("  {pod:<40} {}", why.as_str().unwrap_or(""));
                 }
             }
-            let services = state["desired"]["services"].as_object().cloned().unwrap_or_default();
+            let services = state["desired"]["services"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             println!("service ports ({}):", services.len());
             for (addr, port) in &services {
-                println!("  {addr:<24} {:<32} {}", service_label(port), action_text(port));
+                println!(
+                    "  {addr:<24} {:<32} {}",
+                    service_label(port),
+                    action_text(port)
+                );
             }
         }
         Err(e) => println!(
@@ -125,10 +164,14 @@ fn pins_status(args: &PinArgs) -> anyhow::Result<()> {
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let target = args.target;
     let pin_root = &args.status.pins.pin_root;
-    let hooked: BTreeSet<u64> = bpf::pinned_pods(pin_root).map(|v| v.into_iter().map(|c| c.0).collect()).unwrap_or_default();
-    let kernel_entry = bpf::read_pinned_services(pin_root)
-        .ok()
-        .and_then(|s| s.into_iter().find(|(a, _)| *a == target).map(|(_, act)| act));
+    let hooked: BTreeSet<u64> = bpf::pinned_pods(pin_root)
+        .map(|v| v.into_iter().map(|c| c.0).collect())
+        .unwrap_or_default();
+    let kernel_entry = bpf::read_pinned_services(pin_root).ok().and_then(|s| {
+        s.into_iter()
+            .find(|(a, _)| *a == target)
+            .map(|(_, act)| act)
+    });
     println!("explain: connect from {} to {target}", args.pod);
     let mut verdict: Option<String> = None;
     let mut fail = |why: String| {
@@ -147,9 +190,11 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         )),
     }
     if let Ok(state) = &state {
-        let pod = state["pods"]
-            .as_object()
-            .and_then(|pods| pods.values().find(|p| str_of(p, "pod") == args.pod).cloned());
+        let pod = state["pods"].as_object().and_then(|pods| {
+            pods.values()
+                .find(|p| str_of(p, "pod") == args.pod)
+                .cloned()
+        });
         match pod {
             Some(p) if p["intercepted"] == Value::Bool(true) => {
                 let id = p["cgroup_id"].as_u64().unwrap_or(0);
@@ -184,8 +229,12 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         }
     }
     match kernel_entry {
-        Some(ServiceAction::Intercept) => println!("  [ok]  kernel map icp_services has {target}: intercept"),
-        Some(ServiceAction::Exclude) => fail(format!("kernel map icp_services has {target} marked excluded")),
+        Some(ServiceAction::Intercept) => {
+            println!("  [ok]  kernel map icp_services has {target}: intercept")
+        }
+        Some(ServiceAction::Exclude) => fail(format!(
+            "kernel map icp_services has {target} marked excluded"
+        )),
         None => fail(format!("kernel map icp_services has no entry for {target}")),
     }
     match verdict {

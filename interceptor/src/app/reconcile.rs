@@ -87,13 +87,20 @@ impl Reconciler {
             match datapath.prune_stale_links() {
                 Ok(ids) => {
                     for id in ids {
-                        tracing::info!(cgroup_id = id.0, "detached hooks left for a pod that is no longer intercepted");
+                        tracing::info!(
+                            cgroup_id = id.0,
+                            "detached hooks left for a pod that is no longer intercepted"
+                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "could not prune hooks a previous agent left"),
             }
         }
-        tracing::debug!(generation = self.generation, elapsed_us = started.elapsed().as_micros() as u64, "desired state applied");
+        tracing::debug!(
+            generation = self.generation,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "desired state applied"
+        );
         self.publish();
     }
 
@@ -178,7 +185,8 @@ impl Reconciler {
                 }
             }
         }
-        self.errors.retain(|uid, _| self.desired.pods.contains_key(uid));
+        self.errors
+            .retain(|uid, _| self.desired.pods.contains_key(uid));
         let wanted: Vec<_> = self
             .desired
             .pods

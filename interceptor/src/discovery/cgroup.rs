@@ -119,7 +119,12 @@ impl CgroupLayout {
         let tried = candidates
             .iter()
             .take(2)
-            .map(|p| p.strip_prefix(&self.root).unwrap_or(p).display().to_string())
+            .map(|p| {
+                p.strip_prefix(&self.root)
+                    .unwrap_or(p)
+                    .display()
+                    .to_string()
+            })
             .collect::<Vec<_>>()
             .join(" or ");
         Err(CgroupError::NotFound {

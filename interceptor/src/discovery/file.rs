@@ -63,10 +63,7 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, FileError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x == "yaml" || x == "yml")
-        })
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     files.sort();
     Ok(files)
@@ -107,8 +104,6 @@ pub fn parse_into(text: &str, path: &Path, objects: &mut Objects) -> Result<(), 
     Ok(())
 }
 
-
-
 fn add_object(
     json: serde_json::Value,
     path: &Path,
@@ -120,7 +115,11 @@ fn add_object(
         doc,
         what,
     };
-    let Some(kind) = json.get("kind").and_then(|k| k.as_str()).map(str::to_string) else {
+    let Some(kind) = json
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .map(str::to_string)
+    else {
         return Err(shape(
             "has no `kind`: every document must be a Kubernetes object".to_string(),
         ));
@@ -293,14 +292,21 @@ items:
         let e = parse_into(bad, Path::new("m.yaml"), &mut Objects::default())
             .expect_err("a port must be a number");
         let msg = e.to_string();
-        assert!(msg.contains("m.yaml document 2 (Service shop/greet)"), "{msg}");
+        assert!(
+            msg.contains("m.yaml document 2 (Service shop/greet)"),
+            "{msg}"
+        );
 
         let e = parse_into("a: [", Path::new("m.yaml"), &mut Objects::default())
             .expect_err("broken YAML");
         assert!(e.to_string().contains("document 1: not valid YAML"), "{e}");
 
-        let e = parse_into("metadata: {name: x}", Path::new("m.yaml"), &mut Objects::default())
-            .expect_err("no kind");
+        let e = parse_into(
+            "metadata: {name: x}",
+            Path::new("m.yaml"),
+            &mut Objects::default(),
+        )
+        .expect_err("no kind");
         assert!(e.to_string().contains("has no `kind`"), "{e}");
     }
 }

@@ -91,7 +91,10 @@ impl Shared {
     }
 
     fn all_synced(&self) -> bool {
-        self.synced.lock().map(|s| s.iter().all(|x| *x)).unwrap_or(false)
+        self.synced
+            .lock()
+            .map(|s| s.iter().all(|x| *x))
+            .unwrap_or(false)
     }
 }
 
@@ -277,7 +280,13 @@ pub async fn watch_cluster(
         };
         if !announced {
             announced = true;
-            tracing::info!(namespaces = snapshot.namespaces.len(), services = snapshot.services.len(), slices = snapshot.slices.len(), pods = snapshot.pods.len(), "Kubernetes objects listed");
+            tracing::info!(
+                namespaces = snapshot.namespaces.len(),
+                services = snapshot.services.len(),
+                slices = snapshot.slices.len(),
+                pods = snapshot.pods.len(),
+                "Kubernetes objects listed"
+            );
         }
         out.send_replace(Arc::new(snapshot));
     }

@@ -38,7 +38,9 @@ pub struct Policy {
 
 pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
     ObjectRef::new(
-        meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
         meta.name.clone().unwrap_or_default(),
     )
 }

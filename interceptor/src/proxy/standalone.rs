@@ -145,13 +145,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the proxy listener on {}", args.listen))?;
     serve(listener, args, async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(error) => {
-                tracing::error!(%error, "cannot wait for SIGTERM; stopping");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(error) => {
+                    tracing::error!(%error, "cannot wait for SIGTERM; stopping");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

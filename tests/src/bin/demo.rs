@@ -17,7 +17,10 @@ fn progress(t: &Tallies, phase: &str, since: &greet::TallyLine) {
     }
     let w = t.last.since(since);
     let calls: u64 = w.values().sum();
-    eprint!("\r  {phase}: {calls:>6} calls, {} errors   ", t.last.errors - since.errors);
+    eprint!(
+        "\r  {phase}: {calls:>6} calls, {} errors   ",
+        t.last.errors - since.errors
+    );
     let _ = std::io::stderr().flush();
 }
 
@@ -42,7 +45,10 @@ fn table(title: &str, counts: &BTreeMap<String, u64>, pods: &[String], errors: u
     for p in pods {
         let n = counts.get(p).copied().unwrap_or(0);
         let share = 100.0 * n as f64 / total.max(1) as f64;
-        println!("  {p:<10} {n:>7} {share:>6.1}%  {}", "#".repeat((share / 2.5) as usize));
+        println!(
+            "  {p:<10} {n:>7} {share:>6.1}%  {}",
+            "#".repeat((share / 2.5) as usize)
+        );
     }
 }
 
@@ -63,12 +69,20 @@ fn main() {
     c.write(&spec);
     println!("manifest (file source): {}", c.manifests.display());
     let agent = c.start_agent();
-    println!("agent running (admin endpoint {}), namespace {NS} not labelled yet", agent.admin_addr());
+    println!(
+        "agent running (admin endpoint {}), namespace {NS} not labelled yet",
+        agent.admin_addr()
+    );
 
     // Phase 1: kube-proxy alone balances per connection: one channel, one pod.
     let mut t = c.client_run(30);
     let (before, errors) = phase_window(&mut t, "before", Duration::from_secs(2));
-    table("before: kube-proxy only (per-connection balancing)", &before, &c.server_names(), errors);
+    table(
+        "before: kube-proxy only (per-connection balancing)",
+        &before,
+        &c.server_names(),
+        errors,
+    );
     drop(t);
 
     // Phase 2: label the namespace. New connections are intercepted (existing ones are left
@@ -84,7 +98,12 @@ fn main() {
     );
     let mut t = c.client_run(60);
     let (after, errors) = phase_window(&mut t, "labelled", Duration::from_secs(3));
-    table("after labelling: per-request balancing", &after, &c.server_names(), errors);
+    table(
+        "after labelling: per-request balancing",
+        &after,
+        &c.server_names(),
+        errors,
+    );
 
     // Phase 3: scale up to 4 on the same channel.
     c.add_server(13);
