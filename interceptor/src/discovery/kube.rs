@@ -138,6 +138,13 @@ struct Kind<K> {
     delete: fn(&mut Objects, &K),
 }
 
+/// Drops what the agent never reads and a DaemonSet should not hold for every Service and
+/// EndpointSlice of the cluster: server-side-apply bookkeeping is often most of an object.
+fn slim<K: Resource>(mut obj: K) -> K {
+    obj.meta_mut().managed_fields = None;
+    obj
+}
+
 async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind<K>, shared: Arc<Shared>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -147,7 +154,7 @@ where
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::Init) => buffer.clear(),
-            Ok(watcher::Event::InitApply(obj)) => buffer.push(obj),
+            Ok(watcher::Event::InitApply(obj)) => buffer.push(slim(obj)),
             Ok(watcher::Event::InitDone) => {
                 let listed = std::mem::take(&mut buffer);
                 tracing::debug!(kind = kind.name, objects = listed.len(), "listed");
@@ -159,7 +166,10 @@ where
                 });
                 shared.mark_synced(kind.slot);
             }
-            Ok(watcher::Event::Apply(obj)) => shared.edit(|o| (kind.apply)(o, obj)),
+            Ok(watcher::Event::Apply(obj)) => {
+                let obj = slim(obj);
+                shared.edit(|o| (kind.apply)(o, obj))
+            }
             Ok(watcher::Event::Delete(obj)) => shared.edit(|o| (kind.delete)(o, &obj)),
             // The watcher relists by itself (410 Gone included); the backoff spaces retries.
             Err(error) => {
