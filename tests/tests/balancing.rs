@@ -131,18 +131,45 @@ fn one_client_connection_is_balanced_per_request_through_the_hook() {
     ];
     let agent = AgentProcess::start(&args);
     h2load(&client, svc);
+    // curl with HTTP/2 prior knowledge, each call its own connection, through the hook too.
+    for _ in 0..5 {
+        let out = client
+            .spawn_program(
+                Path::new("/usr/bin/curl"),
+                &[
+                    "-sS",
+                    "--http2-prior-knowledge",
+                    "-H",
+                    "content-type: application/grpc",
+                    "--data-binary",
+                    "",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                    &format!("http://{svc}/greet.Greeter/SayHello"),
+                ],
+            )
+            .wait_output(Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.trim() == "200 2",
+            "curl --http2-prior-knowledge through the hook: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let after = served(servers);
     note(&format!("through interceptor: {after:?}"));
     assert_eq!(
         after.iter().sum::<u64>(),
-        u64::from(REQUESTS),
-        "every request served exactly once"
+        u64::from(REQUESTS) + 5,
+        "every request (h2load's and curl's) served exactly once"
     );
     assert!(
         after.iter().all(|n| *n > 0),
         "every endpoint takes requests: {after:?}"
     );
-    let max_share = *after.iter().max().expect("3 backends") as f64 / f64::from(REQUESTS);
+    let max_share = *after.iter().max().expect("3 backends") as f64 / f64::from(REQUESTS + 5);
     assert!(
         max_share < 0.6,
         "requests spread over the endpoints (max share {max_share:.2}): {after:?}"

@@ -21,6 +21,7 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("h2load", "nghttp2-client"),
+    ("curl", "curl"),
 ];
 
 /// Everything: what building needs, plus the tools the tests run.
