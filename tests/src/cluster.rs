@@ -59,6 +59,50 @@ impl Pod {
     }
 }
 
+/// curl arguments for one gRPC-shaped POST over HTTP/2 with prior knowledge, printing
+/// `<status> <http version>`.
+pub fn curl_h2_args(url: &str) -> Vec<String> {
+    [
+        "-sS",
+        "--http2-prior-knowledge",
+        "-H",
+        "content-type: application/grpc",
+        "--data-binary",
+        "",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits until `pod` takes at least `fraction` of a fair share (of `n_pods`) over a 250 ms
+/// window; returns when that window ended. Bounded at 5 s after `since`.
+pub fn fair_share_reached(
+    t: &mut Tallies,
+    pod: &str,
+    n_pods: usize,
+    fraction: f64,
+    since: Instant,
+) -> Instant {
+    loop {
+        let w = t.window(Duration::from_millis(250));
+        let total: u64 = w.values().sum();
+        let mine = w.get(pod).copied().unwrap_or(0);
+        if total > 0 && mine as f64 >= fraction * total as f64 / n_pods as f64 {
+            return Instant::now();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "{pod} never reached {fraction} of a fair share: {w:?}"
+        );
+    }
+}
+
 pub fn namespace(name: &str, enabled: bool) -> String {
     let labels = if enabled {
         "\n  labels:\n    interceptor.io/enabled: \"true\""
@@ -166,6 +210,19 @@ pub struct GreetCluster {
     pub node: Node,
     pub pins: PinRoot,
     pub manifests: PathBuf,
+}
+
+impl Spec {
+    /// Every server pod listed as a ready endpoint, no annotations.
+    pub fn new(labelled: bool, endpoints: &[u8]) -> Self {
+        Self {
+            labelled,
+            service_annotations: Vec::new(),
+            client_annotations: Vec::new(),
+            endpoints: endpoints.to_vec(),
+            broken: false,
+        }
+    }
 }
 
 impl Drop for GreetCluster {

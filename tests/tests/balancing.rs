@@ -133,23 +133,12 @@ fn one_client_connection_is_balanced_per_request_through_the_hook() {
     h2load(&client, svc);
     // curl with HTTP/2 prior knowledge, each call its own connection, through the hook too.
     for _ in 0..5 {
+        let args = interceptor_tests::cluster::curl_h2_args(&format!(
+            "http://{svc}/greet.Greeter/SayHello"
+        ));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = client
-            .spawn_program(
-                Path::new("/usr/bin/curl"),
-                &[
-                    "-sS",
-                    "--http2-prior-knowledge",
-                    "-H",
-                    "content-type: application/grpc",
-                    "--data-binary",
-                    "",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code} %{http_version}",
-                    &format!("http://{svc}/greet.Greeter/SayHello"),
-                ],
-            )
+            .spawn_program(Path::new("/usr/bin/curl"), &args)
             .wait_output(Duration::from_secs(10));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(

@@ -15,13 +15,7 @@ const EFFECT_LIMIT: Duration = interceptor_tests::cluster::EFFECT_LIMIT;
 #[test]
 fn label_unlabel_and_opt_outs_take_effect_within_a_second() {
     let c = Cluster::new(&[10, 11, 12]);
-    let mut spec = Spec {
-        labelled: false,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![10, 11, 12],
-        broken: false,
-    };
+    let mut spec = Spec::new(false, &[10, 11, 12]);
     c.write(&spec);
     let agent = c.start_agent();
     assert!(
@@ -133,13 +127,7 @@ fn label_unlabel_and_opt_outs_take_effect_within_a_second() {
 #[test]
 fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
     let mut c = Cluster::new(&[20, 21, 22]);
-    let mut spec = Spec {
-        labelled: true,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![20, 21, 22],
-        broken: false,
-    };
+    let mut spec = Spec::new(true, &[20, 21, 22]);
     c.write(&spec);
     let _agent = c.start_agent();
     let at = Instant::now();
@@ -168,18 +156,7 @@ fn scale_up_and_down_reach_one_long_lived_channel_within_a_second() {
     );
     // Fair share: the end of the first 250 ms window in which the new pod took at least 60%
     // of a fair quarter.
-    let fair_at = loop {
-        let w = t.window(Duration::from_millis(250));
-        let total: u64 = w.values().sum();
-        let mine = w.get("greet-23").copied().unwrap_or(0);
-        if total > 0 && mine as f64 >= 0.6 * total as f64 / 4.0 {
-            break Instant::now();
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(3),
-            "greet-23 never reached a fair share: {w:?}"
-        );
-    };
+    let fair_at = interceptor_tests::cluster::fair_share_reached(&mut t, "greet-23", 4, 0.6, at);
     let fair = fair_at.duration_since(at);
     note(&format!(
         "scale up: new pod at a fair share {} ms after the manifest changed",
@@ -263,13 +240,7 @@ fn operator(agent: &AgentProcess, c: &Cluster, args: &[&str]) -> String {
 #[test]
 fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
     let c = Cluster::new(&[40, 41]);
-    let mut spec = Spec {
-        labelled: false,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![40, 41],
-        broken: false,
-    };
+    let mut spec = Spec::new(false, &[40, 41]);
     c.write(&spec);
     let agent = c.start_agent();
     let vip = interceptor_tests::cluster::vip().to_string();
@@ -353,13 +324,7 @@ fn status_explain_and_the_admin_endpoint_tell_the_operator_what_and_why() {
 #[test]
 fn a_pod_without_a_cgroup_is_reported_once_and_retried_and_others_keep_working() {
     let c = Cluster::new(&[50, 51]);
-    let spec = Spec {
-        labelled: true,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![50, 51],
-        broken: false,
-    };
+    let spec = Spec::new(true, &[50, 51]);
     // A pod the kubelet has not created a cgroup for (or laid out in an unknown way).
     let mut docs = c.docs(&spec);
     docs.push(format!(
@@ -427,13 +392,7 @@ fn a_pod_without_a_cgroup_is_reported_once_and_retried_and_others_keep_working()
 #[test]
 fn a_restarted_agent_takes_over_without_detaching_what_stays_wanted() {
     let c = Cluster::new(&[60, 61]);
-    let spec = Spec {
-        labelled: true,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![60, 61],
-        broken: false,
-    };
+    let spec = Spec::new(true, &[60, 61]);
     c.write(&spec);
     let agent = c.start_agent();
     effect(Instant::now(), "first agent hooks the client", || {
@@ -512,13 +471,7 @@ fn start_up_errors_are_one_clear_line() {
 #[test]
 fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
     let mut c = Cluster::new(&[70, 71]);
-    let spec = Spec {
-        labelled: true,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![70, 71],
-        broken: false,
-    };
+    let spec = Spec::new(true, &[70, 71]);
     c.write(&spec);
     let agent = c.start_agent();
     effect(Instant::now(), "client hooked", || c.client_hooked());

@@ -37,13 +37,7 @@ fn kube_watch_drives_the_datapath_and_the_balancer() {
     api.apply_yaml(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: elsewhere, namespace: shop, uid: 99}\nspec: {nodeName: node-b, containers: [{name: a, image: b}]}\nstatus: {phase: Running}\n",
     );
-    let mut spec = Spec {
-        labelled: false,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![30, 31, 32],
-        broken: false,
-    };
+    let mut spec = Spec::new(false, &[30, 31, 32]);
     apply(&api, &c, &spec);
 
     let mut args = vec!["run".to_string(), "--source=kube".into()];

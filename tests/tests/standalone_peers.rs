@@ -106,19 +106,7 @@ fn curl_prior_knowledge_and_h2load_work_through_the_standalone_proxy() {
     let url = format!("http://{}/greet.Greeter/SayHello", proxy.listen);
     for _ in 0..30 {
         let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--http2-prior-knowledge",
-                "-H",
-                "content-type: application/grpc",
-                "--data-binary",
-                "",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code} %{http_version}",
-                &url,
-            ])
+            .args(interceptor_tests::cluster::curl_h2_args(&url))
             .output()
             .expect("curl is installed");
         let text = String::from_utf8_lossy(&out.stdout);

@@ -65,30 +65,11 @@ fn main() -> Result<()> {
             setup::require_root(
                 "the demo builds network namespaces and cgroups and loads eBPF programs",
             )?;
-            setup::cargo(&[
-                "build",
-                "-p",
-                "interceptor",
-                "-p",
-                "interceptor-tests",
-                "--bins",
-            ])?;
-            let bin = setup::workspace_root().join("target/debug/demo");
-            setup::run_cmd(&mut std::process::Command::new(bin))
+            build_and_run_bin("demo", false)
         }
         Cmd::ProxyDemo => {
             setup::run()?;
-            setup::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "interceptor",
-                "-p",
-                "interceptor-tests",
-                "--bins",
-            ])?;
-            let bin = setup::workspace_root().join("target/release/proxy-demo");
-            setup::run_cmd(&mut std::process::Command::new(bin))
+            build_and_run_bin("proxy-demo", true)
         }
         Cmd::BenchConnect { connects } => {
             setup::run()?;
@@ -96,4 +77,17 @@ fn main() -> Result<()> {
             bench_connect::run(connects)
         }
     }
+}
+
+/// Builds the agent and the test programs, then runs the program `name` of the tests crate.
+fn build_and_run_bin(name: &str, release: bool) -> Result<()> {
+    let mut build = vec!["build"];
+    if release {
+        build.push("--release");
+    }
+    build.extend(["-p", "interceptor", "-p", "interceptor-tests", "--bins"]);
+    setup::cargo(&build)?;
+    let profile = if release { "release" } else { "debug" };
+    let bin = setup::workspace_root().join(format!("target/{profile}/{name}"));
+    setup::run_cmd(&mut std::process::Command::new(bin))
 }

@@ -59,13 +59,7 @@ fn main() {
     }
     println!("interceptor demo: a node in network namespaces, 3 greet gRPC pods behind Service {NS}/greet ({}), one client pod with ONE gRPC channel", vip());
     let mut c = GreetCluster::new(&[10, 11, 12]);
-    let mut spec = Spec {
-        labelled: false,
-        service_annotations: vec![],
-        client_annotations: vec![],
-        endpoints: vec![10, 11, 12],
-        broken: false,
-    };
+    let mut spec = Spec::new(false, &[10, 11, 12]);
     c.write(&spec);
     println!("manifest (file source): {}", c.manifests.display());
     let agent = c.start_agent();
@@ -113,16 +107,7 @@ fn main() {
     let first = t.until(Duration::from_secs(5), "greet-13 gets a call", |l| {
         l.by_pod.get("greet-13").copied().unwrap_or(0) > 0
     });
-    let fair_at = loop {
-        let w = t.window(Duration::from_millis(250));
-        let total: u64 = w.values().sum();
-        if w.get("greet-13").copied().unwrap_or(0) as f64 >= 0.8 * total as f64 / 4.0 {
-            break Instant::now();
-        }
-        if at.elapsed() > Duration::from_secs(5) {
-            break Instant::now();
-        }
-    };
+    let fair_at = interceptor_tests::cluster::fair_share_reached(&mut t, "greet-13", 4, 0.8, at);
     println!(
         "\nscaled to 4 server pods: greet-13's first call {} ms after the EndpointSlice changed, a fair share by {} ms",
         first.duration_since(at).as_millis(),
