@@ -1,9 +1,12 @@
 //! `cargo xtask bench-connect`: what the connect hook adds to connect(), measured in a pod of a
 //! test node (netns + cgroup), with the real eBPF object. Prints a table; asserts nothing.
 //!
-//! Two paths, each timed with the hook detached and attached, interleaved over rounds:
-//! - redirect: the app dials a Service ClusterIP and lands on the pod-local listener; the
-//!   baseline dials that listener (127.0.0.1:15001) directly, so only the hook differs;
+//! Three paths, each timed with the hook detached and attached, interleaved over rounds:
+//! - service: what the app sees. It dials a Service ClusterIP; detached, kube-proxy (an
+//!   nftables DNAT in the node) sends it to a backend pod over the veth; attached, the hook
+//!   sends it to the pod-local listener;
+//! - redirect: the program's own cost: the same ClusterIP dial attached, against a baseline
+//!   that dials the pod-local listener (127.0.0.1:15001) directly, so only the hook differs;
 //! - pass: the app dials something that is not a Service (a listener on 127.0.0.1:15002);
 //!   the hook runs, looks up, and leaves it alone.
 //!
@@ -66,6 +69,8 @@ fn main() {
 
     let node = Node::new();
     let pod = node.add_pod("bench", 1);
+    let backend = node.add_pod("backend", 2);
+    let _backend_server: ChildGuard = backend.serve("80");
     pod.netns.exec(
         "sysctl",
         &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
@@ -83,6 +88,7 @@ fn main() {
         std::sync::Arc::new(|_conn| Box::pin(async {}));
     let mut agent = Agent::new(&datapath, LISTEN_PORT, drop_handler);
     let svc: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+    node.kube_proxy(&[(svc, vec![std::net::IpAddr::V4(backend.ip4)])]);
     agent
         .set_services(&mut datapath, &[(svc, ServiceAction::Intercept)])
         .expect("service");
@@ -98,8 +104,11 @@ fn main() {
 
     let listener: SocketAddr = format!("127.0.0.1:{LISTEN_PORT}").parse().expect("addr");
     let other: SocketAddr = "127.0.0.1:15002".parse().expect("addr");
-    let mut rows: Vec<(&str, Vec<Sample>, Vec<Sample>)> =
-        vec![("redirect", vec![], vec![]), ("pass", vec![], vec![])];
+    let mut rows: Vec<(&str, Vec<Sample>, Vec<Sample>)> = vec![
+        ("service", vec![], vec![]),
+        ("redirect", vec![], vec![]),
+        ("pass", vec![], vec![]),
+    ];
     let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
         .unwrap_or_else(|_| "0".into());
     for round in 0..ROUNDS {
@@ -108,11 +117,14 @@ fn main() {
             round + 1
         );
         datapath.disable_pod(id).expect("detach");
-        rows[0].1.push(time_connects(&pod, listener, count));
-        rows[1].1.push(time_connects(&pod, other, count));
+        rows[0].1.push(time_connects(&pod, svc, count));
+        rows[1].1.push(time_connects(&pod, listener, count));
+        rows[2].1.push(time_connects(&pod, other, count));
         datapath.enable_pod(&pod.cgroup.path).expect("attach");
-        rows[0].2.push(time_connects(&pod, svc, count));
-        rows[1].2.push(time_connects(&pod, other, count));
+        let attached_redirect = time_connects(&pod, svc, count);
+        rows[0].2.push(attached_redirect);
+        rows[1].2.push(attached_redirect);
+        rows[2].2.push(time_connects(&pod, other, count));
     }
     // Run-time accounting costs two clock reads per program run: measured in passes of their
     // own, per path, so it does not inflate the latencies above.
