@@ -6,6 +6,7 @@
 //! `kube_api` is a test Kubernetes API server (list/watch over plain HTTP on 127.0.0.1) for the
 //! discovery tests; it needs no root.
 
+pub mod bench;
 pub mod kube_api;
 
 use std::fs::File;
@@ -698,14 +699,28 @@ pub async fn serve_grpc_shaped(
     listener: tokio::net::TcpListener,
     served: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    serve_grpc_stamped(listener, served, Arc::default()).await
+}
+
+/// Like `serve_grpc_shaped`, and stamps the wall-clock time (microseconds since the Unix
+/// epoch) of the first request into `first_unix_us` (the benchmark's "time to first request").
+pub async fn serve_grpc_stamped(
+    listener: tokio::net::TcpListener,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    first_unix_us: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
         let served = served.clone();
+        let first = first_unix_us.clone();
         tokio::spawn(async move {
             let Ok(mut conn) = h2::server::handshake(stream).await else {
                 return;
             };
             while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                served.fetch_add(1, Ordering::Relaxed);
+                if served.fetch_add(1, Ordering::Relaxed) == 0 {
+                    first.store(unix_micros(), Ordering::Relaxed);
+                }
                 let response = http::Response::builder()
                     .header("content-type", "application/grpc")
                     .body(())
@@ -720,4 +735,12 @@ pub async fn serve_grpc_shaped(
             }
         });
     }
+}
+
+/// Wall-clock microseconds since the Unix epoch (comparable across processes).
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
