@@ -173,7 +173,8 @@ async fn call(send: SendRequest<Bytes>, authority: &str) -> Result<(), Failure> 
     if response.status() != http::StatusCode::OK {
         return Err(Failure(format!("status {}", response.status())));
     }
-    let mut body = response.into_body();
+    let (parts, mut body) = response.into_parts();
+    let headers = parts.headers;
     while let Some(chunk) = body.data().await {
         let chunk = chunk?;
         let _ = body.flow_control().release_capacity(chunk.len());
@@ -182,7 +183,12 @@ async fn call(send: SendRequest<Bytes>, authority: &str) -> Result<(), Failure> 
     match trailers.as_ref().and_then(|t| t.get("grpc-status")) {
         Some(v) if v == "0" => Ok(()),
         Some(v) => Err(Failure(format!("grpc-status {v:?}"))),
-        None => Err(Failure("no grpc-status trailer".into())),
+        // A trailers-only response carries the status in the headers.
+        None => Err(Failure(format!(
+            "no grpc-status trailer (headers: grpc-status {:?}, grpc-message {:?})",
+            headers.get("grpc-status"),
+            headers.get("grpc-message")
+        ))),
     }
 }
 
@@ -192,6 +198,7 @@ struct Tally {
     errors: u64,
     first_error: Option<String>,
     latencies_ns: Vec<u64>,
+    last_done: Option<Instant>,
 }
 
 impl Tally {
@@ -201,6 +208,7 @@ impl Tally {
                 self.ok += 1;
                 if let Some(l) = latency {
                     self.latencies_ns.push(l.as_nanos() as u64);
+                    self.last_done = Some(Instant::now());
                 }
             }
             Err(Failure(e)) => {
@@ -327,6 +335,12 @@ async fn rate(args: &LoadArgs) -> LoadResult {
     })
     .await;
     let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    // A server that fell behind finishes late: rate over the time it really took.
+    let window = tally
+        .last_done
+        .map(|t| t.saturating_duration_since(measure_from))
+        .unwrap_or_default()
+        .max(args.duration);
     if drained.is_err() {
         let left = tasks.len() as u64;
         tally.errors += left;
@@ -335,7 +349,7 @@ async fn rate(args: &LoadArgs) -> LoadResult {
             .get_or_insert(format!("{left} requests unanswered {DRAIN_GRACE:?} after the schedule ended"));
         tasks.abort_all();
     }
-    tally.finish(sent, args.duration)
+    tally.finish(sent, window)
 }
 
 /// Opens `conns` connections (one request each), prints `READY <ok>` and holds them idle for
