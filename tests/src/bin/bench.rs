@@ -404,7 +404,7 @@ fn nginx_conf(dir: &Path, backends: &[SocketAddr]) -> String {
          proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n\
          uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n\
          keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  http2_max_concurrent_streams 128;\n\
-         upstream backends {{\n{servers}    keepalive 64;\n    keepalive_requests 100000000;\n    keepalive_timeout 300s;\n  }}\n\
+         upstream backends {{\n{servers}    keepalive 2048;\n    keepalive_requests 100000000;\n    keepalive_timeout 300s;\n  }}\n\
          server {{\n    listen 127.0.0.1:{NGINX_PORT} http2;\n\
          location / {{ grpc_pass grpc://backends; }}\n  }}\n}}\n"
     )
@@ -937,6 +937,8 @@ fn rss(topo: &Topology, plan: &Plan, kind: Kind) -> Value {
 fn endpoint_dynamics(topo: &mut Topology, reload_ms: u64) -> Value {
     eprintln!("[{}] endpoint add/remove (interceptor proxy, endpoints file)", now_hms());
     // A fresh responder for the endpoint that appears, so its first-request stamp is new.
+    // (The old one goes first: it holds the port.)
+    drop(topo.backends[BACKENDS - 1].child.take());
     topo.backends[BACKENDS - 1] = Backend::start(&topo.backend_pods[BACKENDS - 1]);
     let file = topo.dir.join("endpoints.txt");
     let write_eps = |n: usize| {
@@ -1132,6 +1134,7 @@ fn machine() -> Value {
         "nginx": version("/usr/sbin/nginx", "-v"),
         "haproxy": version("/usr/sbin/haproxy", "-v"),
         "h2load": version("h2load", "--version"),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     })
 }
 
@@ -1162,6 +1165,7 @@ fn main() {
         );
     }
     let started = Instant::now();
+    let mut machine_info = machine();
     let stamp = {
         let s = unix_micros() / 1_000_000;
         let out = Command::new("date")
@@ -1225,7 +1229,10 @@ fn main() {
     let elapsed = started.elapsed();
 
     let report = Report::new(&plan, quick, rates, reps, rss_results, dynamics, connect, elapsed);
-    let results = report.results_json(machine());
+    machine_info["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
+    let results = report.results_json(machine_info);
     bench::write_file(&dir.join("results.json"), &serde_json::to_string_pretty(&results).expect("json"));
     let summary = report.summary();
     let summary_text = serde_json::to_string_pretty(&summary).expect("json");
@@ -1529,7 +1536,7 @@ impl Report {
         let s0_sat = self.sat_best(Kind::S0);
         let mut t = String::new();
         t.push_str(&format!(
-            "Run {stamp} ({} mode, {} repetitions, medians), {:.0} s. Machine: {}, {} CPUs, kernel {}; {}; {}; {}.\n\n",
+            "Run {stamp} ({} mode, {} repetitions, medians), {:.0} s. Machine: {}, {} CPUs, kernel {}; {}; {}; {}. Load average (1/5/15 min) at start {}, at end {}.\n\n",
             if self.quick { "quick" } else { "full" },
             self.reps.len(),
             self.elapsed.as_secs_f64(),
@@ -1539,6 +1546,8 @@ impl Report {
             machine["nginx"].as_str().unwrap_or("?"),
             machine["haproxy"].as_str().unwrap_or("?").split(" - ").next().unwrap_or("?"),
             machine["h2load"].as_str().unwrap_or("?"),
+            machine["loadavg"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
+            machine["loadavg_end"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
         ));
         t.push_str("Throughput and CPU (h2load; the proxy alone on CPU 1, client and backends on CPU 0):\n\n");
         t.push_str("| contender | rps -c4 -m32 | rps -c16 -m100 | best / S0 | proxy CPU busy | proxy CPU us/req | errors |\n|---|---:|---:|---:|---:|---:|---:|\n");
