@@ -47,7 +47,8 @@ pub fn bars(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<(), Ch
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(80)
-            .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..max)
+            // A segmented 0..n has n + 1 segments: 0..n-1 gives one per bar.
+            .build_cartesian_2d((0..bars.len().saturating_sub(1)).into_segmented(), 0.0..max)
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -57,6 +58,7 @@ pub fn bars(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<(), Ch
                 SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
             })
+            .y_label_formatter(&|y| format_value(*y))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err)?;

@@ -1255,6 +1255,16 @@ fn main() {
         dynamics = endpoint_dynamics(&mut topo, 50);
         drop(topo);
     }
+    // Keep the contenders' logs (configs too) with the results.
+    let logs = dir.join("logs");
+    let _ = std::fs::create_dir_all(&logs);
+    for entry in std::fs::read_dir(&work.0).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        if n.ends_with(".log") || n.ends_with(".conf") || n.ends_with(".cfg") {
+            let _ = std::fs::copy(entry.path(), logs.join(&name));
+        }
+    }
     let connect = connect_cost(plan.connect_count);
     let elapsed = started.elapsed();
 
@@ -1670,6 +1680,16 @@ impl Report {
         ));
         let s = self.summary();
         let num = |k: &str| s[k].as_f64();
+        // An added p99 is only meaningful when S0 itself ran clean at that rate.
+        let s0_p99 = |name: &str| self.rate(Kind::S0, name, "p99_us");
+        let latency_check = |value: Option<f64>, name: &str| -> &'static str {
+            match (value, s0_p99(name)) {
+                (Some(_), Some(b)) if b > 5000.0 => "inconclusive: S0 itself had p99 > 5 ms (CPU 0 disturbed)",
+                (Some(v), Some(_)) if v <= 150.0 => "met",
+                (Some(_), Some(_)) => "**missed**",
+                _ => "not measured",
+            }
+        };
         let check = |ok: Option<bool>| match ok {
             Some(true) => "met",
             Some(false) => "**missed**",
@@ -1680,9 +1700,9 @@ impl Report {
             ("saturation rps vs nginx (S4/S2)".into(), f2(num("rps_ratio_vs_nginx")), check(num("rps_ratio_vs_nginx").map(|v| v >= 2.5))),
             ("CPU per request vs HAProxy".into(), f2(num("cpu_per_req_ratio_vs_haproxy")), check(num("cpu_per_req_ratio_vs_haproxy").map(|v| v <= 0.8))),
             ("added single-stream latency vs HAProxy".into(), f2(num("added_latency_ratio_vs_haproxy")), check(num("added_latency_ratio_vs_haproxy").map(|v| v <= 0.7))),
-            ("added p99 at half of interceptor's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_load")), check(num("p99_added_us_at_half_load").map(|v| v <= 150.0))),
-            ("added p99 at half of the slowest proxy's saturation, us (S4)".into(), f0(num("p99_added_us_at_low_load")), check(num("p99_added_us_at_low_load").map(|v| v <= 150.0))),
-            ("added p99 at half of S0's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_of_s0")), check(num("p99_added_us_at_half_of_s0").map(|v| v <= 150.0))),
+            ("added p99 at half of interceptor's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_load")), latency_check(num("p99_added_us_at_half_load"), "icp_half")),
+            ("added p99 at half of the slowest proxy's saturation, us (S4)".into(), f0(num("p99_added_us_at_low_load")), latency_check(num("p99_added_us_at_low_load"), "low")),
+            ("added p99 at half of S0's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_of_s0")), latency_check(num("p99_added_us_at_half_of_s0"), "s0_half")),
             ("RSS idle, MiB".into(), f1(num("rss_idle_mib")), check(num("rss_idle_mib").map(|v| v <= 15.0))),
             ("RSS per 1k idle conns, MiB".into(), f1(num("rss_per_1k_conns_mib")), check(num("rss_per_1k_conns_mib").map(|v| v <= 30.0))),
             ("Jain, 1 client connection (S4)".into(), f3(num("jain_one_conn")), check(num("jain_one_conn").map(|v| v >= 0.99))),
