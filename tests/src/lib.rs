@@ -6,6 +6,7 @@
 //! `kube_api` is a test Kubernetes API server (list/watch over plain HTTP on 127.0.0.1) for the
 //! discovery tests; it needs no root.
 
+pub mod bench;
 pub mod kube_api;
 
 use std::fs::File;
@@ -698,26 +699,63 @@ pub async fn serve_grpc_shaped(
     listener: tokio::net::TcpListener,
     served: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    serve_grpc_stamped(listener, served, Arc::default()).await
+}
+
+/// Like `serve_grpc_shaped`, and stamps the wall-clock time (microseconds since the Unix
+/// epoch) of the first request into `first_unix_us` (the benchmark's "time to first request").
+pub async fn serve_grpc_stamped(
+    listener: tokio::net::TcpListener,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    first_unix_us: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
         let served = served.clone();
+        let first = first_unix_us.clone();
         tokio::spawn(async move {
             let Ok(mut conn) = h2::server::handshake(stream).await else {
                 return;
             };
-            while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                served.fetch_add(1, Ordering::Relaxed);
-                let response = http::Response::builder()
-                    .header("content-type", "application/grpc")
-                    .body(())
-                    .expect("static response");
-                let Ok(mut send) = respond.send_response(response, false) else {
-                    continue;
-                };
-                let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                let _ = send.send_trailers(trailers);
+            while let Some(Ok((request, respond))) = conn.accept().await {
+                if served.fetch_add(1, Ordering::Relaxed) == 0 {
+                    first.store(unix_micros(), Ordering::Relaxed);
+                }
+                tokio::spawn(answer_grpc_shaped(request, respond));
             }
         });
     }
+}
+
+/// Reads the request to its end, as a unary gRPC server does, then answers. Answering before
+/// the request's end would make h2 reset the stream (RST_STREAM NO_ERROR), and a server that
+/// resets many streams is told off by its own h2 ("too_many_internal_resets" GOAWAY).
+async fn answer_grpc_shaped(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+) {
+    let mut body = request.into_body();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { return };
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let response = http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("static response");
+    let Ok(mut send) = respond.send_response(response, false) else {
+        return;
+    };
+    let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let _ = send.send_trailers(trailers);
+}
+
+/// Wall-clock microseconds since the Unix epoch (comparable across processes).
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }

@@ -1,6 +1,7 @@
 //! Project automation: toolchain set-up, tests, benchmarks. Every command installs what it
 //! needs first (idempotently), so the README's two commands work on a fresh machine.
 
+mod bench;
 mod bench_connect;
 mod setup;
 
@@ -34,6 +35,14 @@ enum Cmd {
         /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Compare interceptor with client-side round robin, kube-proxy, nginx and HAProxy on this
+    /// machine, in network namespaces (needs root). Writes target/bench/summary.json and a
+    /// results folder (table, chart).
+    Bench {
+        /// Reduced sweep (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
     },
     /// Measure connect() latency with the hook attached vs detached (needs root).
     BenchConnect {
@@ -70,6 +79,13 @@ fn main() -> Result<()> {
         Cmd::ProxyDemo => {
             setup::run()?;
             build_and_run_bin("proxy-demo", true)
+        }
+        Cmd::Bench { quick } => {
+            setup::run()?;
+            setup::require_root(
+                "the benchmark builds network namespaces and cgroups and loads eBPF programs",
+            )?;
+            bench::run(quick)
         }
         Cmd::BenchConnect { connects } => {
             setup::run()?;

@@ -22,7 +22,17 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("h2load", "nghttp2-client"),
     ("curl", "curl"),
+    // The benchmark's contenders; run in the foreground with the benchmark's own configs.
+    ("nginx", "nginx-light"),
+    ("haproxy", "haproxy"),
+    ("taskset", "util-linux"),
 ];
+
+/// Debian packages that provide files rather than commands: the benchmark chart's font.
+const APT_FILES: &[(&str, &str)] = &[(
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "fonts-dejavu-core",
+)];
 
 /// Everything: what building needs, plus the tools the tests run.
 pub fn run() -> Result<()> {
@@ -67,6 +77,15 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(cargo);
     cmd.args(args).current_dir(workspace_root());
     run_cmd(&mut cmd)
+}
+
+/// Where cargo puts build output: $CARGO_TARGET_DIR, or target/ in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { workspace_root().join(d) })
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -200,26 +219,52 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn apt_tools() -> Result<()> {
-    let missing: Vec<&str> = APT_TOOLS
+    let mut missing: Vec<&str> = APT_TOOLS
         .iter()
         .filter(|(cmd, _)| {
-            output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
+            // nginx and haproxy live in /usr/sbin, which a non-root PATH may lack.
+            output(Command::new("sh").args([
+                "-c",
+                &format!("command -v {cmd} || test -x /usr/sbin/{cmd}"),
+            ]))
+            .is_none()
         })
         .map(|(_, pkg)| *pkg)
+        .chain(
+            APT_FILES
+                .iter()
+                .filter(|(file, _)| !Path::new(file).exists())
+                .map(|(_, pkg)| *pkg),
+        )
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     require_root("installing Debian packages with apt-get")?;
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
+    // nginx and haproxy must not start as system services (the benchmark runs them itself,
+    // in the foreground): a policy-rc.d that denies every start, unless one is already there.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\n# cargo xtask setup: no service starts during install\nexit 101\n")
+            .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run_cmd(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .context("apt-get install (needs Debian's package mirror)")
+    .context("apt-get install (needs Debian's package mirror)");
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
 }
 
 fn kubernetes_validate() -> Result<()> {

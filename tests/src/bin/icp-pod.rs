@@ -331,9 +331,11 @@ fn connect_bench(to: SocketAddr, count: usize) {
 }
 
 /// A gRPC-shaped HTTP/2 backend: answers every request (200, a small body, `grpc-status: 0`
-/// trailers) and, on SIGTERM, prints `served <N>` and exits.
+/// trailers). On SIGUSR1 it prints `stats <served> <unix us of the first request, 0 if none>`
+/// and goes on (the benchmark polls it); on SIGTERM it prints `served <N>` and exits.
 fn h2serve(port: u16) {
     use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -343,14 +345,30 @@ fn h2serve(port: u16) {
             .await
             .expect("bind h2 backend");
         let served = Arc::new(AtomicU64::new(0));
-        tokio::spawn(interceptor_tests::serve_grpc_shaped(
+        let first = Arc::new(AtomicU64::new(0));
+        tokio::spawn(interceptor_tests::serve_grpc_stamped(
             listener,
             served.clone(),
+            first.clone(),
         ));
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
         println!("READY");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        term.recv().await;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = usr1.recv() => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(
+                        out,
+                        "stats {} {}",
+                        served.load(Ordering::Relaxed),
+                        first.load(Ordering::Relaxed)
+                    );
+                    let _ = out.flush();
+                }
+            }
+        }
         println!("served {}", served.load(Ordering::Relaxed));
     });
 }

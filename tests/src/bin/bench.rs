@@ -1,0 +1,1736 @@
+//! `cargo xtask bench [--quick]`: interceptor against the alternatives, on this one machine, in
+//! network namespaces and loopback only, everything in the same run, reported as ratios.
+//!
+//! Topology: a test node (netns) routing a client pod and four backend pods, an emulated
+//! kube-proxy (nftables random DNAT) for the ClusterIP 10.96.0.10:8080, which exists only in
+//! the node's netns. The proxy under test runs in the client pod's netns, pinned to CPU 1 with
+//! one worker thread; the load generators and the backends run on CPU 0.
+//!
+//! Contenders (started one at a time, interleaved over repetitions):
+//! - S0 client-side round robin straight to the pods (the limit);
+//! - S1 kube-proxy with 1 and 2 long-lived connections (the problem);
+//! - S2 nginx `grpc_pass`, S3 HAProxy h2, both round robin with upstream keep-alive/reuse;
+//! - S4 `interceptor proxy` dialled directly; S5 the agent, transparent through the eBPF
+//!   connect hook (the client dials the ClusterIP).
+//!
+//! Load: h2load for saturation and fairness; our own open-loop client (bench::load) for the
+//! single-stream probe and fixed rates (latency from the intended send time). Results go to
+//! target/bench/<timestamp>/ (results.json, table.md, chart.png) and target/bench/summary.json.
+//! A program that prints a table, not a test: it asserts nothing about the numbers.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use interceptor_tests::bench::load::{LoadArgs, LoadResult, REQUEST_BODY};
+use interceptor_tests::bench::{self, H2loadResult};
+use interceptor_tests::{
+    pinned_stats, require_root, target_bin, unix_micros, ChildGuard, Netns, Node, PinRoot, Pod,
+};
+use serde_json::{json, Value};
+
+const VIP: &str = "10.96.0.10:8080";
+const BACKEND_PORT: u16 = 8080;
+const BACKENDS: usize = 4;
+const NGINX_PORT: u16 = 18001;
+const HAPROXY_PORT: u16 = 18002;
+const ICP_PORT: u16 = 18003;
+const ICP_FILE_PORT: u16 = 18004;
+/// The proxy under test gets CPU 1; clients and backends share CPU 0.
+const PROXY_CPU: &str = "1";
+const LOAD_CPU: &str = "0";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C / SIGTERM: finish the current step, then unwind so every guard cleans up.
+fn check_stop() {
+    if STOP.load(Ordering::SeqCst) {
+        panic!("interrupted: cleaning up (netns, cgroups, pins, processes)");
+    }
+}
+
+fn sleep(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_stop();
+        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+    }
+}
+
+/// Sweep sizes: quick (under 5 minutes) or full.
+struct Plan {
+    reps: usize,
+    probe_count: u64,
+    sat_warmup: Duration,
+    sat_duration: Duration,
+    rate_warmup: Duration,
+    rate_duration: Duration,
+    /// Which fixed rates to run (see `RATES`).
+    rates: Vec<&'static str>,
+    jain_duration: Duration,
+    jain_every_rep: bool,
+    idle_conns: usize,
+    connect_count: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                reps: 2,
+                probe_count: 2000,
+                sat_warmup: Duration::from_millis(500),
+                sat_duration: Duration::from_millis(2000),
+                rate_warmup: Duration::from_millis(200),
+                rate_duration: Duration::from_millis(1000),
+                rates: vec!["low", "icp_half", "s0_half"],
+                jain_duration: Duration::from_millis(1500),
+                jain_every_rep: false,
+                idle_conns: 1000,
+                connect_count: 2000,
+            }
+        } else {
+            Self {
+                reps: 3,
+                probe_count: 10_000,
+                sat_warmup: Duration::from_millis(1000),
+                sat_duration: Duration::from_secs(5),
+                rate_warmup: Duration::from_millis(500),
+                rate_duration: Duration::from_secs(5),
+                rates: vec!["low", "icp_half", "s0_quarter", "s0_half"],
+                jain_duration: Duration::from_secs(3),
+                jain_every_rep: true,
+                idle_conns: 1000,
+                connect_count: 10_000,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Kind {
+    S0,
+    S1x1,
+    S1x2,
+    Nginx,
+    Haproxy,
+    IcpDirect,
+    IcpTransparent,
+}
+
+const ALL: [Kind; 7] = [
+    Kind::S0,
+    Kind::S1x1,
+    Kind::S1x2,
+    Kind::Nginx,
+    Kind::Haproxy,
+    Kind::IcpDirect,
+    Kind::IcpTransparent,
+];
+
+impl Kind {
+    fn id(self) -> &'static str {
+        match self {
+            Kind::S0 => "S0",
+            Kind::S1x1 => "S1x1",
+            Kind::S1x2 => "S1x2",
+            Kind::Nginx => "S2",
+            Kind::Haproxy => "S3",
+            Kind::IcpDirect => "S4",
+            Kind::IcpTransparent => "S5",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Kind::S0 => "S0 client round robin to pods (limit)",
+            Kind::S1x1 => "S1 kube-proxy DNAT, 1 connection",
+            Kind::S1x2 => "S1 kube-proxy DNAT, 2 connections",
+            Kind::Nginx => "S2 nginx grpc_pass",
+            Kind::Haproxy => "S3 HAProxy h2",
+            Kind::IcpDirect => "S4 interceptor proxy (dialled)",
+            Kind::IcpTransparent => "S5 interceptor agent (eBPF redirect)",
+        }
+    }
+    fn short(self) -> &'static str {
+        match self {
+            Kind::S0 => "S0 direct",
+            Kind::S1x1 => "S1 kp x1",
+            Kind::S1x2 => "S1 kp x2",
+            Kind::Nginx => "S2 nginx",
+            Kind::Haproxy => "S3 HAProxy",
+            Kind::IcpDirect => "S4 icp",
+            Kind::IcpTransparent => "S5 icp+eBPF",
+        }
+    }
+    fn is_proxy(self) -> bool {
+        matches!(
+            self,
+            Kind::Nginx | Kind::Haproxy | Kind::IcpDirect | Kind::IcpTransparent
+        )
+    }
+}
+
+/// A process tree (nginx forks its worker) stopped with SIGTERM, then SIGKILL for what is
+/// left, on drop: nothing outlives the benchmark, also when it panics.
+struct Proc {
+    child: Option<ChildGuard>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(ChildGuard::pid).expect("process present")
+    }
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.0.as_mut())
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.child.take() else {
+            return;
+        };
+        let pid = guard.pid();
+        let tree = bench::process_tree(pid);
+        // SAFETY: signalling processes we started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        if let Some(child) = guard.0.as_mut() {
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for p in tree {
+            if Path::new(&format!("/proc/{p}")).exists() {
+                // SAFETY: as above; the tree was read while the root was alive.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+        }
+        drop(guard);
+    }
+}
+
+/// Starts `program` under `taskset -c cpu` (taskset execs, so the pid is the program's),
+/// optionally inside `netns`, with stdout+stderr into `log`.
+fn spawn_pinned(netns: Option<&Netns>, cpu: &str, program: &Path, args: &[String], log: PathBuf) -> Proc {
+    let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let err = out.try_clone().expect("clone log fd");
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(cpu)
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("INTERCEPTOR_LOG", "info");
+    let ns_file = netns.map(|n| File::open(n.path()).expect("open netns"));
+    if let Some(f) = &ns_file {
+        let fd = f.as_raw_fd();
+        // SAFETY: only setns between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+    drop(ns_file);
+    Proc {
+        child: Some(ChildGuard(Some(child))),
+        log,
+    }
+}
+
+/// A backend pod's gRPC-shaped responder (`icp-pod h2serve`), polled with SIGUSR1.
+struct Backend {
+    child: Option<ChildGuard>,
+    /// (replies seen, served, unix us of the first request)
+    stats: Arc<Mutex<(u64, u64, u64)>>,
+}
+
+impl Backend {
+    fn start(pod: &Pod) -> Self {
+        let icp_pod = target_bin("icp-pod");
+        let mut child = pod.spawn_program(
+            Path::new("/usr/bin/taskset"),
+            &[
+                "-c",
+                LOAD_CPU,
+                icp_pod.to_str().expect("utf-8 path"),
+                "h2serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+            ],
+        );
+        let stdout = child
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .expect("backend stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("backend readiness");
+        assert_eq!(line.trim(), "READY", "backend in {} did not start", pod.name);
+        let stats = Arc::new(Mutex::new((0, 0, 0)));
+        let sink = stats.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                let f: Vec<u64> = line
+                    .strip_prefix("stats ")
+                    .map(|r| r.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+                    .unwrap_or_default();
+                if f.len() == 2 {
+                    let mut s = sink.lock().expect("stats lock");
+                    *s = (s.0 + 1, f[0], f[1]);
+                }
+            }
+        });
+        Self {
+            child: Some(child),
+            stats,
+        }
+    }
+}
+
+/// (served, first-request unix us) of every backend, polled at once. A stopped backend
+/// reports (0, 0).
+fn snapshot(backends: &[Backend]) -> Vec<(u64, u64)> {
+    let before: Vec<u64> = backends
+        .iter()
+        .map(|b| {
+            let seq = b.stats.lock().expect("stats lock").0;
+            if let Some(c) = &b.child {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.pid() as i32, libc::SIGUSR1) };
+            }
+            seq
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    backends
+        .iter()
+        .zip(before)
+        .map(|(b, seq)| {
+            if b.child.is_none() {
+                return (0, 0);
+            }
+            loop {
+                let s = *b.stats.lock().expect("stats lock");
+                if s.0 > seq {
+                    return (s.1, s.2);
+                }
+                assert!(Instant::now() < deadline, "a backend did not answer SIGUSR1");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .collect()
+}
+
+fn deltas(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<u64> {
+    a.iter().zip(b).map(|(x, y)| y.0.saturating_sub(x.0)).collect()
+}
+
+struct Topology {
+    dir: PathBuf,
+    bench_exe: PathBuf,
+    body_file: PathBuf,
+    backends: Vec<Backend>,
+    backend_addrs: Vec<SocketAddr>,
+    backend_pods: Vec<Pod>,
+    client: Pod,
+    _node: Node,
+}
+
+/// A contender while it runs: its process (none for S0/S1), what the client dials, and for
+/// S5 the agent's pin root (dropped after the agent).
+struct Running {
+    kind: Kind,
+    proc: Option<Proc>,
+    pins: Option<PinRoot>,
+    target: Vec<SocketAddr>,
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        drop(self.pins.take());
+    }
+}
+
+fn nginx_conf(dir: &Path, backends: &[SocketAddr]) -> String {
+    let servers: String = backends
+        .iter()
+        .map(|b| format!("    server {b};\n"))
+        .collect();
+    let d = dir.display();
+    format!(
+        "daemon off;\nworker_processes 1;\nworker_rlimit_nofile 20000;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
+         proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n\
+         uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n\
+         keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  http2_max_concurrent_streams 128;\n\
+         upstream backends {{\n{servers}    keepalive 2048;\n    keepalive_requests 100000000;\n    keepalive_timeout 300s;\n  }}\n\
+         server {{\n    listen 127.0.0.1:{NGINX_PORT} http2;\n\
+         location / {{ grpc_pass grpc://backends; }}\n  }}\n}}\n"
+    )
+}
+
+fn haproxy_conf(backends: &[SocketAddr]) -> String {
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("  server b{i} {b} proto h2\n"))
+        .collect();
+    format!(
+        "global\n  nbthread 1\n  maxconn 8000\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+         timeout client 300s\n  timeout server 300s\n  http-reuse always\n\n\
+         frontend fe\n  bind 127.0.0.1:{HAPROXY_PORT} proto h2\n  default_backend be\n\n\
+         backend be\n  balance roundrobin\n{servers}"
+    )
+}
+
+impl Topology {
+    fn new(node: Node, dir: PathBuf) -> Self {
+        let client = node.add_pod("client", 1);
+        let backend_pods: Vec<Pod> = (1..=BACKENDS as u8)
+            .map(|n| node.add_pod(&format!("b{n}"), 10 + n))
+            .collect();
+        let vip: SocketAddr = VIP.parse().expect("vip");
+        node.kube_proxy(&[(vip, backend_pods.iter().map(|b| IpAddr::V4(b.ip4)).collect())]);
+        let backends = backend_pods.iter().map(Backend::start).collect();
+        let backend_addrs = backend_pods.iter().map(|p| p.addr4(BACKEND_PORT)).collect();
+        let body_file = dir.join("request.bin");
+        std::fs::write(&body_file, REQUEST_BODY).expect("write the request body");
+        Self {
+            dir,
+            bench_exe: std::env::current_exe().expect("current executable"),
+            body_file,
+            backends,
+            backend_addrs,
+            backend_pods,
+            client,
+            _node: node,
+        }
+    }
+
+    fn vip(&self) -> SocketAddr {
+        VIP.parse().expect("vip")
+    }
+
+    fn start(&self, kind: Kind) -> Running {
+        self.start_with(kind, &[])
+    }
+
+    /// `extra` arguments go to `interceptor proxy` (S4 only): the round-robin info row.
+    fn start_with(&self, kind: Kind, extra: &[&str]) -> Running {
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let eps: Vec<String> = self.backend_addrs.iter().map(|a| a.to_string()).collect();
+        let log = |name: &str| self.dir.join(format!("{name}.log"));
+        let (proc, pins, target) = match kind {
+            Kind::S0 => (None, None, self.backend_addrs.clone()),
+            Kind::S1x1 | Kind::S1x2 => (None, None, vec![self.vip()]),
+            Kind::Nginx => {
+                let conf = self.dir.join("nginx.conf");
+                std::fs::write(&conf, nginx_conf(&self.dir, &self.backend_addrs))
+                    .expect("write nginx.conf");
+                let args: Vec<String> = vec![
+                    "-c".into(),
+                    conf.display().to_string(),
+                    "-p".into(),
+                    format!("{}/", self.dir.display()),
+                    "-e".into(),
+                    self.dir.join("nginx-error.log").display().to_string(),
+                ];
+                let p = spawn_pinned(
+                    Some(&self.client.netns),
+                    PROXY_CPU,
+                    Path::new("/usr/sbin/nginx"),
+                    &args,
+                    log("nginx"),
+                );
+                (Some(p), None, vec![local(NGINX_PORT)])
+            }
+            Kind::Haproxy => {
+                let conf = self.dir.join("haproxy.cfg");
+                std::fs::write(&conf, haproxy_conf(&self.backend_addrs))
+                    .expect("write haproxy.cfg");
+                let args = vec!["-db".into(), "-f".into(), conf.display().to_string()];
+                let p = spawn_pinned(
+                    Some(&self.client.netns),
+                    PROXY_CPU,
+                    Path::new("/usr/sbin/haproxy"),
+                    &args,
+                    log("haproxy"),
+                );
+                (Some(p), None, vec![local(HAPROXY_PORT)])
+            }
+            Kind::IcpDirect => {
+                let args = vec![
+                    "proxy".into(),
+                    "--listen".into(),
+                    local(ICP_PORT).to_string(),
+                    "--endpoints".into(),
+                    eps.join(","),
+                    "--worker-threads".into(),
+                    "1".into(),
+                ];
+                let args: Vec<String> = args
+                    .into_iter()
+                    .chain(extra.iter().map(|a| a.to_string()))
+                    .collect();
+                let p = spawn_pinned(
+                    Some(&self.client.netns),
+                    PROXY_CPU,
+                    &target_bin("interceptor"),
+                    &args,
+                    log("interceptor-proxy"),
+                );
+                (Some(p), None, vec![local(ICP_PORT)])
+            }
+            Kind::IcpTransparent => {
+                let pins = PinRoot::new();
+                let args = vec![
+                    "run".into(),
+                    "--source=static".into(),
+                    "--pin-root".into(),
+                    pins.path.display().to_string(),
+                    "--admin-addr".into(),
+                    "127.0.0.1:0".into(),
+                    "--drain-timeout".into(),
+                    "1s".into(),
+                    "--worker-threads".into(),
+                    "1".into(),
+                    "--pod".into(),
+                    format!("default/client={}", self.client.cgroup.path.display()),
+                    "--service".into(),
+                    VIP.into(),
+                    "--endpoints".into(),
+                    format!("{VIP}={}", eps.join(",")),
+                ];
+                let mut p = spawn_pinned(
+                    None,
+                    PROXY_CPU,
+                    &target_bin("interceptor"),
+                    &args,
+                    log("interceptor-agent"),
+                );
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !p.log_text().contains("agent ready") {
+                    if let Some(status) = p.exited() {
+                        panic!("the agent exited ({status}):\n{}", p.log_text());
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "agent not ready within 30 s:\n{}",
+                        p.log_text()
+                    );
+                    sleep(Duration::from_millis(20));
+                }
+                (Some(p), Some(pins), vec![self.vip()])
+            }
+        };
+        Running {
+            kind,
+            proc,
+            pins,
+            target,
+        }
+    }
+
+    /// Runs our load client in the client pod (CPU 0) and returns its result.
+    fn load(&self, args: &LoadArgs, timeout: Duration) -> LoadResult {
+        let child = self.spawn_load(args);
+        let out = child.wait_output(timeout);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().rev().find(|l| l.starts_with('{'));
+        match line.map(serde_json::from_str::<LoadResult>) {
+            Some(Ok(r)) => r,
+            _ => LoadResult {
+                errors: 1,
+                first_error: Some(format!(
+                    "load client failed ({}): {}{}",
+                    out.status,
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+                ..LoadResult::default()
+            },
+        }
+    }
+
+    fn spawn_load(&self, args: &LoadArgs) -> ChildGuard {
+        let mut full = vec![
+            "-c".to_string(),
+            LOAD_CPU.to_string(),
+            self.bench_exe.display().to_string(),
+        ];
+        full.extend(args.to_args());
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.client
+            .spawn_program(Path::new("/usr/bin/taskset"), &refs)
+    }
+
+    /// h2load in the client pod on CPU 0: one process per target, `conns` connections each.
+    fn spawn_h2load(
+        &self,
+        targets: &[SocketAddr],
+        conns: usize,
+        streams: usize,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Vec<ChildGuard> {
+        targets
+            .iter()
+            .map(|t| {
+                let url = format!("http://{t}/bench.Bench/Call");
+                let args = [
+                    "-c".to_string(),
+                    LOAD_CPU.to_string(),
+                    "h2load".to_string(),
+                    format!("-c{conns}"),
+                    format!("-m{streams}"),
+                    format!("-D{}ms", duration.as_millis()),
+                    format!("--warm-up-time={}ms", warmup.as_millis()),
+                    "-d".to_string(),
+                    self.body_file.display().to_string(),
+                    "-H".to_string(),
+                    "content-type: application/grpc".to_string(),
+                    "-H".to_string(),
+                    "te: trailers".to_string(),
+                    url,
+                ];
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.client
+                    .spawn_program(Path::new("/usr/bin/taskset"), &refs)
+            })
+            .collect()
+    }
+}
+
+fn h2load_collect(children: Vec<ChildGuard>, timeout: Duration) -> (H2loadResult, Vec<String>) {
+    let mut sum = H2loadResult::default();
+    let mut problems = Vec::new();
+    for child in children {
+        let out = child.wait_output(timeout);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        match bench::parse_h2load(&text) {
+            Some(r) => {
+                sum.succeeded += r.succeeded;
+                sum.errors += r.errors;
+                sum.rps += r.rps;
+                if r.errors > 0 {
+                    problems.push(text);
+                }
+            }
+            None => {
+                sum.errors += 1;
+                problems.push(format!(
+                    "h2load printed no summary ({}): {text}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+    (sum, problems)
+}
+
+/// One saturation run: h2load throughput, and the proxy's CPU per request and CPU use over the
+/// middle of the measured window (backend counts give the requests in that window).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Sat {
+    conns: usize,
+    streams: usize,
+    rps: f64,
+    errors: u64,
+    cpu_us_per_req: Option<f64>,
+    cpu_util: Option<f64>,
+}
+
+fn saturate(topo: &Topology, plan: &Plan, run: &Running, conns: usize, streams: usize) -> Sat {
+    let (targets, per_target) = if run.kind == Kind::S0 {
+        (topo.backend_addrs.clone(), (conns / BACKENDS).max(1))
+    } else {
+        (run.target.clone(), conns)
+    };
+    let children = topo.spawn_h2load(&targets, per_target, streams, plan.sat_warmup, plan.sat_duration);
+    let margin = Duration::from_millis(300);
+    sleep(plan.sat_warmup + margin);
+    let sample = || {
+        (
+            Instant::now(),
+            run.pid().map(bench::cpu_micros),
+            snapshot(&topo.backends),
+        )
+    };
+    let (t0, c0, s0) = sample();
+    sleep(plan.sat_duration.saturating_sub(margin * 2));
+    let (t1, c1, s1) = sample();
+    let (r, problems) = h2load_collect(children, plan.sat_duration + Duration::from_secs(60));
+    for p in problems {
+        eprintln!("{}: h2load reported errors:\n{p}", run.kind.id());
+    }
+    let served: u64 = deltas(&s0, &s1).iter().sum();
+    let cpu = c0.zip(c1).map(|(a, b)| b.saturating_sub(a) as f64);
+    Sat {
+        conns,
+        streams,
+        rps: r.rps,
+        errors: r.errors,
+        cpu_us_per_req: cpu.filter(|_| served > 0).map(|c| c / served as f64),
+        cpu_util: cpu.map(|c| c / (t1 - t0).as_secs_f64() / 1e6),
+    }
+}
+
+/// h2load with one connection; the backends' counts give each endpoint's share.
+fn fairness(topo: &Topology, plan: &Plan, run: &Running) -> Value {
+    let before = snapshot(&topo.backends);
+    let children = topo.spawn_h2load(&run.target[..1], 1, 10, Duration::from_millis(200), plan.jain_duration);
+    let (r, _) = h2load_collect(children, plan.jain_duration + Duration::from_secs(60));
+    let after = snapshot(&topo.backends);
+    let shares: Vec<f64> = deltas(&before, &after).iter().map(|&n| n as f64).collect();
+    json!({
+        "counts": shares,
+        "jain": bench::jain(&shares),
+        "max_over_mean": bench::max_over_mean(&shares),
+        "errors": r.errors,
+    })
+}
+
+fn load_timeout(args: &LoadArgs) -> Duration {
+    args.warmup + args.duration + args.hold + Duration::from_secs(60)
+}
+
+fn probe_args(run: &Running, count: u64) -> LoadArgs {
+    LoadArgs {
+        mode: "probe".into(),
+        targets: run.target.clone(),
+        conns: run.target.len(),
+        count,
+        rate: 0.0,
+        duration: Duration::ZERO,
+        warmup: Duration::ZERO,
+        hold: Duration::ZERO,
+    }
+}
+
+fn rate_conns(kind: Kind) -> usize {
+    match kind {
+        Kind::S1x1 => 1,
+        Kind::S1x2 => 2,
+        _ => 4,
+    }
+}
+
+/// One contender's whole sweep in one repetition.
+/// The fixed rates, from the first repetition's saturation runs: every contender runs the
+/// same rates.
+/// - `low`: half the saturation of the slowest proxy (every proxy at most half loaded);
+/// - `icp_half`: half of interceptor's (S4) saturation;
+/// - `s0_quarter`, `s0_half`: a quarter and half of S0's saturation (the issue's reference;
+///   on this machine S0 runs several times faster than any proxy, so these overload them).
+fn fixed_rates(first_rep: &BTreeMap<Kind, Value>) -> BTreeMap<&'static str, f64> {
+    let best = |k: Kind| {
+        first_rep.get(&k).and_then(|v| {
+            v["saturation"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["rps"].as_f64())
+                .reduce(f64::max)
+        })
+    };
+    let slowest_proxy = [Kind::Nginx, Kind::Haproxy, Kind::IcpDirect, Kind::IcpTransparent]
+        .into_iter()
+        .filter_map(best)
+        .filter(|r| *r > 0.0)
+        .reduce(f64::min)
+        .unwrap_or(2000.0);
+    let s0 = best(Kind::S0).unwrap_or(2000.0);
+    let icp = best(Kind::IcpDirect).unwrap_or(2000.0);
+    BTreeMap::from([
+        ("low", (slowest_proxy * 0.5).round()),
+        ("icp_half", (icp * 0.5).round()),
+        ("s0_quarter", (s0 * 0.25).round()),
+        ("s0_half", (s0 * 0.5).round()),
+    ])
+}
+
+/// Phase A of one contender in one repetition: warm-up, single-stream probe, saturation, and
+/// (first repetition, or every one in full mode) balance over one connection.
+fn run_contender(topo: &Topology, plan: &Plan, kind: Kind, rep: usize) -> Value {
+    eprintln!("[{}] rep {} {}", now_hms(), rep + 1, kind.label());
+    let run = topo.start(kind);
+    let mut out = serde_json::Map::new();
+    // Warm-up: connections, pools and caches, discarded.
+    let warm = topo.load(&probe_args(&run, 300), Duration::from_secs(60));
+    out.insert("warmup_errors".into(), json!(warm.errors));
+    if let Some(e) = &warm.first_error {
+        eprintln!("  warm-up error: {e}");
+    }
+    check_stop();
+    let probe = topo.load(&probe_args(&run, plan.probe_count), Duration::from_secs(120));
+    eprintln!(
+        "  probe: p50 {:.0} us p99 {:.0} us errors {}",
+        probe.p50_us, probe.p99_us, probe.errors
+    );
+    out.insert("probe".into(), json!(probe));
+    check_stop();
+    let mut sats = Vec::new();
+    let loads: &[(usize, usize)] = match kind {
+        Kind::S1x1 => &[(1, 128)],
+        Kind::S1x2 => &[(2, 64)],
+        _ => &[(4, 32), (16, 100)],
+    };
+    for &(c, m) in loads {
+        let s = saturate(topo, plan, &run, c, m);
+        eprintln!(
+            "  saturation -c{c} -m{m}: {:.0} req/s, errors {}, cpu/req {:?} us, cpu {:?}",
+            s.rps, s.errors, s.cpu_us_per_req, s.cpu_util
+        );
+        sats.push(s);
+        check_stop();
+    }
+    out.insert("saturation".into(), json!(sats));
+    if kind != Kind::S0 && kind != Kind::S1x2 && (rep == 0 || plan.jain_every_rep) {
+        let fair = fairness(topo, plan, &run);
+        eprintln!("  one connection: counts {} jain {:.3}", fair["counts"], fair["jain"].as_f64().unwrap_or(0.0));
+        out.insert("fairness".into(), fair);
+    }
+    finish_contender(&run, &mut out);
+    Value::Object(out)
+}
+
+/// Phase B: the fixed-rate open-loop runs, same rates for every contender.
+fn run_rates(topo: &Topology, plan: &Plan, kind: Kind, rep: usize, rates: &BTreeMap<&'static str, f64>) -> Value {
+    eprintln!("[{}] rep {} fixed rates {}", now_hms(), rep + 1, kind.label());
+    let run = topo.start(kind);
+    let warm = topo.load(&probe_args(&run, 300), Duration::from_secs(60));
+    let mut out = Vec::new();
+    for name in &plan.rates {
+        let rate = rates.get(name).copied().unwrap_or(1000.0).max(100.0);
+        let args = LoadArgs {
+            mode: "rate".into(),
+            targets: run.target.clone(),
+            conns: rate_conns(kind),
+            count: 0,
+            rate,
+            duration: plan.rate_duration,
+            warmup: plan.rate_warmup,
+            hold: Duration::ZERO,
+        };
+        let r = topo.load(&args, load_timeout(&args));
+        eprintln!(
+            "  rate {name} {rate:.0}/s: p50 {:.0} us p99 {:.0} us p99.9 {:.0} us, achieved {:.0}/s, errors {}",
+            r.p50_us, r.p99_us, r.p999_us, r.achieved_rps, r.errors
+        );
+        if let Some(e) = &r.first_error {
+            eprintln!("    first error: {e}");
+        }
+        // A contender that cannot keep up with the schedule is overloaded: its errors there
+        // (refused streams, timeouts) are reported apart from the correctness guard.
+        let overloaded = r.achieved_rps < 0.9 * rate;
+        out.push(json!({"name": name, "rate": rate, "overloaded": overloaded, "result": r}));
+        check_stop();
+    }
+    let mut obj = serde_json::Map::new();
+    obj.insert("rates".into(), json!(out));
+    obj.insert("warmup_errors".into(), json!(warm.errors));
+    finish_contender(&run, &mut obj);
+    Value::Object(obj)
+}
+
+fn finish_contender(run: &Running, out: &mut serde_json::Map<String, Value>) {
+    let kind = run.kind;
+    if kind == Kind::IcpTransparent {
+        let pins = run.pins.as_ref().expect("agent pins");
+        let stats = pinned_stats(&pins.path);
+        out.insert("hook_redirected".into(), json!(stats.get("redirected").copied().unwrap_or(0)));
+    }
+}
+
+/// RSS of a fresh contender after a warm-up, then with `conns` idle client connections.
+fn rss(topo: &Topology, plan: &Plan, kind: Kind) -> Value {
+    eprintln!("[{}] RSS {}", now_hms(), kind.label());
+    let run = topo.start(kind);
+    let warm = topo.load(&probe_args(&run, 200), Duration::from_secs(60));
+    sleep(Duration::from_millis(300));
+    let pid = run.pid().expect("proxy pid");
+    let base = bench::rss_kib(pid);
+    let args = LoadArgs {
+        mode: "idle".into(),
+        targets: run.target.clone(),
+        conns: plan.idle_conns,
+        count: 0,
+        rate: 0.0,
+        duration: Duration::ZERO,
+        warmup: Duration::ZERO,
+        hold: Duration::from_secs(60),
+    };
+    let mut child = topo.spawn_load(&args);
+    let stdout = child
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("idle client stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    let opened: u64 = line
+        .strip_prefix("READY ")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    sleep(Duration::from_millis(500));
+    let with_conns = bench::rss_kib(pid);
+    drop(child);
+    let per_1k_mib = if opened > 0 {
+        Some((with_conns as f64 - base as f64) / 1024.0 * 1000.0 / opened as f64)
+    } else {
+        None
+    };
+    eprintln!(
+        "  idle {:.1} MiB, +{opened} connections {:.1} MiB",
+        base as f64 / 1024.0,
+        with_conns as f64 / 1024.0
+    );
+    json!({
+        "idle_mib": base as f64 / 1024.0,
+        "with_conns_mib": with_conns as f64 / 1024.0,
+        "conns_opened": opened,
+        "conns_wanted": plan.idle_conns,
+        "per_1k_conns_mib": per_1k_mib,
+        "warmup_errors": warm.errors,
+    })
+}
+
+/// interceptor's endpoints file: a new endpoint's first request and fair share, then its
+/// removal under load (failed requests), with `interceptor proxy --endpoints-file`.
+fn endpoint_dynamics(topo: &mut Topology, reload_ms: u64) -> Value {
+    eprintln!("[{}] endpoint add/remove (interceptor proxy, endpoints file)", now_hms());
+    // A fresh responder for the endpoint that appears, so its first-request stamp is new.
+    // (The old one goes first: it holds the port.)
+    drop(topo.backends[BACKENDS - 1].child.take());
+    topo.backends[BACKENDS - 1] = Backend::start(&topo.backend_pods[BACKENDS - 1]);
+    let file = topo.dir.join("endpoints.txt");
+    let write_eps = |n: usize| {
+        let text: String = topo.backend_addrs[..n]
+            .iter()
+            .map(|a| format!("{a}\n"))
+            .collect();
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write endpoints file");
+        std::fs::rename(&tmp, &file).expect("replace endpoints file");
+    };
+    write_eps(BACKENDS - 1);
+    let local = SocketAddr::from(([127, 0, 0, 1], ICP_FILE_PORT));
+    let args = vec![
+        "proxy".into(),
+        "--listen".into(),
+        local.to_string(),
+        "--endpoints-file".into(),
+        file.display().to_string(),
+        "--reload-interval-ms".into(),
+        reload_ms.to_string(),
+        "--worker-threads".into(),
+        "1".into(),
+    ];
+    let proxy = spawn_pinned(
+        Some(&topo.client.netns),
+        PROXY_CPU,
+        &target_bin("interceptor"),
+        &args,
+        topo.dir.join("interceptor-file.log"),
+    );
+    let rate = 2000.0;
+    let load = LoadArgs {
+        mode: "rate".into(),
+        targets: vec![local],
+        conns: 1,
+        count: 0,
+        rate,
+        duration: Duration::from_millis(4500),
+        warmup: Duration::ZERO,
+        hold: Duration::ZERO,
+    };
+    let client = topo.spawn_load(&load);
+    sleep(Duration::from_millis(1000));
+    let new = BACKENDS - 1;
+    let mut prev = snapshot(&topo.backends);
+    let t0 = unix_micros();
+    write_eps(BACKENDS);
+    let added = Instant::now();
+    let mut first_ms = None;
+    let mut fair_ms = None;
+    let mut window: Vec<(Instant, Vec<(u64, u64)>)> = vec![(added, prev.clone())];
+    while added.elapsed() < Duration::from_millis(2000) && fair_ms.is_none() {
+        sleep(Duration::from_millis(25));
+        let now = snapshot(&topo.backends);
+        if first_ms.is_none() && now[new].1 != 0 {
+            first_ms = Some(now[new].1.saturating_sub(t0) as f64 / 1000.0);
+        }
+        window.push((Instant::now(), now.clone()));
+        // Share over the last ~100 ms.
+        if let Some((_, old)) = window.iter().rev().find(|(t, _)| t.elapsed() >= Duration::from_millis(100)) {
+            let d = deltas(old, &now);
+            let total: u64 = d.iter().sum();
+            if total > 0 && d[new] as f64 / total as f64 >= 0.9 / BACKENDS as f64 {
+                fair_ms = Some(added.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        prev = now;
+    }
+    let _ = prev;
+    // Removal: drop the endpoint from the file, give the proxy one reload interval plus a
+    // margin, then stop that backend (it exits at once, as a pod killed after its grace).
+    sleep(Duration::from_millis(500));
+    write_eps(BACKENDS - 1);
+    sleep(Duration::from_millis(reload_ms * 2 + 100));
+    if let Some(c) = topo.backends[new].child.take() {
+        drop(c);
+    }
+    let out = client.wait_output(load_timeout(&load));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r: LoadResult = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(LoadResult {
+            errors: 1,
+            first_error: Some(format!("load client failed: {text}")),
+            ..LoadResult::default()
+        });
+    drop(proxy);
+    topo.backends[new] = Backend::start(&topo.backend_pods[new]);
+    eprintln!(
+        "  first request after {first_ms:?} ms, fair share after {fair_ms:?} ms, failed during add+remove: {} ({:?})",
+        r.errors, r.first_error
+    );
+    json!({
+        "reload_interval_ms": reload_ms,
+        "rate": rate,
+        "first_request_ms": first_ms,
+        "fair_share_ms": fair_ms,
+        "failed_requests": r.errors,
+        "ok_requests": r.ok,
+        "first_error": r.first_error,
+    })
+}
+
+/// The connect() cost of the hook: the reduced `bench-connect` (same program as `cargo xtask
+/// bench-connect`), its "added median" per path.
+fn connect_cost(count: u32) -> Value {
+    eprintln!("[{}] connect() cost (bench-connect {count})", now_hms());
+    let child = Command::new(target_bin("bench-connect"))
+        .arg(count.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bench-connect");
+    let guard = ChildGuard(Some(child));
+    // wait_output panics on overstay; keep the bench going and report instead.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        guard.wait_output(Duration::from_secs(150))
+    }));
+    let Ok(out) = result else {
+        return json!({"error": "bench-connect overstayed 150 s (the known SYN-retransmit stall, docs/benchmarks.md)"});
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let added = |path: &str| -> Option<i64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {path} |")) && l.matches('|').count() == 7)
+            .and_then(|l| l.split('|').nth(4))
+            .and_then(|c| c.trim().trim_end_matches(" ns").parse().ok())
+    };
+    // Kernel-accounted run time of our programs per redirected connect (bpf_stats): what the
+    // hook itself costs, without the wall-clock noise of a loaded 2-core VM.
+    let kernel = |path: &str| -> Option<i64> {
+        let rows: Vec<i64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {path} | icp_")))
+            .filter_map(|l| l.split('|').nth(5)?.trim().parse().ok())
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum())
+    };
+    json!({
+        "connects": count,
+        "redirect_kernel_ns": kernel("redirect"),
+        "pass_kernel_ns": kernel("pass"),
+        "redirect_added_ns": added("redirect"),
+        "pass_added_ns": added("pass"),
+        "ok": out.status.success(),
+        "table": text,
+    })
+}
+
+fn now_hms() -> String {
+    let s = unix_micros() / 1_000_000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Some(v[v.len() / 2])
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = |cmd: &str, arg: &str| -> String {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                t.lines().next().unwrap_or("").to_string()
+            })
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+        "nginx": version("/usr/sbin/nginx", "-v"),
+        "haproxy": version("/usr/sbin/haproxy", "-v"),
+        "h2load": version("h2load", "--version"),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("load") {
+        bench::load::main(&args[1..]);
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out_root = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
+    require_root();
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    raise_nofile();
+    for tool in ["/usr/sbin/nginx", "/usr/sbin/haproxy", "/usr/bin/h2load", "/usr/bin/taskset"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: `cargo xtask setup` installs nginx-light, haproxy, nghttp2-client"
+        );
+    }
+    let started = Instant::now();
+    let mut machine_info = machine();
+    let stamp = {
+        let s = unix_micros() / 1_000_000;
+        let out = Command::new("date")
+            .args(["-u", "-d", &format!("@{s}"), "+%Y%m%dT%H%M%SZ"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|_| s.to_string());
+        out
+    };
+    let dir = out_root.join(&stamp);
+    std::fs::create_dir_all(&dir).expect("create the results directory");
+    let work = tempdir();
+    let plan = Plan::new(quick);
+    eprintln!(
+        "bench ({}): results into {}",
+        if quick { "quick" } else { "full" },
+        dir.display()
+    );
+
+    let mut reps: Vec<BTreeMap<Kind, Value>> = Vec::new();
+    let mut rates = BTreeMap::new();
+    let mut rss_results: BTreeMap<Kind, Value> = BTreeMap::new();
+    let dynamics;
+    let rr_fairness;
+    {
+        let mut topo = Topology::new(Node::new(), work.0.clone());
+        for rep in 0..plan.reps {
+            let mut order: Vec<Kind> = ALL[1..].to_vec();
+            let n = order.len();
+            order.rotate_left(rep % n);
+            order.insert(0, Kind::S0);
+            let mut results = BTreeMap::new();
+            for &kind in &order {
+                results.insert(kind, run_contender(&topo, &plan, kind, rep));
+            }
+            if rep == 0 {
+                rates = fixed_rates(&results);
+                eprintln!("fixed rates: {rates:?}");
+            }
+            for &kind in &order {
+                let r = run_rates(&topo, &plan, kind, rep, &rates);
+                if let (Some(Value::Object(o)), Value::Object(extra)) = (results.get_mut(&kind), r) {
+                    o.insert("rates".into(), extra["rates"].clone());
+                    let w = o["warmup_errors"].as_u64().unwrap_or(0)
+                        + extra["warmup_errors"].as_u64().unwrap_or(0);
+                    o.insert("warmup_errors".into(), json!(w));
+                    if let Some(h) = extra.get("hook_redirected") {
+                        o.insert("hook_redirected_rates".into(), h.clone());
+                    }
+                }
+            }
+            reps.push(results);
+        }
+        for kind in [Kind::Nginx, Kind::Haproxy, Kind::IcpDirect, Kind::IcpTransparent] {
+            rss_results.insert(kind, rss(&topo, &plan, kind));
+            check_stop();
+        }
+        // Info only: the same one-connection balance with interceptor's round-robin option
+        // (the default, used everywhere else, is power of two choices over peak EWMA).
+        eprintln!("[{}] one connection, interceptor proxy --balancer round-robin (info)", now_hms());
+        let run = topo.start_with(Kind::IcpDirect, &["--balancer", "round-robin"]);
+        let _ = topo.load(&probe_args(&run, 300), Duration::from_secs(60));
+        rr_fairness = fairness(&topo, &plan, &run);
+        drop(run);
+        eprintln!("  counts {} jain {:.3}", rr_fairness["counts"], rr_fairness["jain"].as_f64().unwrap_or(0.0));
+        dynamics = endpoint_dynamics(&mut topo, 50);
+        drop(topo);
+    }
+    // Keep the contenders' logs (configs too) with the results.
+    let logs = dir.join("logs");
+    let _ = std::fs::create_dir_all(&logs);
+    for entry in std::fs::read_dir(&work.0).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        if n.ends_with(".log") || n.ends_with(".conf") || n.ends_with(".cfg") {
+            let _ = std::fs::copy(entry.path(), logs.join(&name));
+        }
+    }
+    let connect = connect_cost(plan.connect_count);
+    let elapsed = started.elapsed();
+
+    let mut report = Report::new(&plan, quick, rates, reps, rss_results, dynamics, connect, elapsed);
+    report.rr_fairness = rr_fairness;
+    report.loadavg_start = machine_info["loadavg"]
+        .as_str()
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    machine_info["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
+    let results = report.results_json(machine_info);
+    bench::write_file(&dir.join("results.json"), &serde_json::to_string_pretty(&results).expect("json"));
+    let summary = report.summary();
+    let summary_text = serde_json::to_string_pretty(&summary).expect("json");
+    bench::write_file(&dir.join("summary.json"), &summary_text);
+    bench::write_file(&out_root.join("summary.json"), &summary_text);
+    let table = report.markdown(&results["machine"], &stamp);
+    bench::write_file(&dir.join("table.md"), &table);
+    let chart = dir.join("chart.png");
+    if let Err(e) = interceptor_tests::bench::chart::bars(&chart, &report.chart_panels()) {
+        eprintln!("chart not drawn: {e}");
+    }
+    println!("{table}");
+    println!("summary: {}", out_root.join("summary.json").display());
+    println!("results: {}", dir.display());
+}
+
+/// A temporary working directory (configs, logs, endpoints file), removed on drop.
+struct TempDir(PathBuf);
+
+fn tempdir() -> TempDir {
+    let p = std::env::temp_dir().join(format!("icp-bench-{}", interceptor_tests::unique_id()));
+    std::fs::create_dir_all(&p).expect("create the work directory");
+    TempDir(p)
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Aggregation over repetitions (medians), the summary and the tables.
+struct Report {
+    quick: bool,
+    rr_fairness: Value,
+    loadavg_start: f64,
+    rates: BTreeMap<&'static str, f64>,
+    rate_names: Vec<&'static str>,
+    reps: Vec<BTreeMap<Kind, Value>>,
+    rss: BTreeMap<Kind, Value>,
+    dynamics: Value,
+    connect: Value,
+    elapsed: Duration,
+    plan_desc: Value,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        plan: &Plan,
+        quick: bool,
+        rates: BTreeMap<&'static str, f64>,
+        reps: Vec<BTreeMap<Kind, Value>>,
+        rss: BTreeMap<Kind, Value>,
+        dynamics: Value,
+        connect: Value,
+        elapsed: Duration,
+    ) -> Self {
+        Self {
+            quick,
+            rr_fairness: Value::Null,
+            loadavg_start: 0.0,
+            rates,
+            rate_names: plan.rates.clone(),
+            reps,
+            rss,
+            dynamics,
+            connect,
+            elapsed,
+            plan_desc: json!({
+                "repetitions": plan.reps,
+                "probe_requests": plan.probe_count,
+                "saturation_warmup_ms": plan.sat_warmup.as_millis() as u64,
+                "saturation_ms": plan.sat_duration.as_millis() as u64,
+                "rate_ms": plan.rate_duration.as_millis() as u64,
+                "rates": plan.rates,
+                "idle_conns": plan.idle_conns,
+            }),
+        }
+    }
+
+    /// Median over repetitions of a number picked from each repetition's result.
+    fn med(&self, kind: Kind, pick: impl Fn(&Value) -> Option<f64>) -> Option<f64> {
+        median(
+            self.reps
+                .iter()
+                .filter_map(|r| r.get(&kind))
+                .filter_map(&pick)
+                .collect(),
+        )
+    }
+
+    fn sat_best(&self, kind: Kind) -> Option<f64> {
+        self.med(kind, |v| {
+            v["saturation"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["rps"].as_f64())
+                .reduce(f64::max)
+        })
+    }
+
+    fn sat_at(&self, kind: Kind, i: usize, field: &str) -> Option<f64> {
+        self.med(kind, |v| v["saturation"].get(i)?[field].as_f64())
+    }
+
+    fn probe(&self, kind: Kind, field: &str) -> Option<f64> {
+        self.med(kind, |v| v["probe"][field].as_f64())
+    }
+
+    fn rate(&self, kind: Kind, name: &str, field: &str) -> Option<f64> {
+        self.med(kind, |v| {
+            v["rates"]
+                .as_array()?
+                .iter()
+                .find(|r| r["name"].as_str() == Some(name))?["result"][field]
+                .as_f64()
+        })
+    }
+
+    fn fair(&self, kind: Kind, field: &str) -> Option<f64> {
+        self.med(kind, |v| v["fairness"][field].as_f64())
+    }
+
+    fn errors(&self, kind: Kind) -> u64 {
+        self.reps
+            .iter()
+            .filter_map(|r| r.get(&kind))
+            .map(|v| {
+                let mut n = v["warmup_errors"].as_u64().unwrap_or(0)
+                    + v["probe"]["errors"].as_u64().unwrap_or(0)
+                    + v["fairness"]["errors"].as_u64().unwrap_or(0);
+                for s in v["saturation"].as_array().into_iter().flatten() {
+                    n += s["errors"].as_u64().unwrap_or(0);
+                }
+                for r in v["rates"].as_array().into_iter().flatten() {
+                    if r["overloaded"].as_bool() != Some(true) {
+                        n += r["result"]["errors"].as_u64().unwrap_or(0);
+                    }
+                }
+                n
+            })
+            .sum::<u64>()
+            + self
+                .rss
+                .get(&kind)
+                .and_then(|v| v["warmup_errors"].as_u64())
+                .unwrap_or(0)
+    }
+
+    /// Errors in fixed-rate runs the contender could not keep up with.
+    fn overload_errors(&self, kind: Kind) -> u64 {
+        self.reps
+            .iter()
+            .filter_map(|r| r.get(&kind))
+            .flat_map(|v| v["rates"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["overloaded"].as_bool() == Some(true))
+            .map(|r| r["result"]["errors"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    fn s0_drift(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .reps
+            .iter()
+            .filter_map(|r| r.get(&Kind::S0))
+            .filter_map(|v| v["saturation"].get(0)?["rps"].as_f64())
+            .collect();
+        let min = v.iter().copied().reduce(f64::min)?;
+        let max = v.iter().copied().reduce(f64::max)?;
+        (min > 0.0).then(|| (max - min) / min)
+    }
+
+    fn added(&self, kind: Kind, f: impl Fn(&Self, Kind) -> Option<f64>) -> Option<f64> {
+        Some(f(self, kind)? - f(self, Kind::S0)?)
+    }
+
+    fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+        match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+            _ => None,
+        }
+    }
+
+    fn summary(&self) -> Value {
+        let mut notes: Vec<String> = Vec::new();
+        let sat = |k| self.sat_best(k);
+        let cpu = |k| self.sat_at(k, 0, "cpu_us_per_req");
+        let probe_added = |k| self.added(k, |s, k| s.probe(k, "p50_us"));
+        let half_p99_added = |k| self.added(k, |s, k| s.rate(k, "icp_half", "p99_us"));
+        let low_p99_added = |k| self.added(k, |s, k| s.rate(k, "low", "p99_us"));
+        let s0_half_p99_added = |k| self.added(k, |s, k| s.rate(k, "s0_half", "p99_us"));
+        let connect_added = self.connect["redirect_kernel_ns"].as_f64();
+        if connect_added.is_none() {
+            notes.push(format!(
+                "connect_added_ns: bench-connect gave no result ({})",
+                self.connect["error"].as_str().unwrap_or("no table row")
+            ));
+        }
+        let first = self.dynamics["first_request_ms"].as_f64();
+        if first.is_none() {
+            notes.push("new_endpoint_first_request_ms: the new endpoint got no request within 2 s".into());
+        }
+        if self.loadavg_start > 1.0 {
+            notes.push(format!(
+                "other work was running on the machine: load average {:.2} at start (this benchmark alone keeps it under 1 between runs); expect noise",
+                self.loadavg_start
+            ));
+        }
+        let drift = self.s0_drift();
+        let noisy = drift.is_some_and(|d| d > 0.10);
+        if noisy {
+            notes.push(format!(
+                "noisy run: S0 saturation (-c4 -m32) drifted {:.1}% between repetitions (> 10%)",
+                drift.unwrap_or(0.0) * 100.0
+            ));
+        }
+        notes.push("ratios vs HAProxy/nginx compare S4 (interceptor proxy dialled directly), so all three proxies sit on the same path; S5 (transparent) is in transparent_vs_direct_ratio and the table".into());
+        notes.push("new endpoint and removal: interceptor proxy --endpoints-file with --reload-interval-ms 50 (nginx and HAProxy have no equivalent without a reload; not measured for them)".into());
+        notes.push("connect_added_ns: run time of our programs per redirected connect (ClusterIP -> pod-local listener) as the kernel accounts it (bpf_stats: icp_connect4 + icp_sockops), from a reduced bench-connect; connect_added_wall_ns is the wall-clock median difference attached - detached, which on this loaded 2-core VM is noisy (it can come out negative); *_pass_* for a connect the hook looks at and leaves alone".into());
+        let errors: u64 = ALL.iter().map(|&k| self.errors(k)).sum();
+        let overload: BTreeMap<&str, u64> = ALL
+            .iter()
+            .map(|&k| (k.id(), self.overload_errors(k)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if !overload.is_empty() {
+            notes.push("overload_errors: errors in fixed-rate runs where the contender achieved under 90% of the scheduled rate (overloaded); not counted in errors".into());
+        }
+        json!({
+            "rps_ratio_vs_haproxy": Self::ratio(sat(Kind::IcpDirect), sat(Kind::Haproxy)),
+            "rps_ratio_vs_nginx": Self::ratio(sat(Kind::IcpDirect), sat(Kind::Nginx)),
+            "cpu_per_req_ratio_vs_haproxy": Self::ratio(cpu(Kind::IcpDirect), cpu(Kind::Haproxy)),
+            "added_latency_ratio_vs_haproxy": Self::ratio(probe_added(Kind::IcpDirect), probe_added(Kind::Haproxy)),
+            "p99_added_us_at_half_load": half_p99_added(Kind::IcpDirect),
+            "p99_added_us_at_half_load_transparent": half_p99_added(Kind::IcpTransparent),
+            "p99_added_us_at_low_load": low_p99_added(Kind::IcpDirect),
+            "p99_added_us_at_half_of_s0": s0_half_p99_added(Kind::IcpDirect),
+            "rates": self.rates.clone(),
+            "jain_one_conn": self.fair(Kind::IcpDirect, "jain"),
+            "max_over_mean_one_conn": self.fair(Kind::IcpDirect, "max_over_mean"),
+            "jain_one_conn_transparent": self.fair(Kind::IcpTransparent, "jain"),
+            "jain_one_conn_round_robin": self.rr_fairness["jain"].as_f64(),
+            "new_endpoint_first_request_ms": first,
+            "new_endpoint_fair_share_ms": self.dynamics["fair_share_ms"].as_f64(),
+            "removal_failed_requests": self.dynamics["failed_requests"].as_u64(),
+            "rss_idle_mib": self.rss.get(&Kind::IcpDirect).and_then(|v| v["idle_mib"].as_f64()),
+            "rss_per_1k_conns_mib": self.rss.get(&Kind::IcpDirect).and_then(|v| v["per_1k_conns_mib"].as_f64()),
+            "connect_added_ns": connect_added,
+            "connect_added_wall_ns": self.connect["redirect_added_ns"].as_f64(),
+            "connect_pass_kernel_ns": self.connect["pass_kernel_ns"].as_f64(),
+            "connect_pass_added_wall_ns": self.connect["pass_added_ns"].as_f64(),
+            "transparent_vs_direct_ratio": Self::ratio(sat(Kind::IcpTransparent), sat(Kind::IcpDirect)),
+            "saturation_rps_interceptor": sat(Kind::IcpDirect),
+            "saturation_rps_haproxy": sat(Kind::Haproxy),
+            "saturation_rps_nginx": sat(Kind::Nginx),
+            "saturation_rps_s0": sat(Kind::S0),
+            "errors": errors,
+            "overload_errors": overload,
+            "noisy": noisy,
+            "s0_drift": drift,
+            "quick": self.quick,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "notes": notes,
+        })
+    }
+
+    fn results_json(&self, machine: Value) -> Value {
+        let reps: Vec<Value> = self
+            .reps
+            .iter()
+            .map(|r| {
+                Value::Object(r.iter().map(|(k, v)| (k.id().to_string(), v.clone())).collect())
+            })
+            .collect();
+        json!({
+            "machine": machine,
+            "plan": self.plan_desc,
+            "repetitions": reps,
+            "rss": Value::Object(self.rss.iter().map(|(k, v)| (k.id().to_string(), v.clone())).collect()),
+            "endpoint_dynamics": self.dynamics,
+            "connect": self.connect,
+            "fairness_icp_round_robin": self.rr_fairness,
+            "summary": self.summary(),
+        })
+    }
+
+    fn chart_panels(&self) -> Vec<(&'static str, Vec<(String, f64)>)> {
+        let sat: Vec<(String, f64)> = ALL
+            .iter()
+            .filter_map(|&k| Some((k.short().to_string(), self.sat_best(k)?)))
+            .collect();
+        let lat: Vec<(String, f64)> = ALL[1..]
+            .iter()
+            .filter(|k| k.is_proxy())
+            .filter_map(|&k| Some((k.short().to_string(), self.added(k, |s, k| s.probe(k, "p50_us"))?)))
+            .collect();
+        vec![
+            ("Saturation requests/s (proxy on one core; best of -c4 -m32 and -c16 -m100)", sat),
+            ("Added latency over S0, single stream, p50 (us)", lat),
+        ]
+    }
+
+    fn markdown(&self, machine: &Value, stamp: &str) -> String {
+        let f0 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        let f1 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let f2 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let f3 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let s0_sat = self.sat_best(Kind::S0);
+        let mut t = String::new();
+        t.push_str(&format!(
+            "Run {stamp} ({} mode, {} repetitions, medians), {:.0} s. Machine: {}, {} CPUs, kernel {}; {}; {}; {}. Load average (1/5/15 min) at start {}, at end {}.\n\n",
+            if self.quick { "quick" } else { "full" },
+            self.reps.len(),
+            self.elapsed.as_secs_f64(),
+            machine["cpu"].as_str().unwrap_or("?"),
+            machine["cpus"],
+            machine["kernel"].as_str().unwrap_or("?"),
+            machine["nginx"].as_str().unwrap_or("?"),
+            machine["haproxy"].as_str().unwrap_or("?").split(" - ").next().unwrap_or("?"),
+            machine["h2load"].as_str().unwrap_or("?"),
+            machine["loadavg"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
+            machine["loadavg_end"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
+        ));
+        t.push_str("Throughput and CPU (h2load; the proxy alone on CPU 1, client and backends on CPU 0):\n\n");
+        t.push_str("| contender | rps -c4 -m32 | rps -c16 -m100 | best / S0 | proxy CPU busy | proxy CPU us/req | errors |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        for k in ALL {
+            t.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                k.label(),
+                f0(self.sat_at(k, 0, "rps")),
+                f0(self.sat_at(k, 1, "rps")),
+                f2(Self::ratio(self.sat_best(k), s0_sat)),
+                self.sat_at(k, 0, "cpu_util").map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                f1(self.sat_at(k, 0, "cpu_us_per_req")),
+                self.errors(k),
+            ));
+        }
+        t.push_str("\n(S1 runs -c1 -m128 and -c2 -m64: the same 128 streams in flight as -c4 -m32 on its 1 or 2 connections.)\n\n");
+        t.push_str("Latency in microseconds, from our client (single stream: one request in flight; fixed rates: open loop, latency from the intended send time, every contender at the same rates). Absolute, with the added latency over S0 in parentheses; `!` marks a contender that fell behind the schedule (overloaded).\n\n");
+        let mut cols = vec![("1 stream".to_string(), None)];
+        for name in &self.rate_names {
+            let rate = self.rates.get(name).copied().unwrap_or(0.0);
+            cols.push((format!("{name} {rate:.0}/s"), Some(*name)));
+        }
+        t.push_str("| contender |");
+        for (c, _) in &cols {
+            t.push_str(&format!(" {c} p50 | p99 | p99.9 |"));
+        }
+        t.push_str("\n|---|");
+        for _ in &cols {
+            t.push_str("---:|---:|---:|");
+        }
+        t.push('\n');
+        for k in ALL {
+            let cell = |v: Option<f64>, base: Option<f64>| match (v, base) {
+                (Some(v), Some(b)) if k != Kind::S0 => format!("{v:.0} ({:+.0})", v - b),
+                (Some(v), _) => format!("{v:.0}"),
+                _ => "-".into(),
+            };
+            t.push_str(&format!("| {} |", k.label()));
+            for (_, rate) in &cols {
+                for f in ["p50_us", "p99_us", "p999_us"] {
+                    let c = match rate {
+                        None => cell(self.probe(k, f), self.probe(Kind::S0, f)),
+                        Some(name) => {
+                            let c = cell(self.rate(k, name, f), self.rate(Kind::S0, name, f));
+                            let over = self.reps.iter().filter_map(|r| r.get(&k)).any(|v| {
+                                v["rates"].as_array().into_iter().flatten().any(|r| {
+                                    r["name"].as_str() == Some(*name)
+                                        && r["overloaded"].as_bool() == Some(true)
+                                })
+                            });
+                            if over { format!("{c} !") } else { c }
+                        }
+                    };
+                    t.push_str(&format!(" {c} |"));
+                }
+            }
+            t.push('\n');
+        }
+        t.push_str("\nRates: `low` = half the slowest proxy's saturation, `icp_half` = half of S4's, `s0_half` = half of S0's (the issue's reference point; S0 has no proxy hop and runs several times faster than any proxy here, so this overloads every proxy).\n");
+        t.push_str("\nBalance with ONE client connection (h2load -c1 -m10, counts per backend) and memory:\n\n");
+        t.push_str("| contender | Jain | max/mean | RSS idle MiB | RSS per 1k idle conns MiB |\n|---|---:|---:|---:|---:|\n");
+        for k in ALL[1..].iter().copied().filter(|&k| k != Kind::S1x2) {
+            let rss = self.rss.get(&k);
+            t.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                k.label(),
+                f3(self.fair(k, "jain")),
+                f2(self.fair(k, "max_over_mean")),
+                f1(rss.and_then(|v| v["idle_mib"].as_f64())),
+                f1(rss.and_then(|v| v["per_1k_conns_mib"].as_f64())),
+            ));
+        }
+        t.push_str(&format!(
+            "| S4 with `--balancer round-robin` (info; not the default) | {} | {} | - | - |\n",
+            f3(self.rr_fairness["jain"].as_f64()),
+            f2(self.rr_fairness["max_over_mean"].as_f64()),
+        ));
+        let s = self.summary();
+        let num = |k: &str| s[k].as_f64();
+        // An added p99 is only meaningful when S0 itself ran clean at that rate.
+        let s0_p99 = |name: &str| self.rate(Kind::S0, name, "p99_us");
+        let latency_check = |value: Option<f64>, name: &str| -> &'static str {
+            match (value, s0_p99(name)) {
+                (Some(_), Some(b)) if b > 5000.0 => "inconclusive: S0 itself had p99 > 5 ms (CPU 0 disturbed)",
+                (Some(v), Some(_)) if v <= 150.0 => "met",
+                (Some(_), Some(_)) => "**missed**",
+                _ => "not measured",
+            }
+        };
+        let check = |ok: Option<bool>| match ok {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let rows: Vec<(String, String, &str)> = vec![
+            ("saturation rps vs HAProxy (S4/S3)".into(), f2(num("rps_ratio_vs_haproxy")), check(num("rps_ratio_vs_haproxy").map(|v| v >= 1.2))),
+            ("saturation rps vs nginx (S4/S2)".into(), f2(num("rps_ratio_vs_nginx")), check(num("rps_ratio_vs_nginx").map(|v| v >= 2.5))),
+            ("CPU per request vs HAProxy".into(), f2(num("cpu_per_req_ratio_vs_haproxy")), check(num("cpu_per_req_ratio_vs_haproxy").map(|v| v <= 0.8))),
+            ("added single-stream latency vs HAProxy".into(), f2(num("added_latency_ratio_vs_haproxy")), check(num("added_latency_ratio_vs_haproxy").map(|v| v <= 0.7))),
+            ("added p99 at half of interceptor's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_load")), latency_check(num("p99_added_us_at_half_load"), "icp_half")),
+            ("added p99 at half of the slowest proxy's saturation, us (S4)".into(), f0(num("p99_added_us_at_low_load")), latency_check(num("p99_added_us_at_low_load"), "low")),
+            ("added p99 at half of S0's saturation, us (S4)".into(), f0(num("p99_added_us_at_half_of_s0")), latency_check(num("p99_added_us_at_half_of_s0"), "s0_half")),
+            ("RSS idle, MiB".into(), f1(num("rss_idle_mib")), check(num("rss_idle_mib").map(|v| v <= 15.0))),
+            ("RSS per 1k idle conns, MiB".into(), f1(num("rss_per_1k_conns_mib")), check(num("rss_per_1k_conns_mib").map(|v| v <= 30.0))),
+            ("Jain, 1 client connection (S4)".into(), f3(num("jain_one_conn")), check(num("jain_one_conn").map(|v| v >= 0.99))),
+            ("max/mean, 1 client connection (S4)".into(), f2(num("max_over_mean_one_conn")), check(num("max_over_mean_one_conn").map(|v| v <= 1.05))),
+            ("new endpoint: first request, ms".into(), f1(num("new_endpoint_first_request_ms")), check(num("new_endpoint_first_request_ms").map(|v| v <= 100.0))),
+            ("new endpoint: fair share, ms".into(), f0(num("new_endpoint_fair_share_ms")), check(num("new_endpoint_fair_share_ms").map(|v| v <= 1000.0))),
+            ("failed requests on endpoint removal".into(), f0(num("removal_failed_requests")), check(num("removal_failed_requests").map(|v| v == 0.0))),
+            ("S5 / S4 saturation (transparent vs direct)".into(), f3(num("transparent_vs_direct_ratio")), check(num("transparent_vs_direct_ratio").map(|v| v >= 0.99))),
+            ("connect() hook run time per redirected connect (kernel-accounted), ns".into(), f0(num("connect_added_ns")), check(num("connect_added_ns").map(|v| v <= 1000.0))),
+            ("connect() added wall clock, redirect path, ns (noisy)".into(), f0(num("connect_added_wall_ns")), check(num("connect_added_wall_ns").map(|v| v <= 1000.0))),
+            ("connect() hook run time, pass path (kernel-accounted), ns".into(), f0(num("connect_pass_kernel_ns")), check(num("connect_pass_kernel_ns").map(|v| v <= 1000.0))),
+            ("errors (all contenders, all phases)".into(), f0(num("errors")), check(num("errors").map(|v| v == 0.0))),
+        ];
+        t.push_str("\nTargets for interceptor:\n\n| metric | value | target |\n|---|---:|---|\n");
+        for (m, v, c) in rows {
+            t.push_str(&format!("| {m} | {v} | {c} |\n"));
+        }
+        t.push_str("\nNotes:\n\n");
+        for n in s["notes"].as_array().into_iter().flatten() {
+            t.push_str(&format!("- {}\n", n.as_str().unwrap_or("")));
+        }
+        if let Some(d) = s["s0_drift"].as_f64() {
+            t.push_str(&format!(
+                "\nS0 saturation (-c4 -m32) drift between repetitions: {:.1}%{}.\n",
+                d * 100.0,
+                if s["noisy"].as_bool() == Some(true) { " (noisy run)" } else { "" }
+            ));
+        }
+        t
+    }
+}
