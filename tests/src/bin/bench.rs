@@ -235,7 +235,16 @@ impl Drop for Proc {
 /// Starts `program` under `taskset -c cpu` (taskset execs, so the pid is the program's),
 /// optionally inside `netns`, with stdout+stderr into `log`.
 fn spawn_pinned(netns: Option<&Netns>, cpu: &str, program: &Path, args: &[String], log: PathBuf) -> Proc {
-    let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    // Appended, one header per start: the results keep every start's log, not only the last.
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+    {
+        use std::io::Write;
+        let _ = writeln!(out, "=== {} start {} {}", now_hms(), program.display(), args.join(" "));
+    }
     let err = out.try_clone().expect("clone log fd");
     let mut cmd = Command::new("taskset");
     cmd.arg("-c")
