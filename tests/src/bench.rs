@@ -16,7 +16,11 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
             for task in tasks.flatten() {
                 let children =
                     std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                out.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
         i += 1;

@@ -84,7 +84,13 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
-        .map(|d| if d.is_absolute() { d } else { workspace_root().join(d) })
+        .map(|d| {
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        })
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
@@ -250,8 +256,11 @@ fn apt_tools() -> Result<()> {
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let own_policy = !policy.exists();
     if own_policy {
-        std::fs::write(policy, "#!/bin/sh\n# cargo xtask setup: no service starts during install\nexit 101\n")
-            .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts during install\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let result = run_cmd(

@@ -66,7 +66,10 @@ pub fn bars(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<(), Ch
             .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
                 let color = Palette99::pick(i).filled();
                 let mut bar = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *v)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *v),
+                    ],
                     color,
                 );
                 bar.set_margin(0, 0, 12, 12);

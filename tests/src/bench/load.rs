@@ -76,7 +76,10 @@ impl LoadArgs {
     }
 
     pub fn parse(args: &[String]) -> Self {
-        let get = |i: usize| args.get(i).unwrap_or_else(|| panic!("load: argument {i} missing"));
+        let get = |i: usize| {
+            args.get(i)
+                .unwrap_or_else(|| panic!("load: argument {i} missing"))
+        };
         let num = |i: usize| -> u64 { get(i).parse().expect("load: numeric argument") };
         Self {
             mode: get(0).clone(),
@@ -344,9 +347,9 @@ async fn rate(args: &LoadArgs) -> LoadResult {
     if drained.is_err() {
         let left = tasks.len() as u64;
         tally.errors += left;
-        tally
-            .first_error
-            .get_or_insert(format!("{left} requests unanswered {DRAIN_GRACE:?} after the schedule ended"));
+        tally.first_error.get_or_insert(format!(
+            "{left} requests unanswered {DRAIN_GRACE:?} after the schedule ended"
+        ));
         tasks.abort_all();
     }
     tally.finish(sent, window)
