@@ -211,15 +211,17 @@ fn seed() -> u64 {
 /// Least weight of a sample faster than the current estimate.
 pub const MIN_DOWN_WEIGHT: f64 = 0.2;
 
-/// Latency estimates count as equal unless the slower is at least twice the faster...
-pub const RTT_TIE_RELATIVE: f64 = 0.5;
+/// Latency estimates count as equal unless the slower is at least four times the faster...
+pub const RTT_TIE_RELATIVE: f64 = 0.75;
 /// ...and at least this much slower (nanoseconds). Peak-EWMA believes one slow sample at
-/// once: a scheduling hiccup on a busy node, or the first request on a fresh connection, costs
-/// a millisecond or two, and treating that as a real difference starved the endpoint for
-/// whole bursts (one of 4 endpoints got 0 of 3000 calls in the proxy demo). Between equal
-/// endpoints in-flight counts decide, which is what keeps one connection's streams even; an
-/// endpoint that is really slow (a GC pause, an overloaded pod) is still avoided.
-pub const RTT_TIE_ABSOLUTE_NS: f64 = 5_000_000.0;
+/// once, and on a busy node latency differences of a few milliseconds are scheduling noise,
+/// not the endpoint: with a 1 ms band one of 4 endpoints got 0 of 3000 calls in a burst, and
+/// with 5 ms, on a saturated CPU, the feedback loop ran the other way (an endpoint that gets
+/// fewer calls is scheduled later, looks slower, gets fewer calls: one endpoint took 75% in
+/// the benchmark). Between equal endpoints in-flight counts decide (least outstanding
+/// requests, which already moves load off a moderately slow endpoint); latency only decides
+/// for outliers such as a GC pause or an overloaded pod.
+pub const RTT_TIE_ABSOLUTE_NS: f64 = 20_000_000.0;
 
 /// What p2c compares for one candidate.
 #[derive(Debug, Clone, Copy)]
@@ -277,7 +279,7 @@ mod tests {
             in_flight: f,
         };
         // Clearly slower: avoided.
-        let loads = [ms(20.0, 0), ms(2.0, 0)];
+        let loads = [ms(50.0, 0), ms(2.0, 0)];
         for _ in 0..100 {
             assert_eq!(p2c(2, |i| loads[i]), Some(1));
         }
