@@ -262,21 +262,7 @@ impl GreetCluster {
             "--port",
             &PORT.to_string(),
         ]);
-        let stdout = process
-            .0
-            .as_mut()
-            .and_then(|c| c.stdout.take())
-            .expect("server stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("server readiness");
-        assert_eq!(
-            line.trim(),
-            "READY",
-            "greet server {} did not start",
-            pod.name
-        );
+        process.wait_ready(&format!("greet server {}", pod.name));
         self.servers.push(Server {
             n,
             pod,
@@ -408,7 +394,6 @@ impl GreetCluster {
             _child: child,
             rx,
             last: TallyLine::default(),
-            history: Vec::new(),
             last_error: None,
         }
     }
@@ -419,7 +404,6 @@ pub struct Tallies {
     _child: ChildGuard,
     rx: Receiver<(Instant, String)>,
     pub last: TallyLine,
-    pub history: Vec<(Instant, TallyLine)>,
     /// The client's most recent failed call, if any.
     pub last_error: Option<String>,
 }
@@ -439,7 +423,6 @@ impl Tallies {
                 Ok((at, line)) => {
                     if let Some(t) = greet::parse_tally(&line) {
                         self.last = t.clone();
-                        self.history.push((at, t.clone()));
                         if pred(&t) {
                             return at;
                         }

@@ -265,16 +265,7 @@ impl Pod {
     /// Starts a backend that answers its name on these ports, and waits until it listens.
     pub fn serve(&self, ports: &str) -> ChildGuard {
         let mut child = self.spawn(&["serve", "--name", &self.name, "--ports", ports]);
-        let stdout = child
-            .0
-            .as_mut()
-            .and_then(|c| c.stdout.take())
-            .expect("backend stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read backend readiness");
-        assert_eq!(line.trim(), "READY", "backend {} did not start", self.name);
+        child.wait_ready(&format!("backend {}", self.name));
         child
     }
 
@@ -287,6 +278,23 @@ impl Pod {
 pub struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
+    /// Takes the child's stdout and waits for its first line to be `READY` (what every test
+    /// server prints once it listens); returns the rest of stdout.
+    pub fn wait_ready(&mut self, what: &str) -> BufReader<std::process::ChildStdout> {
+        let stdout = self
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .unwrap_or_else(|| panic!("{what}: no stdout to read readiness from"));
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("{what}: reading readiness: {e}"));
+        assert_eq!(line.trim(), "READY", "{what} did not start");
+        reader
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.as_ref().map(Child::id).expect("child present")
     }

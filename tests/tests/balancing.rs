@@ -2,7 +2,6 @@
 //! ONE connection to a Service ClusterIP; the connect hook hands it to the agent, whose
 //! demultiplexer spreads the streams over the Service's endpoints.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -14,20 +13,7 @@ const REQUESTS: u32 = 3000;
 /// Starts a counting HTTP/2 backend in the pod and waits until it listens.
 fn h2_backend(pod: &Pod) -> ChildGuard {
     let mut server = pod.spawn(&["h2serve", "--port", "8080"]);
-    let stdout = server
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .expect("backend stdout");
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("backend readiness");
-    assert_eq!(
-        line.trim(),
-        "READY",
-        "backend in {} did not start",
-        pod.name
-    );
+    let mut reader = server.wait_ready(&format!("backend in {}", pod.name));
     // Hand the rest of stdout back to the guard, which reads it on exit.
     if let Some(child) = server.0.as_mut() {
         child.stdout = None;

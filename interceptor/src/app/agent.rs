@@ -80,7 +80,13 @@ impl Agent {
             handler: handler.clone(),
             proxy: None,
         });
-        Self::with_factory(datapath, listen_port, factory, Routes::default())
+        Self::with_factory(
+            datapath,
+            listen_port,
+            factory,
+            Routes::default(),
+            Arc::new(AtomicUsize::new(0)),
+        )
     }
 
     /// An agent that balances each HTTP/2 stream of a connection to a destination with
@@ -118,9 +124,7 @@ impl Agent {
                 proxy: Some(proxy),
             }
         });
-        let mut agent = Self::with_factory(datapath, listen_port, factory, routes);
-        agent.open = open;
-        agent
+        Self::with_factory(datapath, listen_port, factory, routes, open)
     }
 
     fn with_factory(
@@ -128,6 +132,7 @@ impl Agent {
         listen_port: u16,
         factory: HandlerFactory,
         routes: Routes,
+        open: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             listen_port,
@@ -135,7 +140,7 @@ impl Agent {
             factory,
             pods: BTreeMap::new(),
             routes,
-            open: Arc::new(AtomicUsize::new(0)),
+            open,
         }
     }
 

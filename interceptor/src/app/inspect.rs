@@ -47,16 +47,8 @@ fn endpoint_summary(port: &Value) -> String {
 }
 
 fn service_label(port: &Value) -> String {
-    let name = port["service"]
-        .as_object()
-        .map(|s| {
-            format!(
-                "{}/{}",
-                str_of(&port["service"], "namespace"),
-                s.get("name").and_then(Value::as_str).unwrap_or("")
-            )
-        })
-        .unwrap_or_default();
+    let svc = &port["service"];
+    let name = format!("{}/{}", str_of(svc, "namespace"), str_of(svc, "name"));
     match port.get("port_name").and_then(Value::as_str) {
         Some(p) => format!("{name}:{p}"),
         None => name,

@@ -314,20 +314,7 @@ impl Backend {
                 &BACKEND_PORT.to_string(),
             ],
         );
-        let stdout = child
-            .0
-            .as_mut()
-            .and_then(|c| c.stdout.take())
-            .expect("backend stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("backend readiness");
-        assert_eq!(
-            line.trim(),
-            "READY",
-            "backend in {} did not start",
-            pod.name
-        );
+        let reader = child.wait_ready(&format!("backend in {}", pod.name));
         let stats = Arc::new(Mutex::new((0, 0, 0)));
         let sink = stats.clone();
         std::thread::spawn(move || {
