@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Version of the map layouts below; pins live under `<pin root>/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Kernel-visible names: what `bpftool prog list` / `bpftool map list` show.
 /// The eBPF crate repeats them as literals (attribute arguments must be literals); the e2e
@@ -13,24 +13,17 @@ pub const ABI_VERSION: u32 = 2;
 pub mod names {
     pub const PROG_CONNECT4: &str = "icp_connect4";
     pub const PROG_CONNECT6: &str = "icp_connect6";
-    pub const PROG_SOCKOPS: &str = "icp_sockops";
     pub const PROG_GETPEER4: &str = "icp_getpeer4";
     pub const PROG_GETPEER6: &str = "icp_getpeer6";
 
     pub const MAP_SERVICES: &str = "icp_services";
-    pub const MAP_SOCK_DST: &str = "icp_sock_dst";
-    pub const MAP_ORIG_DST: &str = "icp_orig_dst";
+    pub const MAP_REDIRECTS: &str = "icp_redirects";
+    pub const MAP_V6_DST: &str = "icp_v6_dst";
     pub const MAP_STATS: &str = "icp_stats";
 
-    pub const PROGRAMS: [&str; 5] = [
-        PROG_CONNECT4,
-        PROG_CONNECT6,
-        PROG_SOCKOPS,
-        PROG_GETPEER4,
-        PROG_GETPEER6,
-    ];
+    pub const PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEER4, PROG_GETPEER6];
     /// Maps the agent pins so they outlive an agent restart.
-    pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_SOCK_DST, MAP_ORIG_DST, MAP_STATS];
+    pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_REDIRECTS, MAP_V6_DST, MAP_STATS];
 
     /// Load-time global: the pod-local listener port the hook redirects to.
     pub const GLOBAL_LISTEN_PORT: &str = "ICP_LISTEN_PORT";
@@ -38,7 +31,37 @@ pub mod names {
 
 /// Map sizes, shared so the agent can validate a reused pin against what it would create.
 pub const SERVICES_MAX: u32 = 16_384;
-pub const ORIG_DST_MAX: u32 = 65_536;
+/// Redirect slots: each intercepted Service port owns one loopback address, 127.100.0.0/16.
+pub const REDIRECT_SLOTS: u32 = 65_536;
+/// Redirected IPv6 client sockets remembered by socket cookie (least recently used evicted).
+pub const V6_DST_MAX: u32 = 65_536;
+
+/// The first two bytes of every redirect address: slot `s` is `127.100.(s >> 8).(s & 255)`.
+/// A redirected IPv4 connection carries its Service in the address it reaches the pod-local
+/// listener on, so nothing per connection is stored: the connect hook only rewrites the
+/// address, and the agent reads the slot from the accepted socket's local address.
+pub const REDIRECT_NET: [u8; 2] = [127, 100];
+
+/// The loopback address of redirect slot `slot` (`slot < REDIRECT_SLOTS`).
+#[inline(always)]
+pub const fn redirect_ip4(slot: u32) -> [u8; 4] {
+    [
+        REDIRECT_NET[0],
+        REDIRECT_NET[1],
+        (slot >> 8) as u8,
+        slot as u8,
+    ]
+}
+
+/// The redirect slot a loopback address stands for, if it is one.
+#[inline(always)]
+pub const fn redirect_slot(ip: [u8; 4]) -> Option<u32> {
+    if ip[0] == REDIRECT_NET[0] && ip[1] == REDIRECT_NET[1] {
+        Some(((ip[2] as u32) << 8) | ip[3] as u32)
+    } else {
+        None
+    }
+}
 
 /// An IPv6 address or an IPv4 address in its v4-mapped form (`::ffff:a.b.c.d`), network
 /// byte order. One form for both families keeps every map single-keyed.
@@ -84,7 +107,9 @@ pub const SVC_EXCLUDED: u32 = 2;
 pub struct ServiceValue {
     /// One of `SVC_INTERCEPT`, `SVC_EXCLUDED`.
     pub action: u32,
-    pub _reserved: u32,
+    /// The redirect slot of an intercepted IPv4 Service port; `icp_redirects[slot]` holds the
+    /// Service address.
+    pub slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
 
@@ -97,19 +122,6 @@ pub struct OrigDst {
     pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
-
-/// Key of `icp_orig_dst`: the client end of a redirected connection as the pod-local
-/// listener sees it after accept. The netns cookie tells apart pods whose loopback
-/// 4-tuples are identical.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SockKey {
-    pub netns_cookie: u64,
-    pub addr: Addr16,
-    pub port_be: u16,
-    pub _pad: [u8; 6],
-}
-const _: () = assert!(core::mem::size_of::<SockKey>() == 32);
 
 /// Indexes into the per-CPU `icp_stats` array: one counter per outcome.
 #[repr(u32)]
@@ -125,17 +137,14 @@ pub enum Stat {
     Excluded = 3,
     /// no pod-local listener in the pod's netns (agent down): fail open.
     NoListener = 4,
-    /// recording the original destination failed: proceed unchanged.
+    /// recording the original destination failed (IPv6), or the service entry is corrupt:
+    /// proceed unchanged.
     RecordFailed = 5,
-    /// sock_ops re-keyed a redirected socket for the agent.
-    Rekeyed = 6,
-    /// sock_ops could not store the re-keyed entry.
-    RekeyFailed = 7,
     /// getpeername answered with the original destination.
-    PeerRewritten = 8,
+    PeerRewritten = 6,
 }
 
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 7;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -145,8 +154,6 @@ impl Stat {
         Stat::Excluded,
         Stat::NoListener,
         Stat::RecordFailed,
-        Stat::Rekeyed,
-        Stat::RekeyFailed,
         Stat::PeerRewritten,
     ];
 
@@ -159,8 +166,6 @@ impl Stat {
             Stat::Excluded => "excluded",
             Stat::NoListener => "no_listener",
             Stat::RecordFailed => "record_failed",
-            Stat::Rekeyed => "rekeyed",
-            Stat::RekeyFailed => "rekey_failed",
             Stat::PeerRewritten => "peer_rewritten",
         }
     }
@@ -172,7 +177,6 @@ mod user {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::OrigDst {}
-    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -211,6 +215,16 @@ mod tests {
         let labels: std::collections::BTreeSet<&str> =
             Stat::ALL.iter().map(|s| s.label()).collect();
         assert_eq!(labels.len(), STAT_COUNT as usize);
+    }
+
+    #[test]
+    fn redirect_addresses_round_trip() {
+        for slot in [0, 1, 255, 256, 4097, REDIRECT_SLOTS - 1] {
+            assert_eq!(redirect_slot(redirect_ip4(slot)), Some(slot));
+        }
+        assert_eq!(redirect_ip4(0x0102), [127, 100, 1, 2]);
+        assert_eq!(redirect_slot([127, 0, 0, 1]), None);
+        assert_eq!(redirect_slot([10, 100, 0, 1]), None);
     }
 
     #[test]

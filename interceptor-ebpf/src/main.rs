@@ -1,5 +1,6 @@
 //! interceptor's kernel half: cgroup hooks that redirect a pod's TCP connects aimed at a
-//! Service ClusterIP:port to the agent's pod-local listener, and remember where they were going.
+//! Service ClusterIP:port to the agent's pod-local listener, in a way the agent can tell where
+//! they were going (IPv4: the redirect address names the Service; IPv6: by socket cookie).
 //!
 //! Every path ends in a deliberate verdict. For interception that verdict is always "let the
 //! syscall proceed" (return 1): at worst unchanged, so kube-proxy routes it as before. Each
@@ -10,21 +11,20 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
-    helpers::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
-    macros::{btf_map, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    bindings::{bpf_sock_addr, bpf_sock_tuple},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    helpers::{bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
     EbpfContext, Global,
 };
 use aya_log_ebpf::debug;
 use interceptor_common::{
-    v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, SockKey, Stat, ORIG_DST_MAX,
-    SERVICES_MAX, STAT_COUNT, SVC_INTERCEPT,
+    redirect_ip4, redirect_slot, v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, Stat,
+    REDIRECT_SLOTS, SERVICES_MAX, STAT_COUNT, SVC_INTERCEPT, V6_DST_MAX,
 };
 
 const IPPROTO_TCP: u32 = 6;
-const AF_INET: u32 = 2;
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the program's context (the pod's).
 const CURRENT_NETNS: u64 = u64::MAX;
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
@@ -34,20 +34,21 @@ const LOOPBACK6: Addr16 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 #[unsafe(no_mangle)]
 static ICP_LISTEN_PORT: Global<u16> = Global::new(15001);
 
-/// Service ClusterIP:port -> what to do with connects to it.
+/// Service ClusterIP:port -> what to do with connects to it (and its redirect slot).
 #[btf_map(name = "icp_services")]
 static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> = HashMap::new();
 
-/// Per-socket storage of a redirected client socket: the destination it dialled. Read by
-/// sock_ops (re-keying) and getpeername (so the app sees the ClusterIP). It lives and dies
-/// with the socket: no eviction, no clean-up, no shared hash to insert into per connect.
-#[btf_map(name = "icp_sock_dst")]
-static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+/// Redirect slot -> the Service address it stands for. An IPv4 connect is redirected to
+/// 127.100.x.y (the slot's address), which the agent and getpeername turn back into the
+/// Service: nothing is stored per connection, so the connect path stays a lookup and a rewrite.
+#[btf_map(name = "icp_redirects")]
+static REDIRECTS: Array<OrigDst, { REDIRECT_SLOTS as usize }> = Array::new();
 
-/// (pod netns cookie, client addr, client port) -> the destination it dialled; what the
-/// agent looks up after accept on the pod-local listener.
-#[btf_map(name = "icp_orig_dst")]
-static ORIG_DST: LruHashMap<SockKey, OrigDst, { ORIG_DST_MAX as usize }> = LruHashMap::new();
+/// Socket cookie of a redirected IPv6 client socket -> the destination it dialled. IPv6 has
+/// one loopback address, so the destination cannot travel in the address: the agent finds the
+/// client socket's cookie with NETLINK_SOCK_DIAG after accept.
+#[btf_map(name = "icp_v6_dst")]
+static V6_DST: LruHashMap<u64, OrigDst, { V6_DST_MAX as usize }> = LruHashMap::new();
 
 /// Per-CPU counters, one per `Stat`.
 #[btf_map(name = "icp_stats")]
@@ -91,6 +92,11 @@ fn is_v4_mapped(addr: &Addr16) -> bool {
     addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
 }
 
+#[inline(always)]
+fn v4_of_mapped(addr: &Addr16) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
 /// Whether the agent's pod-local listener exists in the current (pod) netns. No listener means
 /// the agent is down or has not reached this pod yet: the caller fails open.
 #[inline(always)]
@@ -126,44 +132,52 @@ fn listener_present(ctx: &SockAddrContext, v6: bool, port_be: u16) -> bool {
     true
 }
 
+/// Where a redirected connect goes instead.
+enum Verdict {
+    /// Leave the connect alone; the reason is counted.
+    Pass(Stat),
+    /// Rewrite to the IPv4 address of this redirect slot (also for v4-mapped IPv6 sockets).
+    Slot(u32),
+    /// Rewrite to [::1] (native IPv6; the destination was recorded by socket cookie).
+    Loopback6,
+}
+
 /// The shared decision for connect4/connect6: `addr` is the dialled address in v4-mapped or
-/// IPv6 form. On `Redirected` the caller rewrites the socket address.
+/// IPv6 form.
 #[inline(always)]
-fn decide(
-    ctx: &SockAddrContext,
-    sa: &bpf_sock_addr,
-    addr: Addr16,
-    port_be: u16,
-    v6_listener: bool,
-) -> Stat {
+fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: Addr16, port_be: u16) -> Verdict {
     if sa.protocol != IPPROTO_TCP {
-        return Stat::NotTcp;
+        return Verdict::Pass(Stat::NotTcp);
     }
     // SAFETY: the value is copied out before any other map operation.
-    let action = match unsafe { SERVICES.get(ServiceKey::new(addr, port_be)) } {
-        None => return Stat::NoService,
-        Some(v) => v.action,
+    let value = match unsafe { SERVICES.get(ServiceKey::new(addr, port_be)) } {
+        None => return Verdict::Pass(Stat::NoService),
+        Some(v) => *v,
     };
-    if action != SVC_INTERCEPT {
-        return Stat::Excluded;
+    if value.action != SVC_INTERCEPT {
+        return Verdict::Pass(Stat::Excluded);
     }
-    if !listener_present(ctx, v6_listener, ICP_LISTEN_PORT.load().to_be()) {
-        return Stat::NoListener;
+    let v4 = is_v4_mapped(&addr);
+    if !listener_present(ctx, !v4, ICP_LISTEN_PORT.load().to_be()) {
+        return Verdict::Pass(Stat::NoListener);
     }
-    let mut dst = OrigDst {
+    if v4 {
+        if value.slot >= REDIRECT_SLOTS {
+            return Verdict::Pass(Stat::RecordFailed);
+        }
+        return Verdict::Slot(value.slot);
+    }
+    let dst = OrigDst {
         addr,
         port_be,
         _pad: [0; 6],
     };
-    // SAFETY: ctx is the program's context; the helper copies `dst` into new storage.
-    let slot = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut dst)) };
-    if slot.is_null() {
-        return Stat::RecordFailed;
+    // SAFETY: ctx is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match V6_DST.insert(cookie, dst, 0) {
+        Ok(()) => Verdict::Loopback6,
+        Err(_) => Verdict::Pass(Stat::RecordFailed),
     }
-    // SAFETY: this socket's storage; an earlier connect of the same socket may have left a
-    // value, so write ours.
-    unsafe { *slot = dst };
-    Stat::Redirected
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -180,12 +194,16 @@ fn try_connect4(ctx: &SockAddrContext) -> Stat {
     // user_ip4/user_port hold network byte order in their first bytes in memory.
     let addr = v4_mapped(sa.user_ip4.to_ne_bytes());
     let port_be = sa.user_port as u16;
-    let stat = decide(ctx, sa, addr, port_be, false);
-    if stat == Stat::Redirected {
-        sa.user_ip4 = u32::from_ne_bytes(LOOPBACK4);
-        sa.user_port = u32::from(ICP_LISTEN_PORT.load().to_be());
+    match decide(ctx, sa, addr, port_be) {
+        Verdict::Pass(stat) => stat,
+        Verdict::Slot(slot) => {
+            sa.user_ip4 = u32::from_ne_bytes(redirect_ip4(slot));
+            sa.user_port = u32::from(ICP_LISTEN_PORT.load().to_be());
+            Stat::Redirected
+        }
+        // An AF_INET socket only dials IPv4 addresses.
+        Verdict::Loopback6 => Stat::RecordFailed,
     }
-    stat
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -201,94 +219,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Stat {
     let sa = unsafe { &mut *ctx.sock_addr };
     let addr = addr6_of(sa.user_ip6);
     let port_be = sa.user_port as u16;
-    // A v4-mapped destination on an AF_INET6 socket travels as IPv4: redirect it to the v4
-    // listener at ::ffff:127.0.0.1.
-    let mapped = is_v4_mapped(&addr);
-    let stat = decide(ctx, sa, addr, port_be, !mapped);
-    if stat == Stat::Redirected {
-        let target = if mapped {
-            v4_mapped(LOOPBACK4)
-        } else {
-            LOOPBACK6
-        };
-        let w = words_of(&target);
-        // The verifier only allows 4-byte stores into user_ip6.
-        sa.user_ip6[0] = w[0];
-        sa.user_ip6[1] = w[1];
-        sa.user_ip6[2] = w[2];
-        sa.user_ip6[3] = w[3];
-        sa.user_port = u32::from(ICP_LISTEN_PORT.load().to_be());
-    }
-    stat
-}
-
-#[sock_ops]
-pub fn icp_sockops(ctx: SockOpsContext) -> u32 {
-    if let Some(stat) = try_sockops(&ctx) {
-        count(stat);
-        debug!(&ctx, "icp_sockops verdict={}", stat as u32);
-    }
-    1
-}
-
-/// Once the redirected connection is established its client port exists: re-key the
-/// original destination by (netns cookie, client addr, client port), which is what the agent
-/// can see from the accepted socket.
-fn try_sockops(ctx: &SockOpsContext) -> Option<Stat> {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return None;
-    }
-    // SAFETY: ops is the program's valid context.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    // The map's address is what the loader relocates into a map reference.
-    let map = core::ptr::from_ref(&SOCK_DST).cast_mut().cast::<c_void>();
-    // SAFETY: sk is a non-null socket from the context; without the create flag no value is read.
-    let slot =
-        unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<OrigDst>();
-    if slot.is_null() {
-        return None;
-    }
-    // SAFETY: this socket's storage, copied out at once.
-    let dst = unsafe { *slot };
-    // SAFETY: ctx is the program's context.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // Volatile loads at fixed offsets: the verifier rejects a context load whose offset is
-    // computed, which is what the compiler makes of "local_ip4 or local_ip6".
-    let ops = ctx.ops;
-    // SAFETY: ops is the program's valid context; each read is of one context field.
-    let (family, local_ip4, local_ip6, local_port) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ops).family),
-            core::ptr::read_volatile(&(*ops).local_ip4),
-            [
-                core::ptr::read_volatile(&(*ops).local_ip6[0]),
-                core::ptr::read_volatile(&(*ops).local_ip6[1]),
-                core::ptr::read_volatile(&(*ops).local_ip6[2]),
-                core::ptr::read_volatile(&(*ops).local_ip6[3]),
-            ],
-            core::ptr::read_volatile(&(*ops).local_port),
-        )
+    // A v4-mapped destination on an AF_INET6 socket travels as IPv4: it goes to the slot's
+    // address in v4-mapped form, like an IPv4 connect.
+    let target = match decide(ctx, sa, addr, port_be) {
+        Verdict::Pass(stat) => return stat,
+        Verdict::Slot(slot) => v4_mapped(redirect_ip4(slot)),
+        Verdict::Loopback6 => LOOPBACK6,
     };
-    let addr = if family == AF_INET {
-        v4_mapped(local_ip4.to_ne_bytes())
-    } else {
-        addr6_of(local_ip6)
-    };
-    // local_port is in host byte order (unlike remote_port).
-    let port_be = (local_port as u16).to_be();
-    let key = SockKey {
-        netns_cookie,
-        addr,
-        port_be,
-        _pad: [0; 6],
-    };
-    Some(match ORIG_DST.insert(key, dst, 0) {
-        Ok(()) => Stat::Rekeyed,
-        Err(_) => Stat::RekeyFailed,
-    })
+    let w = words_of(&target);
+    // The verifier only allows 4-byte stores into user_ip6.
+    sa.user_ip6[0] = w[0];
+    sa.user_ip6[1] = w[1];
+    sa.user_ip6[2] = w[2];
+    sa.user_ip6[3] = w[3];
+    sa.user_port = u32::from(ICP_LISTEN_PORT.load().to_be());
+    Stat::Redirected
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -307,19 +252,12 @@ pub fn icp_getpeer6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// The original destination of a redirected socket whose peer is the pod-local listener.
+/// The Service behind a redirect address, if `ip` is one.
 #[inline(always)]
-fn redirected_dst(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<OrigDst> {
-    if sa.user_port as u16 != ICP_LISTEN_PORT.load().to_be() {
-        return None;
-    }
-    // SAFETY: ctx is the program's context; without the create flag nothing is allocated.
-    let slot = unsafe { SOCK_DST.get_ptr_mut(ctx) };
-    if slot.is_null() {
-        return None;
-    }
-    // SAFETY: this socket's storage, copied out at once.
-    Some(unsafe { *slot })
+fn slot_dst(ip: [u8; 4]) -> Option<OrigDst> {
+    let slot = redirect_slot(ip)?;
+    // SAFETY: copied out at once.
+    REDIRECTS.get(slot).copied()
 }
 
 // A redirected socket's peer is the pod-local listener; answer with the address the app
@@ -330,11 +268,14 @@ fn redirected_dst(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<OrigDst> 
 fn try_getpeer4(ctx: &SockAddrContext) -> Option<Stat> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let dst = redirected_dst(ctx, sa)?;
+    if sa.user_port as u16 != ICP_LISTEN_PORT.load().to_be() {
+        return None;
+    }
+    let dst = slot_dst(sa.user_ip4.to_ne_bytes())?;
     if !is_v4_mapped(&dst.addr) {
         return None;
     }
-    sa.user_ip4 = u32::from_ne_bytes([dst.addr[12], dst.addr[13], dst.addr[14], dst.addr[15]]);
+    sa.user_ip4 = u32::from_ne_bytes(v4_of_mapped(&dst.addr));
     sa.user_port = u32::from(dst.port_be);
     Some(Stat::PeerRewritten)
 }
@@ -342,7 +283,20 @@ fn try_getpeer4(ctx: &SockAddrContext) -> Option<Stat> {
 fn try_getpeer6(ctx: &SockAddrContext) -> Option<Stat> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let dst = redirected_dst(ctx, sa)?;
+    if sa.user_port as u16 != ICP_LISTEN_PORT.load().to_be() {
+        return None;
+    }
+    let peer = addr6_of(sa.user_ip6);
+    let dst = if is_v4_mapped(&peer) {
+        slot_dst(v4_of_mapped(&peer))?
+    } else if peer == LOOPBACK6 {
+        // SAFETY: ctx is the program's context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: copied out at once.
+        unsafe { V6_DST.get(cookie) }.copied()?
+    } else {
+        return None;
+    };
     let w = words_of(&dst.addr);
     sa.user_ip6[0] = w[0];
     sa.user_ip6[1] = w[1];

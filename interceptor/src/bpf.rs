@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{CgroupSockAddr, SockOps};
+use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::{names, Stat, ABI_VERSION};
 
@@ -35,6 +35,16 @@ pub enum BpfError {
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
+    #[error("duplicating the handle of map {name} failed: {source}")]
+    MapHandle {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error(
+        "all {} redirect slots are in use: too many intercepted Service ports",
+        interceptor_common::REDIRECT_SLOTS
+    )]
+    SlotsExhausted,
     #[error("loading program {name} into the kernel failed: {detail}")]
     ProgramLoad { name: &'static str, detail: String },
     #[error("map {name}: {source}")]
@@ -116,10 +126,6 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_load_error(name, &e))?;
         }
-        let sockops: &mut SockOps = program(&mut ebpf, names::PROG_SOCKOPS)?;
-        sockops
-            .load()
-            .map_err(|e| program_load_error(names::PROG_SOCKOPS, &e))?;
 
         let maps = maps::Maps::take(&mut ebpf)?;
         tracing::info!(

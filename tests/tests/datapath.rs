@@ -130,7 +130,6 @@ async fn redirect_recovers_the_original_destination_v4_v6_and_v4_mapped() {
     }
     let stats = pinned_stats(&pins.path);
     assert!(stats["redirected"] >= 150, "counters: {stats:?}");
-    assert!(stats["rekeyed"] >= 150, "counters: {stats:?}");
     assert!(stats["peer_rewritten"] >= 150, "counters: {stats:?}");
     agent.close_all();
 }
@@ -144,8 +143,13 @@ async fn ten_pods_with_colliding_loopback_tuples_each_get_their_own_destination(
         .map(|n| node.add_pod(&format!("c{n}"), n))
         .collect();
     let pins = PinRoot::new();
+    // Half IPv4 (told apart by their redirect address), half IPv6 (by the client socket's
+    // cookie, looked up through each pod's own sock_diag socket).
     let services: Vec<SocketAddr> = (1..=10)
-        .map(|i| sa(&format!("10.96.1.{i}:{}", 8000 + i)))
+        .map(|i| match i {
+            1..=5 => sa(&format!("10.96.1.{i}:{}", 8000 + i)),
+            _ => sa(&format!("[fd00:96::1:{i}]:{}", 8000 + i)),
+        })
         .collect();
     let entries: Vec<_> = services
         .iter()
@@ -154,8 +158,8 @@ async fn ten_pods_with_colliding_loopback_tuples_each_get_their_own_destination(
     let pod_refs: Vec<&Pod> = pods.iter().collect();
     let (_datapath, mut agent, _) = in_process_agent(&pins, &entries, &pod_refs);
 
-    // Every pod binds the same client ports (41000..41099) and dials 127.0.0.1:15001 after the
-    // rewrite: identical 4-tuples in all ten pods, told apart only by the netns.
+    // Every pod binds the same client ports (41000..41099) and, after the rewrite, dials the same
+    // pod-local listener addresses: identical 4-tuples in all ten pods, each in its own netns.
     let targets: Vec<String> = services.iter().map(ToString::to_string).collect();
     // Pod p's connection i dials service (i + p) % 10, so a mix-up between pods shows.
     let children: Vec<(usize, ChildGuard)> = pods
@@ -473,7 +477,7 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
     probe.kill9();
     interceptor::bpf::uninstall(&pins.path).expect("clear the probe's pins");
     std::fs::create_dir_all(&dir).expect("pin dir");
-    let stale = dir.join(names::MAP_ORIG_DST);
+    let stale = dir.join(names::MAP_V6_DST);
     let stale_str = stale.to_str().expect("utf-8");
     run(
         "bpftool",
@@ -484,13 +488,13 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
             "type",
             "lru_hash",
             "key",
-            "32",
+            "8",
             "value",
             "16",
             "entries",
             "64",
             "name",
-            "icp_orig_dst",
+            "icp_v6_dst",
         ],
     );
 
@@ -506,7 +510,7 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
         "the agent must refuse a stale pin:\n{output}"
     );
     assert!(
-        output.contains("icp_orig_dst")
+        output.contains("icp_v6_dst")
             && output.contains("value size 16, expected 24")
             && output.contains("--replace-stale-pins"),
         "the error must name the map, the mismatch and the fix:\n{output}"
@@ -606,18 +610,22 @@ async fn bpftool_shows_programs_maps_pins_and_named_fields() {
         interceptor_common::SVC_INTERCEPT,
         "BTF field names in values: {services}"
     );
-    let orig = bpftool_json(&[
-        "map",
-        "dump",
-        "pinned",
-        v.join(names::MAP_ORIG_DST).to_str().expect("utf-8"),
-    ]);
-    assert!(
-        orig.as_array().expect("dump").iter().any(|e| {
-            let f = &e["formatted"];
-            f["key"]["netns_cookie"].is_number() && f["value"]["port_be"] == 80u16.to_be()
-        }),
-        "icp_orig_dst entry for the connection: {orig}"
+    // The service's redirect slot names it in icp_redirects (what 127.100.x.y stands for).
+    let slot = first["value"]["slot"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("slot field in icp_services values: {services}"))
+        as u32;
+    let slot_key: Vec<String> = slot.to_ne_bytes().iter().map(|b| b.to_string()).collect();
+    let mut lookup = vec!["map", "lookup", "pinned"];
+    let redirects = v.join(names::MAP_REDIRECTS);
+    lookup.push(redirects.to_str().expect("utf-8"));
+    lookup.push("key");
+    lookup.extend(slot_key.iter().map(String::as_str));
+    let entry = bpftool_json(&lookup);
+    assert_eq!(
+        entry["formatted"]["value"]["port_be"],
+        80u16.to_be(),
+        "icp_redirects entry of the service's slot {slot}: {entry}"
     );
     let stats = bpftool_json(&[
         "map",
@@ -670,7 +678,12 @@ fn uninstall_detaches_every_hook_and_removes_every_pin() {
             pins.path.to_str().expect("utf-8"),
         ],
     );
-    assert!(out.contains("removed 5 hook links and 4 maps"), "{out}");
+    let removed = format!(
+        "removed {} hook links and {} maps",
+        names::PROGRAMS.len(),
+        names::MAPS.len()
+    );
+    assert!(out.contains(&removed), "{out}");
     assert!(!pins.path.exists(), "pins left behind");
     assert_no_hooks(&client, "after uninstall");
     let after =
@@ -719,8 +732,32 @@ fn kernel_debug_log_is_off_by_default_and_names_each_decision_when_on() {
         log.contains(&redirected),
         "no kernel debug record for the redirect:\n{log}"
     );
-    assert!(
-        log.contains("icp_sockops verdict="),
-        "no kernel debug record for the re-key:\n{log}"
+}
+
+/// The redirect listener takes any 127.100.x.y but is bound to the loopback device: from
+/// outside the pod its port on the pod IP is closed, so it relays nothing for anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_local_listener_is_not_reachable_from_outside_the_pod() {
+    let node = Node::new();
+    let pod = node.add_pod("client", 1);
+    let outsider = node.add_pod("outsider", 2);
+    let pins = PinRoot::new();
+    let svc = sa("10.96.0.10:80");
+    let (_datapath, mut agent, _) =
+        in_process_agent(&pins, &[(svc, ServiceAction::Intercept)], &[&pod]);
+    let inside = pod.run(&["connect", "--to", &svc.to_string()], RUN_TIMEOUT);
+    assert_eq!(
+        parse_ok(&inside[0]).reply,
+        format!("ORIG {svc}"),
+        "intercepted"
     );
+    let from_outside = outsider.run(
+        &["connect", "--to", &pod.addr4(LISTEN_PORT).to_string()],
+        RUN_TIMEOUT,
+    );
+    assert!(
+        from_outside[0].starts_with("ERR") && from_outside[0].contains("refused"),
+        "the listener port on the pod IP must refuse outsiders: {from_outside:?}"
+    );
+    agent.close_all();
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -17,16 +17,33 @@ use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
 use crate::proxy::passthrough;
 use crate::proxy::pod_listener::{
-    Accepted, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
+    Accepted, ConnEnds, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
 };
 use crate::proxy::server::Proxy;
 
-/// Adapts the kernel's original-destination map to the proxy's resolver.
+/// Adapts the kernel's original-destination maps to the proxy's resolver: an IPv4 connection
+/// names its Service by the redirect address it arrived on; an IPv6 one by its client socket.
 struct MapResolver(OrigDstTable);
 
 impl OrigDstResolver for MapResolver {
-    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
-        self.0.lookup(netns_cookie, peer).map_err(io::Error::other)
+    fn resolve(&self, conn: &ConnEnds<'_>) -> io::Result<Option<SocketAddr>> {
+        let local_v4 = match conn.local.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+        };
+        if let Some(ip) = local_v4 {
+            return match interceptor_common::redirect_slot(ip.octets()) {
+                Some(slot) => self.0.by_slot(slot).map_err(io::Error::other),
+                None => Ok(None),
+            };
+        }
+        let Some(diag) = conn.diag else {
+            return Ok(None);
+        };
+        match diag.cookie(conn.peer, conn.local)? {
+            Some(cookie) => self.0.by_cookie(cookie).map_err(io::Error::other),
+            None => Ok(None),
+        }
     }
 }
 

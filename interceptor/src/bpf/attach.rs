@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
 use interceptor_common::names;
 
@@ -106,11 +106,9 @@ impl PodLinks {
             links: Vec::new(),
         };
         // On failure `pod` drops its links unpinned: a half-attached pod is never left behind.
-        // aya's program types share attach/take_link but no trait: one macro serves both.
-        macro_rules! attach_and_pin {
-            ($ty:ty, $program:expr) => {{
-                let program: &'static str = $program;
-                let prog: &mut $ty = ebpf
+        let result = (|| {
+            for program in SOCK_ADDR_PROGRAMS {
+                let prog: &mut CgroupSockAddr = ebpf
                     .program_mut(program)
                     .and_then(|p| p.try_into().ok())
                     .ok_or(AttachError::NotLoaded(program))?;
@@ -128,14 +126,7 @@ impl PodLinks {
                 let link = FdLink::try_from(link)
                     .map_err(|source| AttachError::Link { program, source })?;
                 pod.replace_pin(program, link)?;
-            }};
-        }
-        // On failure `pod` drops its links unpinned: a half-attached pod is never left behind.
-        let result = (|| {
-            for program in SOCK_ADDR_PROGRAMS {
-                attach_and_pin!(CgroupSockAddr, program);
             }
-            attach_and_pin!(SockOps, names::PROG_SOCKOPS);
             Ok(())
         })();
         match result {

@@ -1,14 +1,16 @@
-//! Typed access to the maps: service entries (written by the agent), original destinations
-//! (read by the proxy after accept) and the per-CPU counters.
+//! Typed access to the maps: service entries and their redirect slots (written by the agent),
+//! original destinations (read by the proxy after accept) and the per-CPU counters.
 
+use std::collections::{BTreeSet, HashMap as StdHashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::Ebpf;
 use interceptor_common::{
-    names, v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, SockKey, Stat, SVC_EXCLUDED,
-    SVC_INTERCEPT,
+    names, v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, Stat, REDIRECT_SLOTS,
+    SVC_EXCLUDED, SVC_INTERCEPT,
 };
 
 use super::pins::PinLayout;
@@ -61,6 +63,8 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
 
 pub(super) struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    redirects: Array<MapData, OrigDst>,
+    slots: SlotAllocator,
     orig_dst: OrigDstTable,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -69,16 +73,50 @@ impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(BpfError::MissingMap { name });
-        let services =
+        let services: HashMap<MapData, ServiceKey, ServiceValue> =
             HashMap::try_from(take(names::MAP_SERVICES)?).map_err(map_err(names::MAP_SERVICES))?;
-        let orig_dst =
-            HashMap::try_from(take(names::MAP_ORIG_DST)?).map_err(map_err(names::MAP_ORIG_DST))?;
+        let redirects_map = take(names::MAP_REDIRECTS)?;
+        // The accept loops read the redirect slots while the agent writes them: a second handle
+        // on the same kernel map, so neither waits on the other.
+        let reader =
+            match &redirects_map {
+                Map::Array(data) => data.fd().as_fd().try_clone_to_owned().map_err(|source| {
+                    BpfError::MapHandle {
+                        name: names::MAP_REDIRECTS,
+                        source,
+                    }
+                })?,
+                _ => {
+                    return Err(BpfError::MissingMap {
+                        name: names::MAP_REDIRECTS,
+                    })
+                }
+            };
+        let redirects = Array::try_from(redirects_map).map_err(map_err(names::MAP_REDIRECTS))?;
+        let redirects_reader = Array::try_from(Map::Array(
+            MapData::from_fd(reader).map_err(map_err(names::MAP_REDIRECTS))?,
+        ))
+        .map_err(map_err(names::MAP_REDIRECTS))?;
+        let v6_dst =
+            HashMap::try_from(take(names::MAP_V6_DST)?).map_err(map_err(names::MAP_V6_DST))?;
         let stats =
             PerCpuArray::try_from(take(names::MAP_STATS)?).map_err(map_err(names::MAP_STATS))?;
+        // A previous agent's pinned entries keep their slots: connections it redirected may
+        // still be waiting to be accepted under those addresses.
+        let mut slots = SlotAllocator::default();
+        for entry in services.iter() {
+            let (key, value) = entry.map_err(map_err(names::MAP_SERVICES))?;
+            if value.action == SVC_INTERCEPT && value.slot < REDIRECT_SLOTS {
+                slots.adopt(key, value.slot);
+            }
+        }
         Ok(Self {
             services,
+            redirects,
+            slots,
             orig_dst: OrigDstTable {
-                map: Arc::new(orig_dst),
+                redirects: Arc::new(redirects_reader),
+                v6_dst: Arc::new(v6_dst),
             },
             stats,
         })
@@ -90,9 +128,28 @@ impl Maps {
         action: ServiceAction,
     ) -> Result<(), BpfError> {
         let key = ServiceKey::new(addr16(addr.ip()), addr.port().to_be());
+        let slot = match action {
+            ServiceAction::Intercept => {
+                let slot = self.slots.assign(key).ok_or(BpfError::SlotsExhausted)?;
+                // The slot names the Service before any connect can be sent to it.
+                let dst = OrigDst {
+                    addr: key.addr,
+                    port_be: key.port_be,
+                    _pad: [0; 6],
+                };
+                self.redirects
+                    .set(slot, dst, 0)
+                    .map_err(map_err(names::MAP_REDIRECTS))?;
+                slot
+            }
+            ServiceAction::Exclude => {
+                self.slots.release(&key);
+                REDIRECT_SLOTS
+            }
+        };
         let value = ServiceValue {
             action: action.to_raw(),
-            _reserved: 0,
+            slot,
         };
         self.services
             .insert(key, value, 0)
@@ -101,6 +158,9 @@ impl Maps {
 
     pub(super) fn remove_service(&mut self, addr: SocketAddr) -> Result<(), BpfError> {
         let key = ServiceKey::new(addr16(addr.ip()), addr.port().to_be());
+        // The slot's `icp_redirects` entry stays: a connection redirected just before still
+        // resolves when accepted. The slot is reused only after the others have been handed out.
+        self.slots.release(&key);
         match self.services.remove(&key) {
             Ok(()) => Ok(()),
             // Already gone: removal is idempotent.
@@ -119,6 +179,48 @@ impl Maps {
 
     pub(super) fn stats(&self) -> Result<Vec<(Stat, u64)>, BpfError> {
         sum_stats(&self.stats)
+    }
+}
+
+/// Hands out redirect slots round robin, so a released slot (and its loopback address) is
+/// reused as late as possible: a connection redirected to it just before the release must not
+/// resolve to the next Service that gets it.
+#[derive(Default)]
+struct SlotAllocator {
+    by_service: StdHashMap<ServiceKey, u32>,
+    in_use: BTreeSet<u32>,
+    next: u32,
+}
+
+impl SlotAllocator {
+    fn adopt(&mut self, key: ServiceKey, slot: u32) {
+        if self.in_use.insert(slot) {
+            self.by_service.insert(key, slot);
+            self.next = (slot + 1) % REDIRECT_SLOTS;
+        }
+    }
+
+    /// The Service's slot, assigning a free one on first use; `None` when all are taken.
+    fn assign(&mut self, key: ServiceKey) -> Option<u32> {
+        if let Some(slot) = self.by_service.get(&key) {
+            return Some(*slot);
+        }
+        for i in 0..REDIRECT_SLOTS {
+            let slot = (self.next + i) % REDIRECT_SLOTS;
+            if !self.in_use.contains(&slot) {
+                self.in_use.insert(slot);
+                self.by_service.insert(key, slot);
+                self.next = (slot + 1) % REDIRECT_SLOTS;
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, key: &ServiceKey) {
+        if let Some(slot) = self.by_service.remove(key) {
+            self.in_use.remove(&slot);
+        }
     }
 }
 
@@ -169,27 +271,30 @@ pub(super) fn read_pinned_stats(layout: &PinLayout) -> Result<Vec<(Stat, u64)>, 
 /// Lookup of a redirected connection's original destination, shared by all accept loops.
 #[derive(Clone)]
 pub struct OrigDstTable {
-    map: Arc<HashMap<MapData, SockKey, OrigDst>>,
+    redirects: Arc<Array<MapData, OrigDst>>,
+    v6_dst: Arc<HashMap<MapData, u64, OrigDst>>,
 }
 
 impl OrigDstTable {
-    /// The destination the client at `peer` dialled, in the pod netns identified by
-    /// `netns_cookie`; `None` when the connection was not redirected by our hook.
-    pub fn lookup(
-        &self,
-        netns_cookie: u64,
-        peer: SocketAddr,
-    ) -> Result<Option<SocketAddr>, BpfError> {
-        let key = SockKey {
-            netns_cookie,
-            addr: addr16(peer.ip()),
-            port_be: peer.port().to_be(),
-            _pad: [0; 6],
-        };
-        match self.map.get(&key, 0) {
+    /// The Service an IPv4 redirect slot stands for; `None` for a slot never assigned.
+    pub fn by_slot(&self, slot: u32) -> Result<Option<SocketAddr>, BpfError> {
+        if slot >= REDIRECT_SLOTS {
+            return Ok(None);
+        }
+        let dst = self
+            .redirects
+            .get(&slot, 0)
+            .map_err(map_err(names::MAP_REDIRECTS))?;
+        Ok((dst.port_be != 0).then(|| socket_addr(dst.addr, dst.port_be)))
+    }
+
+    /// The destination a redirected IPv6 client socket (by socket cookie) dialled; `None` when
+    /// the hook did not redirect it.
+    pub fn by_cookie(&self, cookie: u64) -> Result<Option<SocketAddr>, BpfError> {
+        match self.v6_dst.get(&cookie, 0) {
             Ok(dst) => Ok(Some(socket_addr(dst.addr, dst.port_be))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(names::MAP_ORIG_DST)(e)),
+            Err(e) => Err(map_err(names::MAP_V6_DST)(e)),
         }
     }
 }
@@ -213,6 +318,40 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    fn key(port: u16) -> ServiceKey {
+        ServiceKey::new(v4_mapped([10, 96, 0, 1]), port.to_be())
+    }
+
+    #[test]
+    fn slots_are_stable_per_service_and_reused_last() {
+        let mut slots = SlotAllocator::default();
+        let a = slots.assign(key(1)).expect("slot");
+        let b = slots.assign(key(2)).expect("slot");
+        assert_ne!(a, b);
+        assert_eq!(slots.assign(key(1)), Some(a), "same service, same slot");
+        slots.release(&key(1));
+        let c = slots.assign(key(3)).expect("slot");
+        assert_ne!(c, a, "a released slot is not handed out again at once");
+    }
+
+    #[test]
+    fn adopted_slots_are_kept_and_skipped() {
+        let mut slots = SlotAllocator::default();
+        slots.adopt(key(1), 7);
+        assert_eq!(slots.assign(key(1)), Some(7));
+        assert_eq!(slots.assign(key(2)), Some(8));
+    }
+
+    #[test]
+    fn slots_run_out_cleanly() {
+        let mut slots = SlotAllocator::default();
+        for n in 0..REDIRECT_SLOTS {
+            let k = ServiceKey::new(v4_mapped((n + 1).to_be_bytes()), 80u16.to_be());
+            assert!(slots.assign(k).is_some());
+        }
+        assert_eq!(slots.assign(key(9)), None);
     }
 
     #[test]

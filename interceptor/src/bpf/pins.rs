@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
 use interceptor_common::{
-    names, OrigDst, ServiceKey, ServiceValue, SockKey, ABI_VERSION, ORIG_DST_MAX, SERVICES_MAX,
-    STAT_COUNT,
+    names, OrigDst, ServiceKey, ServiceValue, ABI_VERSION, REDIRECT_SLOTS, SERVICES_MAX,
+    STAT_COUNT, V6_DST_MAX,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -118,19 +118,18 @@ const MAP_SPECS: [MapSpec; 4] = [
         SERVICES_MAX,
     ),
     spec(
-        names::MAP_SOCK_DST,
-        MapType::SkStorage,
-        // Socket storage is keyed by a socket fd and sized by the kernel (max_entries 0).
-        size_of::<i32>(),
+        names::MAP_REDIRECTS,
+        MapType::Array,
+        size_of::<u32>(),
         size_of::<OrigDst>(),
-        0,
+        REDIRECT_SLOTS,
     ),
     spec(
-        names::MAP_ORIG_DST,
+        names::MAP_V6_DST,
         MapType::LruHash,
-        size_of::<SockKey>(),
+        size_of::<u64>(),
         size_of::<OrigDst>(),
-        ORIG_DST_MAX,
+        V6_DST_MAX,
     ),
     spec(
         names::MAP_STATS,

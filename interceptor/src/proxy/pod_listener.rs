@@ -1,6 +1,14 @@
-//! The pod-local listener: opened inside a pod's network namespace on 127.0.0.1 and [::1] at
-//! the port the connect hook redirects to. Each accepted connection is matched with the
-//! destination the app dialled and handed on.
+//! The pod-local listener: opened inside a pod's network namespace at the port the connect hook
+//! redirects to. Each accepted connection is matched with the destination the app dialled and
+//! handed on.
+//!
+//! Three sockets per pod, all on that port:
+//! - 127.0.0.1: what the hook checks for before it redirects (no listener, no redirect: the
+//!   agent is down and the connect goes to kube-proxy);
+//! - 0.0.0.0 bound to `lo`: receives redirected IPv4 connects, which arrive on 127.100.x.y (the
+//!   Service's redirect address); bound to the loopback device, so nothing outside the pod
+//!   can reach it on the pod IP;
+//! - [::1]: receives redirected IPv6 connects (and is the IPv6 check).
 
 use std::future::Future;
 use std::io;
@@ -14,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::netns::{netns_cookie, Netns};
+use crate::sockdiag::SockDiag;
 
 /// Backlog of each pod-local listener: bursts of connects from one pod queue here.
 const BACKLOG: i32 = 1024;
@@ -26,11 +35,21 @@ pub struct PodContext {
     pub netns: Netns,
 }
 
+/// The two ends of an accepted connection, and how to look its client socket up.
+pub struct ConnEnds<'a> {
+    /// Where the connection arrived (a redirect address, or [::1]).
+    pub local: SocketAddr,
+    /// The client socket's address in the pod.
+    pub peer: SocketAddr,
+    /// The pod netns' sock_diag socket (only with the IPv6 listener).
+    pub diag: Option<&'a SockDiag>,
+}
+
 /// Resolves an accepted connection to the destination its client dialled.
 pub trait OrigDstResolver: Send + Sync + 'static {
     /// `None`: the connection was not redirected by the hook (someone dialled the listener
     /// directly); it is closed.
-    fn resolve(&self, netns_cookie: u64, peer: SocketAddr) -> io::Result<Option<SocketAddr>>;
+    fn resolve(&self, conn: &ConnEnds<'_>) -> io::Result<Option<SocketAddr>>;
 }
 
 /// A connection accepted on a pod-local listener.
@@ -61,30 +80,33 @@ impl PodListener {
         resolver: Arc<dyn OrigDstResolver>,
         handler: Handler,
     ) -> io::Result<Self> {
-        let (v4, v6) = pod.netns.enter(|| {
-            let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
-            (v4, v6)
+        let (check4, redirect4, v6) = pod.netns.enter(|| {
+            let check4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false);
+            let redirect4 = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true);
+            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), false)
+                .and_then(|socket| Ok((socket, SockDiag::open()?)));
+            (check4, redirect4, v6)
         })?;
-        let v4 = v4.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("listening on 127.0.0.1:{port} in {}: {e}", pod.name),
-            )
-        })?;
-        let cookie = netns_cookie(&v4)?;
-        let mut sockets = vec![v4];
+        let named = |what: String| {
+            move |e: io::Error| {
+                io::Error::new(e.kind(), format!("listening on {what} in the pod: {e}"))
+            }
+        };
+        let check4 = check4.map_err(named(format!("127.0.0.1:{port}")))?;
+        let redirect4 = redirect4.map_err(named(format!("0.0.0.0:{port} (device lo)")))?;
+        let cookie = netns_cookie(&check4)?;
+        let mut sockets = vec![(check4, None), (redirect4, None)];
         match v6 {
-            Ok(s) => sockets.push(s),
+            Ok((socket, diag)) => sockets.push((socket, Some(Arc::new(diag)))),
             // A pod without IPv6 (no ::1) simply gets no IPv6 interception.
             Err(e) => tracing::debug!(pod = %pod.name, error = %e, "no IPv6 pod-local listener"),
         }
         let mut tasks = JoinSet::new();
-        for socket in sockets {
+        for (socket, diag) in sockets {
             let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
             tasks.spawn(accept_loop(
                 listener,
-                cookie,
+                diag,
                 pod.clone(),
                 resolver.clone(),
                 handler.clone(),
@@ -100,12 +122,21 @@ impl PodListener {
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<Socket> {
+/// A listening socket at `addr`; `loopback_only` binds it to the `lo` device. The IPv4 check
+/// and redirect sockets share the port, which needs SO_REUSEPORT on both (they never share
+/// connections: one matches 127.0.0.1 exactly, the other only what arrives on `lo`).
+fn listen(addr: SocketAddr, loopback_only: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_reuse_port(true)?;
+    }
+    if loopback_only {
+        socket.bind_device(Some(b"lo"))?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -114,7 +145,7 @@ fn listen(addr: SocketAddr) -> io::Result<Socket> {
 
 async fn accept_loop(
     listener: TcpListener,
-    netns_cookie: u64,
+    diag: Option<Arc<SockDiag>>,
     pod: Arc<PodContext>,
     resolver: Arc<dyn OrigDstResolver>,
     handler: Handler,
@@ -129,7 +160,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        match resolver.resolve(netns_cookie, peer) {
+        let ends = stream.local_addr().map(|local| ConnEnds {
+            local,
+            peer,
+            diag: diag.as_deref(),
+        });
+        match ends.and_then(|ends| resolver.resolve(&ends)) {
             Ok(Some(orig_dst)) => {
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(pod = %pod.name, %peer, %orig_dst, "accepted redirected connection");

@@ -6,7 +6,8 @@
 //!   nftables DNAT in the node) sends it to a backend pod over the veth; attached, the hook
 //!   sends it to the pod-local listener;
 //! - redirect: the program's own cost: the same ClusterIP dial attached, against a baseline
-//!   that dials the pod-local listener (127.0.0.1:15001) directly, so only the hook differs;
+//!   that dials where the hook sends it (the Service's redirect address, 127.100.0.0:15001 for
+//!   the first slot, on the pod-local listener) directly, so only the hook differs;
 //! - pass: the app dials something that is not a Service (a listener on 127.0.0.1:15002);
 //!   the hook runs, looks up, and leaves it alone.
 //!
@@ -50,6 +51,13 @@ fn time_connects(pod: &Pod, to: SocketAddr, count: u32) -> Sample {
     }
 }
 
+/// A listener that only accepts and closes, fast enough that its queue never overflows.
+fn sink(pod: &Pod, port: u16) -> ChildGuard {
+    let mut child = pod.spawn(&["sink", "--port", &port.to_string()]);
+    child.wait_ready(&format!("sink on port {port} in {}", pod.name));
+    child
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -70,7 +78,7 @@ fn main() {
     let node = Node::new();
     let pod = node.add_pod("bench", 1);
     let backend = node.add_pod("backend", 2);
-    let _backend_server: ChildGuard = backend.serve("80");
+    let _backend_server = sink(&backend, 80);
     pod.netns.exec(
         "sysctl",
         &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
@@ -100,9 +108,10 @@ fn main() {
         .enable_pod(&mut datapath, &static_pod)
         .expect("enable pod");
     // A plain listener that is not a Service, for the pass path.
-    let _other: ChildGuard = pod.serve("15002");
+    let _other = sink(&pod, 15002);
 
-    let listener: SocketAddr = format!("127.0.0.1:{LISTEN_PORT}").parse().expect("addr");
+    // The only Service has the first redirect slot: the hook sends its connects here.
+    let listener = SocketAddr::from((interceptor_common::redirect_ip4(0), LISTEN_PORT));
     let other: SocketAddr = "127.0.0.1:15002".parse().expect("addr");
     let mut rows: Vec<(&str, Vec<Sample>, Vec<Sample>)> = vec![
         ("service", vec![], vec![]),

@@ -1641,7 +1641,7 @@ impl Report {
         }
         notes.push("ratios vs HAProxy/nginx compare S4 (interceptor proxy dialled directly), so all three proxies sit on the same path; S5 (transparent) is in transparent_vs_direct_ratio and the table".into());
         notes.push("new endpoint and removal: interceptor proxy --endpoints-file with --reload-interval-ms 50 (nginx and HAProxy have no equivalent without a reload; not measured for them)".into());
-        notes.push("connect_added_ns: run time of our programs per redirected connect (ClusterIP -> pod-local listener) as the kernel accounts it (bpf_stats: icp_connect4 + icp_sockops), from a reduced bench-connect; connect_added_wall_ns is the wall-clock median difference attached - detached, which on this loaded 2-core VM is noisy (it can come out negative); *_pass_* for a connect the hook looks at and leaves alone".into());
+        notes.push("connect_added_ns: run time of our programs per redirected connect (ClusterIP -> pod-local listener) as the kernel accounts it (bpf_stats: icp_connect4), from a reduced bench-connect; connect_added_wall_ns is the wall-clock median difference attached - detached, which on this loaded 2-core VM is noisy (it can come out negative); *_pass_* for a connect the hook looks at and leaves alone".into());
         let errors: u64 = ALL.iter().map(|&k| self.errors(k)).sum();
         let overload: BTreeMap<&str, u64> = ALL
             .iter()

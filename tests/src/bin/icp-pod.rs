@@ -60,6 +60,7 @@ fn main() {
             flag("--to").expect("--to").parse().expect("--to ADDR"),
             num("--count", 10_000) as usize,
         ),
+        Some("sink") => sink(num("--port", 0) as u16),
         Some("h2serve") => h2serve(num("--port", 0) as u16),
         Some("greet-server") => interceptor_tests::greet::serve(
             &flag("--name").expect("--name"),
@@ -229,6 +230,51 @@ fn connect(to: SocketAddr, count: usize, concurrency: usize, bind_base: Option<u
             );
         }
         done += wave;
+    }
+}
+
+/// Accepts and closes connections on `port` (all addresses, dual-stack) as fast as one thread
+/// can, with a deep backlog: a connect() benchmark's target. A thread per connection (`serve`)
+/// accepts slower than a client connects, so its queue overflows and SYNs wait out a 1 s
+/// retransmit, which is what made the benchmark stall.
+fn sink(port: u16) {
+    // SAFETY: plain socket syscalls on fds we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let off: libc::c_int = 0;
+        let on: libc::c_int = 1;
+        for (opt_level, opt, v) in [
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &off),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR, &on),
+        ] {
+            libc::setsockopt(
+                fd,
+                opt_level,
+                opt,
+                (v as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
+        }
+        let (addr, len) = sockaddr_of(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
+        let rc = libc::bind(fd, (&addr as *const libc::sockaddr_storage).cast(), len);
+        assert!(
+            rc == 0,
+            "bind [::]:{port}: {}",
+            std::io::Error::last_os_error()
+        );
+        assert!(
+            libc::listen(fd, 4096) == 0,
+            "listen: {}",
+            std::io::Error::last_os_error()
+        );
+        println!("READY");
+        loop {
+            let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+            if c >= 0 {
+                libc::close(c);
+            }
+        }
     }
 }
 
