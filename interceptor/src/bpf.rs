@@ -84,6 +84,7 @@ impl Datapath {
     pub fn load(config: &DatapathConfig) -> Result<Self, BpfError> {
         let layout = PinLayout::new(&config.pin_root);
         pins::ensure_bpffs(&config.pin_root)?;
+        pins::remove_other_versions(&layout)?;
         pins::prepare(&layout, config.replace_stale_pins)?;
 
         let map_paths: Vec<(&'static str, PathBuf)> = names::MAPS

@@ -529,6 +529,53 @@ fn a_pin_with_the_wrong_layout_is_rejected_or_replaced_never_trusted() {
     drop(agent);
 }
 
+/// After an upgrade the previous version's hooks would redirect into a listener this agent
+/// cannot resolve: its pins go when the agent starts, before any listener opens.
+#[test]
+fn pins_of_another_abi_version_are_removed_at_start() {
+    require_root();
+    let pins = PinRoot::new();
+    let old = pins.path.join("v1");
+    // The agent mounts bpffs on a fresh machine; a short first run makes sure it is there.
+    let args = vec![
+        "run".to_string(),
+        "--source=static".to_string(),
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+    ];
+    AgentProcess::start(&args).kill9();
+    std::fs::create_dir_all(&old).expect("old version dir");
+    let old_map = old.join(names::MAP_SERVICES);
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            old_map.to_str().expect("utf-8"),
+            "type",
+            "hash",
+            "key",
+            "20",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "icp_services",
+        ],
+    );
+    let agent = AgentProcess::start(&args);
+    assert!(!old.exists(), "pins of v1 left behind at {}", old.display());
+    assert!(
+        pins.path
+            .join(format!("v{}", interceptor_common::ABI_VERSION))
+            .join(names::MAP_SERVICES)
+            .exists(),
+        "this version's pins are there"
+    );
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bpftool_shows_programs_maps_pins_and_named_fields() {
     let node = Node::new();

@@ -262,32 +262,67 @@ pub fn uninstall(root: &Path) -> Result<Removed, PinError> {
     if !root.exists() {
         return Ok(removed);
     }
-    let versions = std::fs::read_dir(root).map_err(PinError::io("reading", root))?;
-    for version in versions {
-        let version = version.map_err(PinError::io("reading", root))?.path();
-        if !version.is_dir() {
-            continue;
-        }
-        let links = version.join("links");
-        if links.is_dir() {
-            for cgroup in std::fs::read_dir(&links).map_err(PinError::io("reading", &links))? {
-                let cgroup = cgroup.map_err(PinError::io("reading", &links))?.path();
-                for link in std::fs::read_dir(&cgroup).map_err(PinError::io("reading", &cgroup))? {
-                    let link = link.map_err(PinError::io("reading", &cgroup))?.path();
-                    std::fs::remove_file(&link).map_err(PinError::io("removing", &link))?;
-                    removed.links += 1;
-                }
-                std::fs::remove_dir(&cgroup).map_err(PinError::io("removing", &cgroup))?;
-            }
-            std::fs::remove_dir(&links).map_err(PinError::io("removing", &links))?;
-        }
-        for entry in std::fs::read_dir(&version).map_err(PinError::io("reading", &version))? {
-            let path = entry.map_err(PinError::io("reading", &version))?.path();
-            std::fs::remove_file(&path).map_err(PinError::io("removing", &path))?;
-            removed.maps += 1;
-        }
-        std::fs::remove_dir(&version).map_err(PinError::io("removing", &version))?;
+    for version in version_dirs(root)? {
+        remove_version(&version, &mut removed)?;
     }
     std::fs::remove_dir(root).map_err(PinError::io("removing", root))?;
     Ok(removed)
+}
+
+/// Removes the pins of every ABI version but this build's. An earlier version's hooks left on a
+/// pod's cgroup would redirect into this agent's listener in a way it cannot resolve, so they
+/// go before any listener opens (after an upgrade the old agent is gone; its hooks are not).
+pub(crate) fn remove_other_versions(layout: &PinLayout) -> Result<Removed, PinError> {
+    let mut removed = Removed::default();
+    let Some(root) = layout.dir().parent() else {
+        return Ok(removed);
+    };
+    if !root.exists() {
+        return Ok(removed);
+    }
+    for version in version_dirs(root)? {
+        let is_version = version
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_version && version != layout.dir() {
+            remove_version(&version, &mut removed)?;
+            tracing::warn!(pins = %version.display(), "removed the pins and hooks of another interceptor version");
+        }
+    }
+    Ok(removed)
+}
+
+fn version_dirs(root: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(PinError::io("reading", root))? {
+        let path = entry.map_err(PinError::io("reading", root))?.path();
+        if path.is_dir() {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+fn remove_version(version: &Path, removed: &mut Removed) -> Result<(), PinError> {
+    let links = version.join("links");
+    if links.is_dir() {
+        for cgroup in std::fs::read_dir(&links).map_err(PinError::io("reading", &links))? {
+            let cgroup = cgroup.map_err(PinError::io("reading", &links))?.path();
+            for link in std::fs::read_dir(&cgroup).map_err(PinError::io("reading", &cgroup))? {
+                let link = link.map_err(PinError::io("reading", &cgroup))?.path();
+                std::fs::remove_file(&link).map_err(PinError::io("removing", &link))?;
+                removed.links += 1;
+            }
+            std::fs::remove_dir(&cgroup).map_err(PinError::io("removing", &cgroup))?;
+        }
+        std::fs::remove_dir(&links).map_err(PinError::io("removing", &links))?;
+    }
+    for entry in std::fs::read_dir(version).map_err(PinError::io("reading", version))? {
+        let path = entry.map_err(PinError::io("reading", version))?.path();
+        std::fs::remove_file(&path).map_err(PinError::io("removing", &path))?;
+        removed.maps += 1;
+    }
+    std::fs::remove_dir(version).map_err(PinError::io("removing", version))
 }
