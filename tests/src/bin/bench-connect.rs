@@ -22,7 +22,19 @@ use interceptor::cli::StaticPod;
 use interceptor_tests::{bpftool_json, ChildGuard, Node, PinRoot, Pod};
 
 const LISTEN_PORT: u16 = 15001;
-const ROUNDS: usize = 5;
+/// The client runs on this CPU and everything else (the listener's accept loop, the sinks) on
+/// the others: on a small machine a measurement otherwise shares its CPU with whichever
+/// process the scheduler puts there, which moves the medians by more than the hook costs.
+const CLIENT_CPU: usize = 1;
+
+/// Many short rounds rather than a few long ones: on this kind of machine a round's median moves
+/// by a few microseconds with whatever else runs, so the hook's cost only shows in the median
+/// of many paired (same-round) differences. Rounds alternate which state goes first, so drift
+/// does not always count against the same side.
+const ROUNDS: usize = 101;
+
+/// A path's name and its per-round samples, detached and attached.
+type Row = (&'static str, Vec<Sample>, Vec<Sample>);
 
 #[derive(Default, Clone, Copy)]
 struct Sample {
@@ -38,6 +50,8 @@ fn time_connects(pod: &Pod, to: SocketAddr, count: u32) -> Sample {
             &to.to_string(),
             "--count",
             &count.to_string(),
+            "--cpu",
+            &CLIENT_CPU.to_string(),
         ],
         Duration::from_secs(300),
     );
@@ -51,6 +65,28 @@ fn time_connects(pod: &Pod, to: SocketAddr, count: u32) -> Sample {
     }
 }
 
+/// Runs this process (and the children it starts, which inherit it) on every CPU but `cpu`.
+fn keep_off_cpu(cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("one CPU: client and listener share it");
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is empty; every index is below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in (0..cpus).filter(|c| *c != cpu) {
+            libc::CPU_SET(c, &mut set);
+        }
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert!(
+            rc == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A listener that only accepts and closes, fast enough that its queue never overflows.
 fn sink(pod: &Pod, port: u16) -> ChildGuard {
     let mut child = pod.spawn(&["sink", "--port", &port.to_string()]);
@@ -58,7 +94,7 @@ fn sink(pod: &Pod, port: u16) -> ChildGuard {
     child
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
+fn median(mut v: Vec<i64>) -> i64 {
     v.sort_unstable();
     v[v.len() / 2]
 }
@@ -67,7 +103,8 @@ fn main() {
     let count: u32 = std::env::args()
         .nth(1)
         .map(|c| c.parse().expect("connect count"))
-        .unwrap_or(20_000);
+        .unwrap_or(2_000);
+    keep_off_cpu(CLIENT_CPU);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -113,7 +150,7 @@ fn main() {
     // The only Service has the first redirect slot: the hook sends its connects here.
     let listener = SocketAddr::from((interceptor_common::redirect_ip4(0), LISTEN_PORT));
     let other: SocketAddr = "127.0.0.1:15002".parse().expect("addr");
-    let mut rows: Vec<(&str, Vec<Sample>, Vec<Sample>)> = vec![
+    let mut rows: Vec<Row> = vec![
         ("service", vec![], vec![]),
         ("redirect", vec![], vec![]),
         ("pass", vec![], vec![]),
@@ -121,20 +158,34 @@ fn main() {
     let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
         .unwrap_or_else(|_| "0".into());
     for round in 0..ROUNDS {
-        eprintln!(
-            "round {}/{ROUNDS}: {count} connects per measurement",
-            round + 1
-        );
-        datapath.disable_pod(id).expect("detach");
-        rows[0].1.push(time_connects(&pod, svc, count));
-        rows[1].1.push(time_connects(&pod, listener, count));
-        rows[2].1.push(time_connects(&pod, other, count));
-        datapath.enable_pod(&pod.cgroup.path).expect("attach");
-        let attached_redirect = time_connects(&pod, svc, count);
-        rows[0].2.push(attached_redirect);
-        rows[1].2.push(attached_redirect);
-        rows[2].2.push(time_connects(&pod, other, count));
+        if round % 10 == 0 {
+            eprintln!(
+                "round {}/{ROUNDS}: {count} connects per measurement",
+                round + 1
+            );
+        }
+        let detached = |datapath: &mut Datapath, rows: &mut Vec<Row>| {
+            datapath.disable_pod(id).expect("detach");
+            rows[0].1.push(time_connects(&pod, svc, count));
+            rows[1].1.push(time_connects(&pod, listener, count));
+            rows[2].1.push(time_connects(&pod, other, count));
+        };
+        let attached = |datapath: &mut Datapath, rows: &mut Vec<Row>| {
+            datapath.enable_pod(&pod.cgroup.path).expect("attach");
+            let redirected = time_connects(&pod, svc, count);
+            rows[0].2.push(redirected);
+            rows[1].2.push(redirected);
+            rows[2].2.push(time_connects(&pod, other, count));
+        };
+        if round % 2 == 0 {
+            detached(&mut datapath, &mut rows);
+            attached(&mut datapath, &mut rows);
+        } else {
+            attached(&mut datapath, &mut rows);
+            detached(&mut datapath, &mut rows);
+        }
     }
+    datapath.enable_pod(&pod.cgroup.path).expect("attach");
     // Run-time accounting costs two clock reads per program run: measured in passes of their
     // own, per path, so it does not inflate the latencies above.
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
@@ -159,20 +210,24 @@ fn main() {
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim())
         .expect("restore bpf stats");
 
-    println!("\nconnect() latency in a pod, hook detached vs attached ({count} connects x {ROUNDS} rounds, median of rounds)\n");
+    println!("\nconnect() latency in a pod, hook detached vs attached ({count} connects x {ROUNDS} rounds; medians of the per-round medians, added = median of the per-round differences)\n");
     println!(
         "| path | detached median | attached median | added median | detached p99 | attached p99 |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, detached, attached) in &rows {
-        let dm = median(detached.iter().map(|s| s.median).collect());
-        let am = median(attached.iter().map(|s| s.median).collect());
-        let dp = median(detached.iter().map(|s| s.p99).collect());
-        let ap = median(attached.iter().map(|s| s.p99).collect());
-        println!(
-            "| {name} | {dm} ns | {am} ns | {} ns | {dp} ns | {ap} ns |",
-            am as i64 - dm as i64
+        let dm = median(detached.iter().map(|s| s.median as i64).collect());
+        let am = median(attached.iter().map(|s| s.median as i64).collect());
+        let added = median(
+            detached
+                .iter()
+                .zip(attached)
+                .map(|(d, a)| a.median as i64 - d.median as i64)
+                .collect(),
         );
+        let dp = median(detached.iter().map(|s| s.p99 as i64).collect());
+        let ap = median(attached.iter().map(|s| s.p99 as i64).collect());
+        println!("| {name} | {dm} ns | {am} ns | {added} ns | {dp} ns | {ap} ns |");
     }
 
     println!("\nkernel-accounted program run time, bpf_stats on, one extra attached pass per path ({count} connects)\n");

@@ -113,7 +113,7 @@ impl Plan {
                 jain_duration: Duration::from_secs(3),
                 jain_every_rep: true,
                 idle_conns: 1000,
-                connect_count: 10_000,
+                connect_count: 2_000,
             }
         }
     }
