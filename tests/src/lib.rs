@@ -66,6 +66,24 @@ pub fn run(program: &str, args: &[&str]) -> String {
 
 /// Where cargo put the sibling binaries (`interceptor`, `icp-pod`): next to a program, or one
 /// level up from a test binary in `deps/`.
+/// Restricts this process (and the children it starts later, which inherit it) to `cpus`, so a
+/// benchmark's client and server do not take turns on one CPU.
+pub fn run_on_cpus(cpus: impl IntoIterator<Item = usize>) {
+    // SAFETY: a zeroed cpu_set_t is empty; callers pass CPU numbers below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert!(
+            rc == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current executable");
     let dir = exe.parent().expect("executable has a directory");

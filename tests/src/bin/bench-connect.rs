@@ -65,26 +65,14 @@ fn time_connects(pod: &Pod, to: SocketAddr, count: u32) -> Sample {
     }
 }
 
-/// Runs this process (and the children it starts, which inherit it) on every CPU but `cpu`.
+/// Runs this process (and the children it starts) on every CPU but `cpu`.
 fn keep_off_cpu(cpu: usize) {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if cpus < 2 {
         eprintln!("one CPU: client and listener share it");
         return;
     }
-    // SAFETY: a zeroed cpu_set_t is empty; every index is below CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in (0..cpus).filter(|c| *c != cpu) {
-            libc::CPU_SET(c, &mut set);
-        }
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert!(
-            rc == 0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    interceptor_tests::run_on_cpus((0..cpus).filter(|c| *c != cpu));
 }
 
 /// A listener that only accepts and closes, fast enough that its queue never overflows.

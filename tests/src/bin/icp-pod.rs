@@ -234,21 +234,6 @@ fn connect(to: SocketAddr, count: usize, concurrency: usize, bind_base: Option<u
     }
 }
 
-/// Runs this process on one CPU only, so a measurement does not move between CPUs mid-run.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert!(
-            rc == 0,
-            "sched_setaffinity cpu {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Accepts and closes connections on `port` (all addresses, dual-stack) as fast as one thread
 /// can, with a deep backlog: a connect() benchmark's target. A thread per connection (`serve`)
 /// accepts slower than a client connects, so its queue overflows and SYNs wait out a 1 s
@@ -354,8 +339,9 @@ fn udp(to: SocketAddr) {
 /// call) and prints `<count> <median ns> <p99 ns> <mean ns>`. Sockets are closed with an RST
 /// (linger 0) so no TIME_WAIT piles up and exhausts the ports.
 fn connect_bench(to: SocketAddr, count: usize, cpu: Option<usize>) {
+    // One CPU for the whole measurement, so it does not move between CPUs mid-run.
     if let Some(cpu) = cpu {
-        pin_to_cpu(cpu);
+        interceptor_tests::run_on_cpus([cpu]);
     }
     let mut samples = Vec::with_capacity(count);
     let (addr, len) = sockaddr_of(to);
