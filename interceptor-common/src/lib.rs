@@ -19,11 +19,18 @@ pub mod names {
     pub const MAP_SERVICES: &str = "icp_services";
     pub const MAP_REDIRECTS: &str = "icp_redirects";
     pub const MAP_V6_DST: &str = "icp_v6_dst";
+    pub const MAP_LISTENERS: &str = "icp_listeners";
     pub const MAP_STATS: &str = "icp_stats";
 
     pub const PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEER4, PROG_GETPEER6];
     /// Maps the agent pins so they outlive an agent restart.
-    pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_REDIRECTS, MAP_V6_DST, MAP_STATS];
+    pub const MAPS: [&str; 5] = [
+        MAP_SERVICES,
+        MAP_REDIRECTS,
+        MAP_V6_DST,
+        MAP_LISTENERS,
+        MAP_STATS,
+    ];
 
     /// Load-time global: the pod-local listener port the hook redirects to.
     pub const GLOBAL_LISTEN_PORT: &str = "ICP_LISTEN_PORT";
@@ -35,6 +42,8 @@ pub const SERVICES_MAX: u32 = 16_384;
 pub const REDIRECT_SLOTS: u32 = 65_536;
 /// Redirected IPv6 client sockets remembered by socket cookie (least recently used evicted).
 pub const V6_DST_MAX: u32 = 65_536;
+/// Pod-local listening sockets: two per intercepted pod (IPv4 and IPv6).
+pub const LISTENERS_MAX: u32 = 16_384;
 
 /// The first two bytes of every redirect address: slot `s` is `127.100.(s >> 8).(s & 255)`.
 /// A redirected IPv4 connection carries its Service in the address it reaches the pod-local
@@ -94,6 +103,22 @@ impl ServiceKey {
         }
     }
 }
+
+/// Key of `icp_listeners`: a pod-local listening socket, by the netns it is in and its family.
+/// The kernel drops a socket from the map when it closes, so an entry exists exactly while
+/// the agent's listener does: what the connect hook checks before it redirects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// `LISTENER_V4` or `LISTENER_V6`.
+    pub family: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+
+pub const LISTENER_V4: u32 = 4;
+pub const LISTENER_V6: u32 = 6;
 
 /// The service port is intercepted.
 pub const SVC_INTERCEPT: u32 = 1;
@@ -177,6 +202,7 @@ mod user {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }
 
 #[cfg(test)]

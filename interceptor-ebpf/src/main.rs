@@ -11,23 +11,21 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_tuple},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    bindings::bpf_sock_addr,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
     EbpfContext, Global,
 };
 use aya_log_ebpf::debug;
 use interceptor_common::{
-    redirect_ip4, redirect_slot, v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, Stat,
-    REDIRECT_SLOTS, SERVICES_MAX, STAT_COUNT, SVC_INTERCEPT, V6_DST_MAX,
+    redirect_ip4, redirect_slot, v4_mapped, Addr16, ListenerKey, OrigDst, ServiceKey, ServiceValue,
+    Stat, LISTENERS_MAX, LISTENER_V4, LISTENER_V6, REDIRECT_SLOTS, SERVICES_MAX, STAT_COUNT,
+    SVC_INTERCEPT, V6_DST_MAX,
 };
 
 const IPPROTO_TCP: u32 = 6;
-/// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the program's context (the pod's).
-const CURRENT_NETNS: u64 = u64::MAX;
-const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
 const LOOPBACK6: Addr16 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Port of the pod-local listener, set by the agent at load time (verifier sees a constant).
@@ -49,6 +47,11 @@ static REDIRECTS: Array<OrigDst, { REDIRECT_SLOTS as usize }> = Array::new();
 /// client socket's cookie with NETLINK_SOCK_DIAG after accept.
 #[btf_map(name = "icp_v6_dst")]
 static V6_DST: LruHashMap<u64, OrigDst, { V6_DST_MAX as usize }> = LruHashMap::new();
+
+/// The agent's pod-local listening sockets, by (pod netns cookie, family). The kernel removes a
+/// socket when it closes, so when the agent dies its entries go with its listeners.
+#[btf_map(name = "icp_listeners")]
+static LISTENERS: SockHash<ListenerKey, { LISTENERS_MAX as usize }> = SockHash::new();
 
 /// Per-CPU counters, one per `Stat`.
 #[btf_map(name = "icp_stats")]
@@ -100,35 +103,22 @@ fn v4_of_mapped(addr: &Addr16) -> [u8; 4] {
 /// Whether the agent's pod-local listener exists in the current (pod) netns. No listener means
 /// the agent is down or has not reached this pod yet: the caller fails open.
 #[inline(always)]
-fn listener_present(ctx: &SockAddrContext, v6: bool, port_be: u16) -> bool {
-    // SAFETY: a zeroed tuple is a valid (empty) lookup key.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if v6 {
-        // SAFETY: writing plain fields of a union member.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv6;
-            t.saddr = words_of(&LOOPBACK6);
-            t.daddr = words_of(&LOOPBACK6);
-            t.dport = port_be;
-        }
-        core::mem::size_of::<[u32; 8]>() + 4
-    } else {
-        // SAFETY: as above.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv4;
-            t.saddr = u32::from_ne_bytes(LOOPBACK4);
-            t.daddr = u32::from_ne_bytes(LOOPBACK4);
-            t.dport = port_be;
-        }
-        12
+fn listener_present(ctx: &SockAddrContext, v6: bool) -> bool {
+    let key = ListenerKey {
+        // SAFETY: ctx is the program's context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        family: if v6 { LISTENER_V6 } else { LISTENER_V4 },
+        _pad: 0,
     };
-    // SAFETY: tuple outlives the call; size matches the member filled in.
-    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, CURRENT_NETNS, 0) };
+    // The map's address is what the loader relocates into a map reference.
+    let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+    // SAFETY: key outlives the call; a sockhash lookup returns a socket or null.
+    let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&key).cast()) };
     if sk.is_null() {
         return false;
     }
-    // SAFETY: sk came from bpf_sk_lookup_tcp and is released exactly once.
-    unsafe { bpf_sk_release(sk.cast::<c_void>()) };
+    // SAFETY: a socket from a sockhash lookup is released exactly once.
+    unsafe { bpf_sk_release(sk) };
     true
 }
 
@@ -158,7 +148,7 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: Addr16, port_be: u16)
         return Verdict::Pass(Stat::Excluded);
     }
     let v4 = is_v4_mapped(&addr);
-    if !listener_present(ctx, !v4, ICP_LISTEN_PORT.load().to_be()) {
+    if !listener_present(ctx, !v4) {
         return Verdict::Pass(Stat::NoListener);
     }
     if v4 {

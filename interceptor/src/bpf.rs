@@ -174,6 +174,18 @@ impl Datapath {
         )?)
     }
 
+    /// Registers a pod-local listening socket (`v6`: the [::1] one) of the pod netns with this
+    /// cookie. The hook redirects a pod's connects only while its listener is registered; the
+    /// kernel removes the entry when the socket closes, so a dead agent fails open.
+    pub fn register_listener(
+        &mut self,
+        netns_cookie: u64,
+        v6: bool,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), BpfError> {
+        self.maps.register_listener(netns_cookie, v6, socket)
+    }
+
     pub fn set_service(&mut self, addr: SocketAddr, action: ServiceAction) -> Result<(), BpfError> {
         self.maps.set_service(addr, action)
     }

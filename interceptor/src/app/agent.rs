@@ -191,8 +191,19 @@ impl Agent {
                 proxy.endpoints(dest).update(endpoints);
             }
         }
-        let listener = PodListener::open(ctx, self.listen_port, self.resolver.clone(), handler)
-            .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
+        let mut register = |cookie, v6, socket: std::os::fd::BorrowedFd<'_>| {
+            datapath
+                .register_listener(cookie, v6, socket)
+                .map_err(io::Error::other)
+        };
+        let listener = PodListener::open(
+            ctx,
+            self.listen_port,
+            self.resolver.clone(),
+            handler,
+            &mut register,
+        )
+        .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
         datapath
             .enable_pod(&pod.cgroup)
             .with_context(|| format!("pod {}", pod.name))?;

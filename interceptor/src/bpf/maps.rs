@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeSet, HashMap as StdHashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash};
 use aya::Ebpf;
 use interceptor_common::{
-    names, v4_mapped, Addr16, OrigDst, ServiceKey, ServiceValue, Stat, REDIRECT_SLOTS,
-    SVC_EXCLUDED, SVC_INTERCEPT,
+    names, v4_mapped, Addr16, ListenerKey, OrigDst, ServiceKey, ServiceValue, Stat, LISTENER_V4,
+    LISTENER_V6, REDIRECT_SLOTS, SVC_EXCLUDED, SVC_INTERCEPT,
 };
 
 use super::pins::PinLayout;
@@ -66,6 +66,7 @@ pub(super) struct Maps {
     redirects: Array<MapData, OrigDst>,
     slots: SlotAllocator,
     orig_dst: OrigDstTable,
+    listeners: SockHash<MapData, ListenerKey>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -99,6 +100,8 @@ impl Maps {
         .map_err(map_err(names::MAP_REDIRECTS))?;
         let v6_dst =
             HashMap::try_from(take(names::MAP_V6_DST)?).map_err(map_err(names::MAP_V6_DST))?;
+        let listeners = SockHash::try_from(take(names::MAP_LISTENERS)?)
+            .map_err(map_err(names::MAP_LISTENERS))?;
         let stats =
             PerCpuArray::try_from(take(names::MAP_STATS)?).map_err(map_err(names::MAP_STATS))?;
         // A previous agent's pinned entries keep their slots: connections it redirected may
@@ -118,8 +121,25 @@ impl Maps {
                 redirects: Arc::new(redirects_reader),
                 v6_dst: Arc::new(v6_dst),
             },
+            listeners,
             stats,
         })
+    }
+
+    pub(super) fn register_listener(
+        &mut self,
+        netns_cookie: u64,
+        v6: bool,
+        socket: BorrowedFd<'_>,
+    ) -> Result<(), BpfError> {
+        let key = ListenerKey {
+            netns_cookie,
+            family: if v6 { LISTENER_V6 } else { LISTENER_V4 },
+            _pad: 0,
+        };
+        self.listeners
+            .insert(key, socket.as_raw_fd(), 0)
+            .map_err(map_err(names::MAP_LISTENERS))
     }
 
     pub(super) fn set_service(

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
 use interceptor_common::{
-    names, OrigDst, ServiceKey, ServiceValue, ABI_VERSION, REDIRECT_SLOTS, SERVICES_MAX,
-    STAT_COUNT, V6_DST_MAX,
+    names, ListenerKey, OrigDst, ServiceKey, ServiceValue, ABI_VERSION, LISTENERS_MAX,
+    REDIRECT_SLOTS, SERVICES_MAX, STAT_COUNT, V6_DST_MAX,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -109,7 +109,7 @@ const fn spec(
     }
 }
 
-const MAP_SPECS: [MapSpec; 4] = [
+const MAP_SPECS: [MapSpec; 5] = [
     spec(
         names::MAP_SERVICES,
         MapType::Hash,
@@ -130,6 +130,14 @@ const MAP_SPECS: [MapSpec; 4] = [
         size_of::<u64>(),
         size_of::<OrigDst>(),
         V6_DST_MAX,
+    ),
+    spec(
+        names::MAP_LISTENERS,
+        MapType::SockHash,
+        size_of::<ListenerKey>(),
+        // A socket map's value is the socket's fd on insert.
+        size_of::<u32>(),
+        LISTENERS_MAX,
     ),
     spec(
         names::MAP_STATS,

@@ -2,17 +2,19 @@
 //! redirects to. Each accepted connection is matched with the destination the app dialled and
 //! handed on.
 //!
-//! Three sockets per pod, all on that port:
-//! - 127.0.0.1: what the hook checks for before it redirects (no listener, no redirect: the
-//!   agent is down and the connect goes to kube-proxy);
+//! Two sockets per pod, both on that port:
 //! - 0.0.0.0 bound to `lo`: receives redirected IPv4 connects, which arrive on 127.100.x.y (the
 //!   Service's redirect address); bound to the loopback device, so nothing outside the pod
 //!   can reach it on the pod IP;
-//! - [::1]: receives redirected IPv6 connects (and is the IPv6 check).
+//! - [::1]: receives redirected IPv6 connects.
+//!
+//! Each is registered with the datapath (`register`), which is what the connect hook checks
+//! before it redirects: the kernel forgets a socket when it closes, so a dead agent fails open.
 
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +66,8 @@ pub struct Accepted {
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// What to do with each accepted connection (relay, demultiplex, ...).
 pub type Handler = Arc<dyn Fn(Accepted) -> BoxFuture + Send + Sync>;
+/// Registers a listening socket with the datapath: (pod netns cookie, is IPv6, socket).
+pub type Register<'a> = &'a mut dyn FnMut(u64, bool, BorrowedFd<'_>) -> io::Result<()>;
 
 /// The listeners of one pod; dropping it closes them (the hook then fails open for new
 /// connects from this pod) and ends the accept loops.
@@ -72,32 +76,35 @@ pub struct PodListener {
 }
 
 impl PodListener {
-    /// Opens the listeners inside the pod's netns and starts accepting. Must run inside a
-    /// tokio runtime.
+    /// Opens the listeners inside the pod's netns, registers them, and starts accepting. Must
+    /// run inside a tokio runtime.
     pub fn open(
         pod: Arc<PodContext>,
         port: u16,
         resolver: Arc<dyn OrigDstResolver>,
         handler: Handler,
+        register: Register<'_>,
     ) -> io::Result<Self> {
-        let (check4, redirect4, v6) = pod.netns.enter(|| {
-            let check4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), false);
-            let redirect4 = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true);
+        let (v4, v6) = pod.netns.enter(|| {
+            let v4 = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true);
             let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), false)
                 .and_then(|socket| Ok((socket, SockDiag::open()?)));
-            (check4, redirect4, v6)
+            (v4, v6)
         })?;
-        let named = |what: String| {
-            move |e: io::Error| {
-                io::Error::new(e.kind(), format!("listening on {what} in the pod: {e}"))
-            }
-        };
-        let check4 = check4.map_err(named(format!("127.0.0.1:{port}")))?;
-        let redirect4 = redirect4.map_err(named(format!("0.0.0.0:{port} (device lo)")))?;
-        let cookie = netns_cookie(&check4)?;
-        let mut sockets = vec![(check4, None), (redirect4, None)];
+        let v4 = v4.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("listening on 0.0.0.0:{port} (device lo) in the pod: {e}"),
+            )
+        })?;
+        let cookie = netns_cookie(&v4)?;
+        register(cookie, false, v4.as_fd())?;
+        let mut sockets = vec![(v4, None)];
         match v6 {
-            Ok((socket, diag)) => sockets.push((socket, Some(Arc::new(diag)))),
+            Ok((socket, diag)) => {
+                register(cookie, true, socket.as_fd())?;
+                sockets.push((socket, Some(Arc::new(diag))));
+            }
             // A pod without IPv6 (no ::1) simply gets no IPv6 interception.
             Err(e) => tracing::debug!(pod = %pod.name, error = %e, "no IPv6 pod-local listener"),
         }
@@ -122,18 +129,13 @@ impl PodListener {
     }
 }
 
-/// A listening socket at `addr`; `loopback_only` binds it to the `lo` device. The IPv4 check
-/// and redirect sockets share the port, which needs SO_REUSEPORT on both (they never share
-/// connections: one matches 127.0.0.1 exactly, the other only what arrives on `lo`).
+/// A listening socket at `addr`; `loopback_only` binds it to the `lo` device.
 fn listen(addr: SocketAddr, loopback_only: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        socket.set_reuse_port(true)?;
-    }
     if loopback_only {
         socket.bind_device(Some(b"lo"))?;
     }
