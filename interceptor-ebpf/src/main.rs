@@ -11,8 +11,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_addr},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
@@ -48,10 +48,31 @@ static REDIRECTS: Array<OrigDst, { REDIRECT_SLOTS as usize }> = Array::new();
 #[btf_map(name = "icp_v6_dst")]
 static V6_DST: LruHashMap<u64, OrigDst, { V6_DST_MAX as usize }> = LruHashMap::new();
 
+/// A BTF sockhash whose value is 8 bytes: the kernel answers a userspace read of such a map
+/// with the socket's cookie (and refuses it for aya's 4-byte `SockHash`), so `bpftool map dump`
+/// shows every entry. The fields only describe the map to the loader (libbpf's convention).
+#[repr(C)]
+struct ListenerMap {
+    r#type: *const [i32; BPF_MAP_TYPE_SOCKHASH as usize],
+    key: *const ListenerKey,
+    value: *const u64,
+    max_entries: *const [i32; LISTENERS_MAX as usize],
+    map_flags: *const [i32; 0],
+}
+
+// SAFETY: never dereferenced; the loader replaces the static with a map reference.
+unsafe impl Sync for ListenerMap {}
+
 /// The agent's pod-local listening sockets, by (pod netns cookie, family). The kernel removes a
 /// socket when it closes, so when the agent dies its entries go with its listeners.
 #[btf_map(name = "icp_listeners")]
-static LISTENERS: SockHash<ListenerKey, { LISTENERS_MAX as usize }> = SockHash::new();
+static LISTENERS: ListenerMap = ListenerMap {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
 
 /// Per-CPU counters, one per `Stat`.
 #[btf_map(name = "icp_stats")]

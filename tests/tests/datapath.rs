@@ -674,6 +674,45 @@ async fn bpftool_shows_programs_maps_pins_and_named_fields() {
         80u16.to_be(),
         "icp_redirects entry of the service's slot {slot}: {entry}"
     );
+    let listeners = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        v.join(names::MAP_LISTENERS).to_str().expect("utf-8"),
+    ]);
+    // Socket maps carry no BTF for keys and values (the kernel refuses it), so bpftool prints
+    // bytes: the key is (netns cookie u64, family u32, pad), the value the socket's cookie.
+    let bytes = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .expect("byte array")
+            .iter()
+            .map(|b| {
+                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
+                    .expect("hex byte")
+            })
+            .collect()
+    };
+    let mut families = Vec::new();
+    for entry in listeners.as_array().expect("dump") {
+        let key = bytes(&entry["key"]);
+        let value = bytes(&entry["value"]);
+        let cookie = u64::from_ne_bytes(key[..8].try_into().expect("8 bytes"));
+        let socket_cookie = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
+        assert!(
+            cookie > 0 && socket_cookie > 0,
+            "icp_listeners entry: {entry}"
+        );
+        families.push(u32::from_ne_bytes(key[8..12].try_into().expect("4 bytes")));
+    }
+    families.sort_unstable();
+    assert_eq!(
+        families,
+        [
+            interceptor_common::LISTENER_V4,
+            interceptor_common::LISTENER_V6
+        ],
+        "the pod's two listeners: {listeners}"
+    );
     let stats = bpftool_json(&[
         "map",
         "dump",

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::Ebpf;
 use interceptor_common::{
     names, v4_mapped, Addr16, ListenerKey, OrigDst, ServiceKey, ServiceValue, Stat, LISTENER_V4,
@@ -66,7 +66,7 @@ pub(super) struct Maps {
     redirects: Array<MapData, OrigDst>,
     slots: SlotAllocator,
     orig_dst: OrigDstTable,
-    listeners: SockHash<MapData, ListenerKey>,
+    listeners: MapData,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -100,8 +100,14 @@ impl Maps {
         .map_err(map_err(names::MAP_REDIRECTS))?;
         let v6_dst =
             HashMap::try_from(take(names::MAP_V6_DST)?).map_err(map_err(names::MAP_V6_DST))?;
-        let listeners = SockHash::try_from(take(names::MAP_LISTENERS)?)
-            .map_err(map_err(names::MAP_LISTENERS))?;
+        let listeners = match take(names::MAP_LISTENERS)? {
+            Map::SockHash(data) => data,
+            _ => {
+                return Err(BpfError::MissingMap {
+                    name: names::MAP_LISTENERS,
+                })
+            }
+        };
         let stats =
             PerCpuArray::try_from(take(names::MAP_STATS)?).map_err(map_err(names::MAP_STATS))?;
         // A previous agent's pinned entries keep their slots: connections it redirected may
@@ -137,9 +143,10 @@ impl Maps {
             family: if v6 { LISTENER_V6 } else { LISTENER_V4 },
             _pad: 0,
         };
-        self.listeners
-            .insert(key, socket.as_raw_fd(), 0)
-            .map_err(map_err(names::MAP_LISTENERS))
+        sockhash_insert(&self.listeners, &key, socket).map_err(|source| BpfError::MapUpdate {
+            name: names::MAP_LISTENERS,
+            source,
+        })
     }
 
     pub(super) fn set_service(
@@ -200,6 +207,47 @@ impl Maps {
     pub(super) fn stats(&self) -> Result<Vec<(Stat, u64)>, BpfError> {
         sum_stats(&self.stats)
     }
+}
+
+/// Inserts a socket into a sockhash with 8-byte values (`icp_listeners`, see the eBPF side).
+/// aya's `SockHash` passes the fd as 4 bytes, which such a map would read as 8; this is the one
+/// BPF_MAP_UPDATE_ELEM call with the fd as a u64.
+fn sockhash_insert(
+    map: &MapData,
+    key: &ListenerKey,
+    socket: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    /// The `map_elem` member of `union bpf_attr`.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let value = socket.as_raw_fd() as u64;
+    let attr = MapElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(&value) as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points to a valid map_elem attribute whose key and value outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            std::ptr::from_ref(&attr),
+            size_of::<MapElemAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Hands out redirect slots round robin, so a released slot (and its loopback address) is

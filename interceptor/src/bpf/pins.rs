@@ -135,8 +135,8 @@ const MAP_SPECS: [MapSpec; 5] = [
         names::MAP_LISTENERS,
         MapType::SockHash,
         size_of::<ListenerKey>(),
-        // A socket map's value is the socket's fd on insert.
-        size_of::<u32>(),
+        // The socket's fd on insert, its cookie when read back (8 bytes makes reads possible).
+        size_of::<u64>(),
         LISTENERS_MAX,
     ),
     spec(
