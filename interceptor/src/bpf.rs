@@ -256,6 +256,12 @@ pub fn pinned_pods(pin_root: &Path) -> Result<Vec<CgroupId>, BpfError> {
     Ok(attach::pinned_cgroups(&PinLayout::new(pin_root))?)
 }
 
+/// Pod-local listeners registered for the hook, as (netns cookie, is IPv6), without a running
+/// agent: none while the agent is down, so every hooked pod fails open.
+pub fn read_pinned_listeners(pin_root: &Path) -> Result<Vec<(u64, bool)>, BpfError> {
+    maps::read_pinned_listeners(&PinLayout::new(pin_root))
+}
+
 /// Service entries in the pinned map, without a running agent.
 pub fn read_pinned_services(pin_root: &Path) -> Result<Vec<(SocketAddr, ServiceAction)>, BpfError> {
     maps::read_pinned_services(&PinLayout::new(pin_root))

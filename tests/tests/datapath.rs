@@ -392,6 +392,16 @@ fn fail_open_when_the_agent_is_killed_and_resume_on_restart() {
     std::thread::sleep(Duration::from_millis(1500));
     let killed_at = loop_started.elapsed().as_millis() as u64;
     agent.kill9();
+    // What the operator sees with the agent down: hooks pinned, no listener registered.
+    let status = run(
+        target_bin("interceptor").to_str().expect("utf-8"),
+        &["status", "--pin-root", pins.path.to_str().expect("utf-8")],
+    );
+    assert!(
+        status.contains("pod-local listeners: 0 in 0 pod netns")
+            && status.contains("hooked pod cgroups (1)"),
+        "{status}"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let restart_at = loop_started.elapsed().as_millis() as u64;
     let agent = AgentProcess::start(&args);
@@ -737,6 +747,10 @@ async fn bpftool_shows_programs_maps_pins_and_named_fields() {
             .lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
                 == ["redirected", &redirected.to_string()]),
+        "{status}"
+    );
+    assert!(
+        status.contains("pod-local listeners: 2 in 1 pod netns (1 IPv4, 1 IPv6)"),
         "{status}"
     );
     agent.close_all();

@@ -143,6 +143,20 @@ fn pins_status(args: &PinArgs) -> anyhow::Result<()> {
     for id in pods {
         println!("  cgroup id {id}");
     }
+    let listeners = bpf::read_pinned_listeners(&args.pin_root)?;
+    let v6 = listeners.iter().filter(|(_, v6)| *v6).count();
+    let pods: BTreeSet<u64> = listeners.iter().map(|(cookie, _)| *cookie).collect();
+    println!(
+        "pod-local listeners: {} in {} pod netns ({} IPv4, {v6} IPv6){}",
+        listeners.len(),
+        pods.len(),
+        listeners.len() - v6,
+        if listeners.is_empty() {
+            ": none, so every hooked pod's connects go to kube-proxy (agent down?)"
+        } else {
+            ""
+        }
+    );
     let services = bpf::read_pinned_services(&args.pin_root)?;
     println!("kernel service entries: {}", services.len());
     println!("kernel counters:");

@@ -317,6 +317,23 @@ pub(super) fn read_pinned_services(
     list_services(&services)
 }
 
+/// The pod-local listeners registered in the pinned map, as (netns cookie, is IPv6), without a
+/// running agent. Empty while the agent is down: the kernel drops a socket when it closes.
+pub(super) fn read_pinned_listeners(layout: &PinLayout) -> Result<Vec<(u64, bool)>, BpfError> {
+    let path = layout.map(names::MAP_LISTENERS);
+    let data = MapData::from_pin(&path).map_err(map_err(names::MAP_LISTENERS))?;
+    // aya's SockHash insists on 4-byte values; the keys of any hash-like map walk the same way,
+    // so the socket map is read through the plain-hash view (key 16 bytes, value 8).
+    let map = HashMap::<_, ListenerKey, u64>::try_from(Map::HashMap(data))
+        .map_err(map_err(names::MAP_LISTENERS))?;
+    map.keys()
+        .map(|key| {
+            let key = key.map_err(map_err(names::MAP_LISTENERS))?;
+            Ok((key.netns_cookie, key.family == LISTENER_V6))
+        })
+        .collect()
+}
+
 fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(Stat, u64)>, BpfError> {
     Stat::ALL
         .iter()
