@@ -210,7 +210,12 @@ async fn cancelling_accepted_streams_too_fast_closes_the_connection() {
         "closed after {sent} cancelled streams: {err:?}; backend saw {} calls",
         b.calls()
     );
-    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    // GOAWAY ENHANCE_YOUR_CALM; or, when the client was still writing as the proxy closed
+    // the socket, its write fails (broken pipe, reset) before it reads the GOAWAY.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err:?}"
+    );
     assert!(sent < 200 && sent > 20, "{sent}");
     healthy(&mut good).await;
 }
