@@ -40,11 +40,6 @@ pub enum BpfError {
         name: &'static str,
         source: std::io::Error,
     },
-    #[error("map {name}: {source}")]
-    MapUpdate {
-        name: &'static str,
-        source: std::io::Error,
-    },
     #[error(
         "all {} redirect slots are in use: too many intercepted Service ports",
         interceptor_common::REDIRECT_SLOTS

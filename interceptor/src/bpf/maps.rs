@@ -66,7 +66,7 @@ pub(super) struct Maps {
     redirects: Array<MapData, OrigDst>,
     slots: SlotAllocator,
     orig_dst: OrigDstTable,
-    listeners: MapData,
+    listeners: HashMap<MapData, ListenerKey, u64>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -101,7 +101,7 @@ impl Maps {
         let v6_dst =
             HashMap::try_from(take(names::MAP_V6_DST)?).map_err(map_err(names::MAP_V6_DST))?;
         let listeners = match take(names::MAP_LISTENERS)? {
-            Map::SockHash(data) => data,
+            Map::SockHash(data) => listeners_view(data)?,
             _ => {
                 return Err(BpfError::MissingMap {
                     name: names::MAP_LISTENERS,
@@ -143,10 +143,10 @@ impl Maps {
             family: if v6 { LISTENER_V6 } else { LISTENER_V4 },
             _pad: 0,
         };
-        sockhash_insert(&self.listeners, &key, socket).map_err(|source| BpfError::MapUpdate {
-            name: names::MAP_LISTENERS,
-            source,
-        })
+        // A socket map takes the socket's fd as the value (8 bytes here, see `listeners_view`).
+        self.listeners
+            .insert(key, socket.as_raw_fd() as u64, 0)
+            .map_err(map_err(names::MAP_LISTENERS))
     }
 
     pub(super) fn set_service(
@@ -209,45 +209,12 @@ impl Maps {
     }
 }
 
-/// Inserts a socket into a sockhash with 8-byte values (`icp_listeners`, see the eBPF side).
-/// aya's `SockHash` passes the fd as 4 bytes, which such a map would read as 8; this is the one
-/// BPF_MAP_UPDATE_ELEM call with the fd as a u64.
-fn sockhash_insert(
-    map: &MapData,
-    key: &ListenerKey,
-    socket: BorrowedFd<'_>,
-) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    /// The `map_elem` member of `union bpf_attr`.
-    #[repr(C)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let value = socket.as_raw_fd() as u64;
-    let attr = MapElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(&value) as u64,
-        flags: 0,
-    };
-    // SAFETY: attr points to a valid map_elem attribute whose key and value outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            std::ptr::from_ref(&attr),
-            size_of::<MapElemAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// `icp_listeners` as a plain hash of 8-byte values. aya's `SockHash` insists on 4-byte values
+/// (the fd), but with 4 bytes the kernel refuses userspace reads; with 8 it takes the fd as a
+/// u64 on update and returns the socket cookie on lookup. Updates, lookups and key walks are
+/// the same syscalls as for a hash, so aya's `HashMap` does them.
+fn listeners_view(data: MapData) -> Result<HashMap<MapData, ListenerKey, u64>, BpfError> {
+    HashMap::try_from(Map::HashMap(data)).map_err(map_err(names::MAP_LISTENERS))
 }
 
 /// Hands out redirect slots round robin, so a released slot (and its loopback address) is
@@ -322,11 +289,8 @@ pub(super) fn read_pinned_services(
 pub(super) fn read_pinned_listeners(layout: &PinLayout) -> Result<Vec<(u64, bool)>, BpfError> {
     let path = layout.map(names::MAP_LISTENERS);
     let data = MapData::from_pin(&path).map_err(map_err(names::MAP_LISTENERS))?;
-    // aya's SockHash insists on 4-byte values; the keys of any hash-like map walk the same way,
-    // so the socket map is read through the plain-hash view (key 16 bytes, value 8).
-    let map = HashMap::<_, ListenerKey, u64>::try_from(Map::HashMap(data))
-        .map_err(map_err(names::MAP_LISTENERS))?;
-    map.keys()
+    listeners_view(data)?
+        .keys()
         .map(|key| {
             let key = key.map_err(map_err(names::MAP_LISTENERS))?;
             Ok((key.netns_cookie, key.family == LISTENER_V6))

@@ -94,7 +94,10 @@ impl PodListener {
         let v4 = v4.map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("listening on 0.0.0.0:{port} (device lo) in the pod: {e}"),
+                format!(
+                    "listening on 0.0.0.0:{port} (device lo) in {}: {e}",
+                    pod.name
+                ),
             )
         })?;
         let cookie = netns_cookie(&v4)?;

@@ -1154,7 +1154,8 @@ fn connect_cost(count: u32) -> Value {
             break;
         }
         if Instant::now() > deadline && !stalled {
-            // The known stall (docs/benchmarks.md): kill only the stuck measuring client, so
+            // Stuck (it used to stall on SYN retransmits, docs/benchmarks.md): kill only the
+            // measuring client, so
             // bench-connect fails its own run and unwinds, removing its netns, cgroups and pins.
             // Killing bench-connect itself would leave them behind.
             stalled = true;
@@ -1175,7 +1176,7 @@ fn connect_cost(count: u32) -> Value {
     if stalled || !out.status.success() {
         return json!({
             "error": if stalled {
-                "bench-connect overstayed 150 s (the known SYN-retransmit stall, docs/benchmarks.md); its measuring client was stopped"
+                "bench-connect overstayed 150 s; its measuring client was stopped"
             } else {
                 "bench-connect failed"
             },
@@ -1641,7 +1642,7 @@ impl Report {
         }
         notes.push("ratios vs HAProxy/nginx compare S4 (interceptor proxy dialled directly), so all three proxies sit on the same path; S5 (transparent) is in transparent_vs_direct_ratio and the table".into());
         notes.push("new endpoint and removal: interceptor proxy --endpoints-file with --reload-interval-ms 50 (nginx and HAProxy have no equivalent without a reload; not measured for them)".into());
-        notes.push("connect_added_ns: run time of our programs per redirected connect (ClusterIP -> pod-local listener) as the kernel accounts it (bpf_stats: icp_connect4), from a reduced bench-connect; connect_added_wall_ns is the wall-clock median difference attached - detached, which on this loaded 2-core VM is noisy (it can come out negative); *_pass_* for a connect the hook looks at and leaves alone".into());
+        notes.push("connect_added_ns: run time of our programs per redirected connect (ClusterIP -> pod-local listener) as the kernel accounts it (bpf_stats: icp_connect4), from a reduced bench-connect; connect_added_wall_ns is the median of bench-connect's per-round wall-clock differences attached - detached, which on this loaded 2-core VM is noisy (single runs 0.4-1.9 us); *_pass_* for a connect the hook looks at and leaves alone".into());
         let errors: u64 = ALL.iter().map(|&k| self.errors(k)).sum();
         let overload: BTreeMap<&str, u64> = ALL
             .iter()
