@@ -253,16 +253,15 @@ impl GreetCluster {
         c
     }
 
+    /// Adds a greet server pod (tonic).
     pub fn add_server(&mut self, n: u8) {
+        self.add_server_of(n, crate::interop::Stack::Tonic);
+    }
+
+    /// Adds a greet server pod running `stack`'s server.
+    pub fn add_server_of(&mut self, n: u8, stack: crate::interop::Stack) {
         let pod = self.node.add_kube_pod(&format!("greet-{n}"), n);
-        let mut process = pod.spawn(&[
-            "greet-server",
-            "--name",
-            &pod.name,
-            "--port",
-            &PORT.to_string(),
-        ]);
-        process.wait_ready(&format!("greet server {}", pod.name));
+        let process = stack.serve_in(&pod, PORT);
         self.servers.push(Server {
             n,
             pod,

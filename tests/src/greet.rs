@@ -101,8 +101,9 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Greeter {
     }
 }
 
-/// Serves greet on `port` (all addresses, dual-stack) until the process ends; prints READY.
-pub fn serve(name: &str, port: u16) {
+/// Serves greet on `host:port` (`::` is every address, dual-stack) until the process ends;
+/// prints READY.
+pub fn serve(name: &str, host: std::net::IpAddr, port: u16) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -110,7 +111,7 @@ pub fn serve(name: &str, port: u16) {
         .expect("runtime");
     let name: Arc<str> = Arc::from(name);
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("::", port))
+        let listener = tokio::net::TcpListener::bind((host, port))
             .await
             .expect("bind greet server");
         println!("READY");
@@ -272,4 +273,67 @@ pub fn max_over_mean(counts: &BTreeMap<String, u64>, pods: &[String]) -> f64 {
     } else {
         max / mean
     }
+}
+
+/// `runs` fresh channels to `target`, each carrying `calls` unary calls spread over
+/// `concurrency` callers, each call with `deadline`. Prints the interop tests' RESULT line
+/// (`crate::interop::CallResult`), as the grpcio and grpc-js peers do.
+pub fn counted_calls(
+    target: SocketAddr,
+    runs: usize,
+    calls: usize,
+    concurrency: usize,
+    deadline: Duration,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = Arc::new(Mutex::new(crate::interop::CallResult::default()));
+    rt.block_on(async {
+        for _ in 0..runs {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+                .expect("uri")
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy();
+            let mut callers = tokio::task::JoinSet::new();
+            for i in 0..concurrency {
+                let share = calls / concurrency + usize::from(i < calls % concurrency);
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                let result = result.clone();
+                callers.spawn(async move {
+                    let path = http::uri::PathAndQuery::from_static(METHOD);
+                    for _ in 0..share {
+                        let call = async {
+                            grpc.ready()
+                                .await
+                                .map_err(|e| Status::unavailable(e.to_string()))?;
+                            let mut req = Request::new(Bytes::from_static(b"x"));
+                            req.set_timeout(deadline);
+                            grpc.unary(req, path.clone(), RawCodec).await
+                        };
+                        // The client's own bound, a little past the deadline it sent.
+                        let outcome = tokio::time::timeout(deadline + Duration::from_secs(1), call)
+                            .await
+                            .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+                        let mut r = result.lock().expect("result");
+                        match outcome {
+                            Ok(resp) => {
+                                let text = String::from_utf8_lossy(resp.get_ref()).to_string();
+                                r.ok(text.rsplit(" from ").next().unwrap_or("?"));
+                            }
+                            Err(status) => {
+                                r.failed(&format!("{:?}: {}", status.code(), status.message()))
+                            }
+                        }
+                    }
+                });
+            }
+            while callers.join_next().await.is_some() {}
+        }
+    });
+    let r = result.lock().expect("result");
+    println!("RESULT {}", serde_json::to_string(&*r).expect("result JSON"));
 }

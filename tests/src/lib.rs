@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 /// Fails the test (never skips it) when the capabilities are missing.
 pub mod cluster;
 pub mod greet;
+pub mod interop;
+pub mod standalone;
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -369,14 +369,14 @@ async fn try_endpoint(
                     client_tx.send_reset(reason);
                     break "cancelled";
                 }
-                Err(PumpError::Send(reason, _)) => {
-                    req_failed = true;
-                    if resp_body.done() {
-                        // The endpoint finished and stopped the request body (RFC 9113
-                        // 8.1): tell the client the same.
-                        client_tx.send_reset(reason.unwrap_or(Reason::NO_ERROR));
-                    }
-                }
+                // The endpoint stopped taking the request body: after a complete response
+                // that is RST_STREAM(NO_ERROR) (RFC 9113 8.1), before one the response
+                // future or body says why. Either way the client is told by dropping the
+                // stream handles, never by an explicit reset here: h2's send_reset discards
+                // frames still queued for the client, the response's trailers among them,
+                // while the implicit reset h2 sends on drop (NO_ERROR once the response is
+                // complete) goes out after them.
+                Err(PumpError::Send(..)) => req_failed = true,
             },
         }
     };

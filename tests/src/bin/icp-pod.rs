@@ -65,7 +65,21 @@ fn main() {
         Some("h2serve") => h2serve(num("--port", 0) as u16),
         Some("greet-server") => interceptor_tests::greet::serve(
             &flag("--name").expect("--name"),
+            flag("--host")
+                .map(|h| h.parse().expect("--host IP"))
+                .unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
             num("--port", 50051) as u16,
+        ),
+        Some("greet-calls") => interceptor_tests::greet::counted_calls(
+            flag("--target").expect("--target").parse().expect("--target ADDR"),
+            num("--runs", 1) as usize,
+            num("--calls", 1000) as usize,
+            num("--concurrency", 1) as usize,
+            Duration::from_secs_f64(
+                flag("--deadline-s")
+                    .map(|d| d.parse().expect("--deadline-s SECONDS"))
+                    .unwrap_or(5.0),
+            ),
         ),
         Some("greet-client") => interceptor_tests::greet::client(
             flag("--to").expect("--to").parse().expect("--to ADDR"),
