@@ -22,8 +22,10 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 /// A raw h2 backend whose behaviour is chosen by path:
 /// `/reset-before/N` resets with reason N before any response; `/reset-after/N` sends
-/// headers and one DATA frame, then resets with N; `/hang` never answers and reports when
-/// its stream is reset.
+/// headers and one DATA frame, then resets with N; `/early-response` sends a complete
+/// response (headers, DATA, trailers) without reading the request and drops the stream, so
+/// h2 follows it with RST_STREAM(NO_ERROR) (RFC 9113 8.1, what C-core and grpc-go servers
+/// do); `/hang` never answers and reports when its stream is reset.
 async fn raw_backend(
     ip: [u8; 4],
 ) -> (
@@ -70,6 +72,22 @@ async fn raw_backend(
                             let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             s.send_reset(reason(&path));
+                        } else if path == "/early-response" {
+                            let mut resp = http::Response::new(());
+                            resp.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            let Ok(mut s) = respond.send_response(resp, false) else {
+                                return;
+                            };
+                            let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = s.send_trailers(trailers);
+                            // Dropping the request body and the handles while the request is
+                            // still open is what makes h2 send RST_STREAM(NO_ERROR).
+                            drop((req, s, respond));
                         } else {
                             let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
                             let _ = tx.send((format!("reset {r:?}"), Instant::now()));
@@ -180,6 +198,49 @@ async fn backend_reset_reaches_the_client_with_its_reason() {
         let err = outcome.expect_err("the stream was reset");
         assert_eq!(err.reason(), Some(reason), "{path}: {err:?}");
         assert!(err.is_reset(), "{path}: {err:?}");
+    }
+}
+
+/// A backend that answers completely before the request ended and then resets the stream
+/// with NO_ERROR: the client gets the whole response, trailers included, never a bare reset
+/// (which gRPC clients report as INTERNAL "RST_STREAM with error code 0").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_response_then_reset_no_error_reaches_the_client_whole() {
+    let (backend, _events) = raw_backend([127, 0, 0, 1]).await;
+    let proxy = start_proxy(ProxyConfig::default(), &[backend]).await;
+    let mut send = h2_client(proxy.addr).await;
+    for i in 0..200 {
+        send = send.ready().await.expect("connection ready");
+        let (resp, mut body_tx) = send
+            .send_request(grpc_request("/early-response", &[]), false)
+            .expect("send request");
+        // Part of the request body; its end is never sent before the response is complete.
+        body_tx
+            .send_data(Bytes::from_static(b"\0\0\0\0\x01x"), false)
+            .expect("send request data");
+        let resp = timeout(LIMIT, resp)
+            .await
+            .expect("response within the limit")
+            .unwrap_or_else(|e| panic!("call {i}: response headers: {e}"));
+        assert_eq!(resp.status(), 200, "call {i}");
+        let mut body = resp.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap_or_else(|e| panic!("call {i}: response body: {e}"));
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        assert_eq!(data, b"\0\0\0\0\x01z", "call {i}: response body");
+        let trailers = body
+            .trailers()
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: the trailers were lost to a reset: {e}"))
+            .unwrap_or_else(|| panic!("call {i}: response ended without trailers"));
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..]),
+            "call {i}: trailers"
+        );
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use crate::greet::{self, TallyLine};
+use crate::interop::Stack;
 use crate::{bpftool_json, note, AgentProcess, Cgroup, ChildGuard, Node, PinRoot, Pod};
 
 /// The node name used in manifests and passed to the agent.
@@ -234,7 +235,14 @@ impl Drop for GreetCluster {
 pub const CLIENT_N: u8 = 2;
 
 impl GreetCluster {
+    /// Tonic greet servers as pods `servers`.
     pub fn new(servers: &[u8]) -> Self {
+        let stacks: Vec<(u8, Stack)> = servers.iter().map(|&n| (n, Stack::Tonic)).collect();
+        Self::with_servers(&stacks)
+    }
+
+    /// Server pods `n`, each running `stack`'s greet server.
+    pub fn with_servers(servers: &[(u8, Stack)]) -> Self {
         let node = Node::new();
         let pins = PinRoot::new();
         let client = node.add_kube_pod("client", CLIENT_N);
@@ -246,8 +254,8 @@ impl GreetCluster {
             pins,
             manifests,
         };
-        for &n in servers {
-            c.add_server(n);
+        for &(n, stack) in servers {
+            c.add_server_of(n, stack);
         }
         c.program_kube_proxy();
         c
@@ -255,11 +263,11 @@ impl GreetCluster {
 
     /// Adds a greet server pod (tonic).
     pub fn add_server(&mut self, n: u8) {
-        self.add_server_of(n, crate::interop::Stack::Tonic);
+        self.add_server_of(n, Stack::Tonic);
     }
 
     /// Adds a greet server pod running `stack`'s server.
-    pub fn add_server_of(&mut self, n: u8, stack: crate::interop::Stack) {
+    pub fn add_server_of(&mut self, n: u8, stack: Stack) {
         let pod = self.node.add_kube_pod(&format!("greet-{n}"), n);
         let process = stack.serve_in(&pod, PORT);
         self.servers.push(Server {

@@ -317,7 +317,9 @@ pub fn counted_calls(
                         // The client's own bound, a little past the deadline it sent.
                         let outcome = tokio::time::timeout(deadline + Duration::from_secs(1), call)
                             .await
-                            .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+                            .unwrap_or_else(|_| {
+                                Err(Status::deadline_exceeded("client-side timeout"))
+                            });
                         let mut r = result.lock().expect("result");
                         match outcome {
                             Ok(resp) => {
@@ -335,5 +337,8 @@ pub fn counted_calls(
         }
     });
     let r = result.lock().expect("result");
-    println!("RESULT {}", serde_json::to_string(&*r).expect("result JSON"));
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&*r).expect("result JSON")
+    );
 }

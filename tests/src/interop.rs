@@ -127,7 +127,12 @@ impl Stack {
         self.command("client", "greet-calls", common)
     }
 
-    fn command(self, peer_cmd: &str, icp_pod_cmd: &str, rest: Vec<String>) -> (PathBuf, Vec<String>) {
+    fn command(
+        self,
+        peer_cmd: &str,
+        icp_pod_cmd: &str,
+        rest: Vec<String>,
+    ) -> (PathBuf, Vec<String>) {
         let script = |file: &str| peers_dir().join(file).display().to_string();
         let (program, mut args) = match self {
             Stack::Grpcio => (
@@ -154,7 +159,9 @@ impl Stack {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {} server ({}): {e}", self.name(), program.display()));
+            .unwrap_or_else(|e| {
+                panic!("start {} server ({}): {e}", self.name(), program.display())
+            });
         let mut guard = ChildGuard(Some(child));
         guard.wait_ready(&format!("{} server {name}", self.name()));
         guard
@@ -180,7 +187,9 @@ impl Stack {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {} client ({}): {e}", self.name(), program.display()));
+            .unwrap_or_else(|e| {
+                panic!("start {} client ({}): {e}", self.name(), program.display())
+            });
         self.result(ChildGuard(Some(child)), load)
     }
 
@@ -209,8 +218,9 @@ impl Stack {
             .lines()
             .find_map(|l| l.strip_prefix("RESULT "))
             .unwrap_or_else(|| panic!("{} client printed no RESULT line: {stdout}", self.name()));
-        serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("{} client's RESULT is not valid ({e}): {line}", self.name()))
+        serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("{} client's RESULT is not valid ({e}): {line}", self.name())
+        })
     }
 }
 

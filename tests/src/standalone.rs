@@ -71,4 +71,3 @@ impl Standalone {
         (field("VmRSS:"), field("VmHWM:"))
     }
 }
-

@@ -14,6 +14,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// installs with pip on the project's Python 3.11.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
+/// The interop tests' gRPC peers (tests/interop): the C-core Python package, and grpc-js as
+/// pinned in tests/interop/package.json and package-lock.json.
+const GRPCIO_VERSION: &str = "1.85.3";
+const GRPC_JS_VERSION: &str = "1.14.7";
+
 /// Debian packages and the command each one provides.
 const APT_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
@@ -39,6 +44,7 @@ pub fn run() -> Result<()> {
     build_tools()?;
     apt_tools()?;
     kubernetes_validate()?;
+    interop_peers()?;
     Ok(())
 }
 
@@ -277,18 +283,28 @@ fn apt_tools() -> Result<()> {
 }
 
 fn kubernetes_validate() -> Result<()> {
+    pip_package(
+        "kubernetes-validate",
+        KUBERNETES_VALIDATE_VERSION,
+        "kubernetes_validate",
+        "the deploy/ tests validate the manifests with it",
+    )
+}
+
+/// Installs `package==version` with pip unless that version is importable as `module`.
+fn pip_package(package: &str, version: &str, module: &str, why: &str) -> Result<()> {
     let have = output(Command::new("python3").args([
         "-c",
-        "import importlib.metadata, kubernetes_validate; \
-         print(importlib.metadata.version('kubernetes-validate'))",
+        &format!(
+            "import importlib.metadata, {module}; print(importlib.metadata.version('{package}'))"
+        ),
     ]))
     .unwrap_or_default();
-    if have.trim() == KUBERNETES_VALIDATE_VERSION {
+    if have.trim() == version {
         return Ok(());
     }
     eprintln!(
-        "setup: installing the Python package kubernetes-validate {KUBERNETES_VALIDATE_VERSION} \
-         (found: {})",
+        "setup: installing the Python package {package} {version} (found: {})",
         if have.trim().is_empty() {
             "none"
         } else {
@@ -297,8 +313,8 @@ fn kubernetes_validate() -> Result<()> {
     );
     if output(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
         bail!(
-            "python3 with pip is missing: the deploy/ tests validate the manifests with the \
-             Python package kubernetes-validate (on Debian: apt-get install python3-pip)"
+            "python3 with pip is missing: {why} (Python package {package}; on Debian: \
+             apt-get install python3-pip)"
         );
     }
     run_cmd(Command::new("python3").args([
@@ -307,10 +323,56 @@ fn kubernetes_validate() -> Result<()> {
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        &format!("{package}=={version}"),
     ]))
-    .context(
-        "pip install kubernetes-validate (needs PyPI; a Python that pip calls \"externally \
-         managed\" needs a virtualenv on PATH first)",
+    .with_context(|| {
+        format!(
+            "pip install {package} (needs PyPI; a Python that pip calls \"externally \
+             managed\" needs a virtualenv on PATH first)"
+        )
+    })
+}
+
+/// The interop tests' gRPC peers: grpcio (C-core) for Python, @grpc/grpc-js for Node.
+fn interop_peers() -> Result<()> {
+    pip_package(
+        "grpcio",
+        GRPCIO_VERSION,
+        "grpc",
+        "the interop tests run grpcio (gRPC C-core) clients and servers",
+    )?;
+    let dir = workspace_root().join("tests/interop");
+    let installed = std::fs::read_to_string(dir.join("node_modules/@grpc/grpc-js/package.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string));
+    if installed.as_deref() == Some(GRPC_JS_VERSION) {
+        return Ok(());
+    }
+    if output(Command::new("node").arg("--version")).is_none()
+        || output(Command::new("npm").arg("--version")).is_none()
+    {
+        bail!(
+            "node and npm are missing: the interop tests run @grpc/grpc-js clients and servers \
+             (on Debian: apt-get install nodejs npm)"
+        );
+    }
+    eprintln!(
+        "setup: installing @grpc/grpc-js {GRPC_JS_VERSION} into tests/interop/node_modules \
+         (found: {})",
+        installed.as_deref().unwrap_or("none")
+    );
+    // Exactly what package-lock.json records; no install scripts (none is needed).
+    run_cmd(
+        Command::new("npm")
+            .args([
+                "ci",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ])
+            .current_dir(&dir),
     )
+    .context("npm ci in tests/interop (needs the npm registry)")
 }

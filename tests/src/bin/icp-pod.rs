@@ -71,7 +71,10 @@ fn main() {
             num("--port", 50051) as u16,
         ),
         Some("greet-calls") => interceptor_tests::greet::counted_calls(
-            flag("--target").expect("--target").parse().expect("--target ADDR"),
+            flag("--target")
+                .expect("--target")
+                .parse()
+                .expect("--target ADDR"),
             num("--runs", 1) as usize,
             num("--calls", 1000) as usize,
             num("--concurrency", 1) as usize,
