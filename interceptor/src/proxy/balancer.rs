@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ pub struct EndpointStats {
     /// Milliseconds since `epoch()` until which the endpoint takes no new streams.
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// Has answered at least once: only such a peer shows that failures are the endpoint's.
+    proven: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +68,7 @@ impl EndpointStats {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            proven: AtomicBool::new(false),
         }
     }
 
@@ -129,7 +132,15 @@ impl EndpointStats {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
     }
 
+    /// Answered at least once and has not failed since.
+    pub fn is_healthy(&self) -> bool {
+        self.proven.load(Ordering::Relaxed) && self.consecutive_failures() == 0
+    }
+
     pub fn record_success(&self) {
+        if !self.proven.load(Ordering::Relaxed) {
+            self.proven.store(true, Ordering::Relaxed);
+        }
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
@@ -138,10 +149,22 @@ impl EndpointStats {
         }
     }
 
-    /// Records a connection-level failure; returns true when this ejected the endpoint.
-    pub fn record_failure(&self, policy: &EjectPolicy) -> bool {
+    /// Failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure the endpoint is to blame for; returns true when this ejected it.
+    /// `may_eject` is asked only when the failure count reaches the policy's threshold: the
+    /// destination answers whether ejecting one more of its endpoints stays within bounds.
+    pub fn record_failure(&self, policy: &EjectPolicy, may_eject: impl FnOnce() -> bool) -> bool {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < policy.after_failures || self.is_ejected() {
+            return false;
+        }
+        if !may_eject() {
+            m::ejection_suppressed(&self.label);
+            tracing::debug!(endpoint = %self.addr, failures = n, "endpoint keeps failing but is not ejected: its peers fail too, or enough of them are ejected already");
             return false;
         }
         let times = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
@@ -154,7 +177,7 @@ impl EndpointStats {
             .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         m::ejection(&self.label);
-        tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected after repeated connection failures");
+        tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected after repeated failures while its peers succeed");
         true
     }
 }
@@ -303,8 +326,9 @@ mod tests {
             base: Duration::from_millis(50),
             max: Duration::from_secs(1),
         };
-        assert!(!s.record_failure(&p));
-        assert!(s.record_failure(&p));
+        assert!(!s.record_failure(&p, || true));
+        assert!(!s.record_failure(&p, || false), "the destination said no");
+        assert!(s.record_failure(&p, || true));
         assert!(s.is_ejected());
         std::thread::sleep(Duration::from_millis(80));
         assert!(!s.is_ejected());

@@ -57,6 +57,32 @@ pub struct ProxyConfig {
     /// with GOAWAY ENHANCE_YOUR_CALM (rapid-reset abuse, CVE-2023-44487): each cancelled
     /// stream costs an upstream stream too.
     pub max_client_resets_per_second: u32,
+    /// Largest decoded header list (RFC 9113 SETTINGS_MAX_HEADER_LIST_SIZE) taken from a client
+    /// or an endpoint. A bigger request gets 431 and never reaches an endpoint; an unfinished
+    /// CONTINUATION block can hold no more than about this much per connection. h2's own default
+    /// is 16 MiB, which let 16 idle connections hold 318 MiB.
+    pub max_header_list_bytes: u32,
+    /// A stream on which nothing moved in either direction for this long is ended: UNAVAILABLE
+    /// to the client, and the endpoint charged with a failure if it never answered (zero:
+    /// off). Calls with a grpc-timeout end at their deadline anyway; this bounds the rest, like
+    /// Envoy's stream_idle_timeout (same default). Checked lazily: it fires between one and
+    /// two periods after the last progress, exactly one period after the start of a stream
+    /// that never moved.
+    pub stream_idle_timeout: Duration,
+    /// A client HTTP/2 connection with no open stream for this long gets GOAWAY (zero: off);
+    /// gRPC clients reconnect on their next call.
+    pub client_idle_timeout: Duration,
+    /// An opaque relay on which no byte moved either way for this long is closed (zero: off).
+    pub opaque_idle_timeout: Duration,
+    /// At most this share of a destination's endpoints is ejected at once (Envoy's
+    /// max_ejection_percent); a lone endpoint is never ejected, nor one whose peers all fail
+    /// too (then the failure is not the endpoint's).
+    pub max_ejected_percent: u32,
+    /// Client connections served at once; past it new ones are closed at accept with a
+    /// warning. None: derived from RLIMIT_NOFILE at start (half of it, each client connection
+    /// may need an upstream socket too), so running out of descriptors never looks like an
+    /// endpoint failure.
+    pub max_client_connections: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -81,6 +107,12 @@ impl Default for ProxyConfig {
             ewma_decay: Duration::from_millis(250),
             default_rtt: Duration::from_millis(1),
             max_client_resets_per_second: 1000,
+            max_header_list_bytes: 64 * 1024,
+            stream_idle_timeout: Duration::from_secs(300),
+            client_idle_timeout: Duration::from_secs(3600),
+            opaque_idle_timeout: Duration::from_secs(3600),
+            max_ejected_percent: 50,
+            max_client_connections: None,
         }
     }
 }

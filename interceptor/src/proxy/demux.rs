@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,6 +19,22 @@ pub(crate) struct ConnGuard {
     resets: AtomicU32,
     tripped: AtomicBool,
     trip: Notify,
+    /// Streams of this connection being relayed, and when the count last fell to zero (ms
+    /// since `started`), for the idle timeout.
+    open_streams: AtomicU32,
+    idle_since_ms: AtomicU64,
+}
+
+/// Holds one stream open in its connection's count.
+pub(crate) struct OpenStream(Arc<ConnGuard>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if self.0.open_streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let now = self.0.started.elapsed().as_millis() as u64;
+            self.0.idle_since_ms.store(now, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ConnGuard {
@@ -30,7 +46,24 @@ impl ConnGuard {
             resets: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
             trip: Notify::new(),
+            open_streams: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
         }
+    }
+
+    fn open_stream(self: &Arc<Self>) -> OpenStream {
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.clone())
+    }
+
+    /// How long the connection has had no stream, or None while it has one.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.open_streams.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        let since = self.idle_since_ms.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        Some(Duration::from_millis(now.saturating_sub(since)))
     }
 
     /// Called by a stream task when the client cancelled its stream.
@@ -65,6 +98,8 @@ where
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_concurrent_streams(cfg.max_concurrent_streams)
+        // Oversized header lists get 431 from h2 itself and never reach an endpoint.
+        .max_header_list_size(cfg.max_header_list_bytes)
         // Each buffered outbound byte was already released to the other side's window, so
         // cap what h2 may queue per stream to what one window can carry.
         .max_send_buffer_size(cfg.stream_window as usize);
@@ -81,11 +116,16 @@ where
     if draining {
         conn.graceful_shutdown();
     }
+    // Checked lazily: re-armed for the rest of the period while streams come and go.
+    let idle_timeout = cfg.client_idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(super::stream::forward(inner.clone(), dest.clone(), guard.clone(), req, respond));
+                    let open = guard.open_stream();
+                    tokio::spawn(super::stream::forward(inner.clone(), dest.clone(), guard.clone(), open, req, respond));
                 }
                 Some(Err(error)) => {
                     tracing::debug!(dest = %dest.addr(), %error, "client HTTP/2 connection failed");
@@ -97,6 +137,18 @@ where
                 tracing::warn!(dest = %dest.addr(), limit = cfg.max_client_resets_per_second, "client cancels streams faster than the limit; closing its connection");
                 super::metrics::abusive_connection("rapid_reset");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            }
+            _ = &mut idle, if !idle_timeout.is_zero() && !draining => {
+                match guard.idle_for() {
+                    Some(idle_for) if idle_for >= idle_timeout => {
+                        tracing::debug!(dest = %dest.addr(), idle_s = idle_for.as_secs(), "client connection idle; sending GOAWAY");
+                        super::metrics::timeout("client_idle");
+                        draining = true;
+                        conn.graceful_shutdown();
+                    }
+                    Some(idle_for) => idle.as_mut().reset(tokio::time::Instant::now() + (idle_timeout - idle_for)),
+                    None => idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout),
+                }
             }
             // A dropped sender means the proxy itself is gone: drain as well.
             _ = shutdown.changed(), if !draining => {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use super::balancer::{p2c, EndpointStats, Load};
+use super::balancer::{p2c, EjectPolicy, EndpointStats, Load};
 use super::config::BalancerKind;
 use super::pool::Pool;
 
@@ -160,6 +160,31 @@ impl Destination {
             .iter()
             .find(|e| e.stats.addr() == addr)
             .map(|e| e.stats.clone())
+    }
+
+    /// Charges `ep` with a failure (connect, handshake, broken connection, no answer in
+    /// time). Ejection stays relative and bounded: only while another endpoint of this
+    /// destination is not failing (when all fail, the cause is elsewhere: the network, this
+    /// node, a bad request), and never past `max_percent` of the set, so a lone endpoint is
+    /// never ejected.
+    pub fn record_failure(
+        &self,
+        ep: &EndpointStats,
+        policy: &EjectPolicy,
+        max_percent: u32,
+    ) -> bool {
+        ep.record_failure(policy, || {
+            let set = self.current();
+            let ejected = set.iter().filter(|e| e.stats.is_ejected()).count();
+            let allowed = set.len() * max_percent.min(100) as usize / 100;
+            let peer_healthy = set.iter().any(|e| {
+                e.stats.addr() != ep.addr()
+                    && e.state != EndpointState::NotReady
+                    && !e.stats.is_ejected()
+                    && e.stats.is_healthy()
+            });
+            ejected < allowed && peer_healthy
+        })
     }
 
     /// Chooses an endpoint for a new stream, skipping `exclude` (endpoints this stream already

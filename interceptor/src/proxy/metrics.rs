@@ -19,6 +19,9 @@ pub const DETECTIONS: &str = "interceptor_detections_total";
 pub const OPAQUE_CONNECTIONS: &str = "interceptor_opaque_connections_total";
 pub const UNAVAILABLE: &str = "interceptor_unavailable_total";
 pub const ABUSIVE_CONNECTIONS: &str = "interceptor_abusive_connections_total";
+pub const EJECTIONS_SUPPRESSED: &str = "interceptor_ejections_suppressed_total";
+pub const REJECTED_CONNECTIONS: &str = "interceptor_rejected_connections_total";
+pub const TIMEOUTS: &str = "interceptor_timeouts_total";
 
 /// Registers descriptions and units; call once after installing a recorder.
 pub fn describe() {
@@ -47,7 +50,22 @@ pub fn describe() {
     describe_counter!(
         EJECTIONS,
         Unit::Count,
-        "Endpoints ejected after repeated connection failures"
+        "Endpoints ejected after repeated failures while their peers succeeded"
+    );
+    describe_counter!(
+        EJECTIONS_SUPPRESSED,
+        Unit::Count,
+        "Ejections not made: the endpoint's peers failed too, or the ejection limit (max_ejected_percent) was reached"
+    );
+    describe_counter!(
+        REJECTED_CONNECTIONS,
+        Unit::Count,
+        "Client connections closed at accept because max_client_connections were open"
+    );
+    describe_counter!(
+        TIMEOUTS,
+        Unit::Count,
+        "Streams and connections ended by a proxy timeout, by kind"
     );
     describe_counter!(
         DETECTIONS,
@@ -67,7 +85,7 @@ pub fn describe() {
     describe_counter!(
         ABUSIVE_CONNECTIONS,
         Unit::Count,
-        "Client connections closed for abuse (rapid reset), by reason"
+        "Client connections closed for abuse, by reason"
     );
 }
 
@@ -94,6 +112,18 @@ pub(crate) fn replay(reason: &'static str) {
 
 pub(crate) fn ejection(endpoint: &Arc<str>) {
     counter!(EJECTIONS, "endpoint" => endpoint.clone()).increment(1);
+}
+
+pub(crate) fn ejection_suppressed(endpoint: &Arc<str>) {
+    counter!(EJECTIONS_SUPPRESSED, "endpoint" => endpoint.clone()).increment(1);
+}
+
+pub(crate) fn rejected_connection() {
+    counter!(REJECTED_CONNECTIONS).increment(1);
+}
+
+pub(crate) fn timeout(kind: &'static str) {
+    counter!(TIMEOUTS, "kind" => kind).increment(1);
 }
 
 pub(crate) fn detection(protocol: &'static str) {

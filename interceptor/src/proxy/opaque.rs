@@ -1,9 +1,14 @@
 //! Opaque TCP relay for everything that is not HTTP/2 prior knowledge.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::endpoints::Destination;
@@ -16,7 +21,7 @@ use super::server::Inner;
 pub(crate) async fn relay(
     inner: &Inner,
     dest: &Destination,
-    mut client: TcpStream,
+    client: TcpStream,
     prefix: BytesMut,
 ) {
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -34,6 +39,12 @@ pub(crate) async fn relay(
                 ep.record_success();
                 break (s, in_flight);
             }
+            Ok(Err(error)) if super::pool::is_local_error(&error) => {
+                tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
+                m::opaque("local_resources");
+                m::unavailable("local_resources");
+                return;
+            }
             Ok(Err(error)) => {
                 tracing::debug!(endpoint = %ep.addr(), %error, "opaque connect failed; trying another endpoint");
             }
@@ -42,7 +53,7 @@ pub(crate) async fn relay(
             }
         }
         m::connect_failure(&ep.label());
-        ep.record_failure(&inner.eject_policy());
+        dest.record_failure(&ep, &inner.eject_policy(), inner.config.max_ejected_percent);
         tried.push(ep.addr());
         if tried.len() >= inner.config.max_attempts {
             m::opaque("connect_failed");
@@ -56,7 +67,20 @@ pub(crate) async fn relay(
             return;
         }
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let activity = Arc::new(AtomicU64::new(0));
+    let mut client = Active::new(client, activity.clone());
+    let mut upstream = Active::new(upstream, activity.clone());
+    let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let result = tokio::select! {
+        r = relay => r,
+        _ = idle_expired(&activity, inner.config.opaque_idle_timeout) => {
+            m::opaque("idle_timeout");
+            m::timeout("opaque_idle");
+            tracing::debug!(endpoint = %in_flight.stats().addr(), "opaque relay idle; closing it");
+            return;
+        }
+    };
+    match result {
         Ok((up, down)) => {
             m::opaque("closed");
             tracing::debug!(endpoint = %in_flight.stats().addr(), bytes_up = up + prefix.len() as u64, bytes_down = down, "opaque relay finished");
@@ -65,5 +89,67 @@ pub(crate) async fn relay(
             m::opaque("reset");
             tracing::debug!(endpoint = %in_flight.stats().addr(), %error, "opaque relay ended with an error");
         }
+    }
+}
+
+/// Resolves once no byte moved for `period` (never, for a zero period). Lazy like the stream
+/// idle timer: wakes once per period and compares the activity counter.
+async fn idle_expired(activity: &AtomicU64, period: Duration) {
+    if period.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut seen = activity.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(period).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
+/// A socket that counts the reads that returned bytes, so the relay can tell idle from busy.
+struct Active {
+    io: TcpStream,
+    activity: Arc<AtomicU64>,
+}
+
+impl Active {
+    fn new(io: TcpStream, activity: Arc<AtomicU64>) -> Self {
+        Self { io, activity }
+    }
+}
+
+impl AsyncRead for Active {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Active {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

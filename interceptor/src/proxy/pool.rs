@@ -39,6 +39,26 @@ pub enum PoolError {
     },
 }
 
+impl PoolError {
+    /// The failure is this process's or this node's (out of descriptors, memory or ports),
+    /// not the endpoint's: it must not count towards ejecting the endpoint.
+    pub fn is_local(&self) -> bool {
+        match self {
+            PoolError::Connect { source, .. } => is_local_error(source),
+            _ => false,
+        }
+    }
+}
+
+/// A socket error that says this process or node ran out of something (descriptors, memory,
+/// ephemeral ports), whatever the endpoint.
+pub fn is_local_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Pool limits and HTTP/2 client settings.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -50,6 +70,7 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    pub max_header_list_bytes: u32,
 }
 
 /// The pool of upstream connections, keyed by endpoint address.
@@ -239,7 +260,8 @@ impl Pool {
         let remaining = cfg.connect_timeout.saturating_sub(started.elapsed());
         let handshake = h2::client::Builder::new()
             .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(cfg.connection_window)
+            .initial_connection_window_size(upstream_connection_window(cfg))
+            .max_header_list_size(cfg.max_header_list_bytes)
             .enable_push(false)
             .handshake::<_, Bytes>(tcp);
         let (send, connection) = match tokio::time::timeout(remaining, handshake).await {
@@ -328,6 +350,19 @@ impl Pool {
             Err(_) => 0,
         })
     }
+}
+
+/// The receive window of a pooled connection: room for every stream it carries to hold a
+/// full stream window. A response is read from the endpoint only as fast as its client takes
+/// it, so the bytes of a client that stops reading stay unreleased in the connection window;
+/// with less room, a dozen stalled clients would freeze every stream sharing the connection.
+/// Memory per stalled stream stays one stream window either way. (The guarantee holds up to
+/// `streams_per_connection` streams per connection; past `max_connections_per_endpoint`
+/// connections the pool oversubscribes them.)
+fn upstream_connection_window(cfg: &PoolConfig) -> u32 {
+    const MAX_WINDOW: u64 = (1 << 31) - 1;
+    let room = cfg.stream_window as u64 * cfg.streams_per_connection.max(1) as u64;
+    room.max(cfg.connection_window as u64).min(MAX_WINDOW) as u32
 }
 
 /// Closes idle connections (including those to endpoints no destination uses any more).

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -22,6 +24,8 @@ pub enum ProxyError {
     Detect(#[source] std::io::Error),
     #[error("HTTP/2 connection with the client failed: {0}")]
     Http2(#[source] h2::Error),
+    #[error("{0} client connections are open (max_client_connections); closed this one at accept")]
+    TooManyConnections(usize),
 }
 
 /// One proxy: destinations by original destination address, and one upstream pool shared
@@ -37,6 +41,34 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     dests: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
     shutdown: watch::Sender<bool>,
+    connections: AtomicUsize,
+    max_connections: usize,
+    last_reject_warning_ms: AtomicU64,
+    started: Instant,
+}
+
+/// One client connection's place under `max_client_connections`.
+struct ConnectionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Half the soft RLIMIT_NOFILE, less a reserve for listeners, pins and the admin server: a
+/// client connection can need an upstream socket too (opaque relays, new pool connections).
+fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effects.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !ok || lim.rlim_cur == libc::RLIM_INFINITY {
+        return 1 << 20;
+    }
+    ((lim.rlim_cur as usize) / 2).saturating_sub(64).max(16)
 }
 
 impl Inner {
@@ -46,6 +78,27 @@ impl Inner {
             base: self.config.eject_base,
             max: self.config.eject_max,
         }
+    }
+
+    fn connection_slot(&self) -> Result<ConnectionSlot<'_>, ProxyError> {
+        let open = self.connections.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot(&self.connections);
+        if open < self.max_connections {
+            return Ok(slot);
+        }
+        m::rejected_connection();
+        // One warning a second at most: a flood of connections must not become a flood of logs.
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_reject_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_reject_warning_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(max = self.max_connections, "client connection limit reached; closing new connections at accept (raise RLIMIT_NOFILE or max_client_connections)");
+        }
+        Err(ProxyError::TooManyConnections(self.max_connections))
     }
 
     fn destination(&self, dest: SocketAddr) -> Arc<Destination> {
@@ -85,9 +138,13 @@ impl Proxy {
                 idle_timeout: config.idle_timeout,
                 keepalive_interval: config.keepalive_interval,
                 keepalive_timeout: config.keepalive_timeout,
+                max_header_list_bytes: config.max_header_list_bytes,
             },
         );
         let (shutdown, _) = watch::channel(false);
+        let max_connections = config
+            .max_client_connections
+            .unwrap_or_else(default_max_connections);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -95,12 +152,24 @@ impl Proxy {
                 pool,
                 dests: Mutex::new(HashMap::new()),
                 shutdown,
+                connections: AtomicUsize::new(0),
+                max_connections,
+                last_reject_warning_ms: AtomicU64::new(0),
+                started: Instant::now(),
             }),
         }
     }
 
     pub fn config(&self) -> &ProxyConfig {
         &self.inner.config
+    }
+
+    /// Client connections being served now, and the most that may be.
+    pub fn client_connections(&self) -> (usize, usize) {
+        (
+            self.inner.connections.load(Ordering::Relaxed),
+            self.inner.max_connections,
+        )
     }
 
     /// The handle to update the endpoints of `dest` (the original ClusterIP:port). Created
@@ -136,6 +205,7 @@ impl Proxy {
         stream: TcpStream,
         dest: SocketAddr,
     ) -> Result<(), ProxyError> {
+        let _slot = self.inner.connection_slot()?;
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
         let destination = self.inner.destination(dest);

@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode};
 
 use super::balancer::InFlight;
 use super::body::{Pump, PumpError};
-use super::demux::ConnGuard;
+use super::demux::{ConnGuard, OpenStream};
 use super::endpoints::Destination;
 use super::grpc;
 use super::metrics as m;
@@ -98,8 +98,9 @@ enum Attempt {
     Done,
     /// Not processed by the endpoint: try another.
     Replay(&'static str),
-    /// The endpoint's connection failed with the request in flight; the client was answered
-    /// UNAVAILABLE and the failure counts towards ejection.
+    /// The endpoint failed the stream (its connection broke, it sent garbage, it never
+    /// answered a complete request in time); the client was answered and the failure counts
+    /// towards ejecting the endpoint.
     Failed,
 }
 
@@ -107,6 +108,7 @@ pub(crate) async fn forward(
     inner: Arc<Inner>,
     dest: Arc<Destination>,
     guard: Arc<ConnGuard>,
+    _open: OpenStream,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -122,6 +124,8 @@ pub(crate) async fn forward(
     let mut body = Pump::with_replay(body, inner.config.replay_buffer_bytes);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let policy = inner.eject_policy();
+    let max_ejected = inner.config.max_ejected_percent;
+    let idle_timeout = inner.config.stream_idle_timeout;
 
     for attempt in 1..=inner.config.max_attempts {
         let Some(ep) = dest.pick(&tried) else {
@@ -143,14 +147,27 @@ pub(crate) async fn forward(
                 ctx.cancelled(&ep.label());
                 return;
             }
+            // A connect queued behind others must not outlive the call.
+            _ = deadline_sleep(deadline) => {
+                m::timeout("deadline_connecting");
+                ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", &ep.label());
+                return;
+            }
             l = inner.pool.acquire(&ep) => l,
         };
         let lease = match acquired {
             Ok(l) => l,
+            Err(error) if error.is_local() => {
+                // Not the endpoint's fault, and another endpoint would fail the same way.
+                tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
+                m::unavailable("local_resources");
+                ctx.local(&mut respond, grpc::UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE, "interceptor: proxy out of local resources (file descriptors, memory or ports)", &ep.label());
+                return;
+            }
             Err(error) => {
                 tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
                 m::connect_failure(&ep.label());
-                ep.record_failure(&policy);
+                dest.record_failure(&ep, &policy, max_ejected);
                 tried.push(ep.addr());
                 continue;
             }
@@ -163,6 +180,7 @@ pub(crate) async fn forward(
             lease,
             in_flight,
             deadline,
+            idle_timeout,
         )
         .await
         {
@@ -173,7 +191,7 @@ pub(crate) async fn forward(
                 tried.push(ep.addr());
             }
             Attempt::Failed => {
-                ep.record_failure(&policy);
+                dest.record_failure(&ep, &policy, max_ejected);
                 return;
             }
         }
@@ -205,6 +223,7 @@ async fn try_endpoint(
     mut lease: Lease,
     in_flight: InFlight,
     deadline: Option<tokio::time::Instant>,
+    idle_timeout: std::time::Duration,
 ) -> Attempt {
     let ep = in_flight.stats().clone();
     let label = ep.label();
@@ -226,6 +245,9 @@ async fn try_endpoint(
     tokio::pin!(resp_fut);
     let sleep = deadline_sleep(deadline);
     tokio::pin!(sleep);
+    let mut idle = IdleTimer::new(idle_timeout);
+    let idle_sleep = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_sleep);
     let mut req_failed = false;
 
     // Phase 1: request body flows while waiting for the response headers.
@@ -240,12 +262,25 @@ async fn try_endpoint(
             }
             _ = &mut sleep => {
                 up_tx.send_reset(Reason::CANCEL);
+                m::timeout("deadline");
                 ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", &label);
-                return Attempt::Done;
+                // An endpoint that had the whole request and did not answer in time is
+                // charged, so one that accepts and never answers gets ejected.
+                return if body.done() || req_failed { Attempt::Failed } else { Attempt::Done };
+            }
+            _ = &mut idle_sleep, if idle.on() => {
+                if idle.rearm(idle_sleep.as_mut()) {
+                    continue;
+                }
+                up_tx.send_reset(Reason::CANCEL);
+                m::timeout("stream_idle");
+                let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", idle_timeout);
+                ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, &label);
+                return if body.done() || req_failed { Attempt::Failed } else { Attempt::Done };
             }
             r = &mut resp_fut => break r,
             s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
-                Ok(()) => {}
+                Ok(()) => idle.progress(),
                 Err(PumpError::Recv(e)) => {
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
                     up_tx.send_reset(reason);
@@ -329,6 +364,8 @@ async fn try_endpoint(
     if eos {
         resp_body.mark_sent_end();
     }
+    idle.progress();
+    let mut charge = false;
     let status = loop {
         if resp_body.done() && (body.done() || req_failed) {
             let from_trailers = resp_body
@@ -341,28 +378,45 @@ async fn try_endpoint(
             biased;
             _ = &mut sleep, if !resp_body.done() => {
                 up_tx.send_reset(Reason::CANCEL);
+                m::timeout("deadline");
                 end_with_status(ctx, &mut client_tx, grpc::DEADLINE_EXCEEDED, "interceptor: deadline exceeded");
                 break "4";
             }
+            // Not charged to the endpoint: after the response headers a stall may as well be
+            // the client's (a zero window).
+            _ = &mut idle_sleep, if idle.on() => {
+                if idle.rearm(idle_sleep.as_mut()) {
+                    continue;
+                }
+                up_tx.send_reset(Reason::CANCEL);
+                m::timeout("stream_idle");
+                end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: nothing moved on the stream (stream idle timeout)");
+                break "14";
+            }
             s = resp_body.step(&mut client_tx), if !resp_body.done() => match s {
-                Ok(()) => {}
+                Ok(()) => idle.progress(),
                 Err(PumpError::Send(reason, _)) => {
                     // The client reset the stream or its connection failed.
                     up_tx.send_reset(reason.unwrap_or(Reason::CANCEL));
                     break "cancelled";
                 }
                 Err(PumpError::Recv(e)) if e.is_reset() && e.is_remote() => {
-                    client_tx.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                    let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
+                    client_tx.send_reset(reason);
+                    // NO_ERROR and CANCEL are a peer's ordinary ways to stop a stream;
+                    // anything else means the endpoint broke the response.
+                    charge = !matches!(reason, Reason::NO_ERROR | Reason::CANCEL);
                     break "reset";
                 }
                 Err(PumpError::Recv(e)) => {
                     tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed during the response");
                     end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: connection to the endpoint failed");
+                    charge = true;
                     break "14";
                 }
             },
             s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
-                Ok(()) => {}
+                Ok(()) => idle.progress(),
                 Err(PumpError::Recv(e)) => {
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
                     up_tx.send_reset(reason);
@@ -386,7 +440,49 @@ async fn try_endpoint(
     m::request(&label, status, ctx.started.elapsed());
     drop(lease);
     drop(in_flight);
-    Attempt::Done
+    if charge {
+        Attempt::Failed
+    } else {
+        Attempt::Done
+    }
+}
+
+/// The stream idle timeout, checked lazily: progress only bumps a counter, and when the timer
+/// fires with progress seen since it was armed it is re-armed for another period. So it
+/// costs no timer update per frame, and fires between one and two periods after the last
+/// progress (exactly one for a stream on which nothing ever moved).
+struct IdleTimer {
+    period: std::time::Duration,
+    progress: u64,
+    seen: u64,
+}
+
+impl IdleTimer {
+    fn new(period: std::time::Duration) -> Self {
+        Self {
+            period,
+            progress: 0,
+            seen: 0,
+        }
+    }
+
+    fn on(&self) -> bool {
+        !self.period.is_zero()
+    }
+
+    fn progress(&mut self) {
+        self.progress += 1;
+    }
+
+    /// On expiry: true (and re-armed) if the stream moved since the timer was armed.
+    fn rearm(&mut self, sleep: std::pin::Pin<&mut tokio::time::Sleep>) -> bool {
+        if self.progress == self.seen {
+            return false;
+        }
+        self.seen = self.progress;
+        sleep.reset(tokio::time::Instant::now() + self.period);
+        true
+    }
 }
 
 /// Ends a stream whose response headers were already sent: gRPC gets a status in trailers,
