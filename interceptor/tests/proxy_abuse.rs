@@ -4,7 +4,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use interceptor::proxy::config::ProxyConfig;
@@ -218,4 +219,392 @@ async fn cancelling_accepted_streams_too_fast_closes_the_connection() {
     );
     assert!(sent < 200 && sent > 20, "{sent}");
     healthy(&mut good).await;
+}
+
+// ---- header lists, HPACK, flow control and connection limits -------------------------------
+
+/// Tests that measure this process's RSS run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const HEADERS: u8 = 1;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 5.1) after the flag bits `first`.
+fn hpack_int(out: &mut Vec<u8>, n: u8, first: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A plain (not Huffman) HPACK string.
+fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 7, 0, s.len());
+    out.extend_from_slice(s);
+}
+
+/// :method POST, :scheme http, :path /test.Echo/Unary, :authority svc.test, from the static
+/// table and literals that are not indexed.
+fn request_pseudo() -> Vec<u8> {
+    let mut b = vec![0x83, 0x86];
+    hpack_int(&mut b, 4, 0, 4);
+    hpack_str(&mut b, b"/test.Echo/Unary");
+    hpack_int(&mut b, 4, 0, 1);
+    hpack_str(&mut b, b"svc.test");
+    b
+}
+
+/// Opens a raw HTTP/2 connection (preface and empty SETTINGS) and reads whatever the proxy
+/// sends in the background; returns the writer and the frames read once the proxy closes or
+/// `read_for` passes.
+async fn raw_conn(
+    addr: SocketAddr,
+    read_for: Duration,
+) -> (
+    tokio::net::tcp::OwnedWriteHalf,
+    tokio::task::JoinHandle<Vec<(u8, u32, Vec<u8>)>>,
+) {
+    let s = TcpStream::connect(addr).await.expect("connect proxy");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(H2_PREFACE).await.expect("preface");
+    w.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = timeout(read_for, r.read_to_end(&mut got)).await;
+        let mut frames = Vec::new();
+        let mut rest = &got[..];
+        while rest.len() >= 9 {
+            let len = ((rest[0] as usize) << 16) | ((rest[1] as usize) << 8) | rest[2] as usize;
+            if rest.len() < 9 + len {
+                break;
+            }
+            let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            frames.push((rest[3], id, rest[9..9 + len].to_vec()));
+            rest = &rest[9 + len..];
+        }
+        frames
+    });
+    (w, reader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_list_gets_431_and_never_reaches_an_endpoint() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let legit = Legit::start(p.addr).await;
+    let rss_before = rss_kib();
+    let big_request = |size: usize| {
+        http::Request::builder()
+            .method("POST")
+            .uri("http://svc.test/test.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .header("x-big", "a".repeat(size))
+            .body(())
+            .expect("request")
+    };
+    // 200 streams with a 70 KiB header, just over the 64 KiB cap: each gets 431 and the
+    // connection stays up.
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut send, conn) = h2::client::handshake(s).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut statuses = HashMap::<u16, usize>::new();
+    for _ in 0..200 {
+        send = send.ready().await.expect("connection still usable");
+        let (resp, _) = send.send_request(big_request(70 << 10), true).expect("send");
+        let resp = timeout(LIMIT, resp)
+            .await
+            .expect("answer in time")
+            .expect("a response, not a reset");
+        *statuses.entry(resp.status().as_u16()).or_default() += 1;
+    }
+    // A 1 MiB header needs far more CONTINUATION frames than 64 KiB can fill: h2 ends the
+    // connection (GOAWAY ENHANCE_YOUR_CALM) instead of piling the block up.
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut send, conn) = h2::client::handshake(s).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    send = send.ready().await.expect("ready");
+    let (resp, _) = send.send_request(big_request(1 << 20), true).expect("send");
+    let huge = timeout(LIMIT, resp).await.expect("answer in time");
+    let conn_end = timeout(LIMIT, conn).await.expect("closed in time").expect("conn task");
+    let growth = rss_kib().saturating_sub(rss_before);
+    let report = legit.stop().await;
+    println!(
+        "70 KiB headers: statuses {statuses:?}; 1 MiB header: {:?}, connection {conn_end:?}; RSS growth {growth} KiB",
+        huge.as_ref().map(|r| r.status())
+    );
+    assert_eq!(statuses.get(&431), Some(&200), "{statuses:?}");
+    let err = huge.expect_err("no response to a 1 MiB header");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    // Only the legitimate client's calls reached the endpoint.
+    assert_eq!(b.calls(), report.calls, "an oversized request was forwarded");
+    assert_unharmed(&report);
+    // Without the cap the proxy held every decoded header list (the abuse report measured
+    // 210 MiB for 200 streams of 1 MiB).
+    assert!(growth < 32 * 1024, "RSS grew by {growth} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_continuation_blocks_hold_bounded_memory() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let legit = Legit::start(p.addr).await;
+    let rss_before = rss_kib();
+    let mut attackers = Vec::new();
+    // 16 connections, each starting one header block whose single value claims 8 MiB and
+    // sending it on in CONTINUATION frames, never ending the block.
+    for _ in 0..16 {
+        let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(3)).await;
+        let mut block = request_pseudo();
+        block.push(0x00);
+        hpack_str(&mut block, b"x-pile");
+        hpack_int(&mut block, 7, 0, 8 << 20);
+        block.resize(16_000, b'a');
+        let mut sent = 0usize;
+        let mut first = Some(frame(HEADERS, END_STREAM, 1, &block));
+        let chunk = vec![b'a'; 16_000];
+        while sent < 8 << 20 {
+            let f = first
+                .take()
+                .unwrap_or_else(|| frame(CONTINUATION, 0, 1, &chunk));
+            if w.write_all(&f).await.is_err() {
+                break;
+            }
+            sent += 16_000;
+        }
+        attackers.push((w, reader, sent));
+    }
+    let growth = rss_kib().saturating_sub(rss_before);
+    let mut closed = 0;
+    for (w, reader, sent) in attackers {
+        let frames = reader.await.expect("reader");
+        // The proxy gave up on the block long before 8 MiB: GOAWAY, then closed.
+        if frames.iter().any(|f| f.0 == 7) {
+            closed += 1;
+        }
+        assert!(sent < 8 << 20 || frames.iter().any(|f| f.0 == 7), "{sent} bytes taken without complaint");
+        drop(w);
+    }
+    let report = legit.stop().await;
+    println!("16 unfinished header blocks: RSS growth {growth} KiB, {closed} connections got GOAWAY");
+    assert_eq!(closed, 16, "every attacking connection is told to go away");
+    assert_eq!(b.calls(), report.calls, "a partial header block was forwarded");
+    assert_unharmed(&report);
+    assert!(growth < 32 * 1024, "RSS grew by {growth} KiB (h2's 16 MiB default: ~318 MiB)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpack_bomb_is_rejected_before_it_reaches_an_endpoint() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let legit = Legit::start(p.addr).await;
+    let rss_before = rss_kib();
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(3)).await;
+    let streams = 500u32;
+    let mut wire = 0usize;
+    for i in 0..streams {
+        let mut block = request_pseudo();
+        if i == 0 {
+            // A 4000-byte value into the dynamic table (index 62)...
+            block.push(0x40);
+            hpack_str(&mut block, b"x-bomb");
+            hpack_str(&mut block, &[b'b'; 4000]);
+        }
+        // ...referenced 20 times per request: 30 bytes on the wire, 80 KB decoded.
+        block.extend(std::iter::repeat_n(0xbe, 20));
+        let f = frame(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, &block);
+        wire += f.len();
+        if w.write_all(&f).await.is_err() {
+            break;
+        }
+    }
+    let frames = reader.await.expect("reader");
+    let growth = rss_kib().saturating_sub(rss_before);
+    let answered: std::collections::HashSet<u32> = frames
+        .iter()
+        .filter(|f| f.0 == HEADERS)
+        .map(|f| f.1)
+        .collect();
+    let report = legit.stop().await;
+    println!(
+        "HPACK bomb: {wire} bytes sent for {} MB decoded; {} streams answered locally, {} GOAWAY; RSS growth {growth} KiB",
+        streams as usize * 20 * 4038 / 1_000_000,
+        answered.len(),
+        frames.iter().filter(|f| f.0 == 7).count(),
+    );
+    assert_eq!(b.calls(), report.calls, "a bomb request reached the endpoint");
+    assert!(
+        answered.len() as u32 == streams || frames.iter().any(|f| f.0 == 7),
+        "every bomb stream is answered (431) or the connection is closed"
+    );
+    assert_unharmed(&report);
+    assert!(growth < 32 * 1024, "RSS grew by {growth} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_stall_only_their_own_streams() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let rss_before = rss_kib();
+    // 12 streams on a connection that advertises a zero stream window: the proxy can send
+    // them nothing, so every byte the endpoint answers stays in the proxy's upstream windows.
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(s)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        send = send.ready().await.expect("ready");
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://svc.test/test.Echo/ServerStream")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        let (resp, mut body) = send.send_request(req, false).expect("send");
+        // 4 messages of 512 KiB: 2 MiB, twice the stream window.
+        let mut msg = vec![0u8, 0, 0, 0, 8];
+        msg.extend_from_slice(&4u32.to_le_bytes());
+        msg.extend_from_slice(&(512u32 * 1024).to_le_bytes());
+        body.send_data(Bytes::from(msg), true).expect("request body");
+        stalled.push(resp);
+    }
+    // Give the endpoint time to fill the windows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut c = client(p.addr).await;
+    let mut lat = Vec::new();
+    for i in 0..30u8 {
+        let t = Instant::now();
+        let mut req = Vec::new();
+        req.extend_from_slice(&2u32.to_le_bytes());
+        req.extend_from_slice(&(256u32 * 1024).to_le_bytes());
+        let resp = timeout(
+            Duration::from_secs(5),
+            server_stream(&mut c, request(Bytes::from(req), &[])),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("call {i} stalled behind the clients that stopped reading"))
+        .expect("server stream");
+        let (msgs, _) = timeout(Duration::from_secs(5), collect(resp.into_inner()))
+            .await
+            .unwrap_or_else(|_| panic!("call {i}'s body stalled"))
+            .expect("messages");
+        assert_eq!(msgs.len(), 2);
+        lat.push(t.elapsed());
+    }
+    let growth = rss_kib().saturating_sub(rss_before);
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100 - 1];
+    println!(
+        "12 stalled streams beside 30 x 512 KiB calls: p99 {p99:?}, RSS growth {growth} KiB, upstream connections {}",
+        p.proxy.upstream_connections(b.addr)
+    );
+    assert_eq!(p.proxy.upstream_connections(b.addr), 1, "all streams share one upstream connection");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    // Bounded by one stream window (1 MiB) per stalled stream on the proxy's side, plus what
+    // the endpoint and this test's own clients buffer.
+    assert!(growth < 96 * 1024, "RSS grew by {growth} KiB");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_at_accept() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let cfg = ProxyConfig {
+        max_client_connections: Some(20),
+        ..Default::default()
+    };
+    let p = start_proxy(cfg, &[b.addr]).await;
+    let legit = Legit::start(p.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(p.addr).await.expect("connect proxy");
+        s.write_all(H2_PREFACE).await.expect("preface");
+        held.push(s);
+    }
+    let mut closed = 0;
+    for s in held.iter_mut() {
+        let mut buf = [0u8; 256];
+        // A served connection gets the proxy's SETTINGS; a rejected one EOF or a reset.
+        match timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            _ => {}
+        }
+    }
+    let (open, max) = p.proxy.client_connections();
+    let report = legit.stop().await;
+    println!("40 connections over a limit of 20 (1 legitimate): {closed} closed at accept; {open}/{max} open");
+    assert_eq!(max, 20);
+    assert_eq!(closed, 21, "all but the 19 that fit beside the legitimate one are closed");
+    assert_unharmed(&report);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_gets_goaway() {
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let cfg = ProxyConfig {
+        client_idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let p = start_proxy(cfg, &[b.addr]).await;
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut send, conn) = h2::client::handshake(s).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    // Busy for longer than the timeout: a connection with a stream open is not idle.
+    let started = Instant::now();
+    send = send.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://svc.test/test.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-sleep-ms", "700")
+        .body(())
+        .expect("request");
+    let (resp, mut body) = send.send_request(req, false).expect("send");
+    body.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), true)
+        .expect("body");
+    let resp = timeout(LIMIT, resp).await.expect("in time").expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut rb = resp.into_body();
+    while let Some(d) = rb.data().await {
+        let d = d.expect("response body after 700 ms on a connection with a 400 ms idle timeout");
+        let _ = rb.flow_control().release_capacity(d.len());
+    }
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    let idle_from = Instant::now();
+    let ended = timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the idle connection was closed")
+        .expect("conn task");
+    println!("idle connection closed {:?} after its last stream: {ended:?}", idle_from.elapsed());
+    assert!(ended.is_ok(), "a graceful GOAWAY, not an error: {ended:?}");
+    assert!(idle_from.elapsed() < Duration::from_millis(1500));
 }

@@ -576,3 +576,103 @@ pub async fn collect(mut s: Streaming<Bytes>) -> Result<(Vec<Bytes>, Option<Meta
     let t = s.trailers().await?;
     Ok((out, t))
 }
+
+// ---- a well-behaved client beside an attack --------------------------------------------------
+
+/// What the legitimate client saw while something else went on.
+#[derive(Debug)]
+pub struct LegitReport {
+    pub calls: usize,
+    pub errors: Vec<String>,
+    pub p99: Duration,
+}
+
+/// A client on its own connection making sequential unary calls (5 s deadline each) until
+/// stopped: the one whose service an attack must not hurt.
+pub struct Legit {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<LegitReport>,
+}
+
+impl Legit {
+    pub async fn start(addr: SocketAddr) -> Legit {
+        let mut c = client(addr).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let done = Arc::new(AtomicUsize::new(0));
+        let count = done.clone();
+        let task = tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = Vec::new();
+            // Bounded in count as well as by the stop flag.
+            for i in 0..100_000u32 {
+                if halt.load(Ordering::Relaxed) {
+                    break;
+                }
+                let t = Instant::now();
+                let msg = Bytes::from(format!("legit {i}"));
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    unary(&mut c, request(msg.clone(), &[("grpc-timeout", "5S")])),
+                )
+                .await;
+                lat.push(t.elapsed());
+                count.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok(Ok(resp)) if resp.get_ref() == &msg => {}
+                    Ok(Ok(_)) => errors.push(format!("call {i}: wrong payload")),
+                    Ok(Err(st)) => errors.push(format!("call {i}: {st:?}")),
+                    Err(_) => errors.push(format!("call {i}: no answer in 5 s")),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            lat.sort();
+            let p99 = lat
+                .get(lat.len().saturating_sub(1) * 99 / 100)
+                .copied()
+                .unwrap_or_default();
+            LegitReport {
+                calls: lat.len(),
+                errors,
+                p99,
+            }
+        });
+        Legit { stop, done, task }
+    }
+
+    /// Stops after at least 50 calls (or 10 s), so a short attack still has company.
+    pub async fn stop(self) -> LegitReport {
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.done.load(Ordering::Relaxed) < 50 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("legit client task")
+    }
+}
+
+/// Asserts the legitimate client was served throughout: some calls, none failed, p99 < 500 ms.
+pub fn assert_unharmed(r: &LegitReport) {
+    println!(
+        "legitimate client: {} calls, {} errors, p99 {:?}",
+        r.calls,
+        r.errors.len(),
+        r.p99
+    );
+    assert!(r.calls >= 10, "the legitimate client made only {} calls", r.calls);
+    assert!(r.errors.is_empty(), "legitimate calls failed: {:?}", r.errors);
+    assert!(r.p99 < Duration::from_millis(500), "legitimate p99 {:?}", r.p99);
+}
+
+/// This process's resident set, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
