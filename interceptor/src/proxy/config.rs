@@ -42,7 +42,8 @@ pub struct ProxyConfig {
     pub keepalive_timeout: Duration,
     /// Request body bytes kept per stream so that a refused stream can be replayed elsewhere.
     pub replay_buffer_bytes: usize,
-    /// Attempts per stream (first try included) on refused streams and failed connects.
+    /// Attempts per stream (first try included) on refused streams and failed connects; a
+    /// failed connect with an untried endpoint left costs no attempt (nothing was sent).
     pub max_attempts: usize,
     /// Consecutive connection failures before an endpoint is ejected.
     pub eject_after_failures: u32,
@@ -65,9 +66,7 @@ pub struct ProxyConfig {
     /// A stream on which nothing moved in either direction for this long is ended: UNAVAILABLE
     /// to the client, and the endpoint charged with a failure if it never answered (zero:
     /// off). Calls with a grpc-timeout end at their deadline anyway; this bounds the rest, like
-    /// Envoy's stream_idle_timeout (same default). Checked lazily: it fires between one and
-    /// two periods after the last progress, exactly one period after the start of a stream
-    /// that never moved.
+    /// Envoy's stream_idle_timeout (same default).
     pub stream_idle_timeout: Duration,
     /// A client HTTP/2 connection with no open stream for this long gets GOAWAY (zero: off);
     /// gRPC clients reconnect on their next call.

@@ -187,6 +187,15 @@ impl Destination {
         })
     }
 
+    /// Whether `pick(exclude)` would find an endpoint.
+    pub fn any_usable(&self, exclude: &[SocketAddr]) -> bool {
+        self.current().iter().any(|e| {
+            e.state != EndpointState::NotReady
+                && !e.stats.is_ejected()
+                && !exclude.contains(&e.stats.addr())
+        })
+    }
+
     /// Chooses an endpoint for a new stream, skipping `exclude` (endpoints this stream already
     /// failed on). Ready endpoints first; terminating ones only when none is ready.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {

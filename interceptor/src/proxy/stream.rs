@@ -36,6 +36,9 @@ impl Drop for ActiveStream {
     }
 }
 
+/// A cancel this close to the call's deadline counts as the deadline passing.
+const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Sleeps until the deadline, or forever without one.
 async fn deadline_sleep(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -127,7 +130,9 @@ pub(crate) async fn forward(
     let max_ejected = inner.config.max_ejected_percent;
     let idle_timeout = inner.config.stream_idle_timeout;
 
-    for attempt in 1..=inner.config.max_attempts {
+    let mut attempt = 0;
+    while attempt < inner.config.max_attempts {
+        attempt += 1;
         let Some(ep) = dest.pick(&tried) else {
             m::unavailable("no_endpoint");
             let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
@@ -169,6 +174,11 @@ pub(crate) async fn forward(
                 m::connect_failure(&ep.label());
                 dest.record_failure(&ep, &policy, max_ejected);
                 tried.push(ep.addr());
+                // Nothing reached that endpoint, so an untried one costs no attempt: with
+                // most endpoints refusing, a call still finds the one that answers.
+                if dest.any_usable(&tried) {
+                    attempt -= 1;
+                }
                 continue;
             }
         };
@@ -258,7 +268,10 @@ async fn try_endpoint(
                 let reason = r.unwrap_or(Reason::CANCEL);
                 up_tx.send_reset(reason);
                 ctx.cancelled(&label);
-                return Attempt::Done;
+                // Clients cancel at their own deadline, usually a hair before ours fires: that
+                // is the endpoint not answering in time, as below.
+                let at_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() + DEADLINE_SLACK >= d);
+                return if at_deadline && (body.done() || req_failed) { Attempt::Failed } else { Attempt::Done };
             }
             _ = &mut sleep => {
                 up_tx.send_reset(Reason::CANCEL);
@@ -337,7 +350,6 @@ async fn try_endpoint(
         }
     };
     ep.observe_rtt(sent_at.elapsed());
-    ep.record_success();
 
     // Phase 2: response headers to the client, then both directions until both ended.
     let (mut parts, up_body) = resp.into_parts();
@@ -366,8 +378,10 @@ async fn try_endpoint(
     }
     idle.progress();
     let mut charge = false;
+    let mut complete = false;
     let status = loop {
         if resp_body.done() && (body.done() || req_failed) {
+            complete = true;
             let from_trailers = resp_body
                 .end_trailers()
                 .and_then(|t| t.get(grpc::GRPC_STATUS))
@@ -441,28 +455,29 @@ async fn try_endpoint(
     drop(lease);
     drop(in_flight);
     if charge {
-        Attempt::Failed
-    } else {
-        Attempt::Done
+        return Attempt::Failed;
     }
+    // Only a whole response is a success: one that broke after its headers must not clear
+    // the failures that lead to ejection.
+    if complete {
+        ep.record_success();
+    }
+    Attempt::Done
 }
 
-/// The stream idle timeout, checked lazily: progress only bumps a counter, and when the timer
-/// fires with progress seen since it was armed it is re-armed for another period. So it
-/// costs no timer update per frame, and fires between one and two periods after the last
-/// progress (exactly one for a stream on which nothing ever moved).
+/// The stream idle timeout, checked lazily: progress only notes the time, and when the timer
+/// fires early because the stream moved it is re-armed for a period after the last move. So
+/// a frame costs a clock read, not a timer update.
 struct IdleTimer {
     period: std::time::Duration,
-    progress: u64,
-    seen: u64,
+    last: tokio::time::Instant,
 }
 
 impl IdleTimer {
     fn new(period: std::time::Duration) -> Self {
         Self {
             period,
-            progress: 0,
-            seen: 0,
+            last: tokio::time::Instant::now(),
         }
     }
 
@@ -471,16 +486,19 @@ impl IdleTimer {
     }
 
     fn progress(&mut self) {
-        self.progress += 1;
+        if self.on() {
+            self.last = tokio::time::Instant::now();
+        }
     }
 
-    /// On expiry: true (and re-armed) if the stream moved since the timer was armed.
+    /// On expiry: true (and re-armed for a period after the last progress) if the stream
+    /// moved since the timer was armed.
     fn rearm(&mut self, sleep: std::pin::Pin<&mut tokio::time::Sleep>) -> bool {
-        if self.progress == self.seen {
+        let due = self.last + self.period;
+        if due <= tokio::time::Instant::now() {
             return false;
         }
-        self.seen = self.progress;
-        sleep.reset(tokio::time::Instant::now() + self.period);
+        sleep.reset(due);
         true
     }
 }
