@@ -3,8 +3,8 @@
 #[path = "proxy_support.rs"]
 mod support;
 
-use std::net::SocketAddr;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -61,6 +61,7 @@ async fn healthy(c: &mut Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_the_preface_closes_only_that_connection() {
+    let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");
     let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
     let mut good = client(p.addr).await;
@@ -77,7 +78,8 @@ async fn garbage_after_the_preface_closes_only_that_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_frames_get_goaway_protocol_error() {
+async fn invalid_frames_get_goaway_with_the_rfc_error_code() {
+    let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");
     let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
     let mut good = client(p.addr).await;
@@ -110,11 +112,31 @@ async fn invalid_frames_get_goaway_protocol_error() {
         Some(6),
         "GOAWAY FRAME_SIZE_ERROR expected: {frames:?}"
     );
+    // A header block HPACK cannot decode (index 0 is not a table entry). RFC 9113 4.3 says
+    // COMPRESSION_ERROR; h2 0.4.20 sends PROTOCOL_ERROR for every HPACK decoding error, and
+    // the proxy cannot choose h2's GOAWAY code. Either way the connection ends.
+    let mut bad = settings.to_vec();
+    bad.extend_from_slice(&[0, 0, 1, 1, 5, 0, 0, 0, 1, 0x80]);
+    let frames = send_raw(p.addr, &bad).await;
+    assert!(
+        matches!(goaway_code(&frames), Some(1) | Some(9)),
+        "GOAWAY PROTOCOL_ERROR or COMPRESSION_ERROR expected: {frames:?}"
+    );
+    // A WINDOW_UPDATE that takes the connection window past 2^31-1: FLOW_CONTROL_ERROR.
+    let mut bad = settings.to_vec();
+    bad.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
+    let frames = send_raw(p.addr, &bad).await;
+    assert_eq!(
+        goaway_code(&frames),
+        Some(3),
+        "GOAWAY FLOW_CONTROL_ERROR expected: {frames:?}"
+    );
     healthy(&mut good).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_storm_closes_only_that_connection() {
+    let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");
     let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
     let mut good = client(p.addr).await;
@@ -168,6 +190,7 @@ async fn rapid_reset_storm_closes_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_accepted_streams_too_fast_closes_the_connection() {
+    let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");
     let cfg = ProxyConfig {
         max_client_resets_per_second: 20,
@@ -223,7 +246,7 @@ async fn cancelling_accepted_streams_too_fast_closes_the_connection() {
 
 // ---- header lists, HPACK, flow control and connection limits -------------------------------
 
-/// Tests that measure this process's RSS run one at a time.
+/// Tests here run one at a time: several measure this process's RSS.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -329,7 +352,9 @@ async fn oversized_header_list_gets_431_and_never_reaches_an_endpoint() {
     let mut statuses = HashMap::<u16, usize>::new();
     for _ in 0..200 {
         send = send.ready().await.expect("connection still usable");
-        let (resp, _) = send.send_request(big_request(70 << 10), true).expect("send");
+        let (resp, _) = send
+            .send_request(big_request(70 << 10), true)
+            .expect("send");
         let resp = timeout(LIMIT, resp)
             .await
             .expect("answer in time")
@@ -344,7 +369,10 @@ async fn oversized_header_list_gets_431_and_never_reaches_an_endpoint() {
     send = send.ready().await.expect("ready");
     let (resp, _) = send.send_request(big_request(1 << 20), true).expect("send");
     let huge = timeout(LIMIT, resp).await.expect("answer in time");
-    let conn_end = timeout(LIMIT, conn).await.expect("closed in time").expect("conn task");
+    let conn_end = timeout(LIMIT, conn)
+        .await
+        .expect("closed in time")
+        .expect("conn task");
     let growth = rss_kib().saturating_sub(rss_before);
     let report = legit.stop().await;
     println!(
@@ -355,7 +383,11 @@ async fn oversized_header_list_gets_431_and_never_reaches_an_endpoint() {
     let err = huge.expect_err("no response to a 1 MiB header");
     assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
     // Only the legitimate client's calls reached the endpoint.
-    assert_eq!(b.calls(), report.calls, "an oversized request was forwarded");
+    assert_eq!(
+        b.calls(),
+        report.calls,
+        "an oversized request was forwarded"
+    );
     assert_unharmed(&report);
     // Without the cap the proxy held every decoded header list (the abuse report measured
     // 210 MiB for 200 streams of 1 MiB).
@@ -401,15 +433,27 @@ async fn unfinished_continuation_blocks_hold_bounded_memory() {
         if frames.iter().any(|f| f.0 == 7) {
             closed += 1;
         }
-        assert!(sent < 8 << 20 || frames.iter().any(|f| f.0 == 7), "{sent} bytes taken without complaint");
+        assert!(
+            sent < 8 << 20 || frames.iter().any(|f| f.0 == 7),
+            "{sent} bytes taken without complaint"
+        );
         drop(w);
     }
     let report = legit.stop().await;
-    println!("16 unfinished header blocks: RSS growth {growth} KiB, {closed} connections got GOAWAY");
+    println!(
+        "16 unfinished header blocks: RSS growth {growth} KiB, {closed} connections got GOAWAY"
+    );
     assert_eq!(closed, 16, "every attacking connection is told to go away");
-    assert_eq!(b.calls(), report.calls, "a partial header block was forwarded");
+    assert_eq!(
+        b.calls(),
+        report.calls,
+        "a partial header block was forwarded"
+    );
     assert_unharmed(&report);
-    assert!(growth < 32 * 1024, "RSS grew by {growth} KiB (h2's 16 MiB default: ~318 MiB)");
+    assert!(
+        growth < 32 * 1024,
+        "RSS grew by {growth} KiB (h2's 16 MiB default: ~318 MiB)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,7 +496,11 @@ async fn hpack_bomb_is_rejected_before_it_reaches_an_endpoint() {
         answered.len(),
         frames.iter().filter(|f| f.0 == 7).count(),
     );
-    assert_eq!(b.calls(), report.calls, "a bomb request reached the endpoint");
+    assert_eq!(
+        b.calls(),
+        report.calls,
+        "a bomb request reached the endpoint"
+    );
     assert!(
         answered.len() as u32 == streams || frames.iter().any(|f| f.0 == 7),
         "every bomb stream is answered (431) or the connection is closed"
@@ -491,7 +539,8 @@ async fn clients_that_stop_reading_stall_only_their_own_streams() {
         let mut msg = vec![0u8, 0, 0, 0, 8];
         msg.extend_from_slice(&4u32.to_le_bytes());
         msg.extend_from_slice(&(512u32 * 1024).to_le_bytes());
-        body.send_data(Bytes::from(msg), true).expect("request body");
+        body.send_data(Bytes::from(msg), true)
+            .expect("request body");
         stalled.push(resp);
     }
     // Give the endpoint time to fill the windows.
@@ -524,7 +573,11 @@ async fn clients_that_stop_reading_stall_only_their_own_streams() {
         "12 stalled streams beside 30 x 512 KiB calls: p99 {p99:?}, RSS growth {growth} KiB, upstream connections {}",
         p.proxy.upstream_connections(b.addr)
     );
-    assert_eq!(p.proxy.upstream_connections(b.addr), 1, "all streams share one upstream connection");
+    assert_eq!(
+        p.proxy.upstream_connections(b.addr),
+        1,
+        "all streams share one upstream connection"
+    );
     assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
     // Bounded by one stream window (1 MiB) per stalled stream on the proxy's side, plus what
     // the endpoint and this test's own clients buffer.
@@ -561,13 +614,17 @@ async fn connections_past_the_limit_are_closed_at_accept() {
     let report = legit.stop().await;
     println!("40 connections over a limit of 20 (1 legitimate): {closed} closed at accept; {open}/{max} open");
     assert_eq!(max, 20);
-    assert_eq!(closed, 21, "all but the 19 that fit beside the legitimate one are closed");
+    assert_eq!(
+        closed, 21,
+        "all but the 19 that fit beside the legitimate one are closed"
+    );
     assert_unharmed(&report);
     drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_connection_gets_goaway() {
+    let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");
     let cfg = ProxyConfig {
         client_idle_timeout: Duration::from_millis(400),
@@ -591,7 +648,10 @@ async fn idle_client_connection_gets_goaway() {
     let (resp, mut body) = send.send_request(req, false).expect("send");
     body.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), true)
         .expect("body");
-    let resp = timeout(LIMIT, resp).await.expect("in time").expect("response");
+    let resp = timeout(LIMIT, resp)
+        .await
+        .expect("in time")
+        .expect("response");
     assert_eq!(resp.status(), 200);
     let mut rb = resp.into_body();
     while let Some(d) = rb.data().await {
@@ -604,7 +664,10 @@ async fn idle_client_connection_gets_goaway() {
         .await
         .expect("the idle connection was closed")
         .expect("conn task");
-    println!("idle connection closed {:?} after its last stream: {ended:?}", idle_from.elapsed());
+    println!(
+        "idle connection closed {:?} after its last stream: {ended:?}",
+        idle_from.elapsed()
+    );
     assert!(ended.is_ok(), "a graceful GOAWAY, not an error: {ended:?}");
     assert!(idle_from.elapsed() < Duration::from_millis(1500));
 }

@@ -233,3 +233,36 @@ async fn opaque_without_endpoint_closes_promptly_and_skips_dead_ones() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_opaque_relay_is_closed_busy_one_is_not() {
+    let (backend, _seen) = capture_backend([127, 0, 0, 3], b"", Vec::new()).await;
+    let cfg = ProxyConfig {
+        opaque_idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let p = start_proxy(cfg, &[backend]).await;
+    let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let started = Instant::now();
+    c.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+    // Busy for 1.2 s, three times the timeout: a byte every 250 ms.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.write_all(b"X-Keep: on\r\n")
+            .await
+            .expect("the busy relay stays up");
+    }
+    let last = Instant::now();
+    let mut rest = Vec::new();
+    let r = timeout(LIMIT, c.read_to_end(&mut rest))
+        .await
+        .expect("the idle relay was closed");
+    let idle = last.elapsed();
+    println!(
+        "busy for {:?}, closed {idle:?} after the last byte ({r:?})",
+        last - started
+    );
+    assert!(last - started >= Duration::from_millis(1200));
+    assert!(idle >= Duration::from_millis(400), "closed after {idle:?}");
+    assert!(idle < Duration::from_millis(1200), "closed after {idle:?}");
+}

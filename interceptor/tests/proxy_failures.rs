@@ -633,7 +633,9 @@ async fn broken_backend(ip: [u8; 4], how: Breakage) -> SocketAddr {
     };
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut preface = [0u8; 24];
                 if s.read_exact(&mut preface).await.is_err() {
@@ -647,7 +649,8 @@ async fn broken_backend(ip: [u8; 4], how: Breakage) -> SocketAddr {
                     if s.read_exact(&mut head).await.is_err() {
                         return;
                     }
-                    let len = ((head[0] as usize) << 16) | ((head[1] as usize) << 8) | head[2] as usize;
+                    let len =
+                        ((head[0] as usize) << 16) | ((head[1] as usize) << 8) | head[2] as usize;
                     let mut payload = vec![0u8; len];
                     if s.read_exact(&mut payload).await.is_err() {
                         return;
@@ -692,9 +695,12 @@ async fn call_sequentially(
     let mut slowest_failure = Duration::ZERO;
     for i in 0..calls {
         let t = Instant::now();
-        let r = timeout(LIMIT, unary(&mut c, request(Bytes::from(format!("c{i}")), md)))
-            .await
-            .expect("every call ends");
+        let r = timeout(
+            LIMIT,
+            unary(&mut c, request(Bytes::from(format!("c{i}")), md)),
+        )
+        .await
+        .expect("every call ends");
         if let Err(st) = r {
             failed.push(st.code());
             slowest_failure = slowest_failure.max(t.elapsed());
@@ -724,14 +730,26 @@ async fn endpoint_that_breaks_responses_after_the_headers_is_ejected() {
         let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, bad]).await;
         let (failed, _) = call_sequentially(&p, 300, &[]).await;
         let served: usize = good.iter().map(|b| b.calls()).sum();
-        println!("{how:?}: 300 calls, {} failed ({failed:?}), {served} served by the healthy two", failed.len());
+        println!(
+            "{how:?}: 300 calls, {} failed ({failed:?}), {served} served by the healthy two",
+            failed.len()
+        );
         // Each failure is a broken response the client had to see; before failures after
         // the headers counted, the endpoint kept a third of the calls (about 100 failed).
         assert!(!failed.is_empty(), "the broken endpoint was tried");
         assert!(failed.len() <= 12, "{} calls failed", failed.len());
-        assert!(failed.iter().all(|c| *c == Code::Unavailable || *c == Code::Internal), "{failed:?}");
+        assert!(
+            failed
+                .iter()
+                .all(|c| *c == Code::Unavailable || *c == Code::Internal),
+            "{failed:?}"
+        );
         assert_eq!(served + failed.len(), 300);
-        assert_eq!(ejected(&p, &[good[0].addr, good[1].addr]), 0, "a healthy endpoint was ejected");
+        assert_eq!(
+            ejected(&p, &[good[0].addr, good[1].addr]),
+            0,
+            "a healthy endpoint was ejected"
+        );
     }
 }
 
@@ -744,7 +762,10 @@ async fn endpoint_that_never_answers_is_ejected_and_calls_end_in_time() {
     let (hole, _) = raw_backend([127, 0, 3, 9]).await;
     let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, hole]).await;
     let (failed, slowest) = call_sequentially(&p, 100, &[("grpc-timeout", "200m")]).await;
-    println!("200 ms deadline: {} of 100 calls failed, slowest failure {slowest:?}", failed.len());
+    println!(
+        "200 ms deadline: {} of 100 calls failed, slowest failure {slowest:?}",
+        failed.len()
+    );
     assert!(!failed.is_empty() && failed.len() <= 6, "{failed:?}");
     // The client's own deadline and the proxy's race: either code is the deadline.
     assert!(
@@ -753,7 +774,10 @@ async fn endpoint_that_never_answers_is_ejected_and_calls_end_in_time() {
             .all(|c| *c == Code::DeadlineExceeded || *c == Code::Cancelled),
         "{failed:?}"
     );
-    assert!(slowest < Duration::from_millis(450), "a failed call took {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(450),
+        "a failed call took {slowest:?}"
+    );
     assert_eq!(ejected(&p, &[good[0].addr, good[1].addr]), 0);
 
     // Without one: the stream idle timeout ends them.
@@ -767,10 +791,16 @@ async fn endpoint_that_never_answers_is_ejected_and_calls_end_in_time() {
     };
     let p = start_proxy(cfg, &[good[0].addr, good[1].addr, hole]).await;
     let (failed, slowest) = call_sequentially(&p, 100, &[]).await;
-    println!("no deadline, 300 ms idle timeout: {} of 100 calls failed, slowest failure {slowest:?}", failed.len());
+    println!(
+        "no deadline, 300 ms idle timeout: {} of 100 calls failed, slowest failure {slowest:?}",
+        failed.len()
+    );
     assert!(!failed.is_empty() && failed.len() <= 6, "{failed:?}");
     assert!(failed.iter().all(|c| *c == Code::Unavailable), "{failed:?}");
-    assert!(slowest < Duration::from_millis(550), "a failed call took {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(550),
+        "a failed call took {slowest:?}"
+    );
     assert_eq!(ejected(&p, &[good[0].addr, good[1].addr]), 0);
 }
 
@@ -812,7 +842,11 @@ async fn ejection_is_bounded_and_relative() {
             .await
             .expect_err("nothing is listening");
         assert_eq!(st.code(), Code::Unavailable);
-        assert_eq!(ejected(&p, &dead2), 0, "an endpoint was ejected while every peer failed too");
+        assert_eq!(
+            ejected(&p, &dead2),
+            0,
+            "an endpoint was ejected while every peer failed too"
+        );
     }
 }
 
@@ -836,7 +870,11 @@ async fn a_call_waiting_for_a_connection_ends_at_its_deadline() {
         let mut c = c.clone();
         tasks.spawn(async move {
             let t = Instant::now();
-            let r = unary(&mut c, request(Bytes::from(format!("q{i}")), &[("grpc-timeout", "300m")])).await;
+            let r = unary(
+                &mut c,
+                request(Bytes::from(format!("q{i}")), &[("grpc-timeout", "300m")]),
+            )
+            .await;
             (r.map(|_| ()), t.elapsed())
         });
     }
@@ -848,6 +886,9 @@ async fn a_call_waiting_for_a_connection_ends_at_its_deadline() {
             st.code() == Code::DeadlineExceeded || st.code() == Code::Cancelled,
             "{st:?}"
         );
-        assert!(took < Duration::from_millis(550), "a 300 ms call took {took:?}");
+        assert!(
+            took < Duration::from_millis(550),
+            "a 300 ms call took {took:?}"
+        );
     }
 }

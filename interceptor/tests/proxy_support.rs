@@ -660,9 +660,21 @@ pub fn assert_unharmed(r: &LegitReport) {
         r.errors.len(),
         r.p99
     );
-    assert!(r.calls >= 10, "the legitimate client made only {} calls", r.calls);
-    assert!(r.errors.is_empty(), "legitimate calls failed: {:?}", r.errors);
-    assert!(r.p99 < Duration::from_millis(500), "legitimate p99 {:?}", r.p99);
+    assert!(
+        r.calls >= 10,
+        "the legitimate client made only {} calls",
+        r.calls
+    );
+    assert!(
+        r.errors.is_empty(),
+        "legitimate calls failed: {:?}",
+        r.errors
+    );
+    assert!(
+        r.p99 < Duration::from_millis(500),
+        "legitimate p99 {:?}",
+        r.p99
+    );
 }
 
 /// This process's resident set, in KiB.

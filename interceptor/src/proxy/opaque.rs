@@ -18,12 +18,7 @@ use super::server::Inner;
 /// Relays `client` to one endpoint, byte for byte, after writing `prefix` (bytes already read
 /// by detection). Each direction's EOF is passed on as a half-close, so request/response
 /// protocols that shut down their write side keep working.
-pub(crate) async fn relay(
-    inner: &Inner,
-    dest: &Destination,
-    client: TcpStream,
-    prefix: BytesMut,
-) {
+pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, prefix: BytesMut) {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let (mut upstream, in_flight) = loop {
         let Some(ep) = dest.pick(&tried) else {

@@ -90,7 +90,8 @@ impl Inner {
         // One warning a second at most: a flood of connections must not become a flood of logs.
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_reject_warning_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
+        // 0: never warned yet.
+        if (last == 0 || now.saturating_sub(last) >= 1000)
             && self
                 .last_reject_warning_ms
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)

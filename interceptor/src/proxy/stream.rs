@@ -166,7 +166,13 @@ pub(crate) async fn forward(
                 // Not the endpoint's fault, and another endpoint would fail the same way.
                 tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
                 m::unavailable("local_resources");
-                ctx.local(&mut respond, grpc::UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE, "interceptor: proxy out of local resources (file descriptors, memory or ports)", &ep.label());
+                ctx.local(
+                    &mut respond,
+                    grpc::UNAVAILABLE,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "interceptor: proxy out of local resources (file descriptors, memory or ports)",
+                    &ep.label(),
+                );
                 return;
             }
             Err(error) => {
