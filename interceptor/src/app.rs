@@ -83,7 +83,11 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         replace_stale_pins: args.replace_stale_pins,
     };
     let mut datapath = Datapath::load(&config)?;
-    let mut agent = Agent::with_balancing(&datapath, args.listen_port, ProxyConfig::default());
+    let mut agent = Agent::with_balancing(
+        &datapath,
+        args.listen_port,
+        args.limits.apply(ProxyConfig::default()),
+    );
     let state = SharedState::default();
     admin::serve(
         args.admin_addr,

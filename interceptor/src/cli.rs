@@ -153,6 +153,8 @@ pub struct RunArgs {
     /// Replace pinned maps whose layout differs from this build's, instead of refusing to start.
     #[arg(long, env = "INTERCEPTOR_REPLACE_STALE_PINS")]
     pub replace_stale_pins: bool,
+    #[command(flatten)]
+    pub limits: crate::proxy::standalone::LimitArgs,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -131,6 +131,26 @@ fn arguments_parse() {
         Duration::from_millis(100)
     );
     assert!(Cli::try_parse_from(["interceptor", "--balancer", "random"]).is_err());
+    // The limits: defaults, and each flag reaching the proxy's configuration.
+    let defaults = Cli::try_parse_from(["interceptor"]).expect("defaults");
+    let cfg = defaults.proxy.config();
+    assert_eq!(cfg.stream_idle_timeout, Duration::from_secs(300));
+    assert_eq!(cfg.max_header_list_bytes, 64 * 1024);
+    assert_eq!(cfg.max_client_connections, None);
+    let tuned = Cli::try_parse_from([
+        "interceptor",
+        "--stream-idle-timeout-ms",
+        "0",
+        "--max-header-list-bytes",
+        "16384",
+        "--max-client-connections",
+        "500",
+    ])
+    .expect("limits parse");
+    let cfg = tuned.proxy.config();
+    assert!(cfg.stream_idle_timeout.is_zero());
+    assert_eq!(cfg.max_header_list_bytes, 16384);
+    assert_eq!(cfg.max_client_connections, Some(500));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

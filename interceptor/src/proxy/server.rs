@@ -146,6 +146,7 @@ impl Proxy {
         let max_connections = config
             .max_client_connections
             .unwrap_or_else(default_max_connections);
+        tracing::debug!(max_client_connections = max_connections, "client connection limit");
         Self {
             inner: Arc::new(Inner {
                 config,

@@ -75,12 +75,52 @@ pub struct ProxyArgs {
     /// Async runtime worker threads (default: one per CPU).
     #[arg(long, env = "INTERCEPTOR_PROXY_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits that keep one client or one endpoint from hurting the others; shared by
+/// `interceptor run` and `interceptor proxy`.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct LimitArgs {
+    /// End a stream on which nothing moved for this long, in milliseconds (0: never). Calls
+    /// with a grpc-timeout end at their deadline anyway; long-lived streams that may stay
+    /// silent longer (watches) need a larger value or 0.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STREAM_IDLE_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
+    pub stream_idle_timeout_ms: u64,
+    /// Largest request or response header list taken, in bytes; bigger requests get 431.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_MAX_HEADER_LIST_BYTES",
+        default_value_t = 65_536
+    )]
+    pub max_header_list_bytes: u32,
+    /// Client connections served at once; the excess is closed at accept. Default: half of
+    /// RLIMIT_NOFILE less 64.
+    #[arg(long, env = "INTERCEPTOR_MAX_CLIENT_CONNECTIONS")]
+    pub max_client_connections: Option<usize>,
+}
+
+impl LimitArgs {
+    /// `config` with these limits.
+    pub fn apply(&self, config: ProxyConfig) -> ProxyConfig {
+        ProxyConfig {
+            stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
+            max_header_list_bytes: self.max_header_list_bytes,
+            max_client_connections: self.max_client_connections,
+            ..config
+        }
+    }
 }
 
 impl ProxyArgs {
     /// The proxy configuration these arguments select.
     pub fn config(&self) -> ProxyConfig {
-        ProxyConfig {
+        self.limits.apply(ProxyConfig {
             balancer: match self.balancer {
                 BalancerArg::P2c => BalancerKind::P2c,
                 BalancerArg::RoundRobin => BalancerKind::RoundRobin,
@@ -88,7 +128,7 @@ impl ProxyArgs {
             detect_timeout: Duration::from_millis(self.detect_timeout_ms),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             ..ProxyConfig::default()
-        }
+        })
     }
 }
 
