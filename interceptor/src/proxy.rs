@@ -8,6 +8,7 @@ pub mod demux;
 pub mod detect;
 pub mod endpoints;
 pub mod grpc;
+pub mod limit;
 pub mod metrics;
 pub mod opaque;
 pub mod passthrough;

@@ -381,7 +381,12 @@ async fn oversized_header_list_gets_431_and_never_reaches_an_endpoint() {
     );
     assert_eq!(statuses.get(&431), Some(&200), "{statuses:?}");
     let err = huge.expect_err("no response to a 1 MiB header");
-    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    // GOAWAY ENHANCE_YOUR_CALM; or, when the proxy closed the socket while the client was
+    // still writing the block, its write fails (broken pipe) before it reads the GOAWAY.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err:?}"
+    );
     // Only the legitimate client's calls reached the endpoint.
     assert_eq!(
         b.calls(),

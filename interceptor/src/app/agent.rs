@@ -15,6 +15,7 @@ use crate::cli::StaticPod;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::passthrough;
 use crate::proxy::pod_listener::{
     Accepted, ConnEnds, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
@@ -113,10 +114,16 @@ impl Agent {
     pub fn with_balancing(datapath: &Datapath, listen_port: u16, config: ProxyConfig) -> Self {
         let routes = Routes::default();
         let open = Arc::new(AtomicUsize::new(0));
+        // Descriptors are the process's: one limit over every pod's connections.
+        let limit = ConnectionLimit::new(config.max_client_connections);
         let (routes_h, open_h) = (routes.clone(), open.clone());
         let factory: HandlerFactory = Arc::new(move |pod: &Arc<PodContext>| {
-            let proxy = Proxy::new(config.clone(), Arc::new(PodConnector(pod.clone())));
-            let (routes, open) = (routes_h.clone(), open_h.clone());
+            let proxy = Proxy::with_connection_limit(
+                config.clone(),
+                Arc::new(PodConnector(pod.clone())),
+                limit.clone(),
+            );
+            let (routes, open, limit) = (routes_h.clone(), open_h.clone(), limit.clone());
             let p = proxy.clone();
             let handler: Handler = Arc::new(move |conn: Accepted| {
                 let proxy = p.clone();
@@ -125,9 +132,14 @@ impl Agent {
                     Err(poisoned) => poisoned.into_inner().contains_key(&conn.orig_dst),
                 };
                 let open = Open::new(&open);
+                let limit = limit.clone();
                 Box::pin(async move {
                     let _open = open;
                     if !balanced {
+                        // Counted like demultiplexed ones (which take their slot inside).
+                        let Some(_slot) = limit.try_acquire() else {
+                            return;
+                        };
                         return passthrough::relay(conn).await;
                     }
                     let (pod, dest) = (conn.pod.name.clone(), conn.orig_dst);

@@ -163,6 +163,9 @@ impl EndpointStats {
             return false;
         }
         if !may_eject() {
+            // Start counting afresh: failures shared with every peer say nothing about this
+            // endpoint, and must not leave it one straggler away from ejection.
+            self.consecutive_failures.store(0, Ordering::Relaxed);
             m::ejection_suppressed(&self.label);
             tracing::debug!(endpoint = %self.addr, failures = n, "endpoint keeps failing but is not ejected: its peers fail too, or enough of them are ejected already");
             return false;
@@ -176,6 +179,8 @@ impl EndpointStats {
         self.ejected_until_ms
             .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        // Back from ejection it must answer again before it vouches for its peers.
+        self.proven.store(false, Ordering::Relaxed);
         m::ejection(&self.label);
         tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected after repeated failures while its peers succeed");
         true
@@ -328,6 +333,8 @@ mod tests {
         };
         assert!(!s.record_failure(&p, || true));
         assert!(!s.record_failure(&p, || false), "the destination said no");
+        // ...and the count starts again.
+        assert!(!s.record_failure(&p, || true));
         assert!(s.record_failure(&p, || true));
         assert!(s.is_ejected());
         std::thread::sleep(Duration::from_millis(80));

@@ -90,7 +90,9 @@ impl Default for ProxyConfig {
             balancer: BalancerKind::P2c,
             detect_timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_secs(1),
-            stream_window: 1024 * 1024,
+            // Within a node the round trip is tens of microseconds, so 256 KiB per stream
+            // still moves gigabytes a second; what a stalled stream can pin is one window.
+            stream_window: 256 * 1024,
             connection_window: 4 * 1024 * 1024,
             max_concurrent_streams: 1000,
             streams_per_connection: 100,

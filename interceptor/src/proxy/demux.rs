@@ -30,10 +30,11 @@ pub(crate) struct OpenStream(Arc<ConnGuard>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        if self.0.open_streams.fetch_sub(1, Ordering::Relaxed) == 1 {
-            let now = self.0.started.elapsed().as_millis() as u64;
-            self.0.idle_since_ms.store(now, Ordering::Relaxed);
-        }
+        // The time first, then the count: whoever sees the count at zero sees a time at
+        // least as recent as the last stream's end.
+        let now = self.0.started.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(now, Ordering::Release);
+        self.0.open_streams.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -58,10 +59,10 @@ impl ConnGuard {
 
     /// How long the connection has had no stream, or None while it has one.
     fn idle_for(&self) -> Option<Duration> {
-        if self.open_streams.load(Ordering::Relaxed) != 0 {
+        if self.open_streams.load(Ordering::Acquire) != 0 {
             return None;
         }
-        let since = self.idle_since_ms.load(Ordering::Relaxed);
+        let since = self.idle_since_ms.load(Ordering::Acquire);
         let now = self.started.elapsed().as_millis() as u64;
         Some(Duration::from_millis(now.saturating_sub(since)))
     }
@@ -80,6 +81,9 @@ impl ConnGuard {
         }
     }
 }
+
+/// How long an idle client connection may take to close after its GOAWAY.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves HTTP/2 on `io` until the client closes it, it fails, or a drain that started with
 /// `shutdown` completes. Errors end only this connection; its streams are reset by h2.
@@ -120,6 +124,9 @@ where
     let idle_timeout = cfg.client_idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    // After the idle GOAWAY, h2 closes once the client acks its PING; one that never does
+    // would keep its descriptor and connection slot forever.
+    let mut idle_closing = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -138,12 +145,18 @@ where
                 super::metrics::abusive_connection("rapid_reset");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
             }
-            _ = &mut idle, if !idle_timeout.is_zero() && !draining => {
+            _ = &mut idle, if idle_closing || (!idle_timeout.is_zero() && !draining) => {
+                if idle_closing {
+                    tracing::debug!(dest = %dest.addr(), "idle client connection did not close after GOAWAY; closing it");
+                    return Ok(());
+                }
                 match guard.idle_for() {
                     Some(idle_for) if idle_for >= idle_timeout => {
                         tracing::debug!(dest = %dest.addr(), idle_s = idle_for.as_secs(), "client connection idle; sending GOAWAY");
                         super::metrics::timeout("client_idle");
                         draining = true;
+                        idle_closing = true;
+                        idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                         conn.graceful_shutdown();
                     }
                     Some(idle_for) => idle.as_mut().reset(tokio::time::Instant::now() + (idle_timeout - idle_for)),

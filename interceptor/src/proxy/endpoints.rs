@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::balancer::{p2c, EjectPolicy, EndpointStats, Load};
@@ -56,6 +56,9 @@ pub struct Destination {
     set: RwLock<Arc<Vec<Endpoint>>>,
     rr: AtomicUsize,
     pool: Option<Pool>,
+    /// Serialises ejection decisions, so concurrent failures cannot together eject past the
+    /// bound (failures only: the success path never takes it).
+    ejecting: Mutex<()>,
 }
 
 impl Destination {
@@ -73,6 +76,7 @@ impl Destination {
             set: RwLock::new(Arc::new(Vec::new())),
             rr: AtomicUsize::new(0),
             pool: None,
+            ejecting: Mutex::new(()),
         }
     }
 
@@ -173,6 +177,10 @@ impl Destination {
         policy: &EjectPolicy,
         max_percent: u32,
     ) -> bool {
+        let _deciding = match self.ejecting.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
         ep.record_failure(policy, || {
             let set = self.current();
             let ejected = set.iter().filter(|e| e.stats.is_ejected()).count();

@@ -13,6 +13,7 @@ pub const GRPC_MESSAGE: &str = "grpc-message";
 /// gRPC status codes the proxy itself produces.
 pub const UNAVAILABLE: u32 = 14;
 pub const DEADLINE_EXCEEDED: u32 = 4;
+pub const INTERNAL: u32 = 13;
 
 /// True for gRPC requests (`content-type: application/grpc[+proto|...]`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -66,6 +67,21 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
         b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// `grpc-timeout` for `d`: milliseconds while they fit the 8 digits gRPC allows, else
+/// seconds, else hours (round down, so the endpoint's deadline is never later than ours).
+pub fn encode_grpc_timeout(d: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let ms = d.as_millis();
+    let text = if ms <= MAX {
+        format!("{}m", ms.max(1))
+    } else if d.as_secs() as u128 <= MAX {
+        format!("{}S", d.as_secs())
+    } else {
+        format!("{}H", (d.as_secs() / 3600).min(MAX as u64))
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("1m"))
 }
 
 /// A response the proxy answers by itself: trailers-only gRPC (HTTP 200 with grpc-status) for
@@ -148,5 +164,29 @@ mod tests {
         );
         assert_eq!(h.get(TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-keep").is_some());
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_round_trips_and_rounds_down() {
+        for (d, text) in [
+            (Duration::from_millis(250), "250m"),
+            (Duration::from_micros(1500), "1m"),
+            (Duration::from_micros(10), "1m"),
+            (Duration::from_secs(200_000), "200000S"),
+            (Duration::from_secs(100_000_000 * 3600), "99999999H"),
+        ] {
+            assert_eq!(encode_grpc_timeout(d), text, "{d:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "grpc-timeout",
+            encode_grpc_timeout(Duration::from_millis(1234)),
+        );
+        assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(1234)));
     }
 }

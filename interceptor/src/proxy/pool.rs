@@ -356,9 +356,11 @@ impl Pool {
 /// full stream window. A response is read from the endpoint only as fast as its client takes
 /// it, so the bytes of a client that stops reading stay unreleased in the connection window;
 /// with less room, a dozen stalled clients would freeze every stream sharing the connection.
-/// Memory per stalled stream stays one stream window either way. (The guarantee holds up to
-/// `streams_per_connection` streams per connection; past `max_connections_per_endpoint`
-/// connections the pool oversubscribes them.)
+/// The price: what stalled readers can pin grows from one connection window to one stream
+/// window per stalled stream (256 KiB by default; 25 MiB per connection, 100 MiB per endpoint
+/// and pod at worst), released when their streams end or hit the stream idle timeout. (The
+/// guarantee holds up to `streams_per_connection` streams per connection; past
+/// `max_connections_per_endpoint` connections the pool oversubscribes them.)
 fn upstream_connection_window(cfg: &PoolConfig) -> u32 {
     const MAX_WINDOW: u64 = (1 << 31) - 1;
     let room = cfg.stream_window as u64 * cfg.streams_per_connection.max(1) as u64;

@@ -3,9 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -15,6 +13,7 @@ use super::config::ProxyConfig;
 use super::connector::Connector;
 use super::detect::{detect, Prefixed, Protocol};
 use super::endpoints::{Destination, EndpointsHandle};
+use super::limit::ConnectionLimit;
 use super::metrics as m;
 use super::pool::{Pool, PoolConfig};
 
@@ -41,34 +40,7 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     dests: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
     shutdown: watch::Sender<bool>,
-    connections: AtomicUsize,
-    max_connections: usize,
-    last_reject_warning_ms: AtomicU64,
-    started: Instant,
-}
-
-/// One client connection's place under `max_client_connections`.
-struct ConnectionSlot<'a>(&'a AtomicUsize);
-
-impl Drop for ConnectionSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Half the soft RLIMIT_NOFILE, less a reserve for listeners, pins and the admin server: a
-/// client connection can need an upstream socket too (opaque relays, new pool connections).
-fn default_max_connections() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass and has no other effects.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if !ok || lim.rlim_cur == libc::RLIM_INFINITY {
-        return 1 << 20;
-    }
-    ((lim.rlim_cur as usize) / 2).saturating_sub(64).max(16)
+    limit: Arc<ConnectionLimit>,
 }
 
 impl Inner {
@@ -78,28 +50,6 @@ impl Inner {
             base: self.config.eject_base,
             max: self.config.eject_max,
         }
-    }
-
-    fn connection_slot(&self) -> Result<ConnectionSlot<'_>, ProxyError> {
-        let open = self.connections.fetch_add(1, Ordering::Relaxed);
-        let slot = ConnectionSlot(&self.connections);
-        if open < self.max_connections {
-            return Ok(slot);
-        }
-        m::rejected_connection();
-        // One warning a second at most: a flood of connections must not become a flood of logs.
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.last_reject_warning_ms.load(Ordering::Relaxed);
-        // 0: never warned yet.
-        if (last == 0 || now.saturating_sub(last) >= 1000)
-            && self
-                .last_reject_warning_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(max = self.max_connections, "client connection limit reached; closing new connections at accept (raise RLIMIT_NOFILE or max_client_connections)");
-        }
-        Err(ProxyError::TooManyConnections(self.max_connections))
     }
 
     fn destination(&self, dest: SocketAddr) -> Arc<Destination> {
@@ -128,6 +78,17 @@ impl Proxy {
     /// Creates a proxy; upstream sockets are opened through `connector`. Call inside a tokio
     /// runtime (the pool starts its idle reaper there).
     pub fn new(config: ProxyConfig, connector: Arc<dyn Connector>) -> Self {
+        let limit = ConnectionLimit::new(config.max_client_connections);
+        Self::with_connection_limit(config, connector, limit)
+    }
+
+    /// A proxy whose client connections count against `limit`, shared with others (the
+    /// agent's per-pod proxies); `config.max_client_connections` is then not used.
+    pub fn with_connection_limit(
+        config: ProxyConfig,
+        connector: Arc<dyn Connector>,
+        limit: Arc<ConnectionLimit>,
+    ) -> Self {
         let pool = Pool::new(
             connector.clone(),
             PoolConfig {
@@ -143,10 +104,6 @@ impl Proxy {
             },
         );
         let (shutdown, _) = watch::channel(false);
-        let max_connections = config
-            .max_client_connections
-            .unwrap_or_else(default_max_connections);
-        tracing::debug!(max_client_connections = max_connections, "client connection limit");
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -154,10 +111,7 @@ impl Proxy {
                 pool,
                 dests: Mutex::new(HashMap::new()),
                 shutdown,
-                connections: AtomicUsize::new(0),
-                max_connections,
-                last_reject_warning_ms: AtomicU64::new(0),
-                started: Instant::now(),
+                limit,
             }),
         }
     }
@@ -168,10 +122,7 @@ impl Proxy {
 
     /// Client connections being served now, and the most that may be.
     pub fn client_connections(&self) -> (usize, usize) {
-        (
-            self.inner.connections.load(Ordering::Relaxed),
-            self.inner.max_connections,
-        )
+        (self.inner.limit.open(), self.inner.limit.max())
     }
 
     /// The handle to update the endpoints of `dest` (the original ClusterIP:port). Created
@@ -207,7 +158,9 @@ impl Proxy {
         stream: TcpStream,
         dest: SocketAddr,
     ) -> Result<(), ProxyError> {
-        let _slot = self.inner.connection_slot()?;
+        let Some(_slot) = self.inner.limit.try_acquire() else {
+            return Err(ProxyError::TooManyConnections(self.inner.limit.max()));
+        };
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
         let destination = self.inner.destination(dest);

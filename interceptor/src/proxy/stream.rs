@@ -47,11 +47,23 @@ async fn deadline_sleep(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn upstream_request(head: &Parts) -> Request<()> {
+/// Taken off the time left that the endpoint is told (grpc-timeout), so that an endpoint that
+/// honours deadlines answers DEADLINE_EXCEEDED itself before the proxy's timer fires: then
+/// only an endpoint that ignores the deadline is charged with a failure.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn upstream_request(head: &Parts, deadline: Option<tokio::time::Instant>) -> Request<()> {
     let mut r = Request::new(());
     *r.method_mut() = head.method.clone();
     *r.uri_mut() = head.uri.clone();
     *r.headers_mut() = head.headers.clone();
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(tokio::time::Instant::now());
+        r.headers_mut().insert(
+            "grpc-timeout",
+            grpc::encode_grpc_timeout(left.saturating_sub(DEADLINE_MARGIN)),
+        );
+    }
     r
 }
 
@@ -59,6 +71,7 @@ struct Ctx {
     guard: Arc<ConnGuard>,
     grpc: bool,
     started: Instant,
+    idle_timeout: std::time::Duration,
 }
 
 impl Ctx {
@@ -121,6 +134,7 @@ pub(crate) async fn forward(
         guard,
         grpc: grpc::is_grpc(&head.headers),
         started: Instant::now(),
+        idle_timeout: inner.config.stream_idle_timeout,
     };
     grpc::strip_hop_by_hop(&mut head.headers);
     let deadline = grpc::grpc_timeout(&head.headers).map(|d| tokio::time::Instant::now() + d);
@@ -128,7 +142,6 @@ pub(crate) async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let policy = inner.eject_policy();
     let max_ejected = inner.config.max_ejected_percent;
-    let idle_timeout = inner.config.stream_idle_timeout;
 
     let mut attempt = 0;
     while attempt < inner.config.max_attempts {
@@ -196,7 +209,6 @@ pub(crate) async fn forward(
             lease,
             in_flight,
             deadline,
-            idle_timeout,
         )
         .await
         {
@@ -239,14 +251,16 @@ async fn try_endpoint(
     mut lease: Lease,
     in_flight: InFlight,
     deadline: Option<tokio::time::Instant>,
-    idle_timeout: std::time::Duration,
 ) -> Attempt {
     let ep = in_flight.stats().clone();
     let label = ep.label();
     body.rewind();
     let eos = body.empty();
     let sent_at = Instant::now();
-    let (resp_fut, mut up_tx) = match lease.sender().send_request(upstream_request(head), eos) {
+    let (resp_fut, mut up_tx) = match lease
+        .sender()
+        .send_request(upstream_request(head, deadline), eos)
+    {
         Ok(pair) => pair,
         Err(error) => {
             // The connection is going away or gone; the stream never left this process.
@@ -261,6 +275,11 @@ async fn try_endpoint(
     tokio::pin!(resp_fut);
     let sleep = deadline_sleep(deadline);
     tokio::pin!(sleep);
+    // No idle timer when the deadline comes first anyway.
+    let idle_timeout = match deadline {
+        Some(d) if d <= tokio::time::Instant::now() + ctx.idle_timeout => std::time::Duration::ZERO,
+        _ => ctx.idle_timeout,
+    };
     let mut idle = IdleTimer::new(idle_timeout);
     let idle_sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle_sleep);
@@ -295,7 +314,9 @@ async fn try_endpoint(
                 m::timeout("stream_idle");
                 let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", idle_timeout);
                 ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, &label);
-                return if body.done() || req_failed { Attempt::Failed } else { Attempt::Done };
+                // Not charged: servers may send the headers of a quiet stream (a watch) only
+                // with its first message.
+                return Attempt::Done;
             }
             r = &mut resp_fut => break r,
             s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
@@ -336,8 +357,26 @@ async fn try_endpoint(
                 return Attempt::Done;
             }
             if e.is_reset() && e.is_remote() {
-                respond.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
+                respond.send_reset(reason);
                 m::request(&label, "reset", ctx.started.elapsed());
+                return if charged_reset(reason) {
+                    Attempt::Failed
+                } else {
+                    Attempt::Done
+                };
+            }
+            if e.is_reset() {
+                // h2 itself refused the response (headers over max_header_list_bytes, a
+                // malformed message): that stream only, the connection is fine.
+                tracing::debug!(endpoint = %ep.addr(), error = %e, "endpoint's response rejected");
+                ctx.local(
+                    respond,
+                    grpc::INTERNAL,
+                    StatusCode::BAD_GATEWAY,
+                    "interceptor: the endpoint's response headers were malformed or too large",
+                    &label,
+                );
                 return Attempt::Done;
             }
             // The connection broke with the request in flight: it may have been processed,
@@ -423,10 +462,13 @@ async fn try_endpoint(
                 Err(PumpError::Recv(e)) if e.is_reset() && e.is_remote() => {
                     let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
                     client_tx.send_reset(reason);
-                    // NO_ERROR and CANCEL are a peer's ordinary ways to stop a stream;
-                    // anything else means the endpoint broke the response.
-                    charge = !matches!(reason, Reason::NO_ERROR | Reason::CANCEL);
+                    charge = charged_reset(reason);
                     break "reset";
+                }
+                Err(PumpError::Recv(e)) if e.is_reset() => {
+                    tracing::debug!(endpoint = %ep.addr(), error = %e, "endpoint's trailers rejected");
+                    end_with_status(ctx, &mut client_tx, grpc::INTERNAL, "interceptor: the endpoint's trailers were malformed or too large");
+                    break "13";
                 }
                 Err(PumpError::Recv(e)) => {
                     tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed during the response");
@@ -507,6 +549,16 @@ impl IdleTimer {
         sleep.reset(due);
         true
     }
+}
+
+/// Whether a reset from the endpoint counts against it: NO_ERROR and CANCEL are a peer's
+/// ordinary ways to stop a stream and REFUSED_STREAM says it was not processed; anything
+/// else (INTERNAL_ERROR, PROTOCOL_ERROR, ...) means the endpoint broke the stream.
+fn charged_reset(reason: Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::NO_ERROR | Reason::CANCEL | Reason::REFUSED_STREAM
+    )
 }
 
 /// Ends a stream whose response headers were already sent: gRPC gets a status in trailers,
