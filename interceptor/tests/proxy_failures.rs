@@ -62,15 +62,9 @@ async fn raw_backend(
                         if path.starts_with("/reset-before/") {
                             respond.send_reset(reason(&path));
                         } else if path.starts_with("/reset-after/") {
-                            let mut resp = http::Response::new(());
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("application/grpc"),
-                            );
-                            let Ok(mut s) = respond.send_response(resp, false) else {
+                            let Some(mut s) = grpc_message_sent(&mut respond) else {
                                 return;
                             };
-                            let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             s.send_reset(reason(&path));
                         } else if path == "/echo-timeout" {
@@ -80,15 +74,9 @@ async fn raw_backend(
                             }
                             let _ = respond.send_response(resp, true);
                         } else if path == "/early-response" {
-                            let mut resp = http::Response::new(());
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("application/grpc"),
-                            );
-                            let Ok(mut s) = respond.send_response(resp, false) else {
+                            let Some(mut s) = grpc_message_sent(&mut respond) else {
                                 return;
                             };
-                            let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
                             let mut trailers = http::HeaderMap::new();
                             trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
                             let _ = s.send_trailers(trailers);
@@ -105,6 +93,20 @@ async fn raw_backend(
         }
     });
     (addr, rx)
+}
+
+/// Sends gRPC response headers and one 1-byte message; None if the stream is gone.
+fn grpc_message_sent(
+    respond: &mut h2::server::SendResponse<Bytes>,
+) -> Option<h2::SendStream<Bytes>> {
+    let mut resp = http::Response::new(());
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    let mut s = respond.send_response(resp, false).ok()?;
+    let _ = s.send_data(Bytes::from_static(b"\0\0\0\0\x01z"), false);
+    Some(s)
 }
 
 /// A raw h2 client connection to the proxy.
