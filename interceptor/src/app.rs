@@ -33,12 +33,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime(args.worker_threads)?.block_on(run_agent(args))
 }
 
+/// The proxy worker threads (`workers`, default one per CPU) serve the client connections;
+/// this runtime, one thread, runs the rest: listeners' accept loops, discovery, the admin
+/// endpoint.
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
-    }
-    b.enable_all()
+    let n = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    crate::proxy::workers::start(n).context("starting the proxy worker threads")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
         .thread_name("interceptor")
         .build()
         .context("starting the async runtime")

@@ -126,7 +126,8 @@ pub struct RunArgs {
     #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: std::time::Duration,
-    /// Async runtime worker threads (default: one per CPU).
+    /// Proxy worker threads, each serving its share of the client connections on its own
+    /// single-threaded runtime (default: one per CPU).
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Port of the pod-local listener (127.0.0.1 and [::1] inside each pod).

@@ -17,3 +17,4 @@ pub mod pool;
 pub mod server;
 pub mod standalone;
 pub mod stream;
+pub mod workers;

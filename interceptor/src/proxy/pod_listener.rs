@@ -174,12 +174,18 @@ async fn accept_loop(
             Ok(Some(orig_dst)) => {
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(pod = %pod.name, %peer, %orig_dst, "accepted redirected connection");
-                tokio::spawn(handler(Accepted {
-                    stream,
-                    peer,
-                    orig_dst,
-                    pod: pod.clone(),
-                }));
+                let (pod, handler) = (pod.clone(), handler.clone());
+                let served = super::workers::spawn_connection(stream, move |stream| {
+                    handler(Accepted {
+                        stream,
+                        peer,
+                        orig_dst,
+                        pod,
+                    })
+                });
+                if let Err(error) = served {
+                    tracing::warn!(%peer, %error, "could not hand a connection to a worker");
+                }
             }
             Ok(None) => {
                 metrics::counter!("interceptor_listener_unresolved_total").increment(1);

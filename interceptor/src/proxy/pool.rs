@@ -1,5 +1,5 @@
-//! Pooled HTTP/2 client connections per endpoint, shared by every client connection of one
-//! `Proxy`.
+//! Pooled HTTP/2 client connections per endpoint (and proxy worker thread), shared by every
+//! client connection of one `Proxy`.
 //!
 //! A connection is reused until it carries `streams_per_connection` streams (or the peer's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, if lower); then another is opened, up to
@@ -91,7 +91,9 @@ impl std::fmt::Debug for Pool {
 struct PoolInner {
     connector: Arc<dyn Connector>,
     cfg: PoolConfig,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    /// By endpoint and proxy worker (`workers::current_index`): each worker thread drives its
+    /// own connections, so a stream and its connection never wake each other across threads.
+    endpoints: Mutex<HashMap<(SocketAddr, usize), Arc<EndpointPool>>>,
 }
 
 struct EndpointPool {
@@ -210,7 +212,7 @@ impl Pool {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
-            map.entry(addr)
+            map.entry((addr, super::workers::current_index()))
                 .or_insert_with(|| {
                     Arc::new(EndpointPool {
                         conns: Mutex::new(Vec::new()),
@@ -327,28 +329,37 @@ impl Pool {
     /// Forgets every pooled connection to `addr` (the endpoint was removed). Streams holding
     /// a lease finish; each connection closes once its last stream is done.
     pub fn retire_endpoint(&self, addr: SocketAddr) {
-        let removed = match self.inner.endpoints.lock() {
-            Ok(mut m) => m.remove(&addr),
-            Err(p) => p.into_inner().remove(&addr),
+        let mut map = match self.inner.endpoints.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
         };
-        if removed.is_some() {
+        let before = map.len();
+        map.retain(|(a, _), _| *a != addr);
+        if map.len() != before {
             tracing::debug!(endpoint = %addr, "endpoint removed; its pooled connections drain and close");
         }
     }
 
     /// Live pooled connections to `addr` (for tests and the admin API).
     pub fn connections(&self, addr: SocketAddr) -> usize {
-        let epool = match self.inner.endpoints.lock() {
-            Ok(m) => m.get(&addr).cloned(),
-            Err(p) => p.into_inner().get(&addr).cloned(),
-        };
-        epool.map_or(0, |e| match e.conns.lock() {
-            Ok(c) => c
+        let pools: Vec<Arc<EndpointPool>> = match self.inner.endpoints.lock() {
+            Ok(m) => m
                 .iter()
-                .filter(|c| !c.closed.load(Ordering::Relaxed))
-                .count(),
-            Err(_) => 0,
-        })
+                .filter(|((a, _), _)| *a == addr)
+                .map(|(_, e)| e.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        pools
+            .iter()
+            .map(|e| match e.conns.lock() {
+                Ok(c) => c
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Relaxed))
+                    .count(),
+                Err(_) => 0,
+            })
+            .sum()
     }
 }
 

@@ -72,7 +72,8 @@ pub struct ProxyArgs {
     /// Admin endpoint (/healthz, /readyz, /metrics, /config); off unless given.
     #[arg(long, env = "INTERCEPTOR_PROXY_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
-    /// Async runtime worker threads (default: one per CPU).
+    /// Proxy worker threads, each serving its share of the client connections on its own
+    /// single-threaded runtime (default: one per CPU).
     #[arg(long, env = "INTERCEPTOR_PROXY_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     #[command(flatten)]
@@ -232,11 +233,20 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let proxy = proxy.clone();
-                    conns.spawn(async move {
+                    let served = super::workers::spawn_connection(stream, move |stream| async move {
                         if let Err(error) = proxy.serve_connection(stream, local).await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
                     });
+                    match served {
+                        // Tracked here so the drain waits for it, wherever it runs.
+                        Ok(task) => {
+                            conns.spawn(async move {
+                                let _ = task.await;
+                            });
+                        }
+                        Err(error) => tracing::warn!(%peer, %error, "could not hand a connection to a worker"),
+                    }
                 }
                 Err(error) => {
                     // Out of descriptors and the like: back off instead of spinning.
