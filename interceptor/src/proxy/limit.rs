@@ -2,9 +2,9 @@
 //! so the agent shares one limit between the demultiplexers of all its pods and the relays it
 //! passes through; running out must never look like an endpoint failing.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use super::metrics as m;
 
@@ -12,9 +12,7 @@ use super::metrics as m;
 pub struct ConnectionLimit {
     open: AtomicUsize,
     max: usize,
-    /// Milliseconds since `started` of the last warning; 0: none yet.
-    last_warning_ms: AtomicU64,
-    started: Instant,
+    warnings: RateLimit,
 }
 
 /// One connection's place under the limit, given back on drop.
@@ -36,8 +34,7 @@ impl ConnectionLimit {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             max,
-            last_warning_ms: AtomicU64::new(0),
-            started: Instant::now(),
+            warnings: RateLimit::new(Duration::from_secs(1)),
         })
     }
 
@@ -58,15 +55,8 @@ impl ConnectionLimit {
         }
         drop(slot);
         m::rejected_connection();
-        let now = (self.started.elapsed().as_millis() as u64).max(1);
-        let last = self.last_warning_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1000)
-            && self
-                .last_warning_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(max = self.max, "client connection limit reached; closing new connections at accept (raise RLIMIT_NOFILE or --max-client-connections)");
+        if let Some(suppressed) = self.warnings.allow() {
+            tracing::warn!(max = self.max, suppressed, "client connection limit reached; closing new connections at accept (raise RLIMIT_NOFILE or --max-client-connections)");
         }
         None
     }
@@ -83,4 +73,44 @@ fn from_rlimit() -> usize {
         return 1 << 20;
     }
     ((lim.rlim_cur as usize) / 2).saturating_sub(64).max(16)
+}
+
+/// At most one event per interval passes (for log lines a flood could repeat); the rest are
+/// counted and reported with the next one that passes.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    interval_ms: u64,
+    next_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    pub(crate) const fn new(interval: Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events suppressed since the last allowed one)` when this one may be logged.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.interval_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
 }

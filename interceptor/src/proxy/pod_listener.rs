@@ -26,6 +26,8 @@ use tokio::task::JoinSet;
 use crate::netns::{netns_cookie, Netns};
 use crate::sockdiag::SockDiag;
 
+use super::limit::RateLimit;
+
 /// Backlog of each pod-local listener: bursts of connects from one pod queue here.
 const BACKLOG: i32 = 1024;
 
@@ -206,43 +208,6 @@ async fn accept_loop(
 /// At most one warning per interval for connections the listener cannot place: a client
 /// dialling the listener in a loop must not flood the log (the metric counts every one).
 static UNRESOLVED_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(10));
-
-struct RateLimit {
-    interval_ms: u64,
-    next_ms: std::sync::atomic::AtomicU64,
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl RateLimit {
-    const fn new(interval: Duration) -> Self {
-        Self {
-            interval_ms: interval.as_millis() as u64,
-            next_ms: std::sync::atomic::AtomicU64::new(0),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(events suppressed since the last allowed one)` when this one may be logged.
-    fn allow(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64;
-        let next = self.next_ms.load(Relaxed);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + self.interval_ms, Relaxed, Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Relaxed));
-        }
-        self.suppressed.fetch_add(1, Relaxed);
-        None
-    }
-}
 
 /// Opens a TCP connection from inside the pod's netns, so the backend sees the pod's IP and
 /// NetworkPolicy applies as if the app had connected itself.
