@@ -905,6 +905,61 @@ async fn a_call_waiting_for_a_connection_ends_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_that_never_completes_the_handshake_is_ejected_though_every_deadline_is_shorter() {
+    // Accepts TCP and never speaks HTTP/2. Every call has a 200 ms deadline, a fifth of
+    // connect_timeout, so no call is still waiting when a handshake times out: the connect
+    // must be charged on its own, or the endpoint is never ejected and keeps failing calls.
+    let good: Vec<Backend> = (2..=3)
+        .map(|j| Backend::start([127, 0, 6, j], &format!("g{j}")))
+        .collect();
+    let silent = TcpListener::bind("127.0.6.9:0").await.expect("bind");
+    let hole = silent.local_addr().expect("addr");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            keep.lock().expect("held").push(s);
+        }
+    });
+    let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, hole]).await;
+    let mut c = client(p.addr).await;
+    let started = Instant::now();
+    let (mut calls, mut failed, mut ejected_after) = (0, 0, None);
+    while calls < 2000 && started.elapsed() < Duration::from_secs(6) {
+        let r = timeout(
+            LIMIT,
+            unary(
+                &mut c,
+                request(Bytes::from(format!("h{calls}")), &[("grpc-timeout", "200m")]),
+            ),
+        )
+        .await
+        .expect("every call ends");
+        calls += 1;
+        if let Err(st) = r {
+            failed += 1;
+            assert!(
+                st.code() == Code::DeadlineExceeded || st.code() == Code::Cancelled,
+                "{st:?}"
+            );
+        }
+        if ejected_after.is_none() && ejected(&p, &[hole]) == 1 {
+            ejected_after = Some((started.elapsed(), failed));
+        }
+        assert_eq!(
+            ejected(&p, &[good[0].addr, good[1].addr]),
+            0,
+            "a healthy endpoint was ejected"
+        );
+    }
+    println!("silent handshake, 200 ms deadlines: {calls} calls in {:?}, {failed} failed, ejected after (time, failures) {ejected_after:?}", started.elapsed());
+    let (after, failures) = ejected_after.expect("the silent endpoint was never ejected");
+    // Three handshakes time out one after another (3 x 1 s) before the ejection.
+    assert!(after < Duration::from_secs(5), "ejected only after {after:?}");
+    assert!(failures <= 20, "{failures} calls failed before the ejection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoint_is_told_the_time_left_less_a_margin() {
     let (backend, _events) = raw_backend([127, 0, 0, 7]).await;
     let proxy = start_proxy(ProxyConfig::default(), &[backend]).await;

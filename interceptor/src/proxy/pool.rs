@@ -37,6 +37,8 @@ pub enum PoolError {
         #[source]
         source: h2::Error,
     },
+    #[error("connecting to endpoint {addr} was abandoned: the proxy is shutting down")]
+    Abandoned { addr: SocketAddr },
 }
 
 impl PoolError {
@@ -99,8 +101,8 @@ struct PoolInner {
 struct EndpointPool {
     conns: Mutex<Vec<Arc<Conn>>>,
     // Serialises connects to one endpoint so a burst of streams opens one connection, not
-    // one per stream.
-    connect_lock: tokio::sync::Mutex<()>,
+    // one per stream. Held by the connect task, not by the stream waiting for it.
+    connect_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Conn {
@@ -204,7 +206,18 @@ impl Pool {
     }
 
     /// A stream slot on a connection to `ep`, connecting if needed.
-    pub async fn acquire(&self, ep: &EndpointStats) -> Result<Lease, PoolError> {
+    ///
+    /// A connect runs in its own task and ends on its own terms (connected, refused or timed
+    /// out) even when every stream waiting for it gave up at its deadline; `charge` is called
+    /// with the failure then. Otherwise an endpoint that accepts TCP and never completes the
+    /// HTTP/2 handshake would go uncharged for as long as callers' deadlines are shorter than
+    /// `connect_timeout`, and keep its share of calls. A connection nobody waits for any more
+    /// stays in the pool for the next stream.
+    pub async fn acquire(
+        &self,
+        ep: &EndpointStats,
+        charge: impl FnOnce(&PoolError) + Send + 'static,
+    ) -> Result<Lease, PoolError> {
         let addr = ep.addr();
         let cfg = &self.inner.cfg;
         let epool = {
@@ -216,7 +229,7 @@ impl Pool {
                 .or_insert_with(|| {
                     Arc::new(EndpointPool {
                         conns: Mutex::new(Vec::new()),
-                        connect_lock: tokio::sync::Mutex::new(()),
+                        connect_lock: Arc::new(tokio::sync::Mutex::new(())),
                     })
                 })
                 .clone()
@@ -224,7 +237,7 @@ impl Pool {
         if let (Some(l), _) = epool.try_lease(cfg, false) {
             return Ok(l);
         }
-        let _connecting = epool.connect_lock.lock().await;
+        let connecting = epool.connect_lock.clone().lock_owned().await;
         let (found, live) = epool.try_lease(cfg, false);
         if let Some(l) = found {
             return Ok(l);
@@ -234,13 +247,24 @@ impl Pool {
                 return Ok(l);
             }
         }
-        let conn = self.connect(addr, ep.label()).await?;
-        let l = lease(conn.clone());
-        match epool.conns.lock() {
-            Ok(mut c) => c.push(conn),
-            Err(p) => p.into_inner().push(conn),
-        }
-        Ok(l)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        let label = ep.label();
+        tokio::spawn(async move {
+            let _connecting = connecting;
+            let outcome = pool.connect(addr, label).await.map(|conn| {
+                match epool.conns.lock() {
+                    Ok(mut c) => c.push(conn.clone()),
+                    Err(p) => p.into_inner().push(conn.clone()),
+                }
+                lease(conn)
+            });
+            if let Err(e) = &outcome {
+                charge(e);
+            }
+            let _ = tx.send(outcome);
+        });
+        rx.await.unwrap_or(Err(PoolError::Abandoned { addr }))
     }
 
     async fn connect(&self, addr: SocketAddr, label: Arc<str>) -> Result<Arc<Conn>, PoolError> {

@@ -18,7 +18,7 @@ use super::demux::{ConnGuard, OpenStream};
 use super::endpoints::Destination;
 use super::grpc;
 use super::metrics as m;
-use super::pool::Lease;
+use super::pool::{Lease, PoolError};
 use super::server::Inner;
 
 struct ActiveStream;
@@ -159,6 +159,15 @@ pub(crate) async fn forward(
             return;
         };
         let in_flight = ep.start();
+        let charge = {
+            let (dest, ep) = (dest.clone(), ep.clone());
+            move |error: &PoolError| {
+                if !error.is_local() {
+                    m::connect_failure(&ep.label());
+                    dest.record_failure(&ep, &policy, max_ejected);
+                }
+            }
+        };
         let acquired = tokio::select! {
             biased;
             _ = poll_fn(|cx| respond.poll_reset(cx)) => {
@@ -171,7 +180,7 @@ pub(crate) async fn forward(
                 ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", &ep.label());
                 return;
             }
-            l = inner.pool.acquire(&ep) => l,
+            l = inner.pool.acquire(&ep, charge) => l,
         };
         let lease = match acquired {
             Ok(l) => l,
@@ -189,9 +198,8 @@ pub(crate) async fn forward(
                 return;
             }
             Err(error) => {
+                // The connect task has charged the endpoint already.
                 tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
-                m::connect_failure(&ep.label());
-                dest.record_failure(&ep, &policy, max_ejected);
                 tried.push(ep.addr());
                 // Nothing reached that endpoint, so an untried one costs no attempt: with
                 // most endpoints refusing, a call still finds the one that answers.
