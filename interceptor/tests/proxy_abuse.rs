@@ -590,6 +590,122 @@ async fn clients_that_stop_reading_stall_only_their_own_streams() {
     drop(stalled);
 }
 
+/// An HTTP/2 endpoint that never reads the request bodies of `/no-read` streams (holding
+/// them until the test ends) and answers `/ok` once it has read the whole request. Its own
+/// connection window is large, as grpc-go's is in effect, so one unread stream does not
+/// freeze its other streams on the endpoint's side.
+async fn endpoint_that_stops_reading(ip: [u8; 4]) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        while let Ok((s, _)) = l.accept().await {
+            let held = held.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_connection_window_size(1 << 30)
+                    .handshake::<_, Bytes>(s)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() == "/no-read" {
+                        held.lock().expect("held").push((req, respond));
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let mut resp = http::Response::new(());
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/grpc"),
+                        );
+                        let Ok(mut tx) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = tx.send_trailers(trailers);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_whose_endpoint_stops_reading_stall_only_themselves() {
+    let _serial = SERIAL.lock().await;
+    let b = endpoint_that_stops_reading([127, 0, 0, 3]).await;
+    let p = start_proxy(ProxyConfig::default(), &[b]).await;
+    let rss_before = rss_kib();
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut send, conn) = h2::client::handshake(s).await.expect("handshake");
+    tokio::spawn(conn);
+    let post = |path: &str| {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://svc.test{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request")
+    };
+    // 40 streams of 1 MiB the endpoint never reads: each leaves a stream window (256 KiB) of
+    // unreleased body in this connection's window, 10 MiB in all, more than its 4 MiB start.
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        send = send.ready().await.expect("ready");
+        let (resp, mut body) = send.send_request(post("/no-read"), false).expect("send");
+        body.send_data(Bytes::from(vec![0u8; 1 << 20]), true)
+            .expect("request body");
+        stalled.push((resp, body));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The same connection's other calls, each with a 64 KiB body.
+    let mut lat = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        send = send.ready().await.expect("ready");
+        let (resp, mut body) = send.send_request(post("/ok"), false).expect("send");
+        let mut msg = vec![0u8, 0, 1, 0, 0];
+        msg.resize(5 + 65536, 7);
+        body.send_data(Bytes::from(msg), true).expect("request body");
+        let resp = timeout(Duration::from_secs(5), resp)
+            .await
+            .unwrap_or_else(|_| panic!("call {i} stalled behind the streams nobody reads"))
+            .expect("response");
+        let mut rbody = resp.into_body();
+        while let Some(chunk) = rbody.data().await {
+            chunk.expect("response body");
+        }
+        let trailers = timeout(Duration::from_secs(5), rbody.trailers())
+            .await
+            .expect("trailers in time")
+            .expect("trailers")
+            .expect("trailers present");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        lat.push(t.elapsed());
+    }
+    let growth = rss_kib().saturating_sub(rss_before);
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100 - 1];
+    println!("40 streams the endpoint never reads beside 50 calls on the same connection: p99 {p99:?}, RSS growth {growth} KiB");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    // At most a stream window, the replay log and what is in flight upstream (about 400 KiB)
+    // per unread stream in the proxy, plus what this test's own client and endpoint buffer.
+    assert!(growth < 96 * 1024, "RSS grew by {growth} KiB");
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_closed_at_accept() {
     let _serial = SERIAL.lock().await;

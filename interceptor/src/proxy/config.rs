@@ -24,8 +24,15 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// HTTP/2 per-stream receive window, both towards clients and towards endpoints.
     pub stream_window: u32,
-    /// HTTP/2 per-connection receive window.
+    /// HTTP/2 per-connection receive window (for client connections, the window they start
+    /// with; it grows with their open streams up to `max_client_connection_window`).
     pub connection_window: u32,
+    /// Ceiling of a client connection's receive window. A stream whose endpoint does not read
+    /// its body holds up to `stream_window` unreleased, so a client connection's window grows
+    /// by one stream window per open stream: a stalled stream then stalls only itself (up to
+    /// this ceiling / `stream_window` stalled streams per connection, 256 by default), and
+    /// what one client connection can pin in the proxy stays at most this much.
+    pub max_client_connection_window: u32,
     /// Streams a client connection may have open at once.
     pub max_concurrent_streams: u32,
     /// A new upstream connection is opened once every connection to an endpoint carries this
@@ -94,6 +101,7 @@ impl Default for ProxyConfig {
             // still moves gigabytes a second; what a stalled stream can pin is one window.
             stream_window: 256 * 1024,
             connection_window: 4 * 1024 * 1024,
+            max_client_connection_window: 64 * 1024 * 1024,
             max_concurrent_streams: 1000,
             streams_per_connection: 100,
             max_connections_per_endpoint: 4,

@@ -82,6 +82,55 @@ impl ConnGuard {
     }
 }
 
+/// A client connection's receive window, sized to its open streams: each may hold one
+/// stream window of request body its endpoint has not taken yet, and those bytes stay
+/// unreleased in the connection window too, so with a fixed window a handful of streams to an
+/// endpoint that stops reading would freeze every other stream of the connection.
+struct ClientWindow {
+    floor: u32,
+    ceiling: u32,
+    per_stream: u32,
+    current: u32,
+}
+
+impl ClientWindow {
+    fn new(cfg: &super::config::ProxyConfig) -> Self {
+        let floor = cfg.connection_window.max(1);
+        Self {
+            floor,
+            ceiling: cfg.max_client_connection_window.clamp(floor, MAX_WINDOW),
+            per_stream: cfg.stream_window,
+            current: floor,
+        }
+    }
+
+    /// The window for `open` streams: room for each, and one more so a new stream can always
+    /// send, in steps of the floor so that it changes once per many streams, not per stream.
+    fn target(&self, open: u32) -> u32 {
+        let want = (open as u64 + 1) * self.per_stream as u64;
+        let floor = self.floor as u64;
+        let stepped = want.div_ceil(floor) * floor;
+        stepped.clamp(floor, self.ceiling as u64) as u32
+    }
+
+    fn fit<T, B>(&mut self, conn: &mut h2::server::Connection<T, B>, open: u32)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        B: bytes::Buf,
+    {
+        let target = self.target(open);
+        if target != self.current {
+            // Lowering takes effect as capacity is released, never by taking back credit
+            // the client was already given.
+            conn.set_target_window_size(target);
+            self.current = target;
+        }
+    }
+}
+
+/// RFC 9113 6.9.1: a flow-control window never exceeds 2^31 - 1.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// How long an idle client connection may take to close after its GOAWAY.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -116,6 +165,7 @@ where
         }
     };
     let guard = Arc::new(ConnGuard::new(cfg.max_client_resets_per_second));
+    let mut window = ClientWindow::new(cfg);
     let mut draining = *shutdown.borrow();
     if draining {
         conn.graceful_shutdown();
@@ -132,6 +182,7 @@ where
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let open = guard.open_stream();
+                    window.fit(&mut conn, guard.open_streams.load(Ordering::Relaxed));
                     tokio::spawn(super::stream::forward(inner.clone(), dest.clone(), guard.clone(), open, req, respond));
                 }
                 Some(Err(error)) => {
@@ -170,5 +221,31 @@ where
                 conn.graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::config::ProxyConfig;
+
+    #[test]
+    fn client_window_has_room_for_every_open_stream_up_to_its_ceiling() {
+        let cfg = ProxyConfig::default();
+        let w = ClientWindow::new(&cfg);
+        let (floor, per) = (cfg.connection_window, cfg.stream_window);
+        assert_eq!(w.target(0), floor);
+        assert_eq!(w.target(floor / per - 1), floor);
+        // One stream more than the floor holds: the next step.
+        assert_eq!(w.target(floor / per), 2 * floor);
+        for open in [1, 17, 100, 250] {
+            assert!(w.target(open) as u64 >= (open as u64 + 1) * per as u64, "{open}");
+        }
+        assert_eq!(w.target(100_000), cfg.max_client_connection_window);
+        let huge = ProxyConfig {
+            max_client_connection_window: u32::MAX,
+            ..ProxyConfig::default()
+        };
+        assert_eq!(ClientWindow::new(&huge).target(u32::MAX), MAX_WINDOW);
     }
 }
