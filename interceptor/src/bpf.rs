@@ -27,6 +27,8 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/interceptor";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
+    #[error("this agent was built without its eBPF object (the build could not compile interceptor-ebpf: nightly toolchain with rust-src, or bpf-linker 0.13.0, missing). Run `cargo xtask setup`, then rebuild; the build's warnings say what failed")]
+    NotBuilt,
     #[error("{0}")]
     Pin(#[from] pins::PinError),
     #[error("loading the eBPF object failed: {0} (needs CAP_BPF and CAP_SYS_ADMIN, and a kernel with BTF and cgroup BPF)")]
@@ -82,6 +84,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object, reusing pinned maps after checking their layout.
     pub fn load(config: &DatapathConfig) -> Result<Self, BpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
         let layout = PinLayout::new(&config.pin_root);
         pins::ensure_bpffs(&config.pin_root)?;
         pins::remove_other_versions(&layout)?;

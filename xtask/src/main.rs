@@ -53,6 +53,9 @@ enum Cmd {
     },
 }
 
+/// The tests crate's feature that enables the end-to-end tests.
+const E2E: &str = "interceptor-tests/e2e";
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -64,9 +67,10 @@ fn main() -> Result<()> {
                 "the end-to-end tests load eBPF programs and create network namespaces",
             )?;
             // Default members only: the eBPF crate is built by the agent's build.rs for the BPF
-            // target, never for the host.
-            setup::cargo(&["build", "--all-targets"])?;
-            let mut test = vec!["test", "--"];
+            // target, never for the host. `e2e` adds the privileged end-to-end tests, which a
+            // plain `cargo test` leaves out.
+            setup::cargo(&["build", "--all-targets", "--features", E2E])?;
+            let mut test = vec!["test", "--features", E2E, "--"];
             test.extend(args.iter().map(String::as_str));
             setup::cargo(&test)
         }

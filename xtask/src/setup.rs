@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// The bpf-linker release that emits BTF this kernel accepts (DESIGN.md: 0.10.1 does not).
+/// The bpf-linker release that emits BTF this kernel accepts (docs/design.md: 0.10.1 does not).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// kubernetes-validate bundles the Kubernetes JSON schemas (1.33, which the tests validate
@@ -81,7 +81,11 @@ pub fn require_root(why: &str) -> Result<()> {
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(workspace_root());
+    // What xtask builds always carries its eBPF object: a build that cannot compile it fails
+    // (a plain `cargo build` leaves it out with a warning instead; see interceptor/build.rs).
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("INTERCEPTOR_REQUIRE_EBPF", "1");
     run_cmd(&mut cmd)
 }
 
