@@ -5,6 +5,7 @@
 
 mod attach;
 mod maps;
+pub mod kernel;
 mod pins;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/interceptor";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
     #[error("this agent was built without its eBPF object (the build could not compile interceptor-ebpf: nightly toolchain with rust-src, or bpf-linker 0.13.0, missing). Run `cargo xtask setup`, then rebuild; the build's warnings say what failed")]
     NotBuilt,
     #[error("{0}")]
@@ -87,6 +90,8 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
         }
+        let kernel = kernel::check()?;
+        tracing::info!(kernel = %kernel.release, minimum = kernel::MINIMUM_KERNEL, "kernel has every feature the datapath needs");
         let layout = PinLayout::new(&config.pin_root);
         pins::ensure_bpffs(&config.pin_root)?;
         pins::remove_other_versions(&layout)?;

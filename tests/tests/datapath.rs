@@ -861,3 +861,51 @@ async fn the_pod_local_listener_is_not_reachable_from_outside_the_pod() {
     );
     agent.close_all();
 }
+
+#[test]
+fn the_kernel_is_checked_first_and_a_missing_privilege_is_one_clear_error() {
+    require_root();
+    let pins = PinRoot::new();
+    let args = [
+        "run".to_string(),
+        "--source=static".to_string(),
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+    ];
+    // Root without a single capability (empty bounding set): bpf() answers EPERM.
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(target_bin("interceptor"))
+        .args(&args)
+        .output()
+        .expect("run the agent under setpriv (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the agent must refuse:\n{text}");
+    assert!(
+        text.contains("CAP_BPF") && text.contains("CAP_SYS_ADMIN") && text.contains("privileged"),
+        "the error must name the missing privilege and the fix:\n{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("ERROR")).count(),
+        1,
+        "one clear error line:\n{text}"
+    );
+    assert!(
+        std::fs::read_dir(&pins.path).map_or(true, |mut d| d.next().is_none()),
+        "nothing may be pinned before the kernel check passed"
+    );
+
+    // With its privileges, the agent says which kernel it checked.
+    let agent = AgentProcess::start(&args);
+    let log = agent.log_text();
+    drop(agent);
+    let release = run("uname", &["-r"]);
+    assert!(
+        log.contains("kernel has every feature the datapath needs") && log.contains(release.trim()),
+        "the start-up log names the kernel it checked:\n{log}"
+    );
+}

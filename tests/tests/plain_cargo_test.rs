@@ -1,0 +1,143 @@
+//! A developer's `cargo test`, as a normal user on a fresh clone, passes: the unit tests, the
+//! proxy tests, the kube API server tests and the repository checks, with no root, no eBPF
+//! toolchain (bpf-linker is left off the PATH) and no tool `cargo xtask setup` installs.
+//!
+//! The clone is of HEAD (what a user gets), built by uid 65534 in a directory of its own. The
+//! toolchain is lent read-only through bind mounts in a private mount namespace, which vanish
+//! with the command; the crates come from a copy of this machine's registry, offline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use interceptor_tests::*;
+
+const NOBODY: u32 = 65534;
+
+/// A scratch directory removed on drop, also when the test fails.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// The directory the `cargo` on PATH lives in (rustup's proxies), and rustup's home.
+fn toolchain_dirs() -> (PathBuf, PathBuf) {
+    let cargo = run("sh", &["-c", "command -v cargo"]);
+    let bin = Path::new(cargo.trim())
+        .parent()
+        .expect("cargo has a directory")
+        .to_path_buf();
+    let home = run("rustup", &["show", "home"]);
+    (bin, PathBuf::from(home.trim()))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cargo"))
+}
+
+#[test]
+fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
+    require_root();
+    let scratch = Scratch(PathBuf::from(format!("/tmp/icp-plain-{}", unique_id())));
+    let w = &scratch.0;
+    for d in ["home", "cargo", "bin", "mnt/cargo-bin", "mnt/rustup"] {
+        std::fs::create_dir_all(w.join(d)).expect("scratch dirs");
+    }
+    let repo = w.join("repo");
+    run(
+        "git",
+        &[
+            "clone",
+            "--quiet",
+            &workspace_root().display().to_string(),
+            &repo.display().to_string(),
+        ],
+    );
+    run(
+        "cp",
+        &[
+            "-r",
+            &cargo_home().join("registry").display().to_string(),
+            &w.join("cargo/registry").display().to_string(),
+        ],
+    );
+    let (bin, rustup_home) = toolchain_dirs();
+    // rustup's proxies, seen through the bind mount, without bpf-linker.
+    let mut linked = 0;
+    for entry in std::fs::read_dir(&bin).expect("cargo's bin dir") {
+        let name = entry.expect("entry").file_name();
+        if name == "bpf-linker" {
+            continue;
+        }
+        std::os::unix::fs::symlink(w.join("mnt/cargo-bin").join(&name), w.join("bin").join(&name))
+            .expect("symlink a toolchain proxy");
+        linked += 1;
+    }
+    assert!(linked >= 3, "no cargo/rustc/rustup found in {}", bin.display());
+    run(
+        "chown",
+        &["-R", &format!("{NOBODY}:{NOBODY}"), &w.display().to_string()],
+    );
+
+    let log = w.join("cargo-test.log");
+    let script = format!(
+        "set -e
+mount --bind -o ro {rustup} {w}/mnt/rustup
+mount --bind -o ro {bin} {w}/mnt/cargo-bin
+cd {w}/repo
+exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
+  env -i HOME={w}/home PATH={w}/bin:/usr/bin:/bin RUSTUP_HOME={w}/mnt/rustup \
+  CARGO_HOME={w}/cargo CARGO_NET_OFFLINE=true LANG=C.UTF-8 \
+  timeout 1800 cargo test > {log} 2>&1",
+        rustup = rustup_home.display(),
+        bin = bin.display(),
+        w = w.display(),
+        log = log.display(),
+    );
+    let started = Instant::now();
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .status()
+        .expect("run unshare (util-linux)");
+    let took = started.elapsed();
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = out.lines().rev().take(60).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    note(&format!(
+        "plain cargo test as uid {NOBODY}: {status} in {:.0?}",
+        took
+    ));
+    assert!(
+        status.success(),
+        "cargo test as a normal user failed ({status}):\n{}",
+        tail.join("\n")
+    );
+    let passed: usize = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    note(&format!("{passed} tests passed"));
+    assert!(!out.contains("FAILED"), "{}", tail.join("\n"));
+    // The proxy suites ran (they are what a developer changes most).
+    for suite in ["tests/proxy_abuse.rs", "tests/proxy_failures.rs", "tests/repository.rs"] {
+        assert!(out.contains(suite), "{suite} did not run:\n{}", tail.join("\n"));
+    }
+    assert!(passed >= 100, "only {passed} tests passed");
+    assert!(
+        out.contains("WITHOUT its eBPF object"),
+        "the build should have said it left the eBPF object out (no bpf-linker on PATH)"
+    );
+}
