@@ -247,14 +247,16 @@ async fn endpoints_file_reload_drain_and_metrics() {
     let _ = std::fs::remove_file(&file);
 
     println!("metrics: {:#?}", rec.names());
+    // A standalone proxy names no Service: its listen address stands in for one.
+    let svc = format!("namespace=,port={},service={addr}", addr.port());
     let ok2 = rec.value(&format!(
-        "interceptor_requests_total{{endpoint={},status=0}}",
+        "interceptor_requests_total{{endpoint={},{svc},status=0}}",
         b2.addr
     ));
     assert_eq!(ok2, Some(b2.calls() as u64));
     assert!(b2.calls() >= 20);
     let ok3 = rec.value(&format!(
-        "interceptor_requests_total{{endpoint={},status=0}}",
+        "interceptor_requests_total{{endpoint={},{svc},status=0}}",
         b3.addr
     ));
     assert_eq!(ok3, Some(b3.calls() as u64));
@@ -264,11 +266,14 @@ async fn endpoints_file_reload_drain_and_metrics() {
             >= 1
     );
     assert!(
-        rec.value("interceptor_request_duration_seconds{}")
+        rec.value(&format!("interceptor_request_duration_seconds{{{svc}}}"))
             .unwrap_or(0)
             >= 41
     );
-    assert_eq!(rec.gauge("interceptor_active_streams{}"), Some(0.0));
+    assert_eq!(
+        rec.gauge(&format!("interceptor_active_streams{{{svc}}}")),
+        Some(0.0)
+    );
     assert!(rec
         .gauge(&format!(
             "interceptor_upstream_connections{{endpoint={}}}",

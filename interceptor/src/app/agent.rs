@@ -15,6 +15,7 @@ use crate::cli::StaticPod;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::metrics::ServiceLabels;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::passthrough;
 use crate::proxy::pod_listener::{
@@ -88,6 +89,8 @@ pub struct Agent {
     factory: HandlerFactory,
     pods: BTreeMap<CgroupId, EnabledPod>,
     routes: Routes,
+    /// The Service of each balanced destination, for its metrics.
+    service_labels: BTreeMap<SocketAddr, ServiceLabels>,
     open: Arc<AtomicUsize>,
 }
 
@@ -169,6 +172,7 @@ impl Agent {
             factory,
             pods: BTreeMap::new(),
             routes,
+            service_labels: BTreeMap::new(),
             open,
         }
     }
@@ -200,7 +204,11 @@ impl Agent {
         if let Some(proxy) = &proxy {
             let routes = self.routes.read().map(|r| r.clone()).unwrap_or_default();
             for (dest, endpoints) in routes {
-                proxy.endpoints(dest).update(endpoints);
+                let handle = proxy.endpoints(dest);
+                if let Some(labels) = self.service_labels.get(&dest) {
+                    handle.describe(labels.clone());
+                }
+                handle.update(endpoints);
             }
         }
         let mut register = |cookie, v6, socket: std::os::fd::BorrowedFd<'_>| {
@@ -279,6 +287,13 @@ impl Agent {
         Ok(())
     }
 
+    /// Names the Service of each destination, for the per-Service metrics of the pods'
+    /// demultiplexers (call before `set_endpoints`; destinations without a name are labelled
+    /// with their address).
+    pub fn set_service_labels(&mut self, labels: BTreeMap<SocketAddr, ServiceLabels>) {
+        self.service_labels = labels;
+    }
+
     /// Replaces the balanced destinations and their endpoints, in every pod's demultiplexer.
     /// The next stream sees the change; streams in flight finish where they are.
     pub fn set_endpoints(&mut self, routes: BTreeMap<SocketAddr, Vec<EndpointSpec>>) {
@@ -290,7 +305,11 @@ impl Agent {
             let Some(proxy) = &pod.proxy else { continue };
             for (dest, endpoints) in &routes {
                 if old.get(dest) != Some(endpoints) {
-                    proxy.endpoints(*dest).update(endpoints.iter().copied());
+                    let handle = proxy.endpoints(*dest);
+                    if let Some(labels) = self.service_labels.get(dest) {
+                        handle.describe(labels.clone());
+                    }
+                    handle.update(endpoints.iter().copied());
                 }
             }
             for gone in old.keys().filter(|d| !routes.contains_key(d)) {

@@ -166,6 +166,14 @@ impl Reconciler {
             .map(|(addr, p)| (*addr, p.endpoints.iter().map(|e| e.spec()).collect()))
             .collect();
         if self.routes.as_ref() != Some(&routes) {
+            agent.set_service_labels(
+                self.desired
+                    .services
+                    .iter()
+                    .filter(|(_, p)| p.action == PortAction::Intercept)
+                    .map(|(addr, p)| (*addr, p.metric_labels(addr.port())))
+                    .collect(),
+            );
             agent.set_endpoints(routes.clone());
             self.routes = Some(routes);
         }

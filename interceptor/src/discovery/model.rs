@@ -86,6 +86,18 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
 }
 
+impl ServicePort {
+    /// The labels of this port's metrics: namespace, Service name, and the port's name (its
+    /// number when it has none).
+    pub fn metric_labels(&self, port: u16) -> crate::proxy::metrics::ServiceLabels {
+        let port = match &self.port_name {
+            Some(name) if !name.is_empty() => name.clone(),
+            _ => port.to_string(),
+        };
+        crate::proxy::metrics::ServiceLabels::new(&self.service.namespace, &self.service.name, &port)
+    }
+}
+
 /// An endpoint as EndpointSlices give it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Endpoint {

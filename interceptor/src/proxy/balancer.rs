@@ -27,6 +27,8 @@ pub struct EndpointStats {
     ejections: AtomicU32,
     /// Has answered at least once: only such a peer shows that failures are the endpoint's.
     proven: AtomicBool,
+    /// Its request counters in its destination's Service (the stats are per destination).
+    requests: std::sync::OnceLock<m::EndpointRequests>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +71,14 @@ impl EndpointStats {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             proven: AtomicBool::new(false),
+            requests: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Its request counters, labelled with `service` (its destination's Service) on first use.
+    pub(crate) fn requests(&self, service: &m::ServiceMetrics) -> &m::EndpointRequests {
+        self.requests
+            .get_or_init(|| m::EndpointRequests::new(service.labels(), self.label.clone()))
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::balancer::{p2c, EjectPolicy, EndpointStats, Load};
 use super::config::BalancerKind;
+use super::metrics::{ServiceLabels, ServiceMetrics};
 use super::pool::Pool;
 
 /// Readiness of an endpoint, as EndpointSlice conditions give it.
@@ -59,6 +60,8 @@ pub struct Destination {
     /// Serialises ejection decisions, so concurrent failures cannot together eject past the
     /// bound (failures only: the success path never takes it).
     ejecting: Mutex<()>,
+    /// Metric handles under the destination's Service labels, fixed on first use.
+    metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
 }
 
 impl Destination {
@@ -77,7 +80,25 @@ impl Destination {
             rr: AtomicUsize::new(0),
             pool: None,
             ejecting: Mutex::new(()),
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Names the Service this destination belongs to, for its metrics. Takes effect only
+    /// before the first stream: a destination's labels never change (a Service that goes away
+    /// takes its destination with it).
+    pub fn describe(&self, labels: ServiceLabels) {
+        if self.metrics.get().is_some_and(|m| *m.labels() != labels) {
+            tracing::debug!(dest = %self.addr, "destination already has its metric labels");
+            return;
+        }
+        let _ = self.metrics.set(Arc::new(ServiceMetrics::new(labels)));
+    }
+
+    /// The destination's metric handles (labelled with its address if no Service named it).
+    pub(crate) fn metrics(&self) -> &Arc<ServiceMetrics> {
+        self.metrics
+            .get_or_init(|| Arc::new(ServiceMetrics::new(ServiceLabels::unnamed(self.addr))))
     }
 
     /// Lets updates release pooled connections of removed endpoints.
@@ -243,6 +264,11 @@ impl Destination {
 pub struct EndpointsHandle(pub(crate) Arc<Destination>);
 
 impl EndpointsHandle {
+    /// Names the destination's Service for its metrics (before its first stream).
+    pub fn describe(&self, labels: ServiceLabels) {
+        self.0.describe(labels)
+    }
+
     /// Replaces the endpoint set; the next stream sees the update.
     pub fn update(&self, specs: impl IntoIterator<Item = EndpointSpec>) {
         self.0.update(specs)

@@ -1,11 +1,13 @@
 //! Metrics the proxy emits through the `metrics` facade. The agent installs the exporter and
 //! calls [`describe`] once at start.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
 };
 
 pub const REQUESTS: &str = "interceptor_requests_total";
@@ -22,16 +24,32 @@ pub const ABUSIVE_CONNECTIONS: &str = "interceptor_abusive_connections_total";
 pub const EJECTIONS_SUPPRESSED: &str = "interceptor_ejections_suppressed_total";
 pub const REJECTED_CONNECTIONS: &str = "interceptor_rejected_connections_total";
 pub const TIMEOUTS: &str = "interceptor_timeouts_total";
+pub const OPAQUE_BYTES: &str = "interceptor_opaque_bytes_total";
+pub const OPAQUE_ACTIVE: &str = "interceptor_opaque_active_connections";
 
 /// Registers descriptions and units; call once after installing a recorder.
 pub fn describe() {
-    describe_counter!(REQUESTS, Unit::Count, "HTTP/2 streams completed, by endpoint and status (grpc-status, or HTTP status for non-gRPC)");
+    describe_counter!(REQUESTS, Unit::Count, "HTTP/2 streams completed, by Service (namespace, service, port), endpoint and status (grpc-status, the HTTP status class for non-gRPC, cancelled or reset)");
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
-        "Stream duration from request headers to end of response"
+        "Stream duration from request headers to end of response, by Service"
     );
-    describe_gauge!(ACTIVE_STREAMS, Unit::Count, "HTTP/2 streams being relayed");
+    describe_gauge!(
+        ACTIVE_STREAMS,
+        Unit::Count,
+        "HTTP/2 streams being relayed (in flight), by Service"
+    );
+    describe_counter!(
+        OPAQUE_BYTES,
+        Unit::Bytes,
+        "Bytes relayed on opaque TCP connections, by Service and direction (sent: client to endpoint)"
+    );
+    describe_gauge!(
+        OPAQUE_ACTIVE,
+        Unit::Count,
+        "Opaque TCP connections being relayed, by Service"
+    );
     describe_gauge!(
         UPSTREAM_CONNECTIONS,
         Unit::Count,
@@ -75,7 +93,7 @@ pub fn describe() {
     describe_counter!(
         OPAQUE_CONNECTIONS,
         Unit::Count,
-        "Connections relayed as opaque TCP, by outcome"
+        "Connections relayed as opaque TCP, by Service and outcome"
     );
     describe_counter!(
         UNAVAILABLE,
@@ -89,13 +107,218 @@ pub fn describe() {
     );
 }
 
-pub(crate) fn request(endpoint: &Arc<str>, status: &'static str, elapsed: Duration) {
-    counter!(REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
-    histogram!(REQUEST_DURATION).record(elapsed.as_secs_f64());
+/// The Service a destination belongs to, as the labels of its metrics. Bounded: one set per
+/// Service port, so cardinality follows the cluster's Services, never its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceLabels {
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
+    /// The Service port's name, or its number when it has none.
+    pub port: Arc<str>,
 }
 
-pub(crate) fn active_streams(delta: f64) {
-    gauge!(ACTIVE_STREAMS).increment(delta);
+impl ServiceLabels {
+    pub fn new(namespace: &str, service: &str, port: &str) -> Self {
+        Self {
+            namespace: Arc::from(namespace),
+            service: Arc::from(service),
+            port: Arc::from(port),
+        }
+    }
+
+    /// For a destination no Service names (standalone proxy, static source without one):
+    /// the address stands in for the Service.
+    pub fn unnamed(dest: SocketAddr) -> Self {
+        Self::new("", &dest.to_string(), &dest.port().to_string())
+    }
+}
+
+/// Every status label a request can end with, so per-endpoint counters sit in a fixed array
+/// resolved on first use instead of being looked up by label on every request.
+const STATUSES: [&str; 23] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "unknown", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+const CANCELLED: usize = STATUSES.len();
+const RESET: usize = STATUSES.len() + 1;
+const STATUS_SLOTS: usize = STATUSES.len() + 2;
+
+/// How a stream ended, as its metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Status(usize);
+
+impl Status {
+    pub(crate) const CANCELLED: Status = Status(CANCELLED);
+    pub(crate) const RESET: Status = Status(RESET);
+    pub(crate) const UNKNOWN: Status = Status(17);
+
+    /// A grpc-status value ("unknown" if it is not one).
+    pub(crate) fn grpc(code: &[u8]) -> Status {
+        let i = std::str::from_utf8(code)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|i| *i <= 16)
+            .unwrap_or(17);
+        Status(i)
+    }
+
+    pub(crate) fn grpc_code(code: u32) -> Status {
+        Status(if code <= 16 { code as usize } else { 17 })
+    }
+
+    /// The class of an HTTP status, for non-gRPC streams.
+    pub(crate) fn http(status: u16) -> Status {
+        Status(match status {
+            100..=199 => 18,
+            200..=299 => 19,
+            300..=399 => 20,
+            400..=499 => 21,
+            _ => 22,
+        })
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        match self.0 {
+            CANCELLED => "cancelled",
+            RESET => "reset",
+            i => STATUSES[i],
+        }
+    }
+}
+
+/// A destination's metric handles, resolved once per Service port.
+pub(crate) struct ServiceMetrics {
+    labels: ServiceLabels,
+    duration: Histogram,
+    active: Gauge,
+    opaque_active: Gauge,
+    opaque_sent: Counter,
+    opaque_received: Counter,
+    /// Requests answered without an endpoint (none usable, attempts exhausted).
+    no_endpoint: EndpointRequests,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn new(labels: ServiceLabels) -> Self {
+        let (ns, svc, port) = (&labels.namespace, &labels.service, &labels.port);
+        Self {
+            duration: histogram!(REQUEST_DURATION, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone()),
+            active: gauge!(ACTIVE_STREAMS, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone()),
+            opaque_active: gauge!(OPAQUE_ACTIVE, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone()),
+            opaque_sent: counter!(OPAQUE_BYTES, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "direction" => "sent"),
+            opaque_received: counter!(OPAQUE_BYTES, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "direction" => "received"),
+            no_endpoint: EndpointRequests::new(&labels, Arc::from("none")),
+            labels,
+        }
+    }
+
+    pub(crate) fn labels(&self) -> &ServiceLabels {
+        &self.labels
+    }
+
+    /// Counts a stream in flight until the guard drops.
+    pub(crate) fn stream_started(self: &Arc<Self>) -> ActiveStream {
+        self.active.increment(1.0);
+        ActiveStream(self.clone())
+    }
+
+    pub(crate) fn no_endpoint(&self) -> &EndpointRequests {
+        &self.no_endpoint
+    }
+
+    pub(crate) fn opaque_started(self: &Arc<Self>) -> OpaqueActive {
+        self.opaque_active.increment(1.0);
+        OpaqueActive(self.clone())
+    }
+
+    /// Counters of bytes relayed opaquely: (client to endpoint, endpoint to client).
+    pub(crate) fn opaque_bytes(&self) -> (Counter, Counter) {
+        (self.opaque_sent.clone(), self.opaque_received.clone())
+    }
+
+    pub(crate) fn opaque(&self, outcome: &'static str) {
+        let l = &self.labels;
+        counter!(OPAQUE_CONNECTIONS, "namespace" => l.namespace.clone(), "service" => l.service.clone(), "port" => l.port.clone(), "outcome" => outcome).increment(1);
+    }
+
+    fn record(&self, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+impl std::fmt::Debug for ServiceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceMetrics")
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+/// One stream in flight for its Service's gauge.
+pub(crate) struct ActiveStream(Arc<ServiceMetrics>);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.active.decrement(1.0);
+    }
+}
+
+/// One opaque connection being relayed.
+pub(crate) struct OpaqueActive(Arc<ServiceMetrics>);
+
+impl Drop for OpaqueActive {
+    fn drop(&mut self) {
+        self.0.opaque_active.decrement(1.0);
+    }
+}
+
+/// Request counters of one endpoint of one Service, one per status, each resolved on first use.
+pub(crate) struct EndpointRequests {
+    /// namespace, service, port, endpoint.
+    labels: [Arc<str>; 4],
+    by_status: [OnceLock<Counter>; STATUS_SLOTS],
+}
+
+impl std::fmt::Debug for EndpointRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointRequests")
+            .field("endpoint", &self.labels[3])
+            .finish()
+    }
+}
+
+impl EndpointRequests {
+    pub(crate) fn new(service: &ServiceLabels, endpoint: Arc<str>) -> Self {
+        Self {
+            labels: [
+                service.namespace.clone(),
+                service.service.clone(),
+                service.port.clone(),
+                endpoint,
+            ],
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn count(&self, status: Status) {
+        self.by_status[status.0]
+            .get_or_init(|| {
+                let [ns, svc, port, ep] = &self.labels;
+                counter!(REQUESTS, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "endpoint" => ep.clone(), "status" => status.label())
+            })
+            .increment(1);
+    }
+}
+
+/// Counts one finished stream: its status on the endpoint, its duration on the Service.
+pub(crate) fn request(
+    service: &ServiceMetrics,
+    endpoint: &EndpointRequests,
+    status: Status,
+    elapsed: Duration,
+) {
+    endpoint.count(status);
+    service.record(elapsed);
 }
 
 pub(crate) fn upstream_connections(endpoint: &Arc<str>, delta: f64) {
@@ -130,37 +353,10 @@ pub(crate) fn detection(protocol: &'static str) {
     counter!(DETECTIONS, "protocol" => protocol).increment(1);
 }
 
-pub(crate) fn opaque(outcome: &'static str) {
-    counter!(OPAQUE_CONNECTIONS, "outcome" => outcome).increment(1);
-}
-
 pub(crate) fn abusive_connection(reason: &'static str) {
     counter!(ABUSIVE_CONNECTIONS, "reason" => reason).increment(1);
 }
 
 pub(crate) fn unavailable(reason: &'static str) {
     counter!(UNAVAILABLE, "reason" => reason).increment(1);
-}
-
-/// Maps a grpc-status value to a static label without allocating.
-pub(crate) fn grpc_status_label(code: &[u8]) -> &'static str {
-    const CODES: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-    ];
-    std::str::from_utf8(code)
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .and_then(|i| CODES.get(i).copied())
-        .unwrap_or("unknown")
-}
-
-/// HTTP status class label for non-gRPC streams.
-pub(crate) fn http_status_label(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }

@@ -19,10 +19,12 @@ use super::server::Inner;
 /// by detection). Each direction's EOF is passed on as a half-close, so request/response
 /// protocols that shut down their write side keep working.
 pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, prefix: BytesMut) {
+    let service = dest.metrics().clone();
+    let _active = service.opaque_started();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let (mut upstream, in_flight) = loop {
         let Some(ep) = dest.pick(&tried) else {
-            m::opaque("no_endpoint");
+            service.opaque("no_endpoint");
             m::unavailable("no_endpoint");
             tracing::warn!(dest = %dest.addr(), tried = tried.len(), "no usable endpoint for an opaque connection; closing it");
             return;
@@ -36,7 +38,7 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
             }
             Ok(Err(error)) if super::pool::is_local_error(&error) => {
                 tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
-                m::opaque("local_resources");
+                service.opaque("local_resources");
                 m::unavailable("local_resources");
                 return;
             }
@@ -51,25 +53,27 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
         dest.record_failure(&ep, &inner.eject_policy(), inner.config.max_ejected_percent);
         tried.push(ep.addr());
         if tried.len() >= inner.config.max_attempts {
-            m::opaque("connect_failed");
+            service.opaque("connect_failed");
             return;
         }
     };
     if !prefix.is_empty() {
         if let Err(error) = upstream.write_all(&prefix).await {
             tracing::debug!(%error, "writing detected bytes to the endpoint failed");
-            m::opaque("upstream_error");
+            service.opaque("upstream_error");
             return;
         }
     }
     let activity = Arc::new(AtomicU64::new(0));
-    let mut client = Active::new(client, activity.clone());
-    let mut upstream = Active::new(upstream, activity.clone());
+    let (sent, received) = service.opaque_bytes();
+    sent.increment(prefix.len() as u64);
+    let mut client = Active::new(client, activity.clone(), sent);
+    let mut upstream = Active::new(upstream, activity.clone(), received);
     let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     let result = tokio::select! {
         r = relay => r,
         _ = idle_expired(&activity, inner.config.opaque_idle_timeout) => {
-            m::opaque("idle_timeout");
+            service.opaque("idle_timeout");
             m::timeout("opaque_idle");
             tracing::debug!(endpoint = %in_flight.stats().addr(), "opaque relay idle; closing it");
             return;
@@ -77,11 +81,11 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
     };
     match result {
         Ok((up, down)) => {
-            m::opaque("closed");
+            service.opaque("closed");
             tracing::debug!(endpoint = %in_flight.stats().addr(), bytes_up = up + prefix.len() as u64, bytes_down = down, "opaque relay finished");
         }
         Err(error) => {
-            m::opaque("reset");
+            service.opaque("reset");
             tracing::debug!(endpoint = %in_flight.stats().addr(), %error, "opaque relay ended with an error");
         }
     }
@@ -104,15 +108,22 @@ async fn idle_expired(activity: &AtomicU64, period: Duration) {
     }
 }
 
-/// A socket that counts the reads that returned bytes, so the relay can tell idle from busy.
+/// A socket that counts the reads that returned bytes, so the relay can tell idle from busy,
+/// and the bytes read, for its Service's byte counter (counted as they move, so a connection
+/// that lives for days shows its traffic before it closes).
 struct Active {
     io: TcpStream,
     activity: Arc<AtomicU64>,
+    bytes: metrics::Counter,
 }
 
 impl Active {
-    fn new(io: TcpStream, activity: Arc<AtomicU64>) -> Self {
-        Self { io, activity }
+    fn new(io: TcpStream, activity: Arc<AtomicU64>, bytes: metrics::Counter) -> Self {
+        Self {
+            io,
+            activity,
+            bytes,
+        }
     }
 }
 
@@ -124,8 +135,10 @@ impl AsyncRead for Active {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.activity.fetch_add(1, Ordering::Relaxed);
+            self.bytes.increment(n as u64);
         }
         r
     }

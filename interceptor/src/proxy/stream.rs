@@ -17,24 +17,9 @@ use super::body::{Pump, PumpError};
 use super::demux::{ConnGuard, OpenStream};
 use super::endpoints::Destination;
 use super::grpc;
-use super::metrics as m;
+use super::metrics::{self as m, EndpointRequests, ServiceMetrics, Status};
 use super::pool::{Lease, PoolError};
 use super::server::Inner;
-
-struct ActiveStream;
-
-impl ActiveStream {
-    fn new() -> Self {
-        m::active_streams(1.0);
-        Self
-    }
-}
-
-impl Drop for ActiveStream {
-    fn drop(&mut self) {
-        m::active_streams(-1.0);
-    }
-}
 
 /// A cancel this close to the call's deadline counts as the deadline passing.
 const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
@@ -69,6 +54,7 @@ fn upstream_request(head: &Parts, deadline: Option<tokio::time::Instant>) -> Req
 
 struct Ctx {
     guard: Arc<ConnGuard>,
+    service: Arc<ServiceMetrics>,
     grpc: bool,
     started: Instant,
     idle_timeout: std::time::Duration,
@@ -76,9 +62,9 @@ struct Ctx {
 
 impl Ctx {
     /// The client cancelled the stream.
-    fn cancelled(&self, label: &Arc<str>) {
+    fn cancelled(&self, ep: &EndpointRequests) {
         self.guard.client_reset();
-        m::request(label, "cancelled", self.started.elapsed());
+        m::request(&self.service, ep, Status::CANCELLED, self.started.elapsed());
     }
 
     /// Answers the client ourselves (no response headers were sent yet).
@@ -88,24 +74,19 @@ impl Ctx {
         code: u32,
         http: StatusCode,
         msg: &str,
-        label: &Arc<str>,
+        ep: &EndpointRequests,
     ) {
         let resp = grpc::local_response(self.grpc, code, http, msg);
         if let Err(error) = respond.send_response(resp, true) {
             tracing::debug!(%error, "client went away before the local response");
         }
         let status = if self.grpc {
-            m::grpc_status_label(code.to_string().as_bytes())
+            Status::grpc_code(code)
         } else {
-            m::http_status_label(http.as_u16())
+            Status::http(http.as_u16())
         };
-        m::request(label, status, self.started.elapsed());
+        m::request(&self.service, ep, status, self.started.elapsed());
     }
-}
-
-fn none_label() -> Arc<str> {
-    static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    NONE.get_or_init(|| Arc::from("none")).clone()
 }
 
 /// What one attempt on one endpoint came to.
@@ -128,10 +109,12 @@ pub(crate) async fn forward(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let _active = ActiveStream::new();
+    let service = dest.metrics().clone();
+    let _active = service.stream_started();
     let (mut head, body) = req.into_parts();
     let ctx = Ctx {
         guard,
+        service,
         grpc: grpc::is_grpc(&head.headers),
         started: Instant::now(),
         idle_timeout: inner.config.stream_idle_timeout,
@@ -154,7 +137,7 @@ pub(crate) async fn forward(
                 grpc::UNAVAILABLE,
                 StatusCode::SERVICE_UNAVAILABLE,
                 &msg,
-                &none_label(),
+                ctx.service.no_endpoint(),
             );
             return;
         };
@@ -171,13 +154,13 @@ pub(crate) async fn forward(
         let acquired = tokio::select! {
             biased;
             _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-                ctx.cancelled(&ep.label());
+                ctx.cancelled(ep.requests(&ctx.service));
                 return;
             }
             // A connect queued behind others must not outlive the call.
             _ = deadline_sleep(deadline) => {
                 m::timeout("deadline_connecting");
-                ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", &ep.label());
+                ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", ep.requests(&ctx.service));
                 return;
             }
             l = inner.pool.acquire(&ep, charge) => l,
@@ -193,7 +176,7 @@ pub(crate) async fn forward(
                     grpc::UNAVAILABLE,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "interceptor: proxy out of local resources (file descriptors, memory or ports)",
-                    &ep.label(),
+                    ep.requests(&ctx.service),
                 );
                 return;
             }
@@ -247,7 +230,7 @@ pub(crate) async fn forward(
         grpc::UNAVAILABLE,
         StatusCode::SERVICE_UNAVAILABLE,
         &msg,
-        &none_label(),
+        ctx.service.no_endpoint(),
     );
 }
 
@@ -261,7 +244,7 @@ async fn try_endpoint(
     deadline: Option<tokio::time::Instant>,
 ) -> Attempt {
     let ep = in_flight.stats().clone();
-    let label = ep.label();
+    let reqs = ep.requests(&ctx.service);
     body.rewind();
     let eos = body.empty();
     let sent_at = Instant::now();
@@ -300,7 +283,7 @@ async fn try_endpoint(
             r = poll_fn(|cx| respond.poll_reset(cx)) => {
                 let reason = r.unwrap_or(Reason::CANCEL);
                 up_tx.send_reset(reason);
-                ctx.cancelled(&label);
+                ctx.cancelled(reqs);
                 // Clients cancel at their own deadline, usually a hair before ours fires: that
                 // is the endpoint not answering in time, as below.
                 let at_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() + DEADLINE_SLACK >= d);
@@ -309,7 +292,7 @@ async fn try_endpoint(
             _ = &mut sleep => {
                 up_tx.send_reset(Reason::CANCEL);
                 m::timeout("deadline");
-                ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", &label);
+                ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", reqs);
                 // An endpoint that had the whole request and did not answer in time is
                 // charged, so one that accepts and never answers gets ejected.
                 return if body.done() || req_failed { Attempt::Failed } else { Attempt::Done };
@@ -321,7 +304,7 @@ async fn try_endpoint(
                 up_tx.send_reset(Reason::CANCEL);
                 m::timeout("stream_idle");
                 let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", idle_timeout);
-                ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, &label);
+                ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, reqs);
                 // Not charged: servers may send the headers of a quiet stream (a watch) only
                 // with its first message.
                 return Attempt::Done;
@@ -333,7 +316,7 @@ async fn try_endpoint(
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
                     up_tx.send_reset(reason);
                     respond.send_reset(reason);
-                    ctx.cancelled(&label);
+                    ctx.cancelled(reqs);
                     return Attempt::Done;
                 }
                 // The response future says why the endpoint stopped taking the body.
@@ -361,13 +344,13 @@ async fn try_endpoint(
                 }
                 // The body was streamed past the replay buffer: only the client can retry.
                 respond.send_reset(Reason::REFUSED_STREAM);
-                m::request(&label, "reset", ctx.started.elapsed());
+                m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
                 return Attempt::Done;
             }
             if e.is_reset() && e.is_remote() {
                 let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
                 respond.send_reset(reason);
-                m::request(&label, "reset", ctx.started.elapsed());
+                m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
                 return if charged_reset(reason) {
                     Attempt::Failed
                 } else {
@@ -383,7 +366,7 @@ async fn try_endpoint(
                     grpc::INTERNAL,
                     StatusCode::BAD_GATEWAY,
                     "interceptor: the endpoint's response headers were malformed or too large",
-                    &label,
+                    reqs,
                 );
                 return Attempt::Done;
             }
@@ -397,7 +380,7 @@ async fn try_endpoint(
                 grpc::UNAVAILABLE,
                 StatusCode::BAD_GATEWAY,
                 "interceptor: connection to the endpoint failed",
-                &label,
+                reqs,
             );
             return Attempt::Failed;
         }
@@ -411,9 +394,9 @@ async fn try_endpoint(
         parts
             .headers
             .get(grpc::GRPC_STATUS)
-            .map(|v| m::grpc_status_label(v.as_bytes()))
+            .map(|v| Status::grpc(v.as_bytes()))
     } else {
-        Some(m::http_status_label(parts.status.as_u16()))
+        Some(Status::http(parts.status.as_u16()))
     };
     let mut resp_body = Pump::new(up_body);
     let eos = resp_body.empty();
@@ -422,7 +405,7 @@ async fn try_endpoint(
         Err(error) => {
             tracing::debug!(%error, "client went away before the response headers");
             up_tx.send_reset(Reason::CANCEL);
-            ctx.cancelled(&label);
+            ctx.cancelled(reqs);
             return Attempt::Done;
         }
     };
@@ -438,8 +421,8 @@ async fn try_endpoint(
             let from_trailers = resp_body
                 .end_trailers()
                 .and_then(|t| t.get(grpc::GRPC_STATUS))
-                .map(|v| m::grpc_status_label(v.as_bytes()));
-            break from_trailers.or(trailers_only_status).unwrap_or("unknown");
+                .map(|v| Status::grpc(v.as_bytes()));
+            break from_trailers.or(trailers_only_status).unwrap_or(Status::UNKNOWN);
         }
         tokio::select! {
             biased;
@@ -447,7 +430,7 @@ async fn try_endpoint(
                 up_tx.send_reset(Reason::CANCEL);
                 m::timeout("deadline");
                 end_with_status(ctx, &mut client_tx, grpc::DEADLINE_EXCEEDED, "interceptor: deadline exceeded");
-                break "4";
+                break Status::grpc_code(grpc::DEADLINE_EXCEEDED);
             }
             // Not charged to the endpoint: after the response headers a stall may as well be
             // the client's (a zero window).
@@ -458,31 +441,31 @@ async fn try_endpoint(
                 up_tx.send_reset(Reason::CANCEL);
                 m::timeout("stream_idle");
                 end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: nothing moved on the stream (stream idle timeout)");
-                break "14";
+                break Status::grpc_code(grpc::UNAVAILABLE);
             }
             s = resp_body.step(&mut client_tx), if !resp_body.done() => match s {
                 Ok(()) => idle.progress(),
                 Err(PumpError::Send(reason, _)) => {
                     // The client reset the stream or its connection failed.
                     up_tx.send_reset(reason.unwrap_or(Reason::CANCEL));
-                    break "cancelled";
+                    break Status::CANCELLED;
                 }
                 Err(PumpError::Recv(e)) if e.is_reset() && e.is_remote() => {
                     let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
                     client_tx.send_reset(reason);
                     charge = charged_reset(reason);
-                    break "reset";
+                    break Status::RESET;
                 }
                 Err(PumpError::Recv(e)) if e.is_reset() => {
                     tracing::debug!(endpoint = %ep.addr(), error = %e, "endpoint's trailers rejected");
                     end_with_status(ctx, &mut client_tx, grpc::INTERNAL, "interceptor: the endpoint's trailers were malformed or too large");
-                    break "13";
+                    break Status::grpc_code(grpc::INTERNAL);
                 }
                 Err(PumpError::Recv(e)) => {
                     tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed during the response");
                     end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: connection to the endpoint failed");
                     charge = true;
-                    break "14";
+                    break Status::grpc_code(grpc::UNAVAILABLE);
                 }
             },
             s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
@@ -491,7 +474,7 @@ async fn try_endpoint(
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
                     up_tx.send_reset(reason);
                     client_tx.send_reset(reason);
-                    break "cancelled";
+                    break Status::CANCELLED;
                 }
                 // The endpoint stopped taking the request body: after a complete response
                 // that is RST_STREAM(NO_ERROR) (RFC 9113 8.1), before one the response
@@ -504,10 +487,10 @@ async fn try_endpoint(
             },
         }
     };
-    if status == "cancelled" {
+    if status == Status::CANCELLED {
         ctx.guard.client_reset();
     }
-    m::request(&label, status, ctx.started.elapsed());
+    m::request(&ctx.service, reqs, status, ctx.started.elapsed());
     drop(lease);
     drop(in_flight);
     if charge {
