@@ -29,6 +29,12 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    #[error("metrics listener: cannot listen on {addr}: {source} (choose another --metrics-addr; on a node, the node's own IP)")]
+    BindMetrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("installing the metrics recorder: {0}")]
     Metrics(String),
 }
@@ -50,6 +56,16 @@ pub fn install_metrics() -> Result<PrometheusHandle, AdminError> {
         KERNEL_CONNECTS,
         metrics::Unit::Count,
         "connect() calls seen by the eBPF hooks in intercepted pods, by verdict"
+    );
+    metrics::describe_gauge!(
+        crate::app::reconcile::POD_NOT_INTERCEPTED,
+        metrics::Unit::Count,
+        "1 while a pod in an enabled namespace is not intercepted (cgroup not found yet, attach failed; `interceptor status` says why), 0 once it is"
+    );
+    metrics::describe_gauge!(
+        crate::app::reconcile::PODS_NOT_INTERCEPTED,
+        metrics::Unit::Count,
+        "Pods in enabled namespaces that are not intercepted"
     );
     Ok(handle)
 }
@@ -90,8 +106,15 @@ impl Admin {
         self.metrics.render()
     }
 
-    fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
+    fn respond(&self, path: &str, scope: Scope) -> (StatusCode, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
+        if scope == Scope::MetricsOnly && path != "/metrics" {
+            return (
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "this listener serves only /metrics (the admin endpoint is on loopback)\n".into(),
+            );
+        }
         match path {
             "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => match self.ready() {
@@ -135,11 +158,20 @@ fn json_body(r: serde_json::Result<String>) -> (StatusCode, &'static str, String
     }
 }
 
+/// What a listener serves: everything (the loopback admin endpoint), or only /metrics (the
+/// opt-in listener a cluster Prometheus scrapes, which must not expose /config or /state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Full,
+    MetricsOnly,
+}
+
 async fn handle(
     admin: Arc<Admin>,
+    scope: Scope,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, content_type, body) = admin.respond(req.uri().path());
+    let (status, content_type, body) = admin.respond(req.uri().path(), scope);
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(content_type) {
@@ -150,9 +182,21 @@ async fn handle(
 
 /// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
 pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> Result<SocketAddr, AdminError> {
+    serve_scoped(addr, admin, Scope::Full).await
+}
+
+/// Like `serve`, with what the listener may serve.
+pub async fn serve_scoped(
+    addr: SocketAddr,
+    admin: Arc<Admin>,
+    scope: Scope,
+) -> Result<SocketAddr, AdminError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| AdminError::Bind { addr, source })?;
+        .map_err(|source| match scope {
+            Scope::Full => AdminError::Bind { addr, source },
+            Scope::MetricsOnly => AdminError::BindMetrics { addr, source },
+        })?;
     let local = listener.local_addr().unwrap_or(addr);
     tokio::spawn(async move {
         loop {
@@ -166,7 +210,7 @@ pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> Result<SocketAddr, Ad
             };
             let admin = admin.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(admin.clone(), req));
+                let svc = service_fn(move |req| handle(admin.clone(), scope, req));
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await
@@ -176,7 +220,12 @@ pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> Result<SocketAddr, Ad
             });
         }
     });
-    tracing::info!(admin_addr = %local, "admin endpoint listening");
+    match scope {
+        Scope::Full => tracing::info!(admin_addr = %local, "admin endpoint listening"),
+        Scope::MetricsOnly => {
+            tracing::info!(metrics_addr = %local, "metrics listener (only /metrics) listening")
+        }
+    }
     Ok(local)
 }
 

@@ -64,6 +64,9 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.source != Source::File && args.manifests.is_some() {
         anyhow::bail!("--manifests is only read with --source file");
     }
+    if let Some(m) = args.metrics_addr {
+        m.resolve(args.node_ip).map_err(anyhow::Error::msg)?;
+    }
     Ok(())
 }
 
@@ -96,16 +99,17 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         args.limits.apply(ProxyConfig::default()),
     );
     let state = SharedState::default();
-    admin::serve(
-        args.admin_addr,
-        Arc::new(Admin {
-            metrics,
-            config: serde_json::to_value(&args).unwrap_or_default(),
-            state: Some(state.clone()),
-            pin_root: Some(args.pins.pin_root.clone()),
-        }),
-    )
-    .await?;
+    let admin = Arc::new(Admin {
+        metrics,
+        config: serde_json::to_value(&args).unwrap_or_default(),
+        state: Some(state.clone()),
+        pin_root: Some(args.pins.pin_root.clone()),
+    });
+    admin::serve(args.admin_addr, admin.clone()).await?;
+    if let Some(addr) = args.metrics_addr {
+        let addr = addr.resolve(args.node_ip).map_err(anyhow::Error::msg)?;
+        admin::serve_scoped(addr, admin, admin::Scope::MetricsOnly).await?;
+    }
 
     let (objects_tx, mut objects_rx) = watch::channel(Arc::new(Objects::default()));
     let mut source = tokio::task::JoinSet::new();

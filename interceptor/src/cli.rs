@@ -99,6 +99,36 @@ pub enum Source {
     Static,
 }
 
+/// Where the metrics-only listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MetricsAddr {
+    Addr(SocketAddr),
+    /// This port on the node's IP.
+    NodePort(u16),
+}
+
+impl MetricsAddr {
+    /// The address to bind, given the node's IP.
+    pub fn resolve(self, node_ip: Option<std::net::IpAddr>) -> Result<SocketAddr, String> {
+        match (self, node_ip) {
+            (MetricsAddr::Addr(a), _) => Ok(a),
+            (MetricsAddr::NodePort(p), Some(ip)) => Ok(SocketAddr::new(ip, p)),
+            (MetricsAddr::NodePort(p), None) => Err(format!(
+                "--metrics-addr {p} (a port alone) binds the node's IP, but --node-ip (INTERCEPTOR_NODE_IP) is not set: set it, or give IP:PORT"
+            )),
+        }
+    }
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(MetricsAddr::NodePort(port));
+    }
+    s.parse::<SocketAddr>()
+        .map(MetricsAddr::Addr)
+        .map_err(|_| format!("{s:?} is neither IP:PORT nor a port"))
+}
+
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -122,6 +152,12 @@ pub struct RunArgs {
     /// Admin endpoint: /healthz, /readyz, /metrics, /config, /state. Port 0 picks a free one.
     #[arg(long, env = "INTERCEPTOR_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+    /// A second listener that serves only /metrics, for a cluster Prometheus (off by default):
+    /// IP:PORT, or a port alone for the node's IP (`--node-ip`), as deploy/monitoring sets it.
+    /// Admit only Prometheus to it (node firewall or CNI host policy); the admin endpoint
+    /// stays on loopback.
+    #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
     /// On SIGTERM, how long open connections may take to finish (e.g. `20s`, `500ms`).
     #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     #[serde(serialize_with = "serialize_duration")]

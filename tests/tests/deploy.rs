@@ -384,3 +384,110 @@ fn daemonset_probes_target_the_admin_endpoint() {
     check(container.liveness_probe.as_ref(), "liveness", "/healthz");
     check(container.readiness_probe.as_ref(), "readiness", "/readyz");
 }
+
+#[derive(Deserialize)]
+struct MonitoringKustomization {
+    resources: Vec<String>,
+    patches: Vec<BTreeMap<String, String>>,
+}
+
+#[test]
+fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
+    use clap::Parser;
+    let k: MonitoringKustomization =
+        serde_yaml::from_str(&read("monitoring/kustomization.yaml")).expect("parses");
+    for r in &k.resources {
+        assert!(
+            deploy_dir().join("monitoring").join(r).exists(),
+            "deploy/monitoring/kustomization.yaml lists {r}, which does not exist"
+        );
+    }
+    assert!(k.resources.iter().any(|r| r.trim_end_matches('/') == ".."), "builds on deploy/");
+    let patch_path = k.patches[0].get("path").expect("a patch path");
+    let patch: DaemonSet = object(&format!("monitoring/{patch_path}"), "DaemonSet");
+    let ds = daemonset();
+    assert_eq!(patch.metadata.name, ds.metadata.name, "the patch targets the agent's DaemonSet");
+    let c = agent_container(&patch);
+    assert_eq!(c.name, agent_container(&ds).name, "the patch targets the agent's container");
+    let addr = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "INTERCEPTOR_METRICS_ADDR")
+        .and_then(|e| e.value.clone())
+        .expect("the patch sets INTERCEPTOR_METRICS_ADDR");
+    // The agent parses it, and the DaemonSet gives it the node IP it needs.
+    let cli = interceptor::cli::Cli::try_parse_from([
+        "interceptor",
+        "run",
+        "--source=static",
+        "--metrics-addr",
+        &addr,
+    ])
+    .unwrap_or_else(|e| panic!("the agent rejects INTERCEPTOR_METRICS_ADDR={addr}: {e}"));
+    let interceptor::cli::Command::Run(run) = cli.command else {
+        panic!("parsed as run")
+    };
+    let node_ip_from_downward_api = agent_container(&ds)
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == "INTERCEPTOR_NODE_IP" && e.value_from.is_some());
+    assert!(node_ip_from_downward_api, "daemonset.yaml sets INTERCEPTOR_NODE_IP");
+    let bound = run
+        .metrics_addr
+        .expect("metrics addr")
+        .resolve(Some("10.0.0.7".parse().expect("ip")))
+        .expect("resolves with a node IP");
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("the patch names its port `metrics`");
+    assert_eq!(port.container_port as u16, bound.port(), "the declared port is the bound one");
+
+    let pm = &documents("monitoring/podmonitor.yaml")[0];
+    assert_eq!(pm["kind"], "PodMonitor");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    let labels = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    for (k, v) in pm["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("matchLabels")
+    {
+        let (k, v) = (k.as_str().expect("key"), v.as_str().expect("value"));
+        assert_eq!(labels.get(k).map(String::as_str), Some(v), "PodMonitor selects the agent's pods");
+    }
+
+    // The HPA half of the autoscaling example is a core object: it validates strictly.
+    let hpa = documents("monitoring/autoscaling-keda.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .expect("an HPA example");
+    let file = TempFile::new("hpa.yaml", &serde_yaml::to_string(&hpa).expect("yaml"));
+    let out = kubernetes_validate(&file.0);
+    assert!(out.status.success(), "the HPA example does not validate:\n{}", shown(&out));
+    // The dashboard is JSON with queries on metrics the agent exports.
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("monitoring/grafana-dashboard.json")).expect("dashboard JSON");
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 8, "{exprs:?}");
+    for name in [
+        interceptor::proxy::metrics::REQUESTS,
+        interceptor::proxy::metrics::ACTIVE_STREAMS,
+        interceptor::proxy::metrics::OPAQUE_BYTES,
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(name)), "no panel queries {name}");
+    }
+}

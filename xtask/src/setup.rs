@@ -31,6 +31,8 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("haproxy", "haproxy"),
     ("taskset", "util-linux"),
+    // The metrics test scrapes the agent with a real Prometheus, run by the test itself.
+    ("prometheus", "prometheus"),
 ];
 
 /// Debian packages that provide files rather than commands: the benchmark chart's font.

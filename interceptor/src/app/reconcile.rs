@@ -15,8 +15,13 @@ use super::agent::Agent;
 use crate::bpf::{CgroupId, Datapath, ServiceAction};
 use crate::cli::StaticPod;
 use crate::discovery::cgroup::CgroupLayout;
-use crate::discovery::model::{DesiredState, PodUid, PortAction};
+use crate::discovery::model::{DesiredState, ObjectRef, PodUid, PortAction};
 use crate::proxy::endpoints::EndpointSpec;
+
+/// 1 for each pod that should be intercepted and is not (yet), by namespace and pod.
+pub const POD_NOT_INTERCEPTED: &str = "interceptor_pod_not_intercepted";
+/// How many such pods there are.
+pub const PODS_NOT_INTERCEPTED: &str = "interceptor_pods_not_intercepted";
 
 /// A pod's interception as the agent sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +57,8 @@ pub struct Reconciler {
     desired: DesiredState,
     enabled: BTreeMap<PodUid, Enabled>,
     errors: BTreeMap<PodUid, String>,
+    /// Pods last reported by the not-intercepted gauge, so a fixed or gone pod drops to 0.
+    flagged: std::collections::BTreeSet<ObjectRef>,
     services: Option<Vec<(SocketAddr, ServiceAction)>>,
     routes: Option<BTreeMap<SocketAddr, Vec<EndpointSpec>>>,
     pruned: bool,
@@ -66,6 +73,7 @@ impl Reconciler {
             desired: DesiredState::default(),
             enabled: BTreeMap::new(),
             errors: BTreeMap::new(),
+            flagged: std::collections::BTreeSet::new(),
             services: None,
             routes: None,
             pruned: false,
@@ -101,6 +109,7 @@ impl Reconciler {
             elapsed_us = started.elapsed().as_micros() as u64,
             "desired state applied"
         );
+        self.export_not_intercepted();
         self.publish();
     }
 
@@ -128,6 +137,7 @@ impl Reconciler {
             .any(|uid| !self.enabled.contains_key(uid));
         if missing || !stale.is_empty() {
             self.sync_pods(agent, datapath);
+            self.export_not_intercepted();
             self.publish();
         }
     }
@@ -232,6 +242,26 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// Pods that should be intercepted but are not (cgroup not found yet, netns gone, attach
+    /// failed): 1 each in `interceptor_pod_not_intercepted`, and their count.
+    fn export_not_intercepted(&mut self) {
+        let now: std::collections::BTreeSet<ObjectRef> = self
+            .desired
+            .pods
+            .iter()
+            .filter(|(uid, _)| !self.enabled.contains_key(*uid))
+            .map(|(_, t)| t.pod.clone())
+            .collect();
+        for pod in self.flagged.difference(&now) {
+            metrics::gauge!(POD_NOT_INTERCEPTED, "namespace" => pod.namespace.clone(), "pod" => pod.name.clone()).set(0.0);
+        }
+        for pod in &now {
+            metrics::gauge!(POD_NOT_INTERCEPTED, "namespace" => pod.namespace.clone(), "pod" => pod.name.clone()).set(1.0);
+        }
+        metrics::gauge!(PODS_NOT_INTERCEPTED).set(now.len() as f64);
+        self.flagged = now;
     }
 
     fn publish(&self) {
