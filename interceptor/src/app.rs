@@ -2,6 +2,7 @@
 //! (proxy), the source of what to intercept (discovery), and the admin endpoint.
 
 pub mod agent;
+pub mod handoff;
 pub mod inspect;
 pub mod reconcile;
 
