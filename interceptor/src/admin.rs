@@ -180,6 +180,19 @@ async fn handle(
     Ok(resp)
 }
 
+/// A listener that the next agent can bind too while this one still runs (an upgrade with
+/// maxSurge: old and new agent share the node's network), hence SO_REUSEPORT.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
 /// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
 pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> Result<SocketAddr, AdminError> {
     serve_scoped(addr, admin, Scope::Full).await
@@ -191,9 +204,7 @@ pub async fn serve_scoped(
     admin: Arc<Admin>,
     scope: Scope,
 ) -> Result<SocketAddr, AdminError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| match scope {
+    let listener = bind_shared(addr).map_err(|source| match scope {
             Scope::Full => AdminError::Bind { addr, source },
             Scope::MetricsOnly => AdminError::BindMetrics { addr, source },
         })?;

@@ -99,6 +99,20 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         args.listen_port,
         args.limits.apply(ProxyConfig::default()),
     );
+    // A running agent (an upgrade in progress) hands over its pod-local listeners, so no
+    // connect falls back to kube-proxy while this one starts.
+    let mut taking = match handoff::take(&args.handoff_socket) {
+        Ok(Some((listeners, taking))) => {
+            tracing::info!(listeners = listeners.len(), socket = %args.handoff_socket.display(), "taking over the pod-local listeners of the running agent");
+            agent.adopt_handed(listeners);
+            Some(taking)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take over from the running agent; opening new listeners (its pods fall back to kube-proxy until it exits)");
+            None
+        }
+    };
     let state = SharedState::default();
     let admin = Arc::new(Admin {
         metrics,
@@ -117,6 +131,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     match (args.source, layout.clone()) {
         (Source::Static, _) => {
             apply_static(&args, &mut agent, &mut datapath)?;
+            finish_takeover(&mut taking, &mut agent);
             if let Ok(mut v) = state.write() {
                 v.ready = true;
             }
@@ -153,6 +168,31 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut reconciler = layout.map(|l| Reconciler::new(l, state.clone()));
     let mut applied_once = false;
+    // Hands this agent's listeners to the next one (an upgrade); see app/handoff.rs.
+    let (offers_tx, mut offers) = tokio::sync::mpsc::channel::<handoff::Request>(1);
+    match handoff::Offer::bind(&args.handoff_socket) {
+        Ok(offer) => {
+            std::thread::Builder::new()
+                .name("handoff".into())
+                .spawn(move || loop {
+                    match offer.accept() {
+                        Ok(req) => {
+                            if offers_tx.blocking_send(req).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "handoff socket failed; upgrades will not be hitless");
+                            return;
+                        }
+                    }
+                })?;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot serve the handoff socket; the next upgrade will not be hitless"),
+    }
+    // Set once the listeners are sent: the new agent's READY, or why it never came.
+    let mut handing: Option<tokio::sync::oneshot::Receiver<Result<(), handoff::HandoffError>>> = None;
+    let mut handed_over = false;
 
     let mut log_tick = tokio::time::interval(Duration::from_millis(100));
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
@@ -162,7 +202,34 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = log_tick.tick() => datapath.drain_kernel_log(),
-            changed = objects_rx.changed(), if reconciler.is_some() => {
+            Some(req) = offers.recv(), if handing.is_none() => {
+                // Discovery and retries pause until the new agent answers: this agent must
+                // not detach or re-pin hooks the new one is taking over.
+                let sockets = agent.listener_sockets();
+                match req.send(&sockets) {
+                    Ok(()) => {
+                        tracing::info!(listeners = sockets.len(), "a new agent is taking over: listeners sent, waiting until it accepts on them");
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = tx.send(req.wait_ready());
+                        });
+                        handing = Some(rx);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "handing the listeners to the new agent failed; still serving"),
+                }
+            }
+            ready = async { handing.as_mut().expect("guarded").await }, if handing.is_some() => {
+                match ready {
+                    Ok(Ok(())) => {
+                        handed_over = true;
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "the new agent did not take over; still serving"),
+                    Err(_) => tracing::warn!("the handoff was abandoned; still serving"),
+                }
+                handing = None;
+            }
+            changed = objects_rx.changed(), if reconciler.is_some() && handing.is_none() => {
                 if changed.is_err() {
                     continue;
                 }
@@ -173,10 +240,11 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if !applied_once {
                     applied_once = true;
+                    finish_takeover(&mut taking, &mut agent);
                     tracing::info!(pods = agent.enabled().len(), "agent ready");
                 }
             }
-            _ = retry_tick.tick(), if applied_once => {
+            _ = retry_tick.tick(), if applied_once && handing.is_none() => {
                 if let Some(r) = reconciler.as_mut() {
                     r.retry(&mut agent, &mut datapath);
                 }
@@ -191,9 +259,15 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // The hooks stay attached (pinned): with the listeners closed they fail open, and the next
-    // agent picks them up. `interceptor uninstall` removes them.
-    tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "stopping: closing pod-local listeners (new connects fail open), draining open connections; hooks stay pinned");
+    if handed_over {
+        // The sockets live on in the new agent: closing this agent's copies changes nothing
+        // for new connects, and its HTTP/2 clients reconnect to the new agent after GOAWAY.
+        tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "the new agent accepts on the pod-local listeners: this agent stops accepting and drains its open connections (GOAWAY to HTTP/2 clients)");
+    } else {
+        // The hooks stay attached (pinned): with the listeners closed they fail open, and the
+        // next agent picks them up. `interceptor uninstall` removes them.
+        tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "stopping: closing pod-local listeners (new connects fail open), draining open connections; hooks stay pinned");
+    }
     source.abort_all();
     let left = agent.drain(args.drain_timeout).await;
     if left > 0 {
@@ -204,7 +278,28 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!("drained");
     }
+    if handed_over {
+        // Exiting now would make the kubelet restart this container, and the restarted old
+        // version would take the listeners back. The DaemonSet controller deletes this pod
+        // once the new one is ready (maxSurge): its SIGTERM ends the agent.
+        tracing::info!("handed over and drained: idle until SIGTERM");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
     Ok(())
+}
+
+/// Once this agent serves every pod it took over: tells the previous agent to stop, and closes
+/// handed sockets no pod took.
+fn finish_takeover(taking: &mut Option<handoff::Taking>, agent: &mut Agent) {
+    let Some(t) = taking.take() else { return };
+    let unused = agent.forget_handed();
+    match t.ready() {
+        Ok(()) => tracing::info!(pods = agent.enabled().len(), unused, "took over the pod-local listeners; the previous agent stops accepting and drains"),
+        Err(e) => tracing::warn!(error = %e, "could not tell the previous agent to stop; it keeps accepting until it exits"),
+    }
 }
 
 /// `--source static`: pods, services and endpoints straight from the flags.

@@ -158,6 +158,11 @@ pub struct RunArgs {
     /// stays on loopback.
     #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<MetricsAddr>,
+    /// Unix socket through which a new agent takes over this one's pod-local listeners (a
+    /// hostPath directory shared by the DaemonSet's old and new pods), so upgrades never fall
+    /// back to kube-proxy.
+    #[arg(long, env = "INTERCEPTOR_HANDOFF_SOCKET", default_value = crate::app::handoff::DEFAULT_HANDOFF_SOCKET)]
+    pub handoff_socket: PathBuf,
     /// On SIGTERM, how long open connections may take to finish (e.g. `20s`, `500ms`).
     #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     #[serde(serialize_with = "serialize_duration")]

@@ -342,3 +342,55 @@ pub fn counted_calls(
         serde_json::to_string(&*r).expect("result JSON")
     );
 }
+
+/// A client that opens a NEW channel for every call, one call every `interval`, for
+/// `duration` (each channel is a new TCP connect to `target`). Prints
+/// `CHURN <ok> <failed>` and, if any failed, `LAST_ERROR ...`, then `DONE`.
+pub fn churn(target: std::net::SocketAddr, duration: Duration, interval: Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let (mut ok, mut failed, mut last_error) = (0u64, 0u64, None::<String>);
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            let call = async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
+                let mut grpc = tonic::client::Grpc::new(channel);
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                grpc.unary(
+                    Request::new(Bytes::from_static(b"churn")),
+                    http::uri::PathAndQuery::from_static(METHOD),
+                    RawCodec,
+                )
+                .await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), call).await {
+                Ok(Ok(_)) => ok += 1,
+                Ok(Err(status)) => {
+                    failed += 1;
+                    last_error = Some(format!("{:?}: {}", status.code(), status.message()));
+                }
+                Err(_) => {
+                    failed += 1;
+                    last_error = Some("call timed out after 5 s".into());
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+        println!("CHURN {ok} {failed}");
+        if let Some(e) = last_error {
+            println!("LAST_ERROR {e}");
+        }
+        println!("DONE");
+    });
+}

@@ -485,7 +485,7 @@ impl Node {
                 .map(|(i, b)| format!("{i} : {b}"))
                 .collect();
             rules.push_str(&format!(
-                "add rule {family} icp_kp pre {match_} meta l4proto {{ tcp, udp }} th dport {} dnat to numgen random mod {} map {{ {} }}\n",
+                "add rule {family} icp_kp pre {match_} meta l4proto {{ tcp, udp }} th dport {} counter dnat to numgen random mod {} map {{ {} }}\n",
                 vip.port(),
                 backends.len(),
                 map.join(", ")
@@ -496,6 +496,26 @@ impl Node {
         self.netns
             .exec("nft", &["-f", path.to_str().expect("utf-8 path")]);
         let _ = std::fs::remove_file(path);
+    }
+}
+
+impl Node {
+    /// Connections the emulated kube-proxy has DNAT'ed so far (a nat chain sees the first
+    /// packet of each connection only): what went around interceptor.
+    pub fn kube_proxy_connections(&self) -> u64 {
+        let mut total = 0;
+        for family in ["ip", "ip6"] {
+            let out = self.netns.exec("nft", &["-j", "list", "table", family, "icp_kp"]);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("nft -j prints JSON");
+            for item in v["nftables"].as_array().into_iter().flatten() {
+                for expr in item["rule"]["expr"].as_array().into_iter().flatten() {
+                    if let Some(n) = expr["counter"]["packets"].as_u64() {
+                        total += n;
+                    }
+                }
+            }
+        }
+        total
     }
 }
 
@@ -538,6 +558,23 @@ impl Drop for PinRoot {
 pub struct AgentProcess {
     child: ChildGuard,
     pub log: Arc<Mutex<String>>,
+    /// The handoff socket this test gave the agent, removed with it.
+    handoff: PathBuf,
+}
+
+/// A handoff socket path unique to one agent of one test.
+fn own_handoff_socket() -> PathBuf {
+    std::env::temp_dir().join(format!("icp-handoff-{}.sock", unique_id()))
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.handoff);
+    }
 }
 
 impl AgentProcess {
@@ -548,6 +585,7 @@ impl AgentProcess {
 
     /// Like `start`, with extra environment variables (e.g. KUBECONFIG).
     pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
+        let handoff = own_handoff_socket();
         let mut child = Command::new(target_bin("interceptor"))
             .args(args)
             .envs(env.iter().copied())
@@ -559,8 +597,11 @@ impl AgentProcess {
             .env_remove("ALL_PROXY")
             .env_remove("all_proxy")
             .env("INTERCEPTOR_LOG", "info,interceptor=debug")
-            // Tests run agents side by side: each gets a free admin port (see `admin_addr`).
+            // Tests run agents side by side: each gets a free admin port (see `admin_addr`),
+            // and a handoff socket of its own, so that no agent takes over another test's
+            // listeners (an upgrade test passes --handoff-socket to both of its agents).
             .env("INTERCEPTOR_ADMIN_ADDR", "127.0.0.1:0")
+            .env("INTERCEPTOR_HANDOFF_SOCKET", &handoff)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -579,6 +620,7 @@ impl AgentProcess {
         let mut agent = Self {
             child: ChildGuard(Some(child)),
             log,
+            handoff,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -608,14 +650,17 @@ impl AgentProcess {
 
     /// Runs the agent to completion (for start-up failures), returning its status and log.
     pub fn run_to_exit(args: &[String], timeout: Duration) -> (std::process::ExitStatus, String) {
+        let handoff = own_handoff_socket();
         let child = Command::new(target_bin("interceptor"))
             .args(args)
+            .env("INTERCEPTOR_HANDOFF_SOCKET", &handoff)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the interceptor agent");
         let out = ChildGuard(Some(child)).wait_output(timeout);
+        let _ = std::fs::remove_file(&handoff);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -651,6 +696,18 @@ impl AgentProcess {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         ChildGuard(Some(child)).wait_output(timeout).status
+    }
+
+    /// Waits for the agent to exit by itself (e.g. after handing over to a new one).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.child.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() || Instant::now() >= deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no clean-up code runs, as when the agent crashes or is OOM-killed.

@@ -533,3 +533,150 @@ fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
         );
     }
 }
+
+/// Requests the agent finished per endpoint, from its /metrics.
+fn requests_by_endpoint(agent: &AgentProcess) -> std::collections::BTreeMap<String, u64> {
+    let (code, metrics) = agent.admin_get("/metrics");
+    assert_eq!(code, 200);
+    let mut by = std::collections::BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("interceptor_requests_total{")) {
+        let Some(ep) = line.split("endpoint=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *by.entry(ep.to_string()).or_default() += n as u64;
+    }
+    by
+}
+
+#[test]
+fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_proxy() {
+    use interceptor_tests::interop::{Load, Stack};
+    // The busy channel is grpcio's: C-core retries a call that a GOAWAY kept from being sent,
+    // as gRPC clients must; tonic's channel fails such a call (hyper reports it canceled), with
+    // any server's graceful GOAWAY, so it cannot show "zero failed calls".
+    Stack::Grpcio.require();
+    let c = Cluster::new(&[90, 91]);
+    c.write(&Spec::new(true, &[90, 91]));
+    let handoff = std::env::temp_dir().join(format!("icp-upgrade-{}.sock", unique_id()));
+    let mut args = vec![
+        "run".to_string(),
+        "--source=file".into(),
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--handoff-socket".into(),
+        handoff.display().to_string(),
+    ];
+    args.extend(c.node_args());
+    // The counter this test reads does count: with no agent yet, a channel goes through the
+    // emulated kube-proxy.
+    let mut t = c.client_run(1);
+    t.window(Duration::from_millis(300));
+    drop(t);
+    assert!(
+        c.node.kube_proxy_connections() >= 1,
+        "the kube-proxy counter saw no connection without an agent"
+    );
+    let mut old = AgentProcess::start(&args);
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+    let vip = interceptor_tests::cluster::vip();
+
+    // One channel kept busy across the upgrade (grpcio, 4 callers), and a new channel every
+    // 5 ms (tonic, one call each).
+    let busy_load = Load {
+        runs: 1,
+        calls: 20_000,
+        concurrency: 4,
+    };
+    let busy = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| Stack::Grpcio.calls_in(&c.client, vip, busy_load));
+        std::thread::sleep(Duration::from_secs(1));
+        let churn = c.client.spawn(&[
+            "greet-churn",
+            "--to",
+            &vip.to_string(),
+            "--seconds",
+            "5",
+            "--interval-ms",
+            "5",
+        ]);
+        let kube_proxy_before = c.node.kube_proxy_connections();
+        std::thread::sleep(Duration::from_secs(1));
+
+        let started = Instant::now();
+        let new = AgentProcess::start(&args);
+        // Handed over and drained, the old agent waits for the SIGTERM the DaemonSet
+        // controller sends once the new pod is ready.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !old.log_text().contains("handed over and drained: idle until SIGTERM") {
+            assert!(
+                old.wait_exit(Duration::from_millis(20)).is_none(),
+                "the old agent exited before it handed over:\n{}",
+                old.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the old agent did not hand over and drain:\n{}",
+                old.log_text()
+            );
+        }
+        note(&format!(
+            "upgrade: new agent ready, old agent handed over and drained {:?} after the new one started",
+            started.elapsed()
+        ));
+        let old_log = old.log_text();
+        let status = old.terminate(Duration::from_secs(10));
+        assert!(status.success(), "old agent on SIGTERM: {status}\n{old_log}");
+        assert!(
+            old_log.contains("the new agent accepts on the pod-local listeners"),
+            "the old agent handed over:\n{old_log}"
+        );
+        assert!(
+            new.log_text()
+                .contains("taking over the pod-local listeners of the running agent"),
+            "{}",
+            new.log_text()
+        );
+
+        let out = churn.wait_output(Duration::from_secs(30));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (ok, failed) = text
+            .lines()
+            .find_map(|l| {
+                let mut f = l.strip_prefix("CHURN ")?.split(' ');
+                Some((f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+            })
+            .unwrap_or_else(|| panic!("churn client printed no result: {text}"));
+        note(&format!("new channels across the upgrade: {ok} ok, {failed} failed"));
+        assert!(ok > 100, "the churn client made only {ok} calls: {text}");
+        assert_eq!(failed, 0, "calls on new channels failed: {text}");
+        let via_kube_proxy = c.node.kube_proxy_connections() - kube_proxy_before;
+        assert_eq!(
+            via_kube_proxy, 0,
+            "{via_kube_proxy} connects went to kube-proxy during the upgrade"
+        );
+
+        // Only the busy channel is left, now on the new agent: within 1 s both endpoints
+        // take its calls.
+        let first = requests_by_endpoint(&new);
+        std::thread::sleep(Duration::from_secs(1));
+        let second = requests_by_endpoint(&new);
+        let grew: Vec<(String, u64)> = second
+            .iter()
+            .map(|(ep, n)| (ep.clone(), n - first.get(ep).copied().unwrap_or(0)))
+            .collect();
+        note(&format!("busy channel on the new agent, one second: {grew:?}"));
+        assert_eq!(
+            grew.iter().filter(|(_, n)| *n > 0).count(),
+            2,
+            "the busy channel is balanced by the new agent within 1 s: {grew:?}"
+        );
+        let result = busy.join().expect("busy client thread");
+        drop(new);
+        result
+    });
+    note(&format!("busy channel: {busy:?}"));
+    assert_eq!(busy.failed, 0, "calls on the busy channel failed: {busy:?}");
+    assert_eq!(busy.ok, busy_load.total());
+    let _ = std::fs::remove_file(&handoff);
+}

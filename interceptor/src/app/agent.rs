@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -91,6 +92,8 @@ pub struct Agent {
     routes: Routes,
     /// The Service of each balanced destination, for its metrics.
     service_labels: BTreeMap<SocketAddr, ServiceLabels>,
+    /// Listening sockets the previous agent handed over, by pod cgroup id: (IPv4, IPv6).
+    handed: BTreeMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
     open: Arc<AtomicUsize>,
 }
 
@@ -173,6 +176,7 @@ impl Agent {
             pods: BTreeMap::new(),
             routes,
             service_labels: BTreeMap::new(),
+            handed: BTreeMap::new(),
             open,
         }
     }
@@ -216,14 +220,28 @@ impl Agent {
                 .register_listener(cookie, v6, socket)
                 .map_err(io::Error::other)
         };
-        let listener = PodListener::open(
-            ctx,
-            self.listen_port,
-            self.resolver.clone(),
-            handler,
-            &mut register,
-        )
-        .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?;
+        let listener = match self.handed.remove(&id.0) {
+            Some((Some(v4), v6)) => PodListener::adopt(
+                ctx,
+                self.listen_port,
+                v4,
+                v6,
+                self.resolver.clone(),
+                handler,
+                &mut register,
+            )
+            .with_context(|| {
+                format!("pod {}: serving the listener the previous agent handed over", pod.name)
+            })?,
+            _ => PodListener::open(
+                ctx,
+                self.listen_port,
+                self.resolver.clone(),
+                handler,
+                &mut register,
+            )
+            .with_context(|| format!("pod {}: opening the pod-local listener", pod.name))?,
+        };
         datapath
             .enable_pod(&pod.cgroup)
             .with_context(|| format!("pod {}", pod.name))?;
@@ -248,6 +266,35 @@ impl Agent {
             tracing::info!(pod = %pod.name, cgroup_id = id.0, "interception disabled");
         }
         Ok(())
+    }
+
+    /// Keeps the listening sockets a previous agent handed over, for `enable_pod` to serve
+    /// instead of opening new ones (sockets of pods this agent does not enable are closed when
+    /// `forget_handed` runs).
+    pub fn adopt_handed(&mut self, handed: Vec<super::handoff::HandedListener>) {
+        for h in handed {
+            let entry = self.handed.entry(h.cgroup_id).or_default();
+            if h.v6 {
+                entry.1 = Some(h.socket);
+            } else {
+                entry.0 = Some(h.socket);
+            }
+        }
+    }
+
+    /// Closes handed-over sockets no enabled pod took (their pods are gone or not wanted).
+    pub fn forget_handed(&mut self) -> usize {
+        let n = self.handed.len();
+        self.handed.clear();
+        n
+    }
+
+    /// Every enabled pod's listening sockets, (cgroup id, IPv6?, socket), for the next agent.
+    pub fn listener_sockets(&self) -> Vec<(u64, bool, BorrowedFd<'_>)> {
+        self.pods
+            .iter()
+            .flat_map(|(id, pod)| pod.listener.sockets().map(move |(v6, fd)| (id.0, v6, fd)))
+            .collect()
     }
 
     /// The enabled pods' cgroups.

@@ -75,6 +75,8 @@ pub type Register<'a> = &'a mut dyn FnMut(u64, bool, BorrowedFd<'_>) -> io::Resu
 /// connects from this pod) and ends the accept loops.
 pub struct PodListener {
     tasks: JoinSet<()>,
+    /// Duplicates of the listening sockets (IPv6?, socket), to hand to a new agent.
+    sockets: Vec<(bool, std::os::fd::OwnedFd)>,
 }
 
 impl PodListener {
@@ -102,6 +104,39 @@ impl PodListener {
                 ),
             )
         })?;
+        Self::start(pod, port, v4, v6, resolver, handler, register, "pod-local listener open")
+    }
+
+    /// Serves listening sockets a previous agent handed over (see `app::handoff`): the same
+    /// kernel sockets, so connects never find the pod without a listener. `v6` is absent for
+    /// a pod without IPv6.
+    pub fn adopt(
+        pod: Arc<PodContext>,
+        port: u16,
+        v4: std::os::fd::OwnedFd,
+        v6: Option<std::os::fd::OwnedFd>,
+        resolver: Arc<dyn OrigDstResolver>,
+        handler: Handler,
+        register: Register<'_>,
+    ) -> io::Result<Self> {
+        let v6 = match v6 {
+            Some(fd) => Ok((Socket::from(fd), pod.netns.enter(SockDiag::open)??)),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "no IPv6 listener was handed over")),
+        };
+        Self::start(pod, port, Socket::from(v4), v6, resolver, handler, register, "pod-local listener taken over from the previous agent")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        pod: Arc<PodContext>,
+        port: u16,
+        v4: Socket,
+        v6: io::Result<(Socket, SockDiag)>,
+        resolver: Arc<dyn OrigDstResolver>,
+        handler: Handler,
+        register: Register<'_>,
+        what: &'static str,
+    ) -> io::Result<Self> {
         let cookie = netns_cookie(&v4)?;
         register(cookie, false, v4.as_fd())?;
         let mut sockets = vec![(v4, None)];
@@ -114,7 +149,10 @@ impl PodListener {
             Err(e) => tracing::debug!(pod = %pod.name, error = %e, "no IPv6 pod-local listener"),
         }
         let mut tasks = JoinSet::new();
+        let mut kept = Vec::new();
         for (socket, diag) in sockets {
+            kept.push((diag.is_some(), std::os::fd::OwnedFd::from(socket.try_clone()?)));
+            socket.set_nonblocking(true)?;
             let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
             tasks.spawn(accept_loop(
                 listener,
@@ -124,8 +162,16 @@ impl PodListener {
                 handler.clone(),
             ));
         }
-        tracing::info!(pod = %pod.name, netns_cookie = cookie, port, "pod-local listener open");
-        Ok(Self { tasks })
+        tracing::info!(pod = %pod.name, netns_cookie = cookie, port, "{what}");
+        Ok(Self {
+            tasks,
+            sockets: kept,
+        })
+    }
+
+    /// The listening sockets, (IPv6?, socket), for a handoff to a new agent.
+    pub fn sockets(&self) -> impl Iterator<Item = (bool, BorrowedFd<'_>)> {
+        self.sockets.iter().map(|(v6, fd)| (*v6, fd.as_fd()))
     }
 
     /// Stops accepting; connections already handed on continue.

@@ -560,6 +560,11 @@ impl Topology {
                     pins.path.display().to_string(),
                     "--admin-addr".into(),
                     "127.0.0.1:0".into(),
+                    "--handoff-socket".into(),
+                    std::env::temp_dir()
+                        .join(format!("icp-bench-handoff-{}.sock", std::process::id()))
+                        .display()
+                        .to_string(),
                     "--drain-timeout".into(),
                     "1s".into(),
                     "--worker-threads".into(),

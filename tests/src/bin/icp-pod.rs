@@ -90,6 +90,11 @@ fn main() {
             Duration::from_secs(num("--seconds", 30)),
             Duration::from_millis(num("--report-ms", 100)),
         ),
+        Some("greet-churn") => interceptor_tests::greet::churn(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            Duration::from_secs(num("--seconds", 5)),
+            Duration::from_millis(num("--interval-ms", 5)),
+        ),
         Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
         other => {
             eprintln!("icp-pod: unknown command {other:?}");
