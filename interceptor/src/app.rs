@@ -262,14 +262,21 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     if handed_over {
         // The sockets live on in the new agent: closing this agent's copies changes nothing
         // for new connects, and its HTTP/2 clients reconnect to the new agent after GOAWAY.
-        tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "the new agent accepts on the pod-local listeners: this agent stops accepting and drains its open connections (GOAWAY to HTTP/2 clients)");
+        tracing::info!(drain_timeout_ms = args.handoff_drain_timeout.as_millis() as u64, "the new agent accepts on the pod-local listeners: this agent stops accepting and drains its open connections (GOAWAY to HTTP/2 clients; opaque relays until they end)");
     } else {
         // The hooks stay attached (pinned): with the listeners closed they fail open, and the
         // next agent picks them up. `interceptor uninstall` removes them.
         tracing::info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "stopping: closing pod-local listeners (new connects fail open), draining open connections; hooks stay pinned");
     }
     source.abort_all();
-    let left = agent.drain(args.drain_timeout).await;
+    // After a handover nothing here waits on this agent but its own old connections: opaque
+    // relays (a database session, a stream) may take their time, up to the longer limit.
+    let limit = if handed_over {
+        args.handoff_drain_timeout
+    } else {
+        args.drain_timeout
+    };
+    let left = agent.drain(limit).await;
     if left > 0 {
         tracing::warn!(
             connections = left,

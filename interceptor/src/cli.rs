@@ -163,6 +163,12 @@ pub struct RunArgs {
     /// back to kube-proxy.
     #[arg(long, env = "INTERCEPTOR_HANDOFF_SOCKET", default_value = crate::app::handoff::DEFAULT_HANDOFF_SOCKET)]
     pub handoff_socket: PathBuf,
+    /// After handing the listeners over to a new agent, how long this one keeps relaying the
+    /// connections it still has: opaque TCP relays above all (HTTP/2 clients were sent GOAWAY
+    /// and move over). The DaemonSet's terminationGracePeriodSeconds must cover it.
+    #[arg(long, env = "INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[serde(serialize_with = "serialize_duration")]
+    pub handoff_drain_timeout: std::time::Duration,
     /// On SIGTERM, how long open connections may take to finish (e.g. `20s`, `500ms`).
     #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     #[serde(serialize_with = "serialize_duration")]

@@ -861,19 +861,27 @@ async fn ejection_is_bounded_and_relative() {
     }
 }
 
+/// Accepts TCP connections on `ip` and holds them without a byte: an endpoint whose HTTP/2
+/// handshake never completes.
+async fn silent_listener(ip: [u8; 4]) -> SocketAddr {
+    let silent = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_for_a_connection_ends_at_its_deadline() {
     // Accepts TCP and never speaks: every HTTP/2 handshake with it waits out connect_timeout
     // (1 s), and three attempts took 3 s for a call with a 300 ms deadline.
-    let silent = TcpListener::bind("127.0.0.6:0").await.expect("bind");
-    let addr = silent.local_addr().expect("addr");
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = held.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = silent.accept().await {
-            keep.lock().expect("held").push(s);
-        }
-    });
+    let addr = silent_listener([127, 0, 0, 6]).await;
     let p = start_proxy(ProxyConfig::default(), &[addr]).await;
     let c = client(p.addr).await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -912,15 +920,7 @@ async fn endpoint_that_never_completes_the_handshake_is_ejected_though_every_dea
     let good: Vec<Backend> = (2..=3)
         .map(|j| Backend::start([127, 0, 6, j], &format!("g{j}")))
         .collect();
-    let silent = TcpListener::bind("127.0.6.9:0").await.expect("bind");
-    let hole = silent.local_addr().expect("addr");
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = held.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = silent.accept().await {
-            keep.lock().expect("held").push(s);
-        }
-    });
+    let hole = silent_listener([127, 0, 6, 9]).await;
     let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, hole]).await;
     let mut c = client(p.addr).await;
     let started = Instant::now();

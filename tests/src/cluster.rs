@@ -322,6 +322,11 @@ impl GreetCluster {
 
     /// The agent on the file source.
     pub fn start_agent(&self) -> AgentProcess {
+        AgentProcess::start(&self.agent_args(&[]))
+    }
+
+    /// `interceptor run` on the file source for this node, then `extra` flags.
+    pub fn agent_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "run".to_string(),
             "--source=file".into(),
@@ -329,7 +334,8 @@ impl GreetCluster {
             self.manifests.display().to_string(),
         ];
         args.extend(self.node_args());
-        AgentProcess::start(&args)
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 
     /// Agent flags for this node (every source).

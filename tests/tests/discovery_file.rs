@@ -557,17 +557,32 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
     // any server's graceful GOAWAY, so it cannot show "zero failed calls".
     Stack::Grpcio.require();
     let c = Cluster::new(&[90, 91]);
-    c.write(&Spec::new(true, &[90, 91]));
+    // Beside shop/greet, a plain TCP echo Service on pod 90: its connections are relayed
+    // opaquely, and the old agent must keep relaying them until they end.
+    let echo_vip = std::net::SocketAddr::from(([10, 96, 0, 20], 7000));
+    let mut docs = c.docs(&Spec::new(true, &[90, 91]));
+    docs.push(
+        interceptor_tests::cluster::service("shop", "echo", echo_vip.ip(), 7000, &[])
+            .replace("    appProtocol: grpc\n", ""),
+    );
+    docs.push(interceptor_tests::cluster::endpoint_slice(
+        "shop",
+        "echo",
+        7000,
+        &[(std::net::IpAddr::V4(c.servers[0].pod.ip4), true)],
+    ));
+    interceptor_tests::cluster::write_manifests(&c.manifests, &docs);
+    let mut echo_server = c.servers[0].pod.spawn(&["echo-server", "--port", "7000"]);
+    echo_server.wait_ready("echo server");
     let handoff = std::env::temp_dir().join(format!("icp-upgrade-{}.sock", unique_id()));
-    let mut args = vec![
-        "run".to_string(),
-        "--source=file".into(),
-        "--manifests".into(),
-        c.manifests.display().to_string(),
-        "--handoff-socket".into(),
-        handoff.display().to_string(),
-    ];
-    args.extend(c.node_args());
+    // A short plain drain: the opaque relay outlives it only through the longer limit a
+    // handover gives (--handoff-drain-timeout, 10 min by default).
+    let args = c.agent_args(&[
+        "--handoff-socket",
+        &handoff.display().to_string(),
+        "--drain-timeout",
+        "1s",
+    ]);
     // The counter this test reads does count: with no agent yet, a channel goes through the
     // emulated kube-proxy.
     let mut t = c.client_run(1);
@@ -590,6 +605,16 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
     };
     let busy = std::thread::scope(|scope| {
         let busy = scope.spawn(|| Stack::Grpcio.calls_in(&c.client, vip, busy_load));
+        // ONE opaque TCP connection, a line echoed every 100 ms for 6 s, across the upgrade.
+        let hold = c.client.spawn(&[
+            "echo-hold",
+            "--to",
+            &echo_vip.to_string(),
+            "--seconds",
+            "6",
+            "--interval-ms",
+            "100",
+        ]);
         std::thread::sleep(Duration::from_secs(1));
         let churn = c.client.spawn(&[
             "greet-churn",
@@ -608,7 +633,13 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
         // Handed over and drained, the old agent waits for the SIGTERM the DaemonSet
         // controller sends once the new pod is ready.
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut handed_after = None;
         while !old.log_text().contains("handed over and drained: idle until SIGTERM") {
+            if handed_after.is_none()
+                && old.log_text().contains("the new agent accepts on the pod-local listeners")
+            {
+                handed_after = Some(started.elapsed());
+            }
             assert!(
                 old.wait_exit(Duration::from_millis(20)).is_none(),
                 "the old agent exited before it handed over:\n{}",
@@ -621,7 +652,7 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
             );
         }
         note(&format!(
-            "upgrade: new agent ready, old agent handed over and drained {:?} after the new one started",
+            "upgrade: the old agent stopped accepting {handed_after:?} after the new one started, and had drained (the opaque relay ended) after {:?}",
             started.elapsed()
         ));
         let old_log = old.log_text();
@@ -650,6 +681,20 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
         note(&format!("new channels across the upgrade: {ok} ok, {failed} failed"));
         assert!(ok > 100, "the churn client made only {ok} calls: {text}");
         assert_eq!(failed, 0, "calls on new channels failed: {text}");
+        let out = hold.wait_output(Duration::from_secs(30));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        note(&format!("opaque connection across the upgrade: {}", text.trim()));
+        let (echoed, sent) = text
+            .lines()
+            .find_map(|l| {
+                let mut f = l.strip_prefix("HOLD ")?.split(' ');
+                Some((f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+            })
+            .unwrap_or_else(|| panic!("echo client printed no result: {text}"));
+        assert!(
+            !text.contains("HOLD_ERROR") && echoed == sent && sent >= 30,
+            "the opaque relay must outlive the handover: {text}"
+        );
         let via_kube_proxy = c.node.kube_proxy_connections() - kube_proxy_before;
         assert_eq!(
             via_kube_proxy, 0,

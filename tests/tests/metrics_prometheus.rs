@@ -141,16 +141,7 @@ fn prometheus_scrapes_the_agent_and_the_dashboard_answers_per_service() {
     let c = Cluster::new(&[70, 71]);
     c.write(&Spec::new(true, &[70, 71]));
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut args = vec![
-        "run".to_string(),
-        "--source=file".into(),
-        "--manifests".into(),
-        c.manifests.display().to_string(),
-        "--metrics-addr".into(),
-        metrics_addr.to_string(),
-    ];
-    args.extend(c.node_args());
-    let agent = AgentProcess::start(&args);
+    let agent = AgentProcess::start(&c.agent_args(&["--metrics-addr", &metrics_addr.to_string()]));
     effect(Instant::now(), "client pod hooked", || c.client_hooked());
 
     // The metrics-only listener serves /metrics and nothing else.

@@ -95,6 +95,12 @@ fn main() {
             Duration::from_secs(num("--seconds", 5)),
             Duration::from_millis(num("--interval-ms", 5)),
         ),
+        Some("echo-server") => echo_server(num("--port", 7000) as u16),
+        Some("echo-hold") => echo_hold(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            Duration::from_secs(num("--seconds", 5)),
+            Duration::from_millis(num("--interval-ms", 100)),
+        ),
         Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
         other => {
             eprintln!("icp-pod: unknown command {other:?}");
@@ -444,4 +450,58 @@ fn h2serve(port: u16) {
         }
         println!("served {}", served.load(Ordering::Relaxed));
     });
+}
+
+/// A line echo server on `port` (every address), a thread per connection; prints READY.
+fn echo_server(port: u16) {
+    let tcp = TcpListener::bind(("::", port)).expect("bind echo server");
+    println!("READY");
+    for stream in tcp.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut s = stream;
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// ONE TCP connection to `to` held for `duration`: a line every `interval`, each echoed back.
+/// Prints `HOLD <echoed> <sent>` and, if the connection broke, `HOLD_ERROR ...`.
+fn echo_hold(to: SocketAddr, duration: Duration, interval: Duration) {
+    let start = Instant::now();
+    let (mut sent, mut echoed) = (0u64, 0u64);
+    let result = (|| -> std::io::Result<()> {
+        let s = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut w = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        while start.elapsed() < duration {
+            let line = format!("ping {sent}\n");
+            w.write_all(line.as_bytes())?;
+            sent += 1;
+            let mut back = String::new();
+            if r.read_line(&mut back)? == 0 {
+                return Err(std::io::Error::other("connection closed"));
+            }
+            if back != line {
+                return Err(std::io::Error::other(format!("echoed {back:?}")));
+            }
+            echoed += 1;
+            std::thread::sleep(interval);
+        }
+        Ok(())
+    })();
+    println!("HOLD {echoed} {sent}");
+    if let Err(e) = result {
+        println!("HOLD_ERROR {e} after {:?}", start.elapsed());
+    }
 }
