@@ -7,7 +7,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use interceptor::proxy::config::ProxyConfig;
+use interceptor::proxy::detect::ProtocolHint;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -265,4 +267,73 @@ async fn idle_opaque_relay_is_closed_busy_one_is_not() {
     assert!(last - started >= Duration::from_millis(1200));
     assert!(idle >= Duration::from_millis(400), "closed after {idle:?}");
     assert!(idle < Duration::from_millis(1200), "closed after {idle:?}");
+}
+
+#[tokio::test]
+async fn a_server_first_protocol_declared_by_app_protocol_greets_at_once() {
+    let banner: &'static [u8] = b"5.7.44-mysql greeting\n";
+    let (backend, _seen) = capture_backend([127, 0, 0, 4], banner, Vec::new()).await;
+    let p = start_proxy(ProxyConfig::default(), &[backend]).await;
+    // appProtocol: mysql on the Service port.
+    p.proxy
+        .endpoints(p.addr)
+        .set_protocol(ProtocolHint::from_app_protocol(Some("mysql")));
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
+        let mut got = vec![0u8; banner.len()];
+        timeout(LIMIT, c.read_exact(&mut got))
+            .await
+            .expect("greeting in time")
+            .expect("read greeting");
+        assert_eq!(&got[..], banner);
+        waits.push(started.elapsed());
+    }
+    println!("greeting through the proxy with appProtocol mysql: {waits:?} (detection would wait 300 ms)");
+    assert!(
+        waits.iter().all(|w| *w < Duration::from_millis(100)),
+        "the greeting waited: {waits:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_declared_h2c_is_served_without_detection() {
+    let b = Backend::start([127, 0, 0, 5], "b5");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    p.proxy
+        .endpoints(p.addr)
+        .set_protocol(ProtocolHint::from_app_protocol(Some("kubernetes.io/h2c")));
+    // gRPC works, each call on a fresh connection; time to the first response measured.
+    let mut firsts = Vec::new();
+    for i in 0..20u8 {
+        let started = Instant::now();
+        let mut c = client(p.addr).await;
+        let r = unary(&mut c, request(Bytes::from(vec![i]), &[]))
+            .await
+            .expect("a call on an h2c-declared port");
+        assert_eq!(r.get_ref(), &Bytes::from(vec![i]));
+        firsts.push(started.elapsed());
+    }
+    firsts.sort();
+    println!(
+        "appProtocol kubernetes.io/h2c: connect + first call, median {:?}, max {:?}",
+        firsts[firsts.len() / 2],
+        firsts[firsts.len() - 1]
+    );
+    // A client that is not HTTP/2 after all gets its connection closed by the HTTP/2 server
+    // (as an h2c-only server would), promptly, not a hang.
+    let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    timeout(Duration::from_secs(2), c.read_to_end(&mut rest))
+        .await
+        .expect("closed within 2 s")
+        .ok();
+    assert!(
+        !String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"),
+        "an HTTP/1 request must not be relayed on an h2c port"
+    );
 }

@@ -725,3 +725,64 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
     assert_eq!(busy.ok, busy_load.total());
     let _ = std::fs::remove_file(&handoff);
 }
+
+#[test]
+fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
+    let c = Cluster::new(&[95, 96]);
+    let server_first = std::net::SocketAddr::from(([10, 96, 0, 30], 3307));
+    let undeclared = std::net::SocketAddr::from(([10, 96, 0, 31], 3308));
+    let mut docs = c.docs(&Spec::new(true, &[95, 96]));
+    let ip = std::net::IpAddr::V4(c.servers[0].pod.ip4);
+    for (name, vip, app) in [("db", server_first, Some("mysql")), ("plain", undeclared, None)] {
+        let svc = interceptor_tests::cluster::service("shop", name, vip.ip(), vip.port(), &[]);
+        docs.push(match app {
+            Some(a) => svc.replace("appProtocol: grpc", &format!("appProtocol: {a}")),
+            None => svc.replace("    appProtocol: grpc\n", ""),
+        });
+        docs.push(interceptor_tests::cluster::endpoint_slice("shop", name, vip.port(), &[(ip, true)]));
+    }
+    interceptor_tests::cluster::write_manifests(&c.manifests, &docs);
+    // Server-first on both ports: it writes its name as soon as a connection arrives.
+    let _server = c.servers[0].pod.serve("3307,3308");
+    let agent = c.start_agent();
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+
+    // The fastest of 3 connects that read the server's greeting (process start included).
+    let greeting_after = |vip: std::net::SocketAddr| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                let lines = c.client.run(
+                    &["connect", "--to", &vip.to_string(), "--count", "1"],
+                    Duration::from_secs(10),
+                );
+                let took = t.elapsed();
+                assert!(
+                    lines.iter().any(|l| l.starts_with("OK ") && l.ends_with("greet-95")),
+                    "{vip}: {lines:?}"
+                );
+                took
+            })
+            .min()
+            .expect("3 runs")
+    };
+    let declared = greeting_after(server_first);
+    let detected = greeting_after(undeclared);
+    note(&format!(
+        "server-first greeting through the hook: appProtocol mysql {declared:?}, no appProtocol {detected:?} (the 300 ms detection wait)"
+    ));
+    assert!(declared < Duration::from_millis(150), "appProtocol mysql waited {declared:?}");
+    assert!(detected >= Duration::from_millis(300), "no appProtocol: {detected:?}");
+
+    // shop/greet says appProtocol: grpc: its connections go to the HTTP/2 server undetected.
+    let mut t = c.client_run(1);
+    t.window(Duration::from_millis(300));
+    drop(t);
+    let (_, metrics) = agent.admin_get("/metrics");
+    for label in ["declared_h2", "declared_opaque", "server_first"] {
+        assert!(
+            metrics.contains(&format!("interceptor_detections_total{{protocol=\"{label}\"}}")),
+            "no {label} connection counted:\n{metrics}"
+        );
+    }
+}

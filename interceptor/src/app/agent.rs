@@ -16,6 +16,7 @@ use crate::cli::StaticPod;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::detect::ProtocolHint;
 use crate::proxy::metrics::ServiceLabels;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::passthrough;
@@ -90,8 +91,9 @@ pub struct Agent {
     factory: HandlerFactory,
     pods: BTreeMap<CgroupId, EnabledPod>,
     routes: Routes,
-    /// The Service of each balanced destination, for its metrics.
-    service_labels: BTreeMap<SocketAddr, ServiceLabels>,
+    /// The Service of each balanced destination (for its metrics) and what its appProtocol
+    /// says it carries.
+    service_info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>,
     /// Listening sockets the previous agent handed over, by pod cgroup id: (IPv4, IPv6).
     handed: BTreeMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
     open: Arc<AtomicUsize>,
@@ -175,7 +177,7 @@ impl Agent {
             factory,
             pods: BTreeMap::new(),
             routes,
-            service_labels: BTreeMap::new(),
+            service_info: BTreeMap::new(),
             handed: BTreeMap::new(),
             open,
         }
@@ -209,8 +211,9 @@ impl Agent {
             let routes = self.routes.read().map(|r| r.clone()).unwrap_or_default();
             for (dest, endpoints) in routes {
                 let handle = proxy.endpoints(dest);
-                if let Some(labels) = self.service_labels.get(&dest) {
+                if let Some((labels, hint)) = self.service_info.get(&dest) {
                     handle.describe(labels.clone());
+                    handle.set_protocol(*hint);
                 }
                 handle.update(endpoints);
             }
@@ -335,10 +338,10 @@ impl Agent {
     }
 
     /// Names the Service of each destination, for the per-Service metrics of the pods'
-    /// demultiplexers (call before `set_endpoints`; destinations without a name are labelled
-    /// with their address).
-    pub fn set_service_labels(&mut self, labels: BTreeMap<SocketAddr, ServiceLabels>) {
-        self.service_labels = labels;
+    /// demultiplexers, and what its appProtocol says it carries (call before `set_endpoints`;
+    /// destinations without a name are labelled with their address and detected).
+    pub fn set_service_info(&mut self, info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>) {
+        self.service_info = info;
     }
 
     /// Replaces the balanced destinations and their endpoints, in every pod's demultiplexer.
@@ -351,11 +354,12 @@ impl Agent {
         for pod in self.pods.values() {
             let Some(proxy) = &pod.proxy else { continue };
             for (dest, endpoints) in &routes {
+                let handle = proxy.endpoints(*dest);
+                if let Some((labels, hint)) = self.service_info.get(dest) {
+                    handle.describe(labels.clone());
+                    handle.set_protocol(*hint);
+                }
                 if old.get(dest) != Some(endpoints) {
-                    let handle = proxy.endpoints(*dest);
-                    if let Some(labels) = self.service_labels.get(dest) {
-                        handle.describe(labels.clone());
-                    }
                     handle.update(endpoints.iter().copied());
                 }
             }

@@ -16,7 +16,9 @@ use crate::bpf::{CgroupId, Datapath, ServiceAction};
 use crate::cli::StaticPod;
 use crate::discovery::cgroup::CgroupLayout;
 use crate::discovery::model::{DesiredState, ObjectRef, PodUid, PortAction};
+use crate::proxy::detect::ProtocolHint;
 use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::metrics::ServiceLabels;
 
 /// 1 for each pod that should be intercepted and is not (yet), by namespace and pod.
 pub const POD_NOT_INTERCEPTED: &str = "interceptor_pod_not_intercepted";
@@ -61,6 +63,7 @@ pub struct Reconciler {
     flagged: std::collections::BTreeSet<ObjectRef>,
     services: Option<Vec<(SocketAddr, ServiceAction)>>,
     routes: Option<BTreeMap<SocketAddr, Vec<EndpointSpec>>>,
+    info: Option<BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>>,
     pruned: bool,
     generation: u64,
     view: SharedState,
@@ -76,6 +79,7 @@ impl Reconciler {
             flagged: std::collections::BTreeSet::new(),
             services: None,
             routes: None,
+            info: None,
             pruned: false,
             generation: 0,
             view,
@@ -175,15 +179,19 @@ impl Reconciler {
             .filter(|(_, p)| p.action == PortAction::Intercept)
             .map(|(addr, p)| (*addr, p.endpoints.iter().map(|e| e.spec()).collect()))
             .collect();
-        if self.routes.as_ref() != Some(&routes) {
-            agent.set_service_labels(
-                self.desired
-                    .services
-                    .iter()
-                    .filter(|(_, p)| p.action == PortAction::Intercept)
-                    .map(|(addr, p)| (*addr, p.metric_labels(addr.port())))
-                    .collect(),
-            );
+        let info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)> = self
+            .desired
+            .services
+            .iter()
+            .filter(|(_, p)| p.action == PortAction::Intercept)
+            .map(|(addr, p)| {
+                let hint = ProtocolHint::from_app_protocol(p.app_protocol.as_deref());
+                (*addr, (p.metric_labels(addr.port()), hint))
+            })
+            .collect();
+        if self.routes.as_ref() != Some(&routes) || self.info.as_ref() != Some(&info) {
+            agent.set_service_info(info.clone());
+            self.info = Some(info);
             agent.set_endpoints(routes.clone());
             self.routes = Some(routes);
         }

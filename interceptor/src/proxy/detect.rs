@@ -33,6 +33,48 @@ pub enum OpaqueKind {
     /// The client closed its side before sending anything.
     Empty,
     Other,
+    /// The Service port's appProtocol says what it carries: relayed at once, undetected.
+    Declared,
+}
+
+/// What a Service port's `appProtocol` tells the proxy before any byte arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolHint {
+    /// Nothing (or a value we do not know): detect from the first bytes.
+    #[default]
+    Detect,
+    /// Plaintext HTTP/2 (`kubernetes.io/h2c`, `grpc`): served by the demultiplexer at once.
+    Http2,
+    /// Not HTTP/2 (`kubernetes.io/http`, TLS, server-first protocols such as `mysql`): relayed
+    /// opaquely at once, so a server-first protocol's greeting does not wait for detection.
+    Opaque,
+}
+
+impl ProtocolHint {
+    /// The hint for an `appProtocol` value (case-insensitive).
+    pub fn from_app_protocol(value: Option<&str>) -> Self {
+        let Some(v) = value else {
+            return Self::Detect;
+        };
+        match v.trim().to_ascii_lowercase().as_str() {
+            // `grpc` is gRPC over plaintext HTTP/2 (with TLS a Service says grpcs, https or tls).
+            "kubernetes.io/h2c" | "h2c" | "grpc" => Self::Http2,
+            // Until HTTP/1.1 is balanced per request, HTTP/1 is relayed like any other TCP.
+            "kubernetes.io/http" | "http" | "kubernetes.io/ws" | "kubernetes.io/wss" | "https"
+            | "tls" | "grpcs" | "kubernetes.io/https"
+            // Server-first protocols: the server speaks first, the client waits for it.
+            | "mysql" | "smtp" | "ftp" | "imap" | "pop3" | "ssh" | "nats" | "tcp" => Self::Opaque,
+            _ => Self::Detect,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Detect => "detect",
+            Self::Http2 => "h2c",
+            Self::Opaque => "opaque",
+        }
+    }
 }
 
 impl Protocol {
@@ -44,6 +86,7 @@ impl Protocol {
             Protocol::Opaque(OpaqueKind::ServerFirst) => "server_first",
             Protocol::Opaque(OpaqueKind::Empty) => "empty",
             Protocol::Opaque(OpaqueKind::Other) => "other",
+            Protocol::Opaque(OpaqueKind::Declared) => "declared_opaque",
         }
     }
 }
@@ -206,5 +249,26 @@ mod tests {
         let (p, buf) = run(b"PRI * HT", false).await;
         assert_eq!(p, Protocol::Opaque(OpaqueKind::Other));
         assert_eq!(&buf[..], b"PRI * HT");
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::ProtocolHint;
+
+    #[test]
+    fn app_protocol_values_map_to_hints_and_unknown_ones_keep_detection() {
+        for (v, want) in [
+            (None, ProtocolHint::Detect),
+            (Some("kubernetes.io/h2c"), ProtocolHint::Http2),
+            (Some("GRPC"), ProtocolHint::Http2),
+            (Some("kubernetes.io/http"), ProtocolHint::Opaque),
+            (Some("mysql"), ProtocolHint::Opaque),
+            (Some("https"), ProtocolHint::Opaque),
+            (Some("example.com/custom"), ProtocolHint::Detect),
+            (Some(""), ProtocolHint::Detect),
+        ] {
+            assert_eq!(ProtocolHint::from_app_protocol(v), want, "{v:?}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::balancer::{p2c, EjectPolicy, EndpointStats, Load};
 use super::config::BalancerKind;
+use super::detect::ProtocolHint;
 use super::metrics::{ServiceLabels, ServiceMetrics};
 use super::pool::Pool;
 
@@ -62,6 +63,8 @@ pub struct Destination {
     ejecting: Mutex<()>,
     /// Metric handles under the destination's Service labels, fixed on first use.
     metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
+    /// What the Service port's appProtocol says (a `ProtocolHint` as u8).
+    protocol: std::sync::atomic::AtomicU8,
 }
 
 impl Destination {
@@ -81,6 +84,25 @@ impl Destination {
             pool: None,
             ejecting: Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
+            protocol: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    /// Takes effect for the next accepted connection.
+    pub fn set_protocol(&self, hint: ProtocolHint) {
+        let v = match hint {
+            ProtocolHint::Detect => 0,
+            ProtocolHint::Http2 => 1,
+            ProtocolHint::Opaque => 2,
+        };
+        self.protocol.store(v, Ordering::Relaxed);
+    }
+
+    pub fn protocol(&self) -> ProtocolHint {
+        match self.protocol.load(Ordering::Relaxed) {
+            1 => ProtocolHint::Http2,
+            2 => ProtocolHint::Opaque,
+            _ => ProtocolHint::Detect,
         }
     }
 
@@ -267,6 +289,11 @@ impl EndpointsHandle {
     /// Names the destination's Service for its metrics (before its first stream).
     pub fn describe(&self, labels: ServiceLabels) {
         self.0.describe(labels)
+    }
+
+    /// What the Service port's appProtocol says the connections carry.
+    pub fn set_protocol(&self, hint: ProtocolHint) {
+        self.0.set_protocol(hint)
     }
 
     /// Replaces the endpoint set; the next stream sees the update.

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::balancer::EjectPolicy;
 use super::config::ProxyConfig;
 use super::connector::Connector;
-use super::detect::{detect, Prefixed, Protocol};
+use super::detect::{detect, OpaqueKind, Prefixed, Protocol, ProtocolHint};
 use super::endpoints::{Destination, EndpointsHandle};
 use super::limit::ConnectionLimit;
 use super::metrics as m;
@@ -164,10 +164,23 @@ impl Proxy {
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
         let destination = self.inner.destination(dest);
-        let (protocol, prefix) = detect(&mut stream, self.inner.config.detect_timeout)
-            .await
-            .map_err(ProxyError::Detect)?;
-        m::detection(protocol.label());
+        let hint = destination.protocol();
+        let (protocol, prefix) = match hint {
+            // The Service said what it carries: no byte is read or waited for here.
+            ProtocolHint::Http2 => (Protocol::Http2, bytes::BytesMut::new()),
+            ProtocolHint::Opaque => (
+                Protocol::Opaque(OpaqueKind::Declared),
+                bytes::BytesMut::new(),
+            ),
+            ProtocolHint::Detect => detect(&mut stream, self.inner.config.detect_timeout)
+                .await
+                .map_err(ProxyError::Detect)?,
+        };
+        m::detection(if hint == ProtocolHint::Http2 {
+            "declared_h2"
+        } else {
+            protocol.label()
+        });
         tracing::debug!(dest = %dest, protocol = protocol.label(), "connection classified");
         match protocol {
             Protocol::Http2 => {
