@@ -786,3 +786,62 @@ fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
         );
     }
 }
+
+#[test]
+fn internal_traffic_policy_local_keeps_one_channel_on_this_nodes_endpoints() {
+    let c = Cluster::new(&[100, 101, 102]);
+    let spec = Spec::new(true, &[100, 101, 102]);
+    // Servers 101 and 102 are reported on another node, as a multi-node cluster would.
+    let docs = |local: bool| -> Vec<String> {
+        let mut docs = c.docs(&spec);
+        for d in docs.iter_mut() {
+            if d.contains("kind: EndpointSlice") {
+                for n in [101, 102] {
+                    let ip = c.servers.iter().find(|s| s.n == n).expect("server").pod.ip4;
+                    *d = d.replace(
+                        &format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {}\n", interceptor_tests::cluster::NODE_NAME),
+                        &format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: node-b\n"),
+                    );
+                }
+                assert_eq!(d.matches("nodeName: node-b").count(), 2, "{d}");
+            }
+            if local && d.contains("kind: Service\n") && d.contains("name: greet\n") {
+                *d = d.replace("spec:\n", "spec:\n  internalTrafficPolicy: Local\n");
+            }
+        }
+        docs
+    };
+    interceptor_tests::cluster::write_manifests(&c.manifests, &docs(true));
+    let agent = c.start_agent();
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+
+    let mut t = c.client_run(8);
+    let local = t.window(Duration::from_millis(800));
+    note(&format!("internalTrafficPolicy Local: {}", share_line(&local)));
+    assert_eq!(
+        local.keys().collect::<Vec<_>>(),
+        ["greet-100"],
+        "only this node's endpoint takes calls: {local:?}"
+    );
+    let status = operator(&agent, &c, &["status"]);
+    assert!(
+        status.contains("internalTrafficPolicy Local: 1 of 3 endpoints are on this node"),
+        "status shows the policy in force:\n{status}"
+    );
+
+    // Removing the field restores balancing over all three, on the same channel.
+    let at = Instant::now();
+    interceptor_tests::cluster::write_manifests(&c.manifests, &docs(false));
+    t.until(Duration::from_secs(3), "all three endpoints take calls", |tally| {
+        tally.by_pod.len() == 3
+    });
+    note(&format!("internalTrafficPolicy removed: all three take calls after {:?}", at.elapsed()));
+    let all = t.window(Duration::from_millis(1000));
+    note(&format!("without the field: {}", share_line(&all)));
+    assert_eq!(all.len(), 3, "{all:?}");
+    let total: u64 = all.values().sum();
+    for (pod, n) in &all {
+        assert!(*n as f64 > 0.2 * total as f64, "{pod} got {n} of {total}");
+    }
+    assert_eq!(t.last.errors, 0, "no failed calls");
+}

@@ -57,7 +57,20 @@ fn service_label(port: &Value) -> String {
 
 fn action_text(port: &Value) -> String {
     match str_of(port, "action") {
-        "Intercept" => format!("intercepted, {}", endpoint_summary(port)),
+        "Intercept" => {
+            let semantics: Vec<&str> = port
+                .get("semantics")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if semantics.is_empty() {
+                format!("intercepted, {}", endpoint_summary(port))
+            } else {
+                format!("intercepted, {}; {}", endpoint_summary(port), semantics.join("; "))
+            }
+        }
         _ => {
             let why = match str_of(port, "exclude_reason") {
                 "ServiceAnnotation" => "Service annotation interceptor.io/intercept=false",

@@ -84,6 +84,9 @@ pub struct ServicePort {
     pub action: PortAction,
     pub exclude_reason: Option<ExcludeReason>,
     pub endpoints: Vec<Endpoint>,
+    /// Service fields in force for this port and what they do, for `status` and `explain`
+    /// (e.g. "internalTrafficPolicy Local: 1 of 3 endpoints are on this node").
+    pub semantics: Vec<String>,
 }
 
 impl ServicePort {
@@ -99,12 +102,14 @@ impl ServicePort {
 }
 
 /// An endpoint as EndpointSlices give it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// The node it runs on, when the EndpointSlice says.
+    pub node_name: Option<String>,
 }
 
 impl Endpoint {

@@ -36,6 +36,19 @@ pub struct Policy {
     pub exclude_ports: Vec<u16>,
 }
 
+/// Logs a problem with an object once per process (desired states are recomputed on every
+/// change, and an operator needs the line once, not per change).
+fn warn_once(msg: String) {
+    static SEEN: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let first = match SEEN.lock() {
+        Ok(mut s) => s.insert(msg.clone()),
+        Err(_) => true,
+    };
+    if first {
+        tracing::warn!("{msg}");
+    }
+}
+
 pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
     ObjectRef::new(
         meta.namespace
@@ -155,6 +168,22 @@ impl Objects {
         // Headless Services have no ClusterIP: clients dial pods directly, nothing to redirect.
         ips.retain(|ip| !ip.is_unspecified());
         let opted_out_svc = opted_out(&svc.metadata);
+        // internalTrafficPolicy: Local keeps traffic on this node, as kube-proxy does (no
+        // node-local endpoint: none at all).
+        let local_node = match spec.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => None,
+            Some("Local") => match policy.node_name.as_deref() {
+                Some(node) => Some(node),
+                None => {
+                    warn_once(format!("Service {name}: internalTrafficPolicy Local needs the agent's --node-name to tell this node's endpoints apart; using every endpoint"));
+                    None
+                }
+            },
+            Some(other) => {
+                warn_once(format!("Service {name}: unknown internalTrafficPolicy {other:?} (Cluster or Local); treating it as Cluster"));
+                None
+            }
+        };
         let skip: Vec<String> = annotation(&svc.metadata, SKIP_PORTS_ANNOTATION)
             .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
             .unwrap_or_default();
@@ -178,7 +207,38 @@ impl Objects {
                 None
             };
             for ip in &ips {
-                let endpoints = self.endpoints(name, port.name.as_deref(), ip.is_ipv4());
+                let all = self.endpoints(name, port.name.as_deref(), ip.is_ipv4());
+                let mut semantics = Vec::new();
+                let endpoints = match local_node {
+                    Some(node) => {
+                        let local: Vec<Endpoint> = all
+                            .iter()
+                            .filter(|e| e.node_name.as_deref() == Some(node))
+                            .cloned()
+                            .collect();
+                        semantics.push(format!(
+                            "internalTrafficPolicy Local: {} of {} endpoints are on this node",
+                            local.len(),
+                            all.len()
+                        ));
+                        local
+                    }
+                    None => all,
+                };
+                if let Some(app) = port.app_protocol.as_deref() {
+                    let hint = crate::proxy::detect::ProtocolHint::from_app_protocol(Some(app));
+                    semantics.push(match hint {
+                        crate::proxy::detect::ProtocolHint::Http2 => {
+                            format!("appProtocol {app}: HTTP/2 without detection")
+                        }
+                        crate::proxy::detect::ProtocolHint::Opaque => {
+                            format!("appProtocol {app}: relayed as TCP without detection")
+                        }
+                        crate::proxy::detect::ProtocolHint::Detect => {
+                            format!("appProtocol {app}: not known, detected")
+                        }
+                    });
+                }
                 out.insert(
                     SocketAddr::new(*ip, number),
                     ServicePort {
@@ -192,6 +252,7 @@ impl Objects {
                         },
                         exclude_reason: exclude_reason.clone(),
                         endpoints,
+                        semantics,
                     },
                 );
             }
@@ -251,6 +312,7 @@ impl Objects {
                         ready,
                         serving,
                         terminating,
+                        node_name: ep.node_name.clone(),
                     });
                 }
             }
@@ -393,6 +455,37 @@ mod tests {
             admin.exclude_reason,
             Some(ExcludeReason::SkipPortsAnnotation)
         );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+        let mut o = sample(true);
+        let slice = o
+            .slices
+            .get_mut(&ObjectRef::new("shop", "greet-abc"))
+            .expect("slice");
+        slice.endpoints[0].node_name = Some("node-a".into());
+        slice.endpoints[2].node_name = Some("node-b".into());
+        let grpc = |o: &Objects| {
+            let state = o.desired_state(&policy());
+            state.services[&"10.96.0.10:50051".parse::<SocketAddr>().expect("addr")].clone()
+        };
+        assert_eq!(grpc(&o).endpoints.len(), 3, "Cluster (the default): every endpoint");
+        let set = |o: &mut Objects, v: &str| {
+            o.services
+                .get_mut(&ObjectRef::new("shop", "greet"))
+                .and_then(|s| s.spec.as_mut())
+                .expect("spec")
+                .internal_traffic_policy = Some(v.into());
+        };
+        set(&mut o, "Local");
+        let port = grpc(&o);
+        let eps: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(eps, ["10.0.0.2:8080"], "only node-a's endpoint");
+        assert!(port.semantics.iter().any(|s| s.contains("internalTrafficPolicy Local: 1 of 3")));
+        // An unknown value is Cluster, with a warning (not an outage).
+        set(&mut o, "Locall");
+        assert_eq!(grpc(&o).endpoints.len(), 3);
     }
 
     #[test]
