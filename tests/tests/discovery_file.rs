@@ -845,3 +845,64 @@ fn internal_traffic_policy_local_keeps_one_channel_on_this_nodes_endpoints() {
     }
     assert_eq!(t.last.errors, 0, "no failed calls");
 }
+
+#[test]
+fn session_affinity_client_ip_keeps_a_pods_calls_on_one_endpoint() {
+    let c = Cluster::new(&[105, 106, 107]);
+    let with_affinity = |spec: &Spec| -> Vec<String> {
+        let mut docs = c.docs(spec);
+        for d in docs.iter_mut() {
+            if d.contains("kind: Service\n") && d.contains("name: greet\n") {
+                *d = d.replace(
+                    "spec:\n",
+                    "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n",
+                );
+            }
+        }
+        docs
+    };
+    let mut spec = Spec::new(true, &[105, 106, 107]);
+    interceptor_tests::cluster::write_manifests(&c.manifests, &with_affinity(&spec));
+    let agent = c.start_agent();
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+
+    let mut t = c.client_run(10);
+    let sticky = t.window(Duration::from_millis(800));
+    note(&format!("sessionAffinity ClientIP: {}", share_line(&sticky)));
+    assert_eq!(sticky.len(), 1, "every call of the pod on one endpoint: {sticky:?}");
+    let status = operator(&agent, &c, &["status"]);
+    assert!(status.contains("sessionAffinity ClientIP (600 s)"), "{status}");
+
+    // Its endpoint leaves: the calls move to one other endpoint, none fails.
+    let pod: u8 = sticky
+        .keys()
+        .next()
+        .and_then(|p| p.strip_prefix("greet-"))
+        .and_then(|n| n.parse().ok())
+        .expect("a greet pod");
+    spec.endpoints.retain(|n| *n != pod);
+    let at = Instant::now();
+    interceptor_tests::cluster::write_manifests(&c.manifests, &with_affinity(&spec));
+    t.until(Duration::from_secs(3), "calls move off the removed endpoint", |tally| {
+        tally.by_pod.len() > 1
+    });
+    note(&format!("calls moved {:?} after the endpoint was removed", at.elapsed()));
+    // Streams already queued there finish first.
+    std::thread::sleep(Duration::from_millis(200));
+    let moved = t.window(Duration::from_millis(800));
+    note(&format!("after its endpoint left: {}", share_line(&moved)));
+    assert_eq!(moved.len(), 1, "still one endpoint: {moved:?}");
+    assert!(!moved.contains_key(&format!("greet-{pod}")), "{moved:?}");
+
+    // Without the field: balanced again on the same channel.
+    let at = Instant::now();
+    interceptor_tests::cluster::write_manifests(&c.manifests, &c.docs(&spec));
+    t.until(Duration::from_secs(3), "both remaining endpoints take calls", |tally| {
+        tally.by_pod.len() > 2
+    });
+    note(&format!("balanced again {:?} after the field was removed", at.elapsed()));
+    let balanced = t.window(Duration::from_millis(800));
+    note(&format!("sessionAffinity removed: {}", share_line(&balanced)));
+    assert_eq!(balanced.len(), 2, "{balanced:?}");
+    assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
+}

@@ -16,8 +16,7 @@ use crate::cli::StaticPod;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::endpoints::EndpointSpec;
-use crate::proxy::detect::ProtocolHint;
-use crate::proxy::metrics::ServiceLabels;
+use crate::proxy::endpoints::DestinationSettings;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::passthrough;
 use crate::proxy::pod_listener::{
@@ -93,7 +92,7 @@ pub struct Agent {
     routes: Routes,
     /// The Service of each balanced destination (for its metrics) and what its appProtocol
     /// says it carries.
-    service_info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>,
+    service_info: BTreeMap<SocketAddr, DestinationSettings>,
     /// Listening sockets the previous agent handed over, by pod cgroup id: (IPv4, IPv6).
     handed: BTreeMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
     open: Arc<AtomicUsize>,
@@ -211,9 +210,8 @@ impl Agent {
             let routes = self.routes.read().map(|r| r.clone()).unwrap_or_default();
             for (dest, endpoints) in routes {
                 let handle = proxy.endpoints(dest);
-                if let Some((labels, hint)) = self.service_info.get(&dest) {
-                    handle.describe(labels.clone());
-                    handle.set_protocol(*hint);
+                if let Some(settings) = self.service_info.get(&dest) {
+                    handle.configure(settings);
                 }
                 handle.update(endpoints);
             }
@@ -340,7 +338,7 @@ impl Agent {
     /// Names the Service of each destination, for the per-Service metrics of the pods'
     /// demultiplexers, and what its appProtocol says it carries (call before `set_endpoints`;
     /// destinations without a name are labelled with their address and detected).
-    pub fn set_service_info(&mut self, info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>) {
+    pub fn set_service_info(&mut self, info: BTreeMap<SocketAddr, DestinationSettings>) {
         self.service_info = info;
     }
 
@@ -355,9 +353,8 @@ impl Agent {
             let Some(proxy) = &pod.proxy else { continue };
             for (dest, endpoints) in &routes {
                 let handle = proxy.endpoints(*dest);
-                if let Some((labels, hint)) = self.service_info.get(dest) {
-                    handle.describe(labels.clone());
-                    handle.set_protocol(*hint);
+                if let Some(settings) = self.service_info.get(dest) {
+                    handle.configure(settings);
                 }
                 if old.get(dest) != Some(endpoints) {
                     handle.update(endpoints.iter().copied());

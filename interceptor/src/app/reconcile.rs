@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -17,8 +17,7 @@ use crate::cli::StaticPod;
 use crate::discovery::cgroup::CgroupLayout;
 use crate::discovery::model::{DesiredState, ObjectRef, PodUid, PortAction};
 use crate::proxy::detect::ProtocolHint;
-use crate::proxy::endpoints::EndpointSpec;
-use crate::proxy::metrics::ServiceLabels;
+use crate::proxy::endpoints::{DestinationSettings, EndpointSpec};
 
 /// 1 for each pod that should be intercepted and is not (yet), by namespace and pod.
 pub const POD_NOT_INTERCEPTED: &str = "interceptor_pod_not_intercepted";
@@ -63,7 +62,7 @@ pub struct Reconciler {
     flagged: std::collections::BTreeSet<ObjectRef>,
     services: Option<Vec<(SocketAddr, ServiceAction)>>,
     routes: Option<BTreeMap<SocketAddr, Vec<EndpointSpec>>>,
-    info: Option<BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)>>,
+    info: Option<BTreeMap<SocketAddr, DestinationSettings>>,
     pruned: bool,
     generation: u64,
     view: SharedState,
@@ -179,14 +178,18 @@ impl Reconciler {
             .filter(|(_, p)| p.action == PortAction::Intercept)
             .map(|(addr, p)| (*addr, p.endpoints.iter().map(|e| e.spec()).collect()))
             .collect();
-        let info: BTreeMap<SocketAddr, (ServiceLabels, ProtocolHint)> = self
+        let info: BTreeMap<SocketAddr, DestinationSettings> = self
             .desired
             .services
             .iter()
             .filter(|(_, p)| p.action == PortAction::Intercept)
             .map(|(addr, p)| {
-                let hint = ProtocolHint::from_app_protocol(p.app_protocol.as_deref());
-                (*addr, (p.metric_labels(addr.port()), hint))
+                let settings = DestinationSettings {
+                    labels: p.metric_labels(addr.port()),
+                    protocol: ProtocolHint::from_app_protocol(p.app_protocol.as_deref()),
+                    affinity: p.affinity_timeout_s.map(|s| Duration::from_secs(s.into())),
+                };
+                (*addr, settings)
             })
             .collect();
         if self.routes.as_ref() != Some(&routes) || self.info.as_ref() != Some(&info) {

@@ -84,6 +84,9 @@ pub struct ServicePort {
     pub action: PortAction,
     pub exclude_reason: Option<ExcludeReason>,
     pub endpoints: Vec<Endpoint>,
+    /// sessionAffinity ClientIP: streams from one pod stick to one endpoint for this long
+    /// after the last one.
+    pub affinity_timeout_s: Option<u32>,
     /// Service fields in force for this port and what they do, for `status` and `explain`
     /// (e.g. "internalTrafficPolicy Local: 1 of 3 endpoints are on this node").
     pub semantics: Vec<String>,

@@ -168,6 +168,28 @@ impl Objects {
         // Headless Services have no ClusterIP: clients dial pods directly, nothing to redirect.
         ips.retain(|ip| !ip.is_unspecified());
         let opted_out_svc = opted_out(&svc.metadata);
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                const DEFAULT_S: i32 = 10_800;
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_S);
+                if (1..=86_400).contains(&t) {
+                    Some(t as u32)
+                } else {
+                    warn_once(format!("Service {name}: sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range (1 to 86400); using {DEFAULT_S}"));
+                    Some(DEFAULT_S as u32)
+                }
+            }
+            Some(other) => {
+                warn_once(format!("Service {name}: unknown sessionAffinity {other:?} (None or ClientIP); treating it as None"));
+                None
+            }
+        };
         // internalTrafficPolicy: Local keeps traffic on this node, as kube-proxy does (no
         // node-local endpoint: none at all).
         let local_node = match spec.internal_traffic_policy.as_deref() {
@@ -225,6 +247,11 @@ impl Objects {
                     }
                     None => all,
                 };
+                if let Some(t) = affinity_timeout_s {
+                    semantics.push(format!(
+                        "sessionAffinity ClientIP ({t} s): each pod's streams stick to one endpoint"
+                    ));
+                }
                 if let Some(app) = port.app_protocol.as_deref() {
                     let hint = crate::proxy::detect::ProtocolHint::from_app_protocol(Some(app));
                     semantics.push(match hint {
@@ -252,6 +279,7 @@ impl Objects {
                         },
                         exclude_reason: exclude_reason.clone(),
                         endpoints,
+                        affinity_timeout_s,
                         semantics,
                     },
                 );

@@ -65,6 +65,26 @@ pub struct Destination {
     metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// What the Service port's appProtocol says (a `ProtocolHint` as u8).
     protocol: std::sync::atomic::AtomicU8,
+    /// sessionAffinity ClientIP: the endpoint this destination's streams stick to. The
+    /// proxy serves one pod, so its client IP is the pod's: one sticky endpoint per proxy.
+    affinity: Mutex<Affinity>,
+    affinity_on: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Affinity {
+    timeout: Duration,
+    /// The endpoint and when a stream last went to it.
+    sticky: Option<(SocketAddr, Instant)>,
+}
+
+/// What discovery says about a destination besides its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationSettings {
+    pub labels: ServiceLabels,
+    pub protocol: ProtocolHint,
+    /// sessionAffinity ClientIP with this timeout (since the last stream), or none.
+    pub affinity: Option<Duration>,
 }
 
 impl Destination {
@@ -85,7 +105,23 @@ impl Destination {
             ejecting: Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
             protocol: std::sync::atomic::AtomicU8::new(0),
+            affinity: Mutex::new(Affinity::default()),
+            affinity_on: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// sessionAffinity ClientIP with `timeout`, or none. A changed timeout keeps the current
+    /// sticky endpoint.
+    pub fn set_affinity(&self, timeout: Option<Duration>) {
+        let mut a = match self.affinity.lock() {
+            Ok(a) => a,
+            Err(p) => p.into_inner(),
+        };
+        match timeout {
+            Some(t) => a.timeout = t,
+            None => *a = Affinity::default(),
+        }
+        self.affinity_on.store(timeout.is_some(), Ordering::Relaxed);
     }
 
     /// Takes effect for the next accepted connection.
@@ -250,6 +286,40 @@ impl Destination {
     /// Chooses an endpoint for a new stream, skipping `exclude` (endpoints this stream already
     /// failed on). Ready endpoints first; terminating ones only when none is ready.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {
+        if !self.affinity_on.load(Ordering::Relaxed) {
+            return self.pick_balanced(exclude);
+        }
+        let mut a = match self.affinity.lock() {
+            Ok(a) => a,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        if let Some((addr, last)) = a.sticky {
+            if now.duration_since(last) <= a.timeout {
+                let set = self.current();
+                let still = set.iter().find(|e| {
+                    e.stats.addr() == addr && e.state == EndpointState::Ready && !e.stats.is_ejected()
+                });
+                if let Some(e) = still {
+                    if exclude.contains(&addr) {
+                        // This stream's retry after a failure there: another endpoint for it
+                        // alone; the pod's other streams stay where they are.
+                        drop(a);
+                        return self.pick_balanced(exclude);
+                    }
+                    a.sticky = Some((addr, now));
+                    return Some(e.stats.clone());
+                }
+            }
+        }
+        // No sticky endpoint, it expired, or it can no longer take streams: choose anew, as
+        // kube-proxy does when the remembered endpoint is gone.
+        let picked = self.pick_balanced(exclude)?;
+        a.sticky = Some((picked.addr(), now));
+        Some(picked)
+    }
+
+    fn pick_balanced(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {
         let set = self.current();
         let now = Instant::now();
         for tier in [EndpointState::Ready, EndpointState::Terminating] {
@@ -296,6 +366,13 @@ impl EndpointsHandle {
         self.0.set_protocol(hint)
     }
 
+    /// Applies what discovery says about the destination (labels before its first stream).
+    pub fn configure(&self, s: &DestinationSettings) {
+        self.0.describe(s.labels.clone());
+        self.0.set_protocol(s.protocol);
+        self.0.set_affinity(s.affinity);
+    }
+
     /// Replaces the endpoint set; the next stream sees the update.
     pub fn update(&self, specs: impl IntoIterator<Item = EndpointSpec>) {
         self.0.update(specs)
@@ -335,6 +412,45 @@ mod tests {
 
     fn addr(p: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn session_affinity_sticks_moves_when_its_endpoint_goes_and_expires() {
+        let d = Destination::new(
+            addr(1),
+            BalancerKind::RoundRobin,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        d.update([10, 11, 12].map(|p| EndpointSpec::ready(addr(p))));
+        d.set_affinity(Some(Duration::from_millis(200)));
+        let first = d.pick(&[]).expect("an endpoint").addr();
+        for _ in 0..20 {
+            assert_eq!(d.pick(&[]).expect("an endpoint").addr(), first, "sticks");
+        }
+        // A stream that failed on it may try another, for itself only.
+        let other = d.pick(&[first]).expect("another").addr();
+        assert_ne!(other, first);
+        assert_eq!(d.pick(&[]).expect("an endpoint").addr(), first);
+        // Its endpoint leaves: the next pick moves, and sticks again.
+        d.update(
+            [10, 11, 12]
+                .map(|p| EndpointSpec::ready(addr(p)))
+                .into_iter()
+                .filter(|e| e.addr != first),
+        );
+        let moved = d.pick(&[]).expect("an endpoint").addr();
+        assert_ne!(moved, first);
+        assert_eq!(d.pick(&[]).expect("an endpoint").addr(), moved);
+        // Idle past the timeout: chosen anew (round robin moves on).
+        std::thread::sleep(Duration::from_millis(250));
+        let after = d.pick(&[]).expect("an endpoint").addr();
+        assert_eq!(d.pick(&[]).expect("an endpoint").addr(), after);
+        // Off again: balanced.
+        d.set_affinity(None);
+        let picks: std::collections::BTreeSet<SocketAddr> =
+            (0..4).map(|_| d.pick(&[]).expect("an endpoint").addr()).collect();
+        assert_eq!(picks.len(), 2);
     }
 
     #[test]
