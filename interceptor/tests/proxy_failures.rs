@@ -986,3 +986,160 @@ async fn the_endpoint_is_told_the_time_left_less_a_margin() {
     // Less than the client's 2 s by at least the 10 ms margin, and not much more.
     assert!(told.ends_with('m') && (1900..=1990).contains(&ms), "{told}");
 }
+
+/// An HTTP/2 endpoint that answers every call at once with gRPC status `status` (trailers-only,
+/// after reading the request), optionally asking for a pause with grpc-retry-pushback-ms.
+/// Returns its address and how many calls it answered.
+async fn failing_backend(
+    ip: [u8; 4],
+    status: &'static str,
+    pushback_ms: Option<&'static str>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind failing backend");
+    let addr = l.local_addr().expect("addr");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let mut resp = http::Response::new(());
+                        let h = resp.headers_mut();
+                        h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                        h.insert("grpc-status", http::HeaderValue::from_static(status));
+                        if let Some(p) = pushback_ms {
+                            h.insert("grpc-retry-pushback-ms", http::HeaderValue::from_static(p));
+                        }
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, calls)
+}
+
+/// 8 concurrent callers on one connection for `d`; returns (calls, failed calls).
+async fn load_for(p: &ProxyUnderTest, d: Duration) -> (usize, usize) {
+    let c = client(p.addr).await;
+    let deadline = Instant::now() + d;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        tasks.spawn(async move {
+            let (mut n, mut failed) = (0, 0);
+            // Bounded in count as well as in time.
+            while Instant::now() < deadline && n < 50_000 {
+                let r = unary(&mut c, request(Bytes::from(format!("w{w}")), &[])).await;
+                n += 1;
+                if r.is_err() {
+                    failed += 1;
+                }
+            }
+            (n, failed)
+        });
+    }
+    let (mut n, mut failed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (a, b) = r.expect("caller");
+        n += a;
+        failed += b;
+    }
+    (n, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_fast_gets_almost_no_calls_and_its_peers_a_fair_share() {
+    let good: Vec<Backend> = (2..=4)
+        .map(|j| Backend::start([127, 0, 7, j], &format!("g{j}")))
+        .collect();
+    let (bad, bad_calls) = failing_backend([127, 0, 7, 9], "14", None).await;
+    let addrs: Vec<SocketAddr> = good.iter().map(|b| b.addr).chain([bad]).collect();
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let (calls, failed) = load_for(&p, Duration::from_secs(1)).await;
+    let bad_n = bad_calls.load(Ordering::Relaxed);
+    let shares: Vec<f64> = good
+        .iter()
+        .map(|b| b.calls() as f64 / calls as f64)
+        .collect();
+    println!(
+        "1 of 4 endpoints answers UNAVAILABLE at once: {calls} calls in 1 s, {bad_n} to it ({:.2}%), {failed} failed, healthy shares {shares:.3?}",
+        100.0 * bad_n as f64 / calls as f64
+    );
+    assert!((bad_n as f64) < 0.05 * calls as f64, "the failing endpoint got {bad_n} of {calls}");
+    // Only the calls it answered failed: every other call was served by a healthy endpoint.
+    assert_eq!(failed, bad_n);
+    for s in &shares {
+        assert!(*s > 0.25, "a healthy endpoint got {s:.3}: {shares:?}");
+    }
+    assert_eq!(ejected(&p, &[good[0].addr, good[1].addr, good[2].addr]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_of_four_failing_fast_eject_at_most_half() {
+    let good = Backend::start([127, 0, 8, 2], "g2");
+    let mut bad = Vec::new();
+    let mut counts = Vec::new();
+    for j in 3..=5 {
+        let (a, n) = failing_backend([127, 0, 8, j], "13", None).await;
+        bad.push(a);
+        counts.push(n);
+    }
+    let mut addrs = vec![good.addr];
+    addrs.extend(&bad);
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let watch = {
+        let d = p.proxy.endpoints(p.addr);
+        let bad = bad.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            for _ in 0..150 {
+                let n = bad
+                    .iter()
+                    .filter(|a| d.destination().stats(**a).is_some_and(|s| s.is_ejected()))
+                    .count();
+                most = most.max(n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
+    let (calls, failed) = load_for(&p, Duration::from_millis(1500)).await;
+    let most = watch.await.expect("watcher");
+    println!(
+        "3 of 4 endpoints answer INTERNAL at once: {calls} calls, {failed} failed, {} served by the healthy one, at most {most} ejected at once",
+        good.calls()
+    );
+    assert!(most <= 2, "{most} of 4 ejected at once");
+    assert!(good.calls() as f64 > 0.8 * calls as f64, "the healthy endpoint served {} of {calls}", good.calls());
+    assert_eq!(ejected(&p, &[good.addr]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_asking_for_a_pause_is_left_alone_for_it() {
+    let good: Vec<Backend> = (2..=3)
+        .map(|j| Backend::start([127, 0, 9, j], &format!("g{j}")))
+        .collect();
+    // RESOURCE_EXHAUSTED with a 400 ms pushback.
+    let (paused, paused_calls) = failing_backend([127, 0, 9, 9], "8", Some("400")).await;
+    let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, paused]).await;
+    let (calls, failed) = load_for(&p, Duration::from_secs(1)).await;
+    let n = paused_calls.load(Ordering::Relaxed);
+    println!("an endpoint answering RESOURCE_EXHAUSTED with grpc-retry-pushback-ms 400: {n} of {calls} calls in 1 s, {failed} failed");
+    // A handful: the calls in flight when it first answered, then one probe per pause.
+    assert!(n <= 12, "the paused endpoint got {n} calls");
+    assert_eq!(failed, n);
+}

@@ -37,6 +37,9 @@ struct Ewma {
     stamp: Instant,
 }
 
+/// What a failed answer weighs in the latency estimate (it decays like any sample).
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 /// Ejection policy, copied from the proxy config.
 #[derive(Debug, Clone, Copy)]
 pub struct EjectPolicy {
@@ -135,6 +138,21 @@ impl EndpointStats {
             };
             e.stamp = now;
         }
+    }
+
+    /// A failed answer: counted in the latency estimate as a slow one, so that p2c steers
+    /// away from an endpoint that fails fast, until the estimate decays and it is probed again.
+    pub fn observe_failure(&self) {
+        self.observe_rtt(FAILURE_PENALTY);
+    }
+
+    /// Takes the endpoint out of rotation for `d` (its own request: grpc-retry-pushback-ms).
+    pub fn eject_for(&self, d: Duration) {
+        self.ejected_until_ms
+            .store(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
+        self.proven.store(false, Ordering::Relaxed);
+        m::ejection(&self.label);
+        tracing::info!(endpoint = %self.addr, pushback_ms = d.as_millis() as u64, "endpoint asked for a pause (grpc-retry-pushback-ms): out of rotation");
     }
 
     pub fn is_ejected(&self) -> bool {

@@ -260,18 +260,35 @@ impl Destination {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        ep.record_failure(policy, || {
-            let set = self.current();
-            let ejected = set.iter().filter(|e| e.stats.is_ejected()).count();
-            let allowed = set.len() * max_percent.min(100) as usize / 100;
-            let peer_healthy = set.iter().any(|e| {
-                e.stats.addr() != ep.addr()
-                    && e.state != EndpointState::NotReady
-                    && !e.stats.is_ejected()
-                    && e.stats.is_healthy()
-            });
-            ejected < allowed && peer_healthy
-        })
+        ep.record_failure(policy, || self.may_eject(ep, max_percent))
+    }
+
+    /// The endpoint asked for a pause (grpc-retry-pushback-ms): out of rotation for `d`, within
+    /// the same bound as ejection. Returns whether it was taken out.
+    pub fn push_back(&self, ep: &EndpointStats, max_percent: u32, d: Duration) -> bool {
+        let _deciding = match self.ejecting.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if ep.is_ejected() || !self.may_eject(ep, max_percent) {
+            return false;
+        }
+        ep.eject_for(d);
+        true
+    }
+
+    /// Whether taking `ep` out keeps ejection relative (a peer is answering) and bounded.
+    fn may_eject(&self, ep: &EndpointStats, max_percent: u32) -> bool {
+        let set = self.current();
+        let ejected = set.iter().filter(|e| e.stats.is_ejected()).count();
+        let allowed = set.len() * max_percent.min(100) as usize / 100;
+        let peer_healthy = set.iter().any(|e| {
+            e.stats.addr() != ep.addr()
+                && e.state != EndpointState::NotReady
+                && !e.stats.is_ejected()
+                && e.stats.is_healthy()
+        });
+        ejected < allowed && peer_healthy
     }
 
     /// Whether `pick(exclude)` would find an endpoint.

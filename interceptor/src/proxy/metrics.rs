@@ -177,6 +177,13 @@ impl Status {
         })
     }
 
+    /// An answer that says the endpoint failed (not the request): gRPC RESOURCE_EXHAUSTED,
+    /// INTERNAL, UNAVAILABLE, or HTTP 5xx. It counts against the endpoint like a broken
+    /// connection, so an endpoint that fails fast does not look fast.
+    pub(crate) fn is_endpoint_failure(self) -> bool {
+        matches!(self.0, 8 | 13 | 14 | 22)
+    }
+
     pub(crate) fn label(self) -> &'static str {
         match self.0 {
             CANCELLED => "cancelled",

@@ -96,9 +96,13 @@ enum Attempt {
     /// Not processed by the endpoint: try another.
     Replay(&'static str),
     /// The endpoint failed the stream (its connection broke, it sent garbage, it never
-    /// answered a complete request in time); the client was answered and the failure counts
-    /// towards ejecting the endpoint.
+    /// answered a complete request in time, it answered UNAVAILABLE, INTERNAL,
+    /// RESOURCE_EXHAUSTED or 5xx); the client was answered and the failure counts towards
+    /// ejecting the endpoint.
     Failed,
+    /// As `Failed`, and the endpoint asked not to be sent more for this long
+    /// (grpc-retry-pushback-ms).
+    PushedBack(std::time::Duration),
 }
 
 pub(crate) async fn forward(
@@ -211,6 +215,12 @@ pub(crate) async fn forward(
             }
             Attempt::Failed => {
                 dest.record_failure(&ep, &policy, max_ejected);
+                return;
+            }
+            Attempt::PushedBack(d) => {
+                if !dest.push_back(&ep, max_ejected, d) {
+                    dest.record_failure(&ep, &policy, max_ejected);
+                }
                 return;
             }
         }
@@ -398,6 +408,7 @@ async fn try_endpoint(
     } else {
         Some(Status::http(parts.status.as_u16()))
     };
+    let header_pushback = pushback_of(&parts.headers);
     let mut resp_body = Pump::new(up_body);
     let eos = resp_body.empty();
     let mut client_tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
@@ -415,11 +426,13 @@ async fn try_endpoint(
     idle.progress();
     let mut charge = false;
     let mut complete = false;
+    let mut pushback = None;
     let status = loop {
         if resp_body.done() && (body.done() || req_failed) {
             complete = true;
-            let from_trailers = resp_body
-                .end_trailers()
+            let trailers = resp_body.end_trailers();
+            pushback = trailers.and_then(pushback_of).or(header_pushback);
+            let from_trailers = trailers
                 .and_then(|t| t.get(grpc::GRPC_STATUS))
                 .map(|v| Status::grpc(v.as_bytes()));
             break from_trailers.or(trailers_only_status).unwrap_or(Status::UNKNOWN);
@@ -493,6 +506,13 @@ async fn try_endpoint(
     m::request(&ctx.service, reqs, status, ctx.started.elapsed());
     drop(lease);
     drop(in_flight);
+    if complete && status.is_endpoint_failure() {
+        ep.observe_failure();
+        return match pushback {
+            Some(d) => Attempt::PushedBack(d),
+            None => Attempt::Failed,
+        };
+    }
     if charge {
         return Attempt::Failed;
     }
@@ -502,6 +522,17 @@ async fn try_endpoint(
         ep.record_success();
     }
     Attempt::Done
+}
+
+/// `grpc-retry-pushback-ms` (in trailers, or the headers of a trailers-only response): how
+/// long the endpoint asks not to be sent more. A negative or malformed value means "do not
+/// retry" to a client, and nothing to the balancer.
+fn pushback_of(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get("grpc-retry-pushback-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
 }
 
 /// The stream idle timeout, checked lazily: progress only notes the time, and when the timer
