@@ -14,3 +14,5 @@ pub const ENABLED_LABEL: &str = "interceptor.io/enabled";
 pub const INTERCEPT_ANNOTATION: &str = "interceptor.io/intercept";
 /// Annotation on a Service: comma-separated port numbers or names never intercepted.
 pub const SKIP_PORTS_ANNOTATION: &str = "interceptor.io/skip-ports";
+/// Service annotation: endpoints that join ramp up their share over this window (e.g. `30s`).
+pub const SLOW_START_ANNOTATION: &str = "interceptor.io/slow-start";

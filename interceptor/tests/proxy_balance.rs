@@ -315,3 +315,46 @@ async fn p2c_steers_away_from_a_slow_endpoint_but_keeps_probing_it() {
         "a 30 ms endpoint should get well under its third: {counts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_joining_endpoints_share_up_over_its_window() {
+    let _serial = SERIAL.lock().await;
+    let b2 = Backend::start([127, 0, 0, 2], "b2");
+    let b3 = Backend::start([127, 0, 0, 3], "b3");
+    let p = start_proxy(ProxyConfig::default(), &[b2.addr, b3.addr]).await;
+    // interceptor.io/slow-start: 2s on the Service.
+    let handle = p.proxy.endpoints(p.addr);
+    handle.set_slow_start(Some(Duration::from_secs(2)));
+    let load = Load::start(p.addr, 8).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let b4 = Backend::start([127, 0, 0, 4], "b4");
+    let added = Instant::now();
+    handle.set_ready([b2.addr, b3.addr, b4.addr]);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (log, failures) = load.stop().await;
+    assert_eq!(failures, 0);
+    let share_in = |from_ms: u64, to_ms: u64| {
+        let mut window = HashMap::new();
+        for (t, b) in &log {
+            let since = t.saturating_duration_since(added);
+            if since >= Duration::from_millis(from_ms) && since < Duration::from_millis(to_ms) {
+                *window.entry(b.clone()).or_insert(0usize) += 1;
+            }
+        }
+        shares(&window)
+            .iter()
+            .find(|(n, _)| n == "b4")
+            .map(|(_, x)| *x)
+            .unwrap_or(0.0)
+    };
+    let ramp: Vec<f64> = [(0, 500), (500, 1000), (1000, 1500), (1500, 2000), (2000, 3000)]
+        .iter()
+        .map(|(a, b)| share_in(*a, *b))
+        .collect();
+    println!("joining endpoint's share with a 2 s slow start, per window (0-0.5, 0.5-1, 1-1.5, 1.5-2, 2-3 s): {ramp:.3?}");
+    assert!(ramp[0] > 0.0, "it takes some calls from the start");
+    assert!(ramp[0] < 0.12, "first half second: {:.1}%", ramp[0] * 100.0);
+    assert!(ramp[1] < ramp[3], "the share grows: {ramp:?}");
+    assert!((ramp[4] - 1.0 / 3.0).abs() <= 0.05, "after the window: {:.1}%", ramp[4] * 100.0);
+}

@@ -906,3 +906,42 @@ fn session_affinity_client_ip_keeps_a_pods_calls_on_one_endpoint() {
     assert_eq!(balanced.len(), 2, "{balanced:?}");
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 }
+
+#[test]
+fn slow_start_annotation_ramps_a_new_pods_share_on_one_channel() {
+    let mut c = Cluster::new(&[110, 111]);
+    let mut spec = Spec::new(true, &[110, 111]);
+    spec.service_annotations = vec![("interceptor.io/slow-start", "3s")];
+    c.write(&spec);
+    let agent = c.start_agent();
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+    let mut t = c.client_run(12);
+    let warm = t.window(Duration::from_millis(500));
+    assert_eq!(warm.len(), 2, "{warm:?}");
+
+    // Scale up: the new pod's share ramps up over 3 s instead of a full third at once.
+    c.add_server(112);
+    c.program_kube_proxy();
+    spec.endpoints.push(112);
+    c.write(&spec);
+    t.until(Duration::from_secs(3), "greet-112 gets a call", |l| {
+        l.by_pod.get("greet-112").copied().unwrap_or(0) > 0
+    });
+    let share = |w: &std::collections::BTreeMap<String, u64>| {
+        w.get("greet-112").copied().unwrap_or(0) as f64 / w.values().sum::<u64>().max(1) as f64
+    };
+    let early = t.window(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(3000));
+    let late = t.window(Duration::from_millis(1000));
+    note(&format!(
+        "slow start 3s: new pod {:.1}% in its first 0.6 s, {:.1}% after the window ({})",
+        share(&early) * 100.0,
+        share(&late) * 100.0,
+        share_line(&late)
+    ));
+    assert!(share(&early) < 0.15, "early share {:.3}", share(&early));
+    assert!((share(&late) - 1.0 / 3.0).abs() < 0.07, "late share {:.3}", share(&late));
+    assert_eq!(t.last.errors, 0);
+    let status = operator(&agent, &c, &["status"]);
+    assert!(status.contains("slow start 3000 ms"), "{status}");
+}

@@ -188,6 +188,7 @@ impl Reconciler {
                     labels: p.metric_labels(addr.port()),
                     protocol: ProtocolHint::from_app_protocol(p.app_protocol.as_deref()),
                     affinity: p.affinity_timeout_s.map(|s| Duration::from_secs(s.into())),
+                    slow_start: p.slow_start_ms.map(Duration::from_millis),
                 };
                 (*addr, settings)
             })

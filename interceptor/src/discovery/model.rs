@@ -87,6 +87,9 @@ pub struct ServicePort {
     /// sessionAffinity ClientIP: streams from one pod stick to one endpoint for this long
     /// after the last one.
     pub affinity_timeout_s: Option<u32>,
+    /// The Service's interceptor.io/slow-start annotation: a joining endpoint's share ramps
+    /// up over this window.
+    pub slow_start_ms: Option<u64>,
     /// Service fields in force for this port and what they do, for `status` and `explain`
     /// (e.g. "internalTrafficPolicy Local: 1 of 3 endpoints are on this node").
     pub semantics: Vec<String>,

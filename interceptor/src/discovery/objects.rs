@@ -13,7 +13,7 @@ use super::model::{
     DesiredState, Endpoint, ExcludeReason, ObjectRef, PodTarget, PodUid, PortAction, QosClass,
     ServicePort,
 };
-use super::{ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION};
+use super::{ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION, SLOW_START_ANNOTATION};
 
 /// Label linking an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -190,6 +190,21 @@ impl Objects {
                 None
             }
         };
+        let slow_start_ms = annotation(&svc.metadata, SLOW_START_ANNOTATION).and_then(|v| {
+            match crate::cli::parse_duration(v) {
+                Ok(d) if !d.is_zero() && d <= std::time::Duration::from_secs(3600) => {
+                    Some(d.as_millis() as u64)
+                }
+                Ok(_) => {
+                    warn_once(format!("Service {name}: annotation {SLOW_START_ANNOTATION}={v:?} must be between 1ms and 1h; no slow start"));
+                    None
+                }
+                Err(e) => {
+                    warn_once(format!("Service {name}: annotation {SLOW_START_ANNOTATION}={v:?}: {e}; no slow start"));
+                    None
+                }
+            }
+        });
         // internalTrafficPolicy: Local keeps traffic on this node, as kube-proxy does (no
         // node-local endpoint: none at all).
         let local_node = match spec.internal_traffic_policy.as_deref() {
@@ -247,6 +262,11 @@ impl Objects {
                     }
                     None => all,
                 };
+                if let Some(ms) = slow_start_ms {
+                    semantics.push(format!(
+                        "slow start {ms} ms: a joining endpoint's share ramps up from 10%"
+                    ));
+                }
                 if let Some(t) = affinity_timeout_s {
                     semantics.push(format!(
                         "sessionAffinity ClientIP ({t} s): each pod's streams stick to one endpoint"
@@ -280,6 +300,7 @@ impl Objects {
                         exclude_reason: exclude_reason.clone(),
                         endpoints,
                         affinity_timeout_s,
+                        slow_start_ms,
                         semantics,
                     },
                 );
@@ -514,6 +535,47 @@ mod tests {
         // An unknown value is Cluster, with a warning (not an outage).
         set(&mut o, "Locall");
         assert_eq!(grpc(&o).endpoints.len(), 3);
+    }
+
+    #[test]
+    fn slow_start_annotation_and_session_affinity_parse_and_bad_values_fall_back() {
+        let port = |o: &Objects| {
+            o.desired_state(&policy()).services
+                [&"10.96.0.10:50051".parse::<SocketAddr>().expect("addr")]
+                .clone()
+        };
+        let mut o = sample(true);
+        let svc = |o: &mut Objects| {
+            o.services
+                .get_mut(&ObjectRef::new("shop", "greet"))
+                .expect("svc")
+                .clone()
+        };
+        let mut s = svc(&mut o);
+        s.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SLOW_START_ANNOTATION.into(), "30s".into());
+        let spec = s.spec.as_mut().expect("spec");
+        spec.session_affinity = Some("ClientIP".into());
+        o.services.insert(ObjectRef::new("shop", "greet"), s.clone());
+        let p = port(&o);
+        assert_eq!(p.slow_start_ms, Some(30_000));
+        assert_eq!(p.affinity_timeout_s, Some(10_800), "the API's default timeout");
+        // Out of range or malformed: the Service keeps working without them.
+        s.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SLOW_START_ANNOTATION.into(), "soon".into());
+        let spec = s.spec.as_mut().expect("spec");
+        spec.session_affinity_config = Some(serde_json::from_value(
+            serde_json::json!({"clientIP": {"timeoutSeconds": 999_999}}),
+        ).expect("config"));
+        o.services.insert(ObjectRef::new("shop", "greet"), s);
+        let p = port(&o);
+        assert_eq!(p.slow_start_ms, None);
+        assert_eq!(p.affinity_timeout_s, Some(10_800));
+        assert_eq!(p.endpoints.len(), 3);
     }
 
     #[test]

@@ -46,7 +46,13 @@ impl EndpointSpec {
 struct Endpoint {
     state: EndpointState,
     stats: Arc<EndpointStats>,
+    /// When it joined a set that already had endpoints (slow start ramps it from there); `None`
+    /// for the first set, which has no peers to take the load meanwhile.
+    joined: Option<Instant>,
 }
+
+/// The least share a slow-starting endpoint takes from the start (Envoy's min_weight_percent).
+const SLOW_START_FLOOR: f64 = 0.1;
 
 /// Balancing state of one destination.
 #[derive(Debug)]
@@ -65,6 +71,8 @@ pub struct Destination {
     metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// What the Service port's appProtocol says (a `ProtocolHint` as u8).
     protocol: std::sync::atomic::AtomicU8,
+    /// Slow start window in ms (0: off): a joining endpoint's share ramps up over it.
+    slow_start_ms: std::sync::atomic::AtomicU64,
     /// sessionAffinity ClientIP: the endpoint this destination's streams stick to. The
     /// proxy serves one pod, so its client IP is the pod's: one sticky endpoint per proxy.
     affinity: Mutex<Affinity>,
@@ -85,6 +93,8 @@ pub struct DestinationSettings {
     pub protocol: ProtocolHint,
     /// sessionAffinity ClientIP with this timeout (since the last stream), or none.
     pub affinity: Option<Duration>,
+    /// Slow start window for endpoints that join, or none.
+    pub slow_start: Option<Duration>,
 }
 
 impl Destination {
@@ -105,9 +115,17 @@ impl Destination {
             ejecting: Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
             protocol: std::sync::atomic::AtomicU8::new(0),
+            slow_start_ms: std::sync::atomic::AtomicU64::new(0),
             affinity: Mutex::new(Affinity::default()),
             affinity_on: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Slow start (the Service's interceptor.io/slow-start annotation): an endpoint that joins
+    /// takes a share growing linearly from 10% to a full one over `window`.
+    pub fn set_slow_start(&self, window: Option<Duration>) {
+        let ms = window.map_or(0, |w| w.as_millis().max(1) as u64);
+        self.slow_start_ms.store(ms, Ordering::Relaxed);
     }
 
     /// sessionAffinity ClientIP with `timeout`, or none. A changed timeout keeps the current
@@ -197,14 +215,17 @@ impl Destination {
             if next.iter().any(|e| e.stats.addr() == spec.addr) {
                 continue;
             }
-            let stats = old
-                .iter()
-                .find(|e| e.stats.addr() == spec.addr)
-                .map(|e| e.stats.clone())
-                .unwrap_or_else(|| Arc::new(EndpointStats::new(spec.addr, seed, self.decay)));
+            let (stats, joined) = match old.iter().find(|e| e.stats.addr() == spec.addr) {
+                Some(e) => (e.stats.clone(), e.joined),
+                None => (
+                    Arc::new(EndpointStats::new(spec.addr, seed, self.decay)),
+                    (!old.is_empty()).then_some(now),
+                ),
+            };
             next.push(Endpoint {
                 state: spec.state,
                 stats,
+                joined,
             });
         }
         tracing::debug!(dest = %self.addr, endpoints = next.len(), "endpoint set updated");
@@ -361,10 +382,34 @@ impl Destination {
                 BalancerKind::RoundRobin => Some(self.rr.fetch_add(1, Ordering::Relaxed) % n),
             };
             if let Some(e) = idx.and_then(nth) {
+                if n > 1 && !self.takes_this_stream(e, now) {
+                    // Still ramping up: this stream goes to one of its peers.
+                    let mut more = exclude.to_vec();
+                    more.push(e.stats.addr());
+                    if let Some(other) = self.pick_balanced(&more) {
+                        return Some(other);
+                    }
+                }
                 return Some(e.stats.clone());
             }
         }
         None
+    }
+
+    /// Slow start: a joining endpoint takes a stream with probability rising from the floor
+    /// to 1 over the window.
+    fn takes_this_stream(&self, e: &Endpoint, now: Instant) -> bool {
+        let window_ms = self.slow_start_ms.load(Ordering::Relaxed);
+        let Some(joined) = e.joined else { return true };
+        if window_ms == 0 {
+            return true;
+        }
+        let age_ms = now.saturating_duration_since(joined).as_millis() as u64;
+        if age_ms >= window_ms {
+            return true;
+        }
+        let share = (age_ms as f64 / window_ms as f64).max(SLOW_START_FLOOR);
+        (super::balancer::random_below(1 << 20) as f64) < share * (1 << 20) as f64
     }
 }
 
@@ -388,6 +433,12 @@ impl EndpointsHandle {
         self.0.describe(s.labels.clone());
         self.0.set_protocol(s.protocol);
         self.0.set_affinity(s.affinity);
+        self.0.set_slow_start(s.slow_start);
+    }
+
+    /// Slow start for endpoints that join from now on (see `Destination::set_slow_start`).
+    pub fn set_slow_start(&self, window: Option<Duration>) {
+        self.0.set_slow_start(window)
     }
 
     /// Replaces the endpoint set; the next stream sees the update.
