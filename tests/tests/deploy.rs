@@ -439,17 +439,19 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         .expect("metrics addr")
         .resolve(Some("10.0.0.7".parse().expect("ip")))
         .expect("resolves with a node IP");
-    let port = c
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some("metrics"))
-        .expect("the patch names its port `metrics`");
-    assert_eq!(port.container_port as u16, bound.port(), "the declared port is the bound one");
-
+    // With hostNetwork a container port is a host port, which would keep the upgrade's
+    // surge pod off the node: the listener must not be declared as one.
+    assert!(
+        c.ports.as_ref().is_none_or(|p| p.is_empty()) && agent_container(&ds).ports.as_ref().is_none_or(|p| p.is_empty()),
+        "no container ports on a hostNetwork DaemonSet with maxSurge"
+    );
     let pm = &documents("monitoring/podmonitor.yaml")[0];
     assert_eq!(pm["kind"], "PodMonitor");
-    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["targetPort"].as_u64(),
+        Some(u64::from(bound.port())),
+        "the PodMonitor scrapes the port the agent binds"
+    );
     let labels = ds
         .spec
         .as_ref()
@@ -490,4 +492,48 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
     ] {
         assert!(exprs.iter().any(|e| e.contains(name)), "no panel queries {name}");
     }
+}
+
+#[test]
+fn the_daemonset_upgrades_new_agent_first_through_the_handoff_socket() {
+    let ds = daemonset();
+    let spec = ds.spec.as_ref().expect("spec");
+    let ru = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update");
+    assert_eq!(ru.max_surge, Some(IntOrString::Int(1)), "the new agent starts beside the old");
+    assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+    let c = agent_container(&ds);
+    let env = |name: &str| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| panic!("daemonset.yaml sets {name}"))
+    };
+    let socket = PathBuf::from(env("INTERCEPTOR_HANDOFF_SOCKET"));
+    let dir = socket.parent().expect("the socket's folder");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&m.mount_path) == dir)
+        .unwrap_or_else(|| panic!("{} is mounted", dir.display()));
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let vol = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mount's volume");
+    let host = vol.host_path.as_ref().expect("a hostPath, shared by both agents of a node");
+    assert_eq!(Path::new(&host.path), dir);
+    // The grace period covers the longer drain after a handover.
+    let drain = interceptor::cli::parse_duration(&env("INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT"))
+        .expect("a duration");
+    let grace = pod.termination_grace_period_seconds.expect("a grace period");
+    assert!(grace as u64 > drain.as_secs(), "grace {grace} s < handoff drain {drain:?}");
 }
