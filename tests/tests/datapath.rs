@@ -424,6 +424,12 @@ fn fail_open_when_the_agent_is_killed_and_resume_on_restart() {
             continue;
         }
         let conn = parse_ok(result);
+        if conn.reply.is_empty() {
+            // Closed before the reply: the agent that held the connection was killed. Judged
+            // with the connect errors below (only one in flight at the kill may end so).
+            failures.push((at, result.to_string()));
+            continue;
+        }
         assert!(
             names.contains(&conn.reply),
             "at {at} ms the connect did not reach the Service: {line}"
