@@ -7,6 +7,7 @@ pub mod file;
 pub mod kube;
 pub mod model;
 pub mod objects;
+pub mod topology;
 
 /// Namespace label that turns interception on for the namespace's pods (value `true`).
 pub const ENABLED_LABEL: &str = "interceptor.io/enabled";

@@ -138,24 +138,74 @@ pub fn service(
     )
 }
 
-/// The EndpointSlice of `service` with its endpoints' IPs and readiness.
+/// The EndpointSlice of `service` with its endpoints' IPs and readiness, all on this node.
 pub fn endpoint_slice(ns: &str, service: &str, port: u16, endpoints: &[(IpAddr, bool)]) -> String {
+    let placed: Vec<(IpAddr, bool, Placement)> = endpoints
+        .iter()
+        .map(|(ip, ready)| (*ip, *ready, Placement::default()))
+        .collect();
+    endpoint_slice_placed(ns, service, port, &placed)
+}
+
+/// Where an endpoint runs, as its EndpointSlice says.
+#[derive(Clone, Default, Debug)]
+pub struct Placement {
+    /// `nodeName` (default: this node).
+    pub node: Option<&'static str>,
+    /// `zone` (default: none).
+    pub zone: Option<&'static str>,
+    /// `hints`, as YAML flow (e.g. `{forZones: [{name: zone-b}]}`), as the EndpointSlice
+    /// controller writes them.
+    pub hints: Option<&'static str>,
+}
+
+impl Placement {
+    pub fn at(node: &'static str, zone: &'static str) -> Self {
+        Self {
+            node: Some(node),
+            zone: Some(zone),
+            hints: None,
+        }
+    }
+}
+
+/// The EndpointSlice of `service`: each endpoint's IP, readiness and placement.
+pub fn endpoint_slice_placed(
+    ns: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(IpAddr, bool, Placement)],
+) -> String {
     let mut eps = String::new();
-    for (ip, ready) in endpoints {
+    for (ip, ready, at) in endpoints {
         eps.push_str(&format!(
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {NODE_NAME}\n"
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {}\n",
+            at.node.unwrap_or(NODE_NAME)
         ));
+        if let Some(zone) = at.zone {
+            eps.push_str(&format!("  zone: {zone}\n"));
+        }
+        if let Some(hints) = at.hints {
+            eps.push_str(&format!("  hints: {hints}\n"));
+        }
     }
     if endpoints.is_empty() {
         eps.push_str("[]\n");
     }
-    let family = if endpoints.iter().all(|(ip, _)| ip.is_ipv4()) {
+    let family = if endpoints.iter().all(|(ip, _, _)| ip.is_ipv4()) {
         "IPv4"
     } else {
         "IPv6"
     };
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abcde\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n- name: grpc\n  port: {port}\n  protocol: TCP\nendpoints:\n{eps}"
+    )
+}
+
+/// This node's Node object, labelled with its zone.
+pub fn node_object(zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n  labels:\n    kubernetes.io/hostname: {NODE_NAME}\n    topology.kubernetes.io/zone: {zone}\n"
     )
 }
 
@@ -196,6 +246,12 @@ pub struct Spec {
     pub endpoints: Vec<u8>,
     /// Adds a Service that does not parse.
     pub broken: bool,
+    /// Lines added under the Service's `spec:` (e.g. `internalTrafficPolicy: Local`).
+    pub service_fields: Vec<String>,
+    /// Where endpoints run, by server pod number (default: this node, no zone, no hints).
+    pub placement: BTreeMap<u8, Placement>,
+    /// This node's zone: when set, the manifests include its Node object with the label.
+    pub node_zone: Option<&'static str>,
 }
 
 pub struct Server {
@@ -222,6 +278,9 @@ impl Spec {
             client_annotations: Vec::new(),
             endpoints: endpoints.to_vec(),
             broken: false,
+            service_fields: Vec::new(),
+            placement: BTreeMap::new(),
+            node_zone: None,
         }
     }
 }
@@ -295,10 +354,14 @@ impl GreetCluster {
 
     /// The Kubernetes objects `spec` describes.
     pub fn docs(&self, spec: &Spec) -> Vec<String> {
+        let mut svc = service(NS, "greet", vip().ip(), PORT, &spec.service_annotations);
+        for field in spec.service_fields.iter().rev() {
+            svc = svc.replacen("\nspec:\n", &format!("\nspec:\n  {field}\n"), 1);
+        }
         let mut docs = vec![
             namespace(NS, spec.labelled),
-            service(NS, "greet", vip().ip(), PORT, &spec.service_annotations),
-            endpoint_slice(
+            svc,
+            endpoint_slice_placed(
                 NS,
                 "greet",
                 PORT,
@@ -306,11 +369,17 @@ impl GreetCluster {
                     .endpoints
                     .iter()
                     .filter_map(|n| self.servers.iter().find(|s| s.n == *n))
-                    .map(|s| (IpAddr::V4(s.pod.ip4), true))
+                    .map(|s| {
+                        let at = spec.placement.get(&s.n).cloned().unwrap_or_default();
+                        (IpAddr::V4(s.pod.ip4), true, at)
+                    })
                     .collect::<Vec<_>>(),
             ),
             pod(NS, &self.client, CLIENT_N, &spec.client_annotations),
         ];
+        if let Some(zone) = spec.node_zone {
+            docs.push(node_object(zone));
+        }
         for s in &self.servers {
             docs.push(pod(NS, &s.pod, s.n, &[]));
         }
@@ -467,6 +536,26 @@ impl Tallies {
             Instant::now() >= end
         });
         self.last.since(&start)
+    }
+
+    /// Collects 200 ms windows until one satisfies `pred`; returns how long after `since`.
+    /// Panics after 3 s.
+    pub fn settle(
+        &mut self,
+        since: Instant,
+        what: &str,
+        pred: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> Duration {
+        loop {
+            let w = self.window(Duration::from_millis(200));
+            if !w.is_empty() && pred(&w) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(3),
+                "not within 3 s: {what} (last 200 ms: {w:?})"
+            );
+        }
     }
 
     /// Total calls so far.

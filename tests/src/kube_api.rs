@@ -1,7 +1,8 @@
 //! A test Kubernetes API server that speaks the real list/watch protocol over plain HTTP on
 //! 127.0.0.1, so kube-rs's `watcher` and `reflector` run against it as against a real one.
 //!
-//! It serves Namespaces, Services and Pods (core/v1) and EndpointSlices (discovery.k8s.io/v1),
+//! It serves Namespaces, Nodes, Services and Pods (core/v1) and EndpointSlices
+//! (discovery.k8s.io/v1),
 //! stored as JSON by (kind, namespace, name), with:
 //! - lists (`XxxList` with `metadata.resourceVersion`; `limit`/`continue` paging from a snapshot
 //!   taken by the first page), label and field selectors, `resourceVersion(Match)`;
@@ -192,7 +193,7 @@ impl FakeApiServer {
         let kind = Kind::from_kind(&kind_name).unwrap_or_else(|| {
             panic!(
                 "fake API server: apply: unsupported kind {kind_name:?} \
-                 (supported: Namespace, Service, Pod, EndpointSlice)"
+                 (supported: Namespace, Node, Service, Pod, EndpointSlice)"
             )
         });
         match obj.get("apiVersion").and_then(Value::as_str) {
@@ -386,14 +387,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Namespace,
+    Node,
     Service,
     Pod,
     EndpointSlice,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 5] = [
         Kind::Namespace,
+        Kind::Node,
         Kind::Service,
         Kind::Pod,
         Kind::EndpointSlice,
@@ -412,6 +415,7 @@ impl Kind {
     fn kind(self) -> &'static str {
         match self {
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
             Kind::Service => "Service",
             Kind::Pod => "Pod",
             Kind::EndpointSlice => "EndpointSlice",
@@ -435,6 +439,7 @@ impl Kind {
     fn plural(self) -> &'static str {
         match self {
             Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
             Kind::Service => "services",
             Kind::Pod => "pods",
             Kind::EndpointSlice => "endpointslices",
@@ -442,7 +447,7 @@ impl Kind {
     }
 
     fn namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::Node)
     }
 
     /// Field selectors the real API server accepts for this kind (besides metadata.name and
@@ -450,6 +455,7 @@ impl Kind {
     fn selectable_fields(self) -> &'static [&'static str] {
         match self {
             Kind::Namespace => &["status.phase"],
+            Kind::Node => &["spec.unschedulable"],
             Kind::Service => &["spec.clusterIP", "spec.type"],
             Kind::Pod => &[
                 "spec.nodeName",

@@ -951,3 +951,101 @@ fn slow_start_annotation_ramps_a_new_pods_share_on_one_channel() {
     let status = operator(&agent, &c, &["status"]);
     assert!(status.contains("slow start 3000 ms"), "{status}");
 }
+
+#[test]
+fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_proxy() {
+    use interceptor_tests::cluster::Placement;
+    let c = Cluster::new(&[120, 121, 122]);
+    let ip = |n: u8| c.servers.iter().find(|s| s.n == n).expect("server").pod.ip4;
+    // This node is in zone-a; 121 runs on another node of zone-a, 122 in zone-b.
+    let mut spec = Spec::new(true, &[120, 121, 122]);
+    spec.node_zone = Some("zone-a");
+    spec.placement.insert(120, Placement::at(interceptor_tests::cluster::NODE_NAME, "zone-a"));
+    spec.placement.insert(121, Placement::at("node-b", "zone-a"));
+    spec.placement.insert(122, Placement::at("node-c", "zone-b"));
+    spec.service_fields = vec!["trafficDistribution: PreferClose".into()];
+    c.write(&spec);
+    let agent = c.start_agent();
+    effect(Instant::now(), "client pod hooked", || c.client_hooked());
+
+    let mut t = c.client_run(25);
+    let zone = t.window(Duration::from_millis(800));
+    note(&format!("trafficDistribution PreferClose: {}", share_line(&zone)));
+    assert_eq!(
+        zone.keys().collect::<Vec<_>>(),
+        ["greet-120", "greet-121"],
+        "only zone-a's endpoints take calls: {zone:?}"
+    );
+    let status = operator(&agent, &c, &["status"]);
+    assert!(
+        status.contains("topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)"),
+        "status shows topology in force:\n{status}"
+    );
+    let skip = format!(
+        "endpoint {}:{} not used: hinted for zone zone-b, this node is in zone-a",
+        ip(122),
+        interceptor_tests::cluster::PORT
+    );
+    assert!(status.contains(&skip), "status says why 122 is skipped:\n{status}");
+    let vip = interceptor_tests::cluster::vip().to_string();
+    let why = operator(&agent, &c, &["explain", "shop/client", &vip]);
+    assert!(why.contains(&format!("[--]  {skip}")), "explain says why:\n{why}");
+
+    // PreferSameNode: this node's endpoint only.
+    spec.service_fields = vec!["trafficDistribution: PreferSameNode".into()];
+    let at = c.write(&spec);
+    let took = t.settle(at, "only greet-120 under PreferSameNode", |w| {
+        w.keys().all(|p| p == "greet-120")
+    });
+    note(&format!("PreferSameNode: only this node's endpoint within {took:?}"));
+    let node = t.window(Duration::from_millis(800));
+    note(&format!("trafficDistribution PreferSameNode: {}", share_line(&node)));
+    assert_eq!(node.keys().collect::<Vec<_>>(), ["greet-120"], "{node:?}");
+
+    // Hints (as a cluster's controller might have left them) for a zone with no endpoint for
+    // this node's zone: kube-proxy ignores them and uses every endpoint.
+    spec.service_fields.clear();
+    for n in [120, 121, 122] {
+        spec.placement.get_mut(&n).expect("placed").hints = Some("{forZones: [{name: zone-c}]}");
+    }
+    c.write(&spec);
+    t.until(Duration::from_secs(3), "all three take calls", |tally| tally.by_pod.len() == 3);
+    let fallback = t.window(Duration::from_millis(800));
+    note(&format!("hints for another zone only: {}", share_line(&fallback)));
+    assert_eq!(fallback.len(), 3, "{fallback:?}");
+    let status = operator(&agent, &c, &["status"]);
+    assert!(
+        status.contains("no endpoint is hinted for this node's zone zone-a"),
+        "status says why topology is off:\n{status}"
+    );
+
+    // An unknown value: one warning naming the Service, every endpoint used.
+    for n in [120, 121, 122] {
+        spec.placement.get_mut(&n).expect("placed").hints = None;
+    }
+    spec.service_fields = vec!["trafficDistribution: PreferFar".into()];
+    c.write(&spec);
+    std::thread::sleep(Duration::from_millis(600));
+    let unknown = t.window(Duration::from_millis(800));
+    note(&format!("trafficDistribution PreferFar (unknown): {}", share_line(&unknown)));
+    assert_eq!(unknown.len(), 3, "{unknown:?}");
+    let log = agent.log_text();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("Service shop/greet: unknown trafficDistribution \"PreferFar\""))
+        .count();
+    assert_eq!(warned, 1, "one clear line naming the Service:\n{log}");
+
+    // Removed: balanced over all three on the same channel.
+    spec.service_fields.clear();
+    c.write(&spec);
+    std::thread::sleep(Duration::from_millis(600));
+    let all = t.window(Duration::from_millis(1000));
+    note(&format!("trafficDistribution removed: {}", share_line(&all)));
+    assert_eq!(all.len(), 3, "{all:?}");
+    let total: u64 = all.values().sum();
+    for (pod, n) in &all {
+        assert!(*n as f64 > 0.2 * total as f64, "{pod} got {n} of {total}");
+    }
+    assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
+}

@@ -170,3 +170,129 @@ fn kube_watch_drives_the_datapath_and_the_balancer() {
     }
     c.remove_server(31);
 }
+
+/// Topology, internalTrafficPolicy and sessionAffinity arriving as watch events, on one
+/// long-lived channel: each changes where the calls land as kube-proxy would route
+/// connections, and removing the fields balances over every endpoint again.
+#[test]
+fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
+    use interceptor_tests::cluster::Placement;
+    let c = GreetCluster::new(&[40, 41, 42]);
+    let api = FakeApiServer::start();
+    let kubeconfig =
+        KubeconfigFile(std::env::temp_dir().join(format!("icp-{}-kubeconfig", c.node.id)));
+    api.write_kubeconfig(&kubeconfig.0)
+        .expect("write kubeconfig");
+    // This node is in zone-a; 41 runs on another node of zone-a, 42 in zone-b.
+    let mut spec = Spec::new(true, &[40, 41, 42]);
+    spec.node_zone = Some("zone-a");
+    spec.placement.insert(40, Placement::at(NODE_NAME, "zone-a"));
+    spec.placement.insert(41, Placement::at("node-b", "zone-a"));
+    spec.placement.insert(42, Placement::at("node-c", "zone-b"));
+    // The EndpointSlice controller has not written hints yet: kube-proxy uses every endpoint.
+    spec.service_fields = vec!["trafficDistribution: PreferClose".into()];
+    apply(&api, &c, &spec);
+
+    let mut args = vec!["run".to_string(), "--source=kube".into()];
+    args.extend(c.node_args());
+    let agent = AgentProcess::start_with_env(
+        &args,
+        &[("KUBECONFIG", kubeconfig.0.to_str().expect("utf-8"))],
+    );
+    effect(Instant::now(), "kube: client pod hooked", || c.client_hooked());
+    let mut t = c.client_run(30);
+    let unhinted = t.window(Duration::from_millis(800));
+    note(&format!("kube: trafficDistribution without hints yet: {}", share_line(&unhinted)));
+    assert_eq!(unhinted.len(), 3, "{unhinted:?}");
+
+    // The controller writes zone hints: zone-a's endpoints only.
+    for (n, hints) in [
+        (40, "{forZones: [{name: zone-a}]}"),
+        (41, "{forZones: [{name: zone-a}]}"),
+        (42, "{forZones: [{name: zone-b}]}"),
+    ] {
+        spec.placement.get_mut(&n).expect("placed").hints = Some(hints);
+    }
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "zone-a endpoints only", |w| {
+        w.keys().all(|p| p == "greet-40" || p == "greet-41")
+    });
+    let zone = t.window(Duration::from_millis(800));
+    note(&format!("kube: zone hints (after {took:?}): {}", share_line(&zone)));
+    assert_eq!(zone.keys().collect::<Vec<_>>(), ["greet-40", "greet-41"], "{zone:?}");
+    assert!(took <= EFFECT_LIMIT + Duration::from_millis(200), "took {took:?}");
+    let (_, state) = agent.admin_get("/state");
+    assert!(state.contains("hinted for zone zone-b, this node is in zone-a"), "{state}");
+
+    // The Node is relabelled into zone-b (a watch event on the Node): zone-b's endpoint.
+    spec.node_zone = Some("zone-b");
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "zone-b endpoint only", |w| w.keys().all(|p| p == "greet-42"));
+    note(&format!("kube: Node relabelled zone-b: only greet-42 after {took:?}"));
+
+    // internalTrafficPolicy Local (hints gone): only this node's endpoint.
+    spec.node_zone = Some("zone-a");
+    for n in [40, 41, 42] {
+        spec.placement.get_mut(&n).expect("placed").hints = None;
+    }
+    spec.service_fields = vec!["internalTrafficPolicy: Local".into()];
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "this node's endpoint only", |w| w.keys().all(|p| p == "greet-40"));
+    let local = t.window(Duration::from_millis(800));
+    note(&format!("kube: internalTrafficPolicy Local (after {took:?}): {}", share_line(&local)));
+    assert_eq!(local.keys().collect::<Vec<_>>(), ["greet-40"], "{local:?}");
+
+    // Removed: all three again.
+    spec.service_fields.clear();
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "all three endpoints", |w| w.len() == 3);
+    note(&format!("kube: internalTrafficPolicy removed: all three after {took:?}"));
+
+    // sessionAffinity ClientIP: every call of the pod on one endpoint.
+    spec.service_fields = vec![
+        "sessionAffinity: ClientIP".into(),
+        "sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}".into(),
+    ];
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "one endpoint under sessionAffinity", |w| w.len() == 1);
+    let sticky = t.window(Duration::from_millis(800));
+    note(&format!("kube: sessionAffinity ClientIP (after {took:?}): {}", share_line(&sticky)));
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    let status = {
+        let out = std::process::Command::new(target_bin("interceptor"))
+            .args(["status", "--admin-addr", &agent.admin_addr().to_string()])
+            .args(["--pin-root", &c.pins.path.display().to_string()])
+            .output()
+            .expect("run interceptor status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status.contains("sessionAffinity ClientIP (300 s)"), "{status}");
+
+    // Every field removed: balanced over all three on the same channel.
+    spec.service_fields.clear();
+    let at = apply(&api, &c, &spec);
+    let took = t.settle(at, "all three endpoints", |w| w.len() == 3);
+    let all = t.window(Duration::from_millis(1000));
+    note(&format!("kube: fields removed (after {took:?}): {}", share_line(&all)));
+    assert_eq!(all.len(), 3, "{all:?}");
+    let total: u64 = all.values().sum();
+    for (pod, n) in &all {
+        assert!(*n as f64 > 0.2 * total as f64, "{pod} got {n} of {total}");
+    }
+    assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
+
+    // The Node watch asks for this node only.
+    let nodes: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/nodes"))
+        .collect();
+    assert!(!nodes.is_empty(), "the agent watches its Node");
+    for r in &nodes {
+        assert_eq!(
+            r.param("fieldSelector"),
+            Some(format!("metadata.name={NODE_NAME}").as_str()),
+            "node request without this node's field selector: {r}"
+        );
+    }
+}

@@ -46,6 +46,16 @@ fn endpoint_summary(port: &Value) -> String {
     )
 }
 
+/// One line per endpoint the Service lists but this node leaves out, with the reason.
+fn skipped_endpoint_lines(port: &Value) -> Vec<String> {
+    port.get("skipped_endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| format!("endpoint {} not used: {}", str_of(e, "addr"), str_of(e, "reason")))
+        .collect()
+}
+
 fn service_label(port: &Value) -> String {
     let svc = &port["service"];
     let name = format!("{}/{}", str_of(svc, "namespace"), str_of(svc, "name"));
@@ -131,6 +141,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                     service_label(port),
                     action_text(port)
                 );
+                for line in skipped_endpoint_lines(port) {
+                    println!("  {:<24} {line}", "");
+                }
             }
         }
         Err(e) => println!(
@@ -238,6 +251,9 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
                 let text = action_text(port);
                 if str_of(port, "action") == "Intercept" {
                     println!("  [ok]  {target} is {} of {}", text, service_label(port));
+                    for line in skipped_endpoint_lines(port) {
+                        println!("  [--]  {line}");
+                    }
                 } else {
                     fail(format!("{target} ({}) is {text}", service_label(port)));
                 }

@@ -1,5 +1,5 @@
 //! The file source: multi-document YAML of real Kubernetes objects (Namespace, Service,
-//! EndpointSlice, Pod; `kind: List` too), from one file or every `*.yaml`/`*.yml` in a
+//! EndpointSlice, Pod, Node; `kind: List` too), from one file or every `*.yaml`/`*.yml` in a
 //! directory, reloaded when it changes. A manifest that does not parse is reported in one line
 //! naming the document and the object, and the previous objects stay in force.
 
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -79,6 +79,8 @@ pub fn load(path: &Path) -> Result<Objects, FileError> {
         })?;
         parse_into(&text, &file, &mut objects)?;
     }
+    // No EndpointSlice controller writes hints here: write the ones it would.
+    super::topology::derive_hints(&mut objects);
     Ok(objects)
 }
 
@@ -134,7 +136,7 @@ fn add_object(
         .and_then(|n| n.as_str())
         .unwrap_or("default")
         .to_string();
-    let label = if kind == "Namespace" {
+    let label = if kind == "Namespace" || kind == "Node" {
         name.clone()
     } else {
         format!("{namespace}/{name}")
@@ -171,6 +173,10 @@ fn add_object(
         "Namespace" => {
             let ns: Namespace = typed(json, path, doc, &kind, &label)?;
             objects.namespaces.insert(name, ns);
+        }
+        "Node" => {
+            let node: Node = typed(json, path, doc, &kind, &label)?;
+            objects.nodes.insert(name, node);
         }
         "Service" => {
             let mut svc: Service = typed(json, path, doc, &kind, &label)?;
@@ -257,6 +263,10 @@ kind: Service
 metadata: {name: greet, namespace: shop}
 spec: {clusterIP: 10.96.0.10, ports: [{name: grpc, port: 50051}]}
 ---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+---
 # a comment-only document is fine
 ---
 apiVersion: v1
@@ -281,6 +291,7 @@ items:
         assert!(o.namespace_enabled("shop"));
         assert_eq!(o.services.len(), 1);
         assert_eq!(o.slices.len(), 1);
+        assert_eq!(super::super::topology::node_zone(&o, Some("node-a")), Some("zone-a"));
         let state = o.desired_state(&Default::default());
         let port = &state.services[&"10.96.0.10:50051".parse().expect("addr")];
         assert_eq!(port.endpoints.len(), 1);

@@ -1,5 +1,6 @@
-//! The kube source: kube-rs watchers on Namespaces, Services, EndpointSlices and this node's
-//! Pods, folded into the same object snapshot the file source produces.
+//! The kube source: kube-rs watchers on Namespaces, Services, EndpointSlices, this node's
+//! Pods and this node's Node object (its zone, for topology), folded into the same object
+//! snapshot the file source produces.
 
 /// One RBAC rule the agent needs. `deploy/` grants exactly these (a test checks it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,14 @@ pub const REQUIRED_ACCESS: &[Access] = &[
         resource: "pods",
         verbs: &["list", "watch"],
     },
+    // This node's zone label, for topology-aware routing. A field selector narrows the watch
+    // to the one Node (as kube-proxy watches its own); RBAC cannot narrow a list/watch grant
+    // by name, so the rule covers nodes.
+    Access {
+        api_group: "",
+        resource: "nodes",
+        verbs: &["list", "watch"],
+    },
     Access {
         api_group: "discovery.k8s.io",
         resource: "endpointslices",
@@ -38,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
@@ -68,9 +77,12 @@ pub async fn client() -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
+/// One watcher per kind; the snapshot is published once each has listed.
+const SLOTS: usize = 5;
+
 struct Shared {
     objects: Mutex<Objects>,
-    synced: Mutex<[bool; 4]>,
+    synced: Mutex<[bool; SLOTS]>,
     changed: Notify,
 }
 
@@ -88,6 +100,10 @@ impl Shared {
             s[slot] = true;
         }
         self.changed.notify_one();
+    }
+
+    fn is_synced(&self, slot: usize) -> bool {
+        self.synced.lock().map(|s| s[slot]).unwrap_or(false)
     }
 
     fn all_synced(&self) -> bool {
@@ -136,6 +152,9 @@ struct Kind<K> {
     reset: fn(&mut Objects),
     apply: fn(&mut Objects, K),
     delete: fn(&mut Objects, &K),
+    /// Needed only for an optional feature: when it cannot be listed (an older ClusterRole
+    /// without the rule), the agent goes on without it instead of never becoming ready.
+    optional: Option<&'static str>,
 }
 
 /// Drops what the agent never reads and a DaemonSet should not hold for every Service and
@@ -173,14 +192,20 @@ where
             Ok(watcher::Event::Delete(obj)) => shared.edit(|o| (kind.delete)(o, &obj)),
             // The watcher relists by itself (410 Gone included); the backoff spaces retries.
             Err(error) => {
-                tracing::warn!(kind = kind.name, %error, "watch failed; retrying with backoff (the last known state stays in force)")
+                tracing::warn!(kind = kind.name, %error, "watch failed; retrying with backoff (the last known state stays in force)");
+                if let Some(without) = kind.optional {
+                    if !shared.is_synced(kind.slot) {
+                        tracing::warn!(kind = kind.name, "cannot list {}s yet: going on without them ({without}); retrying", kind.name);
+                        shared.mark_synced(kind.slot);
+                    }
+                }
             }
         }
     }
 }
 
-/// Watches Namespaces, Services, EndpointSlices and the Pods scheduled on `node_name`, and
-/// publishes the objects once all four have been listed, then after every change. Runs until
+/// Watches Namespaces, Services, EndpointSlices, the Pods scheduled on `node_name` and its
+/// Node, and publishes the objects once all five have been listed, then after every change. Runs until
 /// `out` has no receivers.
 pub async fn watch_cluster(
     client: Client,
@@ -192,7 +217,7 @@ pub async fn watch_cluster(
     }
     let shared = Arc::new(Shared {
         objects: Mutex::new(Objects::default()),
-        synced: Mutex::new([false; 4]),
+        synced: Mutex::new([false; SLOTS]),
         changed: Notify::new(),
     });
     let all = watcher::Config::default();
@@ -212,6 +237,7 @@ pub async fn watch_cluster(
                 o.namespaces
                     .remove(ns.metadata.name.as_deref().unwrap_or_default());
             },
+            optional: None,
         },
         shared.clone(),
     ));
@@ -228,6 +254,7 @@ pub async fn watch_cluster(
             delete: |o, s| {
                 o.services.remove(&object_ref(&s.metadata));
             },
+            optional: None,
         },
         shared.clone(),
     ));
@@ -244,6 +271,7 @@ pub async fn watch_cluster(
             delete: |o, s| {
                 o.slices.remove(&object_ref(&s.metadata));
             },
+            optional: None,
         },
         shared.clone(),
     ));
@@ -251,7 +279,7 @@ pub async fn watch_cluster(
     // server a full pod stream per node.
     tasks.spawn(watch_kind(
         Api::<Pod>::all(client.clone()),
-        all.fields(&format!("spec.nodeName={node_name}")),
+        all.clone().fields(&format!("spec.nodeName={node_name}")),
         Kind {
             slot: 3,
             name: "Pod",
@@ -262,6 +290,25 @@ pub async fn watch_cluster(
             delete: |o, p| {
                 o.pods.remove(&object_ref(&p.metadata));
             },
+            optional: None,
+        },
+        shared.clone(),
+    ));
+    tasks.spawn(watch_kind(
+        Api::<Node>::all(client.clone()),
+        all.fields(&format!("metadata.name={node_name}")),
+        Kind {
+            slot: 4,
+            name: "Node",
+            reset: |o| o.nodes.clear(),
+            apply: |o, n: Node| {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                o.nodes.insert(name, n);
+            },
+            delete: |o, n| {
+                o.nodes.remove(n.metadata.name.as_deref().unwrap_or_default());
+            },
+            optional: Some("topology hints are ignored until this node's zone is known"),
         },
         shared.clone(),
     ));
@@ -295,6 +342,7 @@ pub async fn watch_cluster(
                 services = snapshot.services.len(),
                 slices = snapshot.slices.len(),
                 pods = snapshot.pods.len(),
+                node_zone = super::topology::node_zone(&snapshot, Some(&node_name)).unwrap_or("(none)"),
                 "Kubernetes objects listed"
             );
         }

@@ -84,6 +84,9 @@ pub struct ServicePort {
     pub action: PortAction,
     pub exclude_reason: Option<ExcludeReason>,
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints the Service lists that this node does not use, and why
+    /// (internalTrafficPolicy Local, topology).
+    pub skipped_endpoints: Vec<SkippedEndpoint>,
     /// sessionAffinity ClientIP: streams from one pod stick to one endpoint for this long
     /// after the last one.
     pub affinity_timeout_s: Option<u32>,
@@ -116,6 +119,19 @@ pub struct Endpoint {
     pub terminating: bool,
     /// The node it runs on, when the EndpointSlice says.
     pub node_name: Option<String>,
+    /// The zone it runs in, when the EndpointSlice says.
+    pub zone: Option<String>,
+    /// `hints.forZones`: the zones whose nodes should use this endpoint.
+    pub hint_zones: Vec<String>,
+    /// `hints.forNodes`: the nodes that should use this endpoint.
+    pub hint_nodes: Vec<String>,
+}
+
+/// An endpoint of a Service that this node leaves out, for `status` and `explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedEndpoint {
+    pub addr: SocketAddr,
+    pub reason: String,
 }
 
 impl Endpoint {

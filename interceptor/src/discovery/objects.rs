@@ -5,18 +5,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::model::{
     DesiredState, Endpoint, ExcludeReason, ObjectRef, PodTarget, PodUid, PortAction, QosClass,
-    ServicePort,
+    ServicePort, SkippedEndpoint,
 };
+use super::topology::{self, TrafficDistribution};
 use super::{ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION, SLOW_START_ANNOTATION};
 
 /// Label linking an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The objects a source currently knows, by name.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,8 @@ pub struct Objects {
     pub services: BTreeMap<ObjectRef, Service>,
     pub slices: BTreeMap<ObjectRef, EndpointSlice>,
     pub pods: BTreeMap<ObjectRef, Pod>,
+    /// This node's Node object (for its zone label), by name.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 /// Node-level settings that shape the desired state.
@@ -38,7 +41,7 @@ pub struct Policy {
 
 /// Logs a problem with an object once per process (desired states are recomputed on every
 /// change, and an operator needs the line once, not per change).
-fn warn_once(msg: String) {
+pub(super) fn warn_once(msg: String) {
     static SEEN: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
     let first = match SEEN.lock() {
         Ok(mut s) => s.insert(msg.clone()),
@@ -221,6 +224,11 @@ impl Objects {
                 None
             }
         };
+        // Parsed here for its warning and for `status`; the hints carry its effect.
+        let traffic_distribution = spec.traffic_distribution.as_deref().and_then(|v| {
+            TrafficDistribution::parse(Some(v), &name.to_string()).map(|_| v.to_string())
+        });
+        let zone = topology::node_zone(self, policy.node_name.as_deref());
         let skip: Vec<String> = annotation(&svc.metadata, SKIP_PORTS_ANNOTATION)
             .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
             .unwrap_or_default();
@@ -246,21 +254,56 @@ impl Objects {
             for ip in &ips {
                 let all = self.endpoints(name, port.name.as_deref(), ip.is_ipv4());
                 let mut semantics = Vec::new();
-                let endpoints = match local_node {
+                let (endpoints, skipped_endpoints) = match local_node {
                     Some(node) => {
-                        let local: Vec<Endpoint> = all
-                            .iter()
-                            .filter(|e| e.node_name.as_deref() == Some(node))
-                            .cloned()
-                            .collect();
+                        let (local, skipped) = split(all, |e| match e.node_name.as_deref() {
+                            Some(n) if n == node => Ok(()),
+                            Some(n) => Err(format!(
+                                "on node {n}, not this node (internalTrafficPolicy Local)"
+                            )),
+                            None => Err(
+                                "no nodeName in its EndpointSlice (internalTrafficPolicy Local)"
+                                    .to_string(),
+                            ),
+                        });
                         semantics.push(format!(
                             "internalTrafficPolicy Local: {} of {} endpoints are on this node",
                             local.len(),
-                            all.len()
+                            local.len() + skipped.len()
                         ));
-                        local
+                        if traffic_distribution.is_some() {
+                            semantics.push("trafficDistribution ignored under internalTrafficPolicy Local".to_string());
+                        }
+                        (local, skipped)
                     }
-                    None => all,
+                    None => {
+                        let total = all.len();
+                        match topology::mode(&all, policy.node_name.as_deref(), zone) {
+                            Ok(Some(mode)) => {
+                                let (kept, skipped) = split(all, |e| mode.admits(e));
+                                semantics.push(format!(
+                                    "topology {}: {} of {total} endpoints{}",
+                                    mode.describe(),
+                                    kept.len(),
+                                    traffic_distribution
+                                        .as_deref()
+                                        .map(|t| format!(" (trafficDistribution {t})"))
+                                        .unwrap_or_default()
+                                ));
+                                (kept, skipped)
+                            }
+                            Ok(None) => {
+                                if let Some(t) = &traffic_distribution {
+                                    semantics.push(format!("trafficDistribution {t}: no hints on the EndpointSlices (yet); every endpoint used"));
+                                }
+                                (all, Vec::new())
+                            }
+                            Err(why) => {
+                                semantics.push(format!("topology {why}"));
+                                (all, Vec::new())
+                            }
+                        }
+                    }
                 };
                 if let Some(ms) = slow_start_ms {
                     semantics.push(format!(
@@ -299,6 +342,7 @@ impl Objects {
                         },
                         exclude_reason: exclude_reason.clone(),
                         endpoints,
+                        skipped_endpoints,
                         affinity_timeout_s,
                         slow_start_ms,
                         semantics,
@@ -348,6 +392,7 @@ impl Objects {
                 let ready = cond.and_then(|c| c.ready).unwrap_or(true);
                 let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                let hints = ep.hints.as_ref();
                 for addr in &ep.addresses {
                     let Ok(ip) = addr.parse::<IpAddr>() else {
                         continue;
@@ -362,6 +407,25 @@ impl Objects {
                         serving,
                         terminating,
                         node_name: ep.node_name.clone(),
+                        zone: ep.zone.clone(),
+                        hint_zones: topology::hint_names(
+                            hints
+                                .and_then(|h| h.for_zones.as_ref())
+                                .into_iter()
+                                .flatten()
+                                .map(|z| z.name.as_str()),
+                            slice,
+                            "forZones",
+                        ),
+                        hint_nodes: topology::hint_names(
+                            hints
+                                .and_then(|h| h.for_nodes.as_ref())
+                                .into_iter()
+                                .flatten()
+                                .map(|n| n.name.as_str()),
+                            slice,
+                            "forNodes",
+                        ),
                     });
                 }
             }
@@ -369,6 +433,25 @@ impl Objects {
         out.sort_by_key(|e| e.addr);
         out
     }
+}
+
+/// Splits `all` into the endpoints `keep` admits and the others with its reason.
+fn split(
+    all: Vec<Endpoint>,
+    keep: impl Fn(&Endpoint) -> Result<(), String>,
+) -> (Vec<Endpoint>, Vec<SkippedEndpoint>) {
+    let mut kept = Vec::new();
+    let mut skipped = Vec::new();
+    for e in all {
+        match keep(&e) {
+            Ok(()) => kept.push(e),
+            Err(reason) => skipped.push(SkippedEndpoint {
+                addr: e.addr,
+                reason,
+            }),
+        }
+    }
+    (kept, skipped)
 }
 
 #[cfg(test)]
@@ -535,6 +618,95 @@ mod tests {
         // An unknown value is Cluster, with a warning (not an outage).
         set(&mut o, "Locall");
         assert_eq!(grpc(&o).endpoints.len(), 3);
+    }
+
+    #[test]
+    fn topology_hints_keep_this_zones_endpoints_and_say_why_others_are_skipped() {
+        let mut o = sample(true);
+        o.nodes.insert(
+            "node-a".into(),
+            parse(serde_json::json!({"metadata": {"name": "node-a",
+                "labels": {topology::ZONE_LABEL: "zone-a"}}})),
+        );
+        let slice = o
+            .slices
+            .get_mut(&ObjectRef::new("shop", "greet-abc"))
+            .expect("slice");
+        for (ep, (node, zone)) in slice
+            .endpoints
+            .iter_mut()
+            .zip([("node-a", "zone-a"), ("node-b", "zone-b"), ("node-c", "zone-a")])
+        {
+            ep.node_name = Some(node.into());
+            ep.zone = Some(zone.into());
+        }
+        let grpc = |o: &Objects| {
+            o.desired_state(&policy()).services
+                [&"10.96.0.10:50051".parse::<SocketAddr>().expect("addr")]
+                .clone()
+        };
+        let addrs = |p: &ServicePort| -> Vec<String> {
+            p.endpoints.iter().map(|e| e.addr.to_string()).collect()
+        };
+        // Zones on the endpoints but no hints (no trafficDistribution): every endpoint.
+        assert_eq!(grpc(&o).endpoints.len(), 3);
+        let set_td = |o: &mut Objects, v: &str| {
+            o.services
+                .get_mut(&ObjectRef::new("shop", "greet"))
+                .and_then(|s| s.spec.as_mut())
+                .expect("spec")
+                .traffic_distribution = Some(v.into());
+            topology::derive_hints(o);
+        };
+        set_td(&mut o, "PreferClose");
+        let p = grpc(&o);
+        // 10.0.0.3 is not ready: the controller gives it no hint, and it does not count.
+        assert_eq!(addrs(&p), ["10.0.0.2:8080", "10.0.0.4:8080"]);
+        assert_eq!(p.skipped_endpoints.len(), 1);
+        assert!(p.skipped_endpoints[0].reason.contains("no zone hint"), "{p:?}");
+        assert!(
+            p.semantics.iter().any(|s| s.contains("topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)")),
+            "{:?}",
+            p.semantics
+        );
+        set_td(&mut o, "PreferSameNode");
+        let p = grpc(&o);
+        assert_eq!(addrs(&p), ["10.0.0.2:8080"]);
+        assert!(p.skipped_endpoints.iter().any(|s| s.reason.contains("hinted for node node-c")));
+        // internalTrafficPolicy Local wins over topology.
+        o.services
+            .get_mut(&ObjectRef::new("shop", "greet"))
+            .and_then(|s| s.spec.as_mut())
+            .expect("spec")
+            .internal_traffic_policy = Some("Local".into());
+        let p = grpc(&o);
+        assert_eq!(addrs(&p), ["10.0.0.2:8080"]);
+        assert!(p.semantics.iter().any(|s| s.contains("trafficDistribution ignored")));
+        // Malformed hints (empty names) are dropped with a warning: no hints, every endpoint.
+        o.services
+            .get_mut(&ObjectRef::new("shop", "greet"))
+            .and_then(|s| s.spec.as_mut())
+            .expect("spec")
+            .internal_traffic_policy = None;
+        let slice = o
+            .slices
+            .get_mut(&ObjectRef::new("shop", "greet-abc"))
+            .expect("slice");
+        for ep in &mut slice.endpoints {
+            ep.hints = Some(parse(serde_json::json!({"forZones": [{"name": ""}]})));
+        }
+        assert_eq!(grpc(&o).endpoints.len(), 3);
+        // This node has no zone label: hints ignored, and status says so.
+        o.services
+            .get_mut(&ObjectRef::new("shop", "greet"))
+            .and_then(|s| s.spec.as_mut())
+            .expect("spec")
+            .traffic_distribution = Some("PreferClose".into());
+        topology::derive_hints(&mut o);
+        o.nodes.clear();
+        let p = grpc(&o);
+        assert_eq!(p.endpoints.len(), 3);
+        assert!(p.semantics.iter().any(|s| s.contains("no topology.kubernetes.io/zone label")), "{:?}", p.semantics);
     }
 
     #[test]
