@@ -64,18 +64,24 @@ pub fn mode(
     zone: Option<&str>,
 ) -> Result<Option<Mode>, String> {
     let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
-    if ready.is_empty() || ready.iter().all(|e| e.hint_nodes.is_empty() && e.hint_zones.is_empty()) {
+    if ready.is_empty()
+        || ready
+            .iter()
+            .all(|e| e.hint_nodes.is_empty() && e.hint_zones.is_empty())
+    {
         return Ok(None);
     }
     if let Some(node) = node {
-        if ready.iter().all(|e| !e.hint_nodes.is_empty()) {
-            if ready.iter().any(|e| e.hint_nodes.iter().any(|n| n == node)) {
-                return Ok(Some(Mode::SameNode(node.to_string())));
-            }
+        if ready.iter().all(|e| !e.hint_nodes.is_empty())
+            && ready.iter().any(|e| e.hint_nodes.iter().any(|n| n == node))
+        {
+            return Ok(Some(Mode::SameNode(node.to_string())));
         }
     }
     if ready.iter().any(|e| e.hint_zones.is_empty()) {
-        return Err("hints ignored: a ready endpoint has no zone hint; every endpoint used".to_string());
+        return Err(
+            "hints ignored: a ready endpoint has no zone hint; every endpoint used".to_string(),
+        );
     }
     let Some(zone) = zone else {
         return Err(format!(
@@ -187,9 +193,11 @@ pub fn derive_hints(objects: &mut Objects) {
             ep.hints = match (&ep.zone, ready) {
                 (Some(zone), true) => {
                     let for_nodes = match (td, &ep.node_name) {
-                        (TrafficDistribution::SameNode, Some(node)) => Some(vec![
-                            k8s_openapi::api::discovery::v1::ForNode { name: node.clone() },
-                        ]),
+                        (TrafficDistribution::SameNode, Some(node)) => {
+                            Some(vec![k8s_openapi::api::discovery::v1::ForNode {
+                                name: node.clone(),
+                            }])
+                        }
                         _ => None,
                     };
                     Some(k8s_openapi::api::discovery::v1::EndpointHints {
@@ -225,27 +233,45 @@ mod tests {
     #[test]
     fn zone_hints_pick_this_zone_and_fall_back_as_kube_proxy_does() {
         let eps = [ep(true, &["a"], &[]), ep(true, &["b"], &[])];
-        let m = mode(&eps, Some("n1"), Some("a")).expect("applies").expect("mode");
+        let m = mode(&eps, Some("n1"), Some("a"))
+            .expect("applies")
+            .expect("mode");
         assert_eq!(m, Mode::SameZone("a".into()));
         assert!(m.admits(&eps[0]).is_ok());
-        assert!(m.admits(&eps[1]).expect_err("other zone").contains("hinted for zone b"));
+        assert!(m
+            .admits(&eps[1])
+            .expect_err("other zone")
+            .contains("hinted for zone b"));
         // No endpoint for this zone, no zone label, or one ready endpoint without hints:
         // every endpoint.
-        assert!(mode(&eps, Some("n1"), Some("c")).expect_err("no match").contains("zone c"));
-        assert!(mode(&eps, Some("n1"), None).expect_err("no label").contains(ZONE_LABEL));
+        assert!(mode(&eps, Some("n1"), Some("c"))
+            .expect_err("no match")
+            .contains("zone c"));
+        assert!(mode(&eps, Some("n1"), None)
+            .expect_err("no label")
+            .contains(ZONE_LABEL));
         let partial = [ep(true, &["a"], &[]), ep(true, &[], &[])];
         assert!(mode(&partial, Some("n1"), Some("a")).is_err());
         // A not-ready endpoint without hints does not count.
         let with_unready = [ep(true, &["a"], &[]), ep(false, &[], &[])];
-        assert!(mode(&with_unready, Some("n1"), Some("a")).expect("ok").is_some());
+        assert!(mode(&with_unready, Some("n1"), Some("a"))
+            .expect("ok")
+            .is_some());
         // No hints at all, or nothing ready: no topology, nothing to say.
         assert_eq!(mode(&[ep(true, &[], &[])], Some("n1"), Some("a")), Ok(None));
-        assert_eq!(mode(&[ep(false, &["a"], &[])], Some("n1"), Some("a")), Ok(None));
+        assert_eq!(
+            mode(&[ep(false, &["a"], &[])], Some("n1"), Some("a")),
+            Ok(None)
+        );
     }
 
     #[test]
     fn node_hints_win_over_zone_hints_only_when_one_is_for_this_node() {
-        let eps = [ep(true, &["a"], &["n1"]), ep(true, &["a"], &["n2"]), ep(true, &["b"], &["n3"])];
+        let eps = [
+            ep(true, &["a"], &["n1"]),
+            ep(true, &["a"], &["n2"]),
+            ep(true, &["b"], &["n3"]),
+        ];
         assert_eq!(
             mode(&eps, Some("n1"), Some("a")),
             Ok(Some(Mode::SameNode("n1".into())))
@@ -265,8 +291,14 @@ mod tests {
 
     #[test]
     fn unknown_traffic_distribution_is_none() {
-        assert_eq!(TrafficDistribution::parse(Some("PreferClose"), "s/x"), Some(TrafficDistribution::SameZone));
-        assert_eq!(TrafficDistribution::parse(Some("PreferSameNode"), "s/x"), Some(TrafficDistribution::SameNode));
+        assert_eq!(
+            TrafficDistribution::parse(Some("PreferClose"), "s/x"),
+            Some(TrafficDistribution::SameZone)
+        );
+        assert_eq!(
+            TrafficDistribution::parse(Some("PreferSameNode"), "s/x"),
+            Some(TrafficDistribution::SameNode)
+        );
         assert_eq!(TrafficDistribution::parse(Some("PreferFar"), "s/x"), None);
         assert_eq!(TrafficDistribution::parse(None, "s/x"), None);
     }
