@@ -1019,10 +1019,12 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
         "status says why topology is off:\n{status}"
     );
 
-    // An unknown value: one warning naming the Service, every endpoint used.
+    // An unknown value and a malformed hint (no zone name): one warning naming each object,
+    // every endpoint used.
     for n in [120, 121, 122] {
         spec.placement.get_mut(&n).expect("placed").hints = None;
     }
+    spec.placement.get_mut(&121).expect("placed").hints = Some("{forZones: [{name: \"\"}]}");
     spec.service_fields = vec!["trafficDistribution: PreferFar".into()];
     c.write(&spec);
     std::thread::sleep(Duration::from_millis(600));
@@ -1035,6 +1037,12 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
         .filter(|l| l.contains("Service shop/greet: unknown trafficDistribution \"PreferFar\""))
         .count();
     assert_eq!(warned, 1, "one clear line naming the Service:\n{log}");
+    let malformed = log
+        .lines()
+        .filter(|l| l.contains("EndpointSlice shop/greet-abcde: an endpoint has a forZones hint with no name"))
+        .count();
+    assert_eq!(malformed, 1, "one clear line naming the EndpointSlice:\n{log}");
+    spec.placement.get_mut(&121).expect("placed").hints = None;
 
     // Removed: balanced over all three on the same channel.
     spec.service_fields.clear();
