@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::app::reconcile::SharedState;
+use crate::state::SharedState;
 use crate::proxy::metrics as pm;
 
 /// Kernel counters exported under this name, one series per reason.
@@ -58,12 +58,12 @@ pub fn install_metrics() -> Result<PrometheusHandle, AdminError> {
         "connect() calls seen by the eBPF hooks in intercepted pods, by verdict"
     );
     metrics::describe_gauge!(
-        crate::app::reconcile::POD_NOT_INTERCEPTED,
+        crate::state::POD_NOT_INTERCEPTED,
         metrics::Unit::Count,
         "1 while a pod in an enabled namespace is not intercepted (cgroup not found yet, attach failed; `interceptor status` says why), 0 once it is"
     );
     metrics::describe_gauge!(
-        crate::app::reconcile::PODS_NOT_INTERCEPTED,
+        crate::state::PODS_NOT_INTERCEPTED,
         metrics::Unit::Count,
         "Pods in enabled namespaces that are not intercepted"
     );

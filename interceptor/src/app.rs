@@ -5,6 +5,7 @@ pub mod agent;
 pub mod handoff;
 pub mod inspect;
 pub mod reconcile;
+pub mod standalone;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,11 +22,12 @@ use crate::discovery::cgroup::CgroupLayout;
 use crate::discovery::objects::{Objects, Policy};
 use crate::discovery::{file, kube};
 use crate::proxy::config::ProxyConfig;
-use crate::proxy::endpoints::EndpointSpec;
+use crate::proxy::EndpointSpec;
 
 pub use agent::Agent;
 pub use inspect::{explain, status, uninstall};
-use reconcile::{Reconciler, SharedState};
+use crate::state::SharedState;
+use reconcile::Reconciler;
 
 /// The agent: `interceptor run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -355,7 +357,7 @@ fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> a
 }
 
 /// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
-pub fn standalone_proxy(args: crate::proxy::standalone::ProxyArgs) -> anyhow::Result<()> {
+pub fn standalone_proxy(args: crate::cli::ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting standalone proxy");
-    runtime(args.worker_threads)?.block_on(crate::proxy::standalone::run(args))
+    runtime(args.worker_threads)?.block_on(standalone::run(args))
 }

@@ -3,15 +3,22 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::bpf::DEFAULT_PIN_ROOT;
+use crate::discovery::model::PodCgroup;
+use crate::proxy::config::{BalancerKind, ProxyConfig};
 
 /// Ports of protocols where the server speaks first (FTP, SSH, SMTP, POP3, IMAP, MySQL):
 /// a proxy that waits for the client's first bytes would stall them, so they are left alone.
 pub const DEFAULT_EXCLUDED_PORTS: &str = "21,22,25,110,143,587,3306";
+
+/// Where a running agent offers its pod-local listeners to its successor (a hostPath
+/// directory shared by the old and the new agent pod on the node).
+pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/interceptor/handoff.sock";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,7 +62,7 @@ pub enum Command {
     Uninstall(PinArgs),
     /// The HTTP/2 balancer alone, without eBPF or a cluster: listen on an address and spread
     /// each stream over the given endpoints.
-    Proxy(crate::proxy::standalone::ProxyArgs),
+    Proxy(ProxyArgs),
 }
 
 #[derive(Args, Debug, Clone, Serialize)]
@@ -161,16 +168,16 @@ pub struct RunArgs {
     /// Unix socket through which a new agent takes over this one's pod-local listeners (a
     /// hostPath directory shared by the DaemonSet's old and new pods), so upgrades never fall
     /// back to kube-proxy.
-    #[arg(long, env = "INTERCEPTOR_HANDOFF_SOCKET", default_value = crate::app::handoff::DEFAULT_HANDOFF_SOCKET)]
+    #[arg(long, env = "INTERCEPTOR_HANDOFF_SOCKET", default_value = DEFAULT_HANDOFF_SOCKET)]
     pub handoff_socket: PathBuf,
     /// After handing the listeners over to a new agent, how long this one keeps relaying the
     /// connections it still has: opaque TCP relays above all (HTTP/2 clients were sent GOAWAY
     /// and move over). The DaemonSet's terminationGracePeriodSeconds must cover it.
-    #[arg(long, env = "INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT", default_value = "10m", value_parser = crate::duration::parse)]
     #[serde(serialize_with = "serialize_duration")]
     pub handoff_drain_timeout: std::time::Duration,
     /// On SIGTERM, how long open connections may take to finish (e.g. `20s`, `500ms`).
-    #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "INTERCEPTOR_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::duration::parse)]
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: std::time::Duration,
     /// Proxy worker threads, each serving its share of the client connections on its own
@@ -183,7 +190,7 @@ pub struct RunArgs {
     /// Intercept a pod given as NAME=CGROUP_DIR (cgroup v2 directory of the pod). Repeatable.
     /// Its netns is taken from a process in that cgroup.
     #[arg(long = "pod", env = "INTERCEPTOR_PODS", value_delimiter = ';', value_parser = parse_pod)]
-    pub pods: Vec<StaticPod>,
+    pub pods: Vec<PodCgroup>,
     /// A Service ClusterIP:port whose connects are intercepted. Repeatable.
     #[arg(long = "service", env = "INTERCEPTOR_SERVICES", value_delimiter = ',')]
     pub services: Vec<SocketAddr>,
@@ -202,13 +209,7 @@ pub struct RunArgs {
     #[arg(long, env = "INTERCEPTOR_REPLACE_STALE_PINS")]
     pub replace_stale_pins: bool,
     #[command(flatten)]
-    pub limits: crate::proxy::standalone::LimitArgs,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StaticPod {
-    pub name: String,
-    pub cgroup: PathBuf,
+    pub limits: LimitArgs,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -222,23 +223,6 @@ fn serialize_duration<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}ms", d.as_millis()))
-}
-
-/// `20s`, `500ms`, `2m`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration like 20s or 500ms, got {s:?}"))?;
-    match unit {
-        "ms" => Ok(std::time::Duration::from_millis(n)),
-        "s" => Ok(std::time::Duration::from_secs(n)),
-        "m" => Ok(std::time::Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit in {s:?}: use ms, s or m")),
-    }
 }
 
 fn parse_endpoints(s: &str) -> Result<StaticEndpoints, String> {
@@ -255,17 +239,134 @@ fn parse_endpoints(s: &str) -> Result<StaticEndpoints, String> {
     Ok(StaticEndpoints { service, endpoints })
 }
 
-fn parse_pod(s: &str) -> Result<StaticPod, String> {
+fn parse_pod(s: &str) -> Result<PodCgroup, String> {
     let (name, cgroup) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=CGROUP_DIR, got {s:?}"))?;
     if name.is_empty() || cgroup.is_empty() {
         return Err(format!("expected NAME=CGROUP_DIR, got {s:?}"));
     }
-    Ok(StaticPod {
+    Ok(PodCgroup {
         name: name.to_string(),
         cgroup: PathBuf::from(cgroup),
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BalancerArg {
+    P2c,
+    RoundRobin,
+}
+
+/// Arguments of the standalone proxy.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Address to accept client connections on.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_LISTEN",
+        default_value = "127.0.0.1:15001"
+    )]
+    pub listen: SocketAddr,
+    /// Endpoints (ADDR[,ADDR...]).
+    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<SocketAddr>,
+    /// File with one endpoint ADDR per line ('#' starts a comment); re-read when it changes.
+    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS_FILE")]
+    pub endpoints_file: Option<PathBuf>,
+    /// How each stream's endpoint is chosen.
+    #[arg(long, env = "INTERCEPTOR_PROXY_BALANCER", value_enum, default_value_t = BalancerArg::P2c)]
+    pub balancer: BalancerArg,
+    /// Wait for a client's first bytes before relaying it as opaque TCP, in milliseconds.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_DETECT_TIMEOUT_MS",
+        default_value_t = 300
+    )]
+    pub detect_timeout_ms: u64,
+    /// Connect timeout per endpoint, in milliseconds.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_CONNECT_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub connect_timeout_ms: u64,
+    /// How often the endpoints file is checked for changes, in milliseconds.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_RELOAD_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub reload_interval_ms: u64,
+    /// On shutdown, how long in-flight streams may take to finish, in milliseconds.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_PROXY_DRAIN_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub drain_timeout_ms: u64,
+    /// Admin endpoint (/healthz, /readyz, /metrics, /config); off unless given.
+    #[arg(long, env = "INTERCEPTOR_PROXY_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Proxy worker threads, each serving its share of the client connections on its own
+    /// single-threaded runtime (default: one per CPU).
+    #[arg(long, env = "INTERCEPTOR_PROXY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits that keep one client or one endpoint from hurting the others; shared by
+/// `interceptor run` and `interceptor proxy`.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct LimitArgs {
+    /// End a stream on which nothing moved for this long, in milliseconds (0: never). Calls
+    /// with a grpc-timeout end at their deadline anyway; long-lived streams that may stay
+    /// silent longer (watches) need a larger value or 0.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STREAM_IDLE_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
+    pub stream_idle_timeout_ms: u64,
+    /// Largest request or response header list taken, in bytes; bigger requests get 431.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_MAX_HEADER_LIST_BYTES",
+        default_value_t = 65_536
+    )]
+    pub max_header_list_bytes: u32,
+    /// Client connections served at once; the excess is closed at accept. Default: half of
+    /// RLIMIT_NOFILE less 64.
+    #[arg(long, env = "INTERCEPTOR_MAX_CLIENT_CONNECTIONS")]
+    pub max_client_connections: Option<usize>,
+}
+
+impl LimitArgs {
+    /// `config` with these limits.
+    pub fn apply(&self, config: ProxyConfig) -> ProxyConfig {
+        ProxyConfig {
+            stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
+            max_header_list_bytes: self.max_header_list_bytes,
+            max_client_connections: self.max_client_connections,
+            ..config
+        }
+    }
+}
+
+impl ProxyArgs {
+    /// The proxy configuration these arguments select.
+    pub fn config(&self) -> ProxyConfig {
+        self.limits.apply(ProxyConfig {
+            balancer: match self.balancer {
+                BalancerArg::P2c => BalancerKind::P2c,
+                BalancerArg::RoundRobin => BalancerKind::RoundRobin,
+            },
+            detect_timeout: Duration::from_millis(self.detect_timeout_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            ..ProxyConfig::default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -296,20 +397,20 @@ mod tests {
     #[test]
     fn durations_parse() {
         assert_eq!(
-            parse_duration("20s"),
+            crate::duration::parse("20s"),
             Ok(std::time::Duration::from_secs(20))
         );
         assert_eq!(
-            parse_duration("500ms"),
+            crate::duration::parse("500ms"),
             Ok(std::time::Duration::from_millis(500))
         );
         assert_eq!(
-            parse_duration("2m"),
+            crate::duration::parse("2m"),
             Ok(std::time::Duration::from_secs(120))
         );
-        assert_eq!(parse_duration("7"), Ok(std::time::Duration::from_secs(7)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(crate::duration::parse("7"), Ok(std::time::Duration::from_secs(7)));
+        assert!(crate::duration::parse("soon").is_err());
+        assert!(crate::duration::parse("5h").is_err());
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use interceptor::proxy::standalone::{serve, BalancerArg, ProxyArgs};
+use interceptor::app::standalone::serve;
+use interceptor::cli::{BalancerArg, ProxyArgs};
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes};
 use interceptor::proxy::config::ProxyConfig;
 use interceptor::proxy::connector::TcpConnector;
-use interceptor::proxy::server::Proxy;
+use interceptor::proxy::Proxy;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use interceptor::app::Agent;
 use interceptor::bpf::{CgroupId, Datapath, DatapathConfig, ServiceAction};
-use interceptor::cli::StaticPod;
+use interceptor::discovery::model::PodCgroup;
 use interceptor_common::names;
 use interceptor_tests::*;
 
@@ -58,8 +58,8 @@ fn assert_no_hooks(pod: &Pod, when: &str) {
     );
 }
 
-fn static_pod(pod: &Pod) -> StaticPod {
-    StaticPod {
+fn static_pod(pod: &Pod) -> PodCgroup {
+    PodCgroup {
         name: format!("default/{}", pod.name),
         cgroup: pod.cgroup.path.clone(),
     }

@@ -532,7 +532,7 @@ fn the_daemonset_upgrades_new_agent_first_through_the_handoff_socket() {
     let host = vol.host_path.as_ref().expect("a hostPath, shared by both agents of a node");
     assert_eq!(Path::new(&host.path), dir);
     // The grace period covers the longer drain after a handover.
-    let drain = interceptor::cli::parse_duration(&env("INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT"))
+    let drain = interceptor::duration::parse(&env("INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT"))
         .expect("a duration");
     let grace = pod.termination_grace_period_seconds.expect("a grace period");
     assert!(grace as u64 > drain.as_secs(), "grace {grace} s < handoff drain {drain:?}");

@@ -12,17 +12,17 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::bpf::{CgroupId, Datapath, OrigDstTable, ServiceAction};
-use crate::cli::StaticPod;
+use crate::discovery::model::PodCgroup;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
-use crate::proxy::endpoints::EndpointSpec;
-use crate::proxy::endpoints::DestinationSettings;
+use crate::proxy::EndpointSpec;
+use crate::proxy::destination::DestinationSettings;
 use crate::proxy::limit::ConnectionLimit;
-use crate::proxy::passthrough;
+use crate::proxy::original_destination;
 use crate::proxy::pod_listener::{
     Accepted, ConnEnds, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
 };
-use crate::proxy::server::Proxy;
+use crate::proxy::Proxy;
 
 /// Adapts the kernel's original-destination maps to the proxy's resolver: an IPv4 connection
 /// names its Service by the redirect address it arrived on; an IPv6 one by its client socket.
@@ -147,11 +147,13 @@ impl Agent {
                         let Some(_slot) = limit.try_acquire() else {
                             return;
                         };
-                        return passthrough::relay(conn).await;
+                        return original_destination::relay(conn).await;
                     }
-                    let (pod, dest) = (conn.pod.name.clone(), conn.orig_dst);
-                    if let Err(e) = proxy.serve_connection(conn.stream, dest).await {
-                        tracing::debug!(pod = %pod, %dest, error = %e, "client connection ended with an error");
+                    let span = tracing::debug_span!("pod", pod = %conn.pod.name, peer = %conn.peer);
+                    let dest = conn.orig_dst;
+                    let served = proxy.serve_connection(conn.stream, dest);
+                    if let Err(e) = tracing::Instrument::instrument(served, span.clone()).await {
+                        span.in_scope(|| tracing::debug!(%dest, error = %e, "client connection ended with an error"));
                     }
                 })
             });
@@ -186,7 +188,7 @@ impl Agent {
     pub fn enable_pod(
         &mut self,
         datapath: &mut Datapath,
-        pod: &StaticPod,
+        pod: &PodCgroup,
     ) -> anyhow::Result<CgroupId> {
         let id = CgroupId::of(&pod.cgroup)
             .with_context(|| format!("pod {}: cgroup {}", pod.name, pod.cgroup.display()))?;

@@ -20,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Default path of the handoff socket (a hostPath directory shared by an agent's versions).
-pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/interceptor/handoff.sock";
+
 
 const TAKE: &[u8] = b"TAKE1";
 const END: &[u8] = b"END";

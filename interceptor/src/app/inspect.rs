@@ -5,88 +5,71 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use serde_json::Value;
-
 use crate::admin;
 use crate::bpf::{self, ServiceAction};
 use crate::cli::{ExplainArgs, PinArgs, StatusArgs};
+use crate::discovery::model::{ExcludeReason, PortAction, ServicePort};
+use crate::state::AgentState;
 
 /// The agent's `/state`, or why it could not be read.
-fn agent_state(addr: SocketAddr) -> Result<Value, String> {
+fn agent_state(addr: SocketAddr) -> Result<AgentState, String> {
     match admin::get(addr, "/state") {
-        Ok((200, body)) => {
-            serde_json::from_str(&body).map_err(|e| format!("unreadable /state: {e}"))
-        }
+        Ok((200, body)) => serde_json::from_str(&body)
+            .map_err(|e| format!("unreadable /state (an agent of another version?): {e}")),
         Ok((code, body)) => Err(format!("HTTP {code}: {}", body.trim())),
         Err(e) => Err(e.to_string()),
     }
 }
 
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-fn endpoint_summary(port: &Value) -> String {
-    let eps = port
-        .get("endpoints")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let ready = eps
-        .iter()
-        .filter(|e| e["ready"] == Value::Bool(true))
-        .count();
-    let terminating = eps
-        .iter()
-        .filter(|e| e["terminating"] == Value::Bool(true))
-        .count();
+fn endpoint_summary(port: &ServicePort) -> String {
+    let ready = port.endpoints.iter().filter(|e| e.ready).count();
+    let terminating = port.endpoints.iter().filter(|e| e.terminating).count();
     format!(
         "{} endpoints ({ready} ready, {terminating} terminating)",
-        eps.len()
+        port.endpoints.len()
     )
 }
 
 /// One line per endpoint the Service lists but this node leaves out, with the reason.
-fn skipped_endpoint_lines(port: &Value) -> Vec<String> {
-    port.get("skipped_endpoints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|e| format!("endpoint {} not used: {}", str_of(e, "addr"), str_of(e, "reason")))
+fn skipped_endpoint_lines(port: &ServicePort) -> Vec<String> {
+    port.skipped_endpoints
+        .iter()
+        .map(|e| format!("endpoint {} not used: {}", e.addr, e.reason))
         .collect()
 }
 
-fn service_label(port: &Value) -> String {
-    let svc = &port["service"];
-    let name = format!("{}/{}", str_of(svc, "namespace"), str_of(svc, "name"));
-    match port.get("port_name").and_then(Value::as_str) {
-        Some(p) => format!("{name}:{p}"),
-        None => name,
+fn service_label(port: &ServicePort) -> String {
+    match &port.port_name {
+        Some(p) => format!("{}:{p}", port.service),
+        None => port.service.to_string(),
     }
 }
 
-fn action_text(port: &Value) -> String {
-    match str_of(port, "action") {
-        "Intercept" => {
-            let semantics: Vec<&str> = port
-                .get("semantics")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
-            if semantics.is_empty() {
+fn action_text(port: &ServicePort) -> String {
+    match port.action {
+        PortAction::Intercept => {
+            if port.semantics.is_empty() {
                 format!("intercepted, {}", endpoint_summary(port))
             } else {
-                format!("intercepted, {}; {}", endpoint_summary(port), semantics.join("; "))
+                format!(
+                    "intercepted, {}; {}",
+                    endpoint_summary(port),
+                    port.semantics.join("; ")
+                )
             }
         }
-        _ => {
-            let why = match str_of(port, "exclude_reason") {
-                "ServiceAnnotation" => "Service annotation interceptor.io/intercept=false",
-                "SkipPortsAnnotation" => "Service annotation interceptor.io/skip-ports",
-                "ExcludedPort" => "port in --exclude-ports (server-first protocol)",
-                _ => "excluded",
+        PortAction::Exclude => {
+            let why = match port.exclude_reason {
+                Some(ExcludeReason::ServiceAnnotation) => {
+                    "Service annotation interceptor.io/intercept=false"
+                }
+                Some(ExcludeReason::SkipPortsAnnotation) => {
+                    "Service annotation interceptor.io/skip-ports"
+                }
+                Some(ExcludeReason::ExcludedPort) => {
+                    "port in --exclude-ports (server-first protocol)"
+                }
+                None => "excluded",
             };
             format!("not intercepted: {why}")
         }
@@ -100,44 +83,38 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             println!(
                 "agent: running (admin {}), {} , state generation {}",
                 args.admin_addr,
-                if state["ready"] == Value::Bool(true) {
-                    "ready"
-                } else {
-                    "not ready"
-                },
-                state["generation"]
+                if state.ready { "ready" } else { "not ready" },
+                state.generation
             );
-            let pods = state["pods"].as_object().cloned().unwrap_or_default();
-            println!("pods to intercept on this node ({}):", pods.len());
-            for (uid, p) in &pods {
-                if p["intercepted"] == Value::Bool(true) {
+            println!("pods to intercept on this node ({}):", state.pods.len());
+            for (uid, p) in &state.pods {
+                if p.intercepted {
                     println!(
                         "  {:<40} intercepted  cgroup id {}  uid {uid}",
-                        str_of(p, "pod"),
-                        p["cgroup_id"]
+                        p.pod,
+                        p.cgroup_id.unwrap_or(0)
                     );
                 } else {
-                    println!("  {:<40} PENDING  {}", str_of(p, "pod"), str_of(p, "error"));
+                    println!(
+                        "  {:<40} PENDING  {}",
+                        p.pod,
+                        p.error.as_deref().unwrap_or("")
+                    );
                 }
             }
-            let skipped = state["desired"]["skipped_pods"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
+            let skipped = &state.desired.skipped_pods;
             if !skipped.is_empty() {
                 println!("pods on this node left alone ({}):", skipped.len());
-                for (pod, why) in &skipped {
-                    println!("  {pod:<40} {}", why.as_str().unwrap_or(""));
+                for (pod, why) in skipped {
+                    println!("  {pod:<40} {why}");
                 }
             }
-            let services = state["desired"]["services"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
+            let services = &state.desired.services;
             println!("service ports ({}):", services.len());
-            for (addr, port) in &services {
+            for (addr, port) in services {
                 println!(
-                    "  {addr:<24} {:<32} {}",
+                    "  {:<24} {:<32} {}",
+                    addr.to_string(),
                     service_label(port),
                     action_text(port)
                 );
@@ -222,14 +199,10 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         )),
     }
     if let Ok(state) = &state {
-        let pod = state["pods"].as_object().and_then(|pods| {
-            pods.values()
-                .find(|p| str_of(p, "pod") == args.pod)
-                .cloned()
-        });
+        let pod = state.pods.values().find(|p| p.pod == args.pod);
         match pod {
-            Some(p) if p["intercepted"] == Value::Bool(true) => {
-                let id = p["cgroup_id"].as_u64().unwrap_or(0);
+            Some(p) if p.intercepted => {
+                let id = p.cgroup_id.unwrap_or(0);
                 println!("  [ok]  pod {} is intercepted (cgroup id {id})", args.pod);
                 if !hooked.contains(&id) {
                     fail(format!("no hook pinned for cgroup id {id} under {}: run `bpftool cgroup tree` and check the agent log", pin_root.display()));
@@ -237,19 +210,23 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
                     println!("  [ok]  hooks pinned for cgroup id {id}");
                 }
             }
-            Some(p) => fail(format!("pod {} should be intercepted but is not yet: {}", args.pod, str_of(&p, "error"))),
-            None => match state["desired"]["skipped_pods"].get(&args.pod) {
-                Some(why) => fail(format!("pod {} is left alone: {}", args.pod, why.as_str().unwrap_or(""))),
+            Some(p) => fail(format!(
+                "pod {} should be intercepted but is not yet: {}",
+                args.pod,
+                p.error.as_deref().unwrap_or("")
+            )),
+            None => match state.desired.skipped_pods.get(&args.pod) {
+                Some(why) => fail(format!("pod {} is left alone: {why}", args.pod)),
                 None => fail(format!(
                     "pod {} is not known on this node (not scheduled here, or not yet seen): run explain on the agent of the pod's node",
                     args.pod
                 )),
             },
         }
-        match state["desired"]["services"].get(target.to_string()) {
+        match state.desired.services.get(&target) {
             Some(port) => {
                 let text = action_text(port);
-                if str_of(port, "action") == "Intercept" {
+                if port.action == PortAction::Intercept {
                     println!("  [ok]  {target} is {} of {}", text, service_label(port));
                     for line in skipped_endpoint_lines(port) {
                         println!("  [--]  {line}");

@@ -6,47 +6,21 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 
 use super::agent::Agent;
 use crate::bpf::{CgroupId, Datapath, ServiceAction};
-use crate::cli::StaticPod;
 use crate::discovery::cgroup::CgroupLayout;
-use crate::discovery::model::{DesiredState, ObjectRef, PodUid, PortAction};
+use crate::discovery::model::{DesiredState, ObjectRef, PodCgroup, PodUid, PortAction};
+use crate::state::{
+    AgentState, PodStatus, SharedState, PODS_NOT_INTERCEPTED, POD_NOT_INTERCEPTED,
+};
 use crate::proxy::detect::ProtocolHint;
-use crate::proxy::endpoints::{DestinationSettings, EndpointSpec};
+use crate::proxy::destination::DestinationSettings;
+use crate::proxy::EndpointSpec;
 
-/// 1 for each pod that should be intercepted and is not (yet), by namespace and pod.
-pub const POD_NOT_INTERCEPTED: &str = "interceptor_pod_not_intercepted";
-/// How many such pods there are.
-pub const PODS_NOT_INTERCEPTED: &str = "interceptor_pods_not_intercepted";
 
-/// A pod's interception as the agent sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PodStatus {
-    pub pod: String,
-    pub intercepted: bool,
-    pub cgroup: Option<PathBuf>,
-    pub cgroup_id: Option<u64>,
-    /// Why it is not intercepted yet (retried every second).
-    pub error: Option<String>,
-}
-
-/// What the admin endpoint serves as `/state`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StateView {
-    /// True once a complete desired state has been applied.
-    pub ready: bool,
-    pub generation: u64,
-    pub applied_at_unix_ms: u64,
-    pub desired: DesiredState,
-    pub pods: BTreeMap<PodUid, PodStatus>,
-}
-
-pub type SharedState = Arc<RwLock<StateView>>;
 
 struct Enabled {
     id: CgroupId,
@@ -232,7 +206,7 @@ impl Reconciler {
                 .and_then(|cgroup| {
                     let id = agent.enable_pod(
                         datapath,
-                        &StaticPod {
+                        &PodCgroup {
                             name: target.pod.to_string(),
                             cgroup: cgroup.clone(),
                         },
@@ -295,7 +269,7 @@ impl Reconciler {
                 )
             })
             .collect();
-        let view = StateView {
+        let view = AgentState {
             ready: true,
             generation: self.generation,
             applied_at_unix_ms: SystemTime::now()

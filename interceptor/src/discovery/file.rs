@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::objects::{object_ref, Objects};
+use super::object_ref;
+use super::objects::Objects;
 
 /// How often the manifests are checked for changes: well inside the 1 s the issue allows
 /// for a change to take effect, and a `stat` per tick costs nothing.
@@ -80,7 +81,7 @@ pub fn load(path: &Path) -> Result<Objects, FileError> {
         parse_into(&text, &file, &mut objects)?;
     }
     // No EndpointSlice controller writes hints here: write the ones it would.
-    super::topology::derive_hints(&mut objects);
+    objects.derive_hints();
     Ok(objects)
 }
 
@@ -291,7 +292,7 @@ items:
         assert!(o.namespace_enabled("shop"));
         assert_eq!(o.services.len(), 1);
         assert_eq!(o.slices.len(), 1);
-        assert_eq!(super::super::topology::node_zone(&o, Some("node-a")), Some("zone-a"));
+        assert_eq!(o.node_zone(Some("node-a")), Some("zone-a"));
         let state = o.desired_state(&Default::default());
         let port = &state.services[&"10.96.0.10:50051".parse().expect("addr")];
         assert_eq!(port.endpoints.len(), 1);

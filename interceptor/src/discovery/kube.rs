@@ -54,7 +54,8 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
-use super::objects::{object_ref, Objects};
+use super::object_ref;
+use super::objects::Objects;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -342,7 +343,7 @@ pub async fn watch_cluster(
                 services = snapshot.services.len(),
                 slices = snapshot.slices.len(),
                 pods = snapshot.pods.len(),
-                node_zone = super::topology::node_zone(&snapshot, Some(&node_name)).unwrap_or("(none)"),
+                node_zone = snapshot.node_zone(Some(&node_name)).unwrap_or("(none)"),
                 "Kubernetes objects listed"
             );
         }

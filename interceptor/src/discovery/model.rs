@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::proxy::endpoints::{EndpointSpec, EndpointState};
+use crate::proxy::{EndpointSpec, EndpointState};
 
 /// `namespace/name` of a Kubernetes object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -32,7 +32,7 @@ impl fmt::Display for ObjectRef {
 }
 
 /// A pod's UID, which names its cgroup on the node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PodUid(pub String);
 
 impl fmt::Display for PodUid {
@@ -41,8 +41,16 @@ impl fmt::Display for PodUid {
     }
 }
 
+/// A pod to intercept, by its cgroup directory (its netns is found from a process in it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCgroup {
+    /// `namespace/name`, for logs and status.
+    pub name: String,
+    pub cgroup: std::path::PathBuf,
+}
+
 /// Kubernetes QoS class: the kubelet puts the pod's cgroup under a class-specific parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum QosClass {
     Guaranteed,
     Burstable,
@@ -50,7 +58,7 @@ pub enum QosClass {
 }
 
 /// A pod on this node that should be intercepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodTarget {
     pub pod: ObjectRef,
     pub uid: PodUid,
@@ -59,7 +67,7 @@ pub struct PodTarget {
 }
 
 /// What the kernel does with connects to one ClusterIP:port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PortAction {
     Intercept,
     /// Opted out (annotation or excluded port): left to kube-proxy, counted as excluded.
@@ -67,7 +75,7 @@ pub enum PortAction {
 }
 
 /// Why a Service port is not intercepted (for `explain` and logs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExcludeReason {
     ServiceAnnotation,
     SkipPortsAnnotation,
@@ -75,7 +83,7 @@ pub enum ExcludeReason {
 }
 
 /// One TCP port of a Service, on one of its ClusterIPs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePort {
     pub service: ObjectRef,
     pub port_name: Option<String>,
@@ -111,7 +119,7 @@ impl ServicePort {
 }
 
 /// An endpoint as EndpointSlices give it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub ready: bool,
@@ -128,7 +136,7 @@ pub struct Endpoint {
 }
 
 /// An endpoint of a Service that this node leaves out, for `status` and `explain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedEndpoint {
     pub addr: SocketAddr,
     pub reason: String,
@@ -152,7 +160,7 @@ impl Endpoint {
 }
 
 /// Everything this node should do, keyed for cheap diffs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     /// Intercepted pods on this node, by UID.
     pub pods: BTreeMap<PodUid, PodTarget>,

@@ -14,7 +14,10 @@ use super::model::{
     ServicePort, SkippedEndpoint,
 };
 use super::topology::{self, TrafficDistribution};
-use super::{ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION, SLOW_START_ANNOTATION};
+use super::{
+    object_ref, warn_once, ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION,
+    SLOW_START_ANNOTATION,
+};
 
 /// Label linking an EndpointSlice to its Service.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -37,28 +40,6 @@ pub struct Policy {
     pub node_name: Option<String>,
     /// Service ports never intercepted (server-first protocols).
     pub exclude_ports: Vec<u16>,
-}
-
-/// Logs a problem with an object once per process (desired states are recomputed on every
-/// change, and an operator needs the line once, not per change).
-pub(super) fn warn_once(msg: String) {
-    static SEEN: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
-    let first = match SEEN.lock() {
-        Ok(mut s) => s.insert(msg.clone()),
-        Err(_) => true,
-    };
-    if first {
-        tracing::warn!("{msg}");
-    }
-}
-
-pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
-    ObjectRef::new(
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_string()),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
@@ -194,7 +175,7 @@ impl Objects {
             }
         };
         let slow_start_ms = annotation(&svc.metadata, SLOW_START_ANNOTATION).and_then(|v| {
-            match crate::cli::parse_duration(v) {
+            match crate::duration::parse(v) {
                 Ok(d) if !d.is_zero() && d <= std::time::Duration::from_secs(3600) => {
                     Some(d.as_millis() as u64)
                 }
@@ -228,7 +209,7 @@ impl Objects {
         let traffic_distribution = spec.traffic_distribution.as_deref().and_then(|v| {
             TrafficDistribution::parse(Some(v), &name.to_string()).map(|_| v.to_string())
         });
-        let zone = topology::node_zone(self, policy.node_name.as_deref());
+        let zone = self.node_zone(policy.node_name.as_deref());
         let skip: Vec<String> = annotation(&svc.metadata, SKIP_PORTS_ANNOTATION)
             .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
             .unwrap_or_default();
@@ -408,7 +389,7 @@ impl Objects {
                         terminating,
                         node_name: ep.node_name.clone(),
                         zone: ep.zone.clone(),
-                        hint_zones: topology::hint_names(
+                        hint_zones: hint_names(
                             hints
                                 .and_then(|h| h.for_zones.as_ref())
                                 .into_iter()
@@ -417,7 +398,7 @@ impl Objects {
                             slice,
                             "forZones",
                         ),
-                        hint_nodes: topology::hint_names(
+                        hint_nodes: hint_names(
                             hints
                                 .and_then(|h| h.for_nodes.as_ref())
                                 .into_iter()
@@ -434,6 +415,81 @@ impl Objects {
         out
     }
 }
+
+impl Objects {
+    /// This node's zone: the zone label of its Node object.
+    pub fn node_zone(&self, node: Option<&str>) -> Option<&str> {
+        self.nodes
+            .get(node?)?
+            .metadata
+            .labels
+            .as_ref()?
+            .get(topology::ZONE_LABEL)
+            .map(String::as_str)
+            .filter(|z| !z.is_empty())
+    }
+
+    /// Writes the hints the EndpointSlice controller would for every Service with a
+    /// trafficDistribution (the file source has no controller).
+    pub fn derive_hints(&mut self) {
+        let wanted: BTreeMap<ObjectRef, TrafficDistribution> = self
+            .services
+            .iter()
+            .filter_map(|(name, svc)| {
+                let value = svc.spec.as_ref()?.traffic_distribution.as_deref();
+                Some((name.clone(), TrafficDistribution::parse(value, &name.to_string())?))
+            })
+            .collect();
+        for slice in self.slices.values_mut() {
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            else {
+                continue;
+            };
+            let name = ObjectRef::new(
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                service.clone(),
+            );
+            let Some(td) = wanted.get(&name).copied() else {
+                continue;
+            };
+            for ep in &mut slice.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                ep.hints = topology::controller_hints(
+                    td,
+                    ready,
+                    ep.zone.as_deref(),
+                    ep.node_name.as_deref(),
+                );
+            }
+        }
+    }
+}
+
+/// The hint names of one endpoint's `hints`: entries with an empty name are malformed (the
+/// API server would have refused them); they are dropped with one line naming the slice.
+fn hint_names<'a>(
+    names: impl Iterator<Item = &'a str>,
+    slice: &EndpointSlice,
+    what: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in names {
+        if name.trim().is_empty() {
+            warn_once(format!(
+                "EndpointSlice {}: an endpoint has a {what} hint with no name; ignoring that hint",
+                object_ref(&slice.metadata)
+            ));
+        } else {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
 
 /// Splits `all` into the endpoints `keep` admits and the others with its reason.
 fn split(
@@ -656,7 +712,7 @@ mod tests {
                 .and_then(|s| s.spec.as_mut())
                 .expect("spec")
                 .traffic_distribution = Some(v.into());
-            topology::derive_hints(o);
+            o.derive_hints();
         };
         set_td(&mut o, "PreferClose");
         let p = grpc(&o);
@@ -702,7 +758,7 @@ mod tests {
             .and_then(|s| s.spec.as_mut())
             .expect("spec")
             .traffic_distribution = Some("PreferClose".into());
-        topology::derive_hints(&mut o);
+        o.derive_hints();
         o.nodes.clear();
         let p = grpc(&o);
         assert_eq!(p.endpoints.len(), 3);

@@ -4,8 +4,8 @@
 //! kube-proxy reads only the EndpointSlices' hints; `spec.trafficDistribution` matters
 //! through the EndpointSlice controller, which writes those hints. So:
 //! - the kube source trusts the hints the controller wrote (no hints yet: every endpoint);
-//! - the file source has no controller: [`derive_hints`] writes the hints the controller
-//!   would, from each endpoint's `zone` and `nodeName`, for Services that ask.
+//! - the file source has no controller: it writes the hints the controller would
+//!   ([`controller_hints`]), from each endpoint's `zone` and `nodeName`, for Services that ask.
 //!
 //! The rules, over the Service's ready endpoints: when every one has node hints and one is
 //! for this node, only endpoints hinted for this node; otherwise when every one has zone hints
@@ -13,12 +13,10 @@
 //! hint anywhere, no endpoint for this node or zone, no zone label on the Node) every
 //! endpoint. internalTrafficPolicy Local overrides topology (kube-proxy ignores hints then).
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
 
 use super::model::Endpoint;
-use super::objects::{object_ref, warn_once, Objects};
+use super::warn_once;
 
 /// The well-known Node label naming its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -127,90 +125,29 @@ impl Mode {
     }
 }
 
-/// This node's zone: the zone label of its Node object.
-pub fn node_zone<'a>(objects: &'a Objects, node: Option<&str>) -> Option<&'a str> {
-    objects
-        .nodes
-        .get(node?)?
-        .metadata
-        .labels
-        .as_ref()?
-        .get(ZONE_LABEL)
-        .map(String::as_str)
-        .filter(|z| !z.is_empty())
-}
-
-/// The hint names of one endpoint's `hints`: entries with an empty name are malformed (the
-/// API server would have refused them); they are dropped with one line naming the slice.
-pub fn hint_names<'a>(
-    names: impl Iterator<Item = &'a str>,
-    slice: &EndpointSlice,
-    what: &str,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for name in names {
-        if name.trim().is_empty() {
-            warn_once(format!(
-                "EndpointSlice {}: an endpoint has a {what} hint with no name; ignoring that hint",
-                object_ref(&slice.metadata)
-            ));
-        } else {
-            out.push(name.to_string());
-        }
-    }
-    out
-}
-
-/// Writes the hints the EndpointSlice controller would for every Service with a
-/// trafficDistribution (the file source has no controller). A ready endpoint with a zone is
-/// hinted for that zone (and for its node under PreferSameNode); endpoints without a zone, or
-/// not ready, get no hints, which turns topology off for the Service, as in a cluster.
-pub fn derive_hints(objects: &mut Objects) {
-    let wanted: BTreeMap<(String, String), TrafficDistribution> = objects
-        .services
-        .iter()
-        .filter_map(|(name, svc)| {
-            let value = svc.spec.as_ref()?.traffic_distribution.as_deref();
-            let td = TrafficDistribution::parse(value, &name.to_string())?;
-            Some(((name.namespace.clone(), name.name.clone()), td))
-        })
-        .collect();
-    for slice in objects.slices.values_mut() {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(super::objects::SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-        let Some(td) = wanted.get(&(namespace, service.clone())).copied() else {
-            continue;
-        };
-        for ep in &mut slice.endpoints {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            ep.hints = match (&ep.zone, ready) {
-                (Some(zone), true) => {
-                    let for_nodes = match (td, &ep.node_name) {
-                        (TrafficDistribution::SameNode, Some(node)) => {
-                            Some(vec![k8s_openapi::api::discovery::v1::ForNode {
-                                name: node.clone(),
-                            }])
-                        }
-                        _ => None,
-                    };
-                    Some(k8s_openapi::api::discovery::v1::EndpointHints {
-                        for_zones: Some(vec![k8s_openapi::api::discovery::v1::ForZone {
-                            name: zone.clone(),
-                        }]),
-                        for_nodes,
-                    })
-                }
-                _ => None,
-            };
-        }
-    }
+/// The hints the EndpointSlice controller writes for an endpoint of a Service with
+/// `td`: a ready endpoint with a zone is hinted for that zone (and for its node under
+/// PreferSameNode); one without a zone, or not ready, gets none, which turns topology off for
+/// the Service, as in a cluster.
+pub fn controller_hints(
+    td: TrafficDistribution,
+    ready: bool,
+    zone: Option<&str>,
+    node: Option<&str>,
+) -> Option<EndpointHints> {
+    let zone = zone.filter(|_| ready)?;
+    let for_nodes = match (td, node) {
+        (TrafficDistribution::SameNode, Some(node)) => Some(vec![ForNode {
+            name: node.to_string(),
+        }]),
+        _ => None,
+    };
+    Some(EndpointHints {
+        for_zones: Some(vec![ForZone {
+            name: zone.to_string(),
+        }]),
+        for_nodes,
+    })
 }
 
 #[cfg(test)]

@@ -143,6 +143,82 @@ const CANCELLED: usize = STATUSES.len();
 const RESET: usize = STATUSES.len() + 1;
 const STATUS_SLOTS: usize = STATUSES.len() + 2;
 
+/// An enum whose variants are the values of one metric label.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            pub(crate) fn label(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $label),+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Why a stream went to another endpoint: the one tried did not process it.
+    ReplayReason {
+        /// GOAWAY(NO_ERROR) before the stream was taken.
+        Goaway => "goaway",
+        RefusedStream => "refused_stream",
+        /// The pooled connection would not open a new stream (it is closing).
+        ConnectionClosing => "connection_closing",
+    }
+}
+
+label_enum! {
+    /// Which timer ended a stream or connection.
+    TimeoutKind {
+        /// The call's grpc-timeout.
+        Deadline => "deadline",
+        /// The call's deadline passed while its upstream connection was being opened.
+        DeadlineConnecting => "deadline_connecting",
+        /// Nothing moved on a stream for the stream idle timeout.
+        StreamIdle => "stream_idle",
+        ClientIdle => "client_idle",
+        OpaqueIdle => "opaque_idle",
+    }
+}
+
+label_enum! {
+    /// Why the proxy itself answered UNAVAILABLE.
+    UnavailableReason {
+        NoEndpoint => "no_endpoint",
+        /// This process or node is out of file descriptors, memory or ports.
+        LocalResources => "local_resources",
+        AttemptsExhausted => "attempts_exhausted",
+        ConnectionFailed => "connection_failed",
+    }
+}
+
+label_enum! {
+    /// How an opaque relay ended.
+    OpaqueOutcome {
+        NoEndpoint => "no_endpoint",
+        LocalResources => "local_resources",
+        ConnectFailed => "connect_failed",
+        UpstreamError => "upstream_error",
+        IdleTimeout => "idle_timeout",
+        Closed => "closed",
+        Reset => "reset",
+    }
+}
+
+label_enum! {
+    /// Why a client connection was closed for abuse.
+    AbuseReason {
+        RapidReset => "rapid_reset",
+    }
+}
+
+
 /// How a stream ended, as its metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Status(usize);
@@ -243,9 +319,9 @@ impl ServiceMetrics {
         (self.opaque_sent.clone(), self.opaque_received.clone())
     }
 
-    pub(crate) fn opaque(&self, outcome: &'static str) {
+    pub(crate) fn opaque(&self, outcome: OpaqueOutcome) {
         let l = &self.labels;
-        counter!(OPAQUE_CONNECTIONS, "namespace" => l.namespace.clone(), "service" => l.service.clone(), "port" => l.port.clone(), "outcome" => outcome).increment(1);
+        counter!(OPAQUE_CONNECTIONS, "namespace" => l.namespace.clone(), "service" => l.service.clone(), "port" => l.port.clone(), "outcome" => outcome.label()).increment(1);
     }
 
     fn record(&self, elapsed: Duration) {
@@ -336,8 +412,8 @@ pub(crate) fn connect_failure(endpoint: &Arc<str>) {
     counter!(UPSTREAM_CONNECT_FAILURES, "endpoint" => endpoint.clone()).increment(1);
 }
 
-pub(crate) fn replay(reason: &'static str) {
-    counter!(REPLAYS, "reason" => reason).increment(1);
+pub(crate) fn replay(reason: ReplayReason) {
+    counter!(REPLAYS, "reason" => reason.label()).increment(1);
 }
 
 pub(crate) fn ejection(endpoint: &Arc<str>) {
@@ -352,18 +428,18 @@ pub(crate) fn rejected_connection() {
     counter!(REJECTED_CONNECTIONS).increment(1);
 }
 
-pub(crate) fn timeout(kind: &'static str) {
-    counter!(TIMEOUTS, "kind" => kind).increment(1);
+pub(crate) fn timeout(kind: TimeoutKind) {
+    counter!(TIMEOUTS, "kind" => kind.label()).increment(1);
 }
 
 pub(crate) fn detection(protocol: &'static str) {
     counter!(DETECTIONS, "protocol" => protocol).increment(1);
 }
 
-pub(crate) fn abusive_connection(reason: &'static str) {
-    counter!(ABUSIVE_CONNECTIONS, "reason" => reason).increment(1);
+pub(crate) fn abusive_connection(reason: AbuseReason) {
+    counter!(ABUSIVE_CONNECTIONS, "reason" => reason.label()).increment(1);
 }
 
-pub(crate) fn unavailable(reason: &'static str) {
-    counter!(UNAVAILABLE, "reason" => reason).increment(1);
+pub(crate) fn unavailable(reason: UnavailableReason) {
+    counter!(UNAVAILABLE, "reason" => reason.label()).increment(1);
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 
-use super::balancer::EndpointStats;
+use super::endpoint_stats::EndpointStats;
 use super::connector::Connector;
 use super::metrics as m;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use interceptor::app::Agent;
 use interceptor::bpf::{Datapath, DatapathConfig, ServiceAction};
-use interceptor::cli::StaticPod;
+use interceptor::discovery::model::PodCgroup;
 use interceptor_tests::{bpftool_json, ChildGuard, Node, PinRoot, Pod};
 
 const LISTEN_PORT: u16 = 15001;
@@ -125,7 +125,7 @@ fn main() {
     agent
         .set_services(&mut datapath, &[(svc, ServiceAction::Intercept)])
         .expect("service");
-    let static_pod = StaticPod {
+    let static_pod = PodCgroup {
         name: "bench/pod".into(),
         cgroup: pod.cgroup.path.clone(),
     };

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,127 +11,11 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use super::config::{BalancerKind, ProxyConfig};
-use super::connector::TcpConnector;
-use super::endpoints::{EndpointSpec, EndpointsHandle};
-use super::server::Proxy;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BalancerArg {
-    P2c,
-    RoundRobin,
-}
-
-/// Arguments of the standalone proxy.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ProxyArgs {
-    /// Address to accept client connections on.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_PROXY_LISTEN",
-        default_value = "127.0.0.1:15001"
-    )]
-    pub listen: SocketAddr,
-    /// Endpoints (ADDR[,ADDR...]).
-    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS", value_delimiter = ',')]
-    pub endpoints: Vec<SocketAddr>,
-    /// File with one endpoint ADDR per line ('#' starts a comment); re-read when it changes.
-    #[arg(long, env = "INTERCEPTOR_PROXY_ENDPOINTS_FILE")]
-    pub endpoints_file: Option<PathBuf>,
-    /// How each stream's endpoint is chosen.
-    #[arg(long, env = "INTERCEPTOR_PROXY_BALANCER", value_enum, default_value_t = BalancerArg::P2c)]
-    pub balancer: BalancerArg,
-    /// Wait for a client's first bytes before relaying it as opaque TCP, in milliseconds.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_PROXY_DETECT_TIMEOUT_MS",
-        default_value_t = 300
-    )]
-    pub detect_timeout_ms: u64,
-    /// Connect timeout per endpoint, in milliseconds.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_PROXY_CONNECT_TIMEOUT_MS",
-        default_value_t = 1000
-    )]
-    pub connect_timeout_ms: u64,
-    /// How often the endpoints file is checked for changes, in milliseconds.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_PROXY_RELOAD_INTERVAL_MS",
-        default_value_t = 1000
-    )]
-    pub reload_interval_ms: u64,
-    /// On shutdown, how long in-flight streams may take to finish, in milliseconds.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_PROXY_DRAIN_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub drain_timeout_ms: u64,
-    /// Admin endpoint (/healthz, /readyz, /metrics, /config); off unless given.
-    #[arg(long, env = "INTERCEPTOR_PROXY_ADMIN_ADDR")]
-    pub admin_addr: Option<SocketAddr>,
-    /// Proxy worker threads, each serving its share of the client connections on its own
-    /// single-threaded runtime (default: one per CPU).
-    #[arg(long, env = "INTERCEPTOR_PROXY_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
-    #[command(flatten)]
-    pub limits: LimitArgs,
-}
-
-/// Limits that keep one client or one endpoint from hurting the others; shared by
-/// `interceptor run` and `interceptor proxy`.
-#[derive(Debug, Clone, clap::Args, serde::Serialize)]
-pub struct LimitArgs {
-    /// End a stream on which nothing moved for this long, in milliseconds (0: never). Calls
-    /// with a grpc-timeout end at their deadline anyway; long-lived streams that may stay
-    /// silent longer (watches) need a larger value or 0.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_STREAM_IDLE_TIMEOUT_MS",
-        default_value_t = 300_000
-    )]
-    pub stream_idle_timeout_ms: u64,
-    /// Largest request or response header list taken, in bytes; bigger requests get 431.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_MAX_HEADER_LIST_BYTES",
-        default_value_t = 65_536
-    )]
-    pub max_header_list_bytes: u32,
-    /// Client connections served at once; the excess is closed at accept. Default: half of
-    /// RLIMIT_NOFILE less 64.
-    #[arg(long, env = "INTERCEPTOR_MAX_CLIENT_CONNECTIONS")]
-    pub max_client_connections: Option<usize>,
-}
-
-impl LimitArgs {
-    /// `config` with these limits.
-    pub fn apply(&self, config: ProxyConfig) -> ProxyConfig {
-        ProxyConfig {
-            stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
-            max_header_list_bytes: self.max_header_list_bytes,
-            max_client_connections: self.max_client_connections,
-            ..config
-        }
-    }
-}
-
-impl ProxyArgs {
-    /// The proxy configuration these arguments select.
-    pub fn config(&self) -> ProxyConfig {
-        self.limits.apply(ProxyConfig {
-            balancer: match self.balancer {
-                BalancerArg::P2c => BalancerKind::P2c,
-                BalancerArg::RoundRobin => BalancerKind::RoundRobin,
-            },
-            detect_timeout: Duration::from_millis(self.detect_timeout_ms),
-            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-            ..ProxyConfig::default()
-        })
-    }
-}
+use crate::cli::ProxyArgs;
+use crate::proxy::connector::TcpConnector;
+use crate::proxy::destination::EndpointsHandle;
+use crate::proxy::EndpointSpec;
+use crate::proxy::Proxy;
 
 /// Parses an endpoints file: one address per line, blank lines and `#` comments ignored.
 pub fn parse_endpoints(text: &str) -> anyhow::Result<Vec<SocketAddr>> {
@@ -233,7 +117,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let proxy = proxy.clone();
-                    let served = super::workers::spawn_connection(stream, move |stream| async move {
+                    let served = crate::proxy::workers::spawn_connection(stream, move |stream| async move {
                         if let Err(error) = proxy.serve_connection(stream, local).await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }

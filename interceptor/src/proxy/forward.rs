@@ -12,14 +12,17 @@ use h2::{Reason, RecvStream, SendStream};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 
-use super::balancer::InFlight;
-use super::body::{Pump, PumpError};
-use super::demux::{ConnGuard, OpenStream};
-use super::endpoints::Destination;
+use super::endpoint_stats::{EndpointStats, InFlight};
+use super::body_pump::{Pump, PumpError};
+use super::conn_guard::{ConnGuard, OpenStream};
+use super::destination::Destination;
 use super::grpc;
-use super::metrics::{self as m, EndpointRequests, ServiceMetrics, Status};
+use super::metrics::{
+    self as m, EndpointRequests, ReplayReason, ServiceMetrics, Status, TimeoutKind,
+    UnavailableReason,
+};
 use super::pool::{Lease, PoolError};
-use super::server::Inner;
+use super::Shared;
 
 /// A cancel this close to the call's deadline counts as the deadline passing.
 const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
@@ -94,7 +97,7 @@ enum Attempt {
     /// Finished (successfully or not); nothing more to do.
     Done,
     /// Not processed by the endpoint: try another.
-    Replay(&'static str),
+    Replay(ReplayReason),
     /// The endpoint failed the stream (its connection broke, it sent garbage, it never
     /// answered a complete request in time, it answered UNAVAILABLE, INTERNAL,
     /// RESOURCE_EXHAUSTED or 5xx); the client was answered and the failure counts towards
@@ -106,7 +109,7 @@ enum Attempt {
 }
 
 pub(crate) async fn forward(
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
     dest: Arc<Destination>,
     guard: Arc<ConnGuard>,
     _open: OpenStream,
@@ -134,7 +137,7 @@ pub(crate) async fn forward(
     while attempt < inner.config.max_attempts {
         attempt += 1;
         let Some(ep) = dest.pick(&tried) else {
-            m::unavailable("no_endpoint");
+            m::unavailable(UnavailableReason::NoEndpoint);
             let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
             ctx.local(
                 &mut respond,
@@ -163,7 +166,7 @@ pub(crate) async fn forward(
             }
             // A connect queued behind others must not outlive the call.
             _ = deadline_sleep(deadline) => {
-                m::timeout("deadline_connecting");
+                m::timeout(TimeoutKind::DeadlineConnecting);
                 ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", ep.requests(&ctx.service));
                 return;
             }
@@ -174,7 +177,7 @@ pub(crate) async fn forward(
             Err(error) if error.is_local() => {
                 // Not the endpoint's fault, and another endpoint would fail the same way.
                 tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
-                m::unavailable("local_resources");
+                m::unavailable(UnavailableReason::LocalResources);
                 ctx.local(
                     &mut respond,
                     grpc::UNAVAILABLE,
@@ -210,7 +213,7 @@ pub(crate) async fn forward(
             Attempt::Done => return,
             Attempt::Replay(reason) => {
                 m::replay(reason);
-                tracing::debug!(endpoint = %ep.addr(), reason, attempt, "stream not processed; replaying on another endpoint");
+                tracing::debug!(endpoint = %ep.addr(), reason = reason.label(), attempt, "stream not processed; replaying on another endpoint");
                 tried.push(ep.addr());
             }
             Attempt::Failed => {
@@ -230,7 +233,7 @@ pub(crate) async fn forward(
             tried.clear();
         }
     }
-    m::unavailable("attempts_exhausted");
+    m::unavailable(UnavailableReason::AttemptsExhausted);
     let msg = format!(
         "interceptor: no endpoint of {} could take the request",
         dest.addr()
@@ -267,7 +270,7 @@ async fn try_endpoint(
             // The connection is going away or gone; the stream never left this process.
             tracing::debug!(endpoint = %ep.addr(), %error, "pooled connection refused a new stream");
             lease.retire();
-            return Attempt::Replay("connection_closing");
+            return Attempt::Replay(ReplayReason::ConnectionClosing);
         }
     };
     if eos {
@@ -301,7 +304,7 @@ async fn try_endpoint(
             }
             _ = &mut sleep => {
                 up_tx.send_reset(Reason::CANCEL);
-                m::timeout("deadline");
+                m::timeout(TimeoutKind::Deadline);
                 ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", reqs);
                 // An endpoint that had the whole request and did not answer in time is
                 // charged, so one that accepts and never answers gets ejected.
@@ -312,7 +315,7 @@ async fn try_endpoint(
                     continue;
                 }
                 up_tx.send_reset(Reason::CANCEL);
-                m::timeout("stream_idle");
+                m::timeout(TimeoutKind::StreamIdle);
                 let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", idle_timeout);
                 ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, reqs);
                 // Not charged: servers may send the headers of a quiet stream (a watch) only
@@ -337,92 +340,24 @@ async fn try_endpoint(
 
     let resp = match result {
         Ok(resp) => resp,
-        Err(e) => {
-            let refused = e.is_remote()
-                && ((e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM))
-                    || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)));
-            if e.is_go_away() {
-                lease.retire();
-            }
-            if refused {
-                if body.can_replay() {
-                    return Attempt::Replay(if e.is_go_away() {
-                        "goaway"
-                    } else {
-                        "refused_stream"
-                    });
-                }
-                // The body was streamed past the replay buffer: only the client can retry.
-                respond.send_reset(Reason::REFUSED_STREAM);
-                m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
-                return Attempt::Done;
-            }
-            if e.is_reset() && e.is_remote() {
-                let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
-                respond.send_reset(reason);
-                m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
-                return if charged_reset(reason) {
-                    Attempt::Failed
-                } else {
-                    Attempt::Done
-                };
-            }
-            if e.is_reset() {
-                // h2 itself refused the response (headers over max_header_list_bytes, a
-                // malformed message): that stream only, the connection is fine.
-                tracing::debug!(endpoint = %ep.addr(), error = %e, "endpoint's response rejected");
-                ctx.local(
-                    respond,
-                    grpc::INTERNAL,
-                    StatusCode::BAD_GATEWAY,
-                    "interceptor: the endpoint's response headers were malformed or too large",
-                    reqs,
-                );
-                return Attempt::Done;
-            }
-            // The connection broke with the request in flight: it may have been processed,
-            // so it is not replayed.
-            tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed before the response");
-            lease.retire();
-            m::unavailable("connection_failed");
-            ctx.local(
-                respond,
-                grpc::UNAVAILABLE,
-                StatusCode::BAD_GATEWAY,
-                "interceptor: connection to the endpoint failed",
-                reqs,
-            );
-            return Attempt::Failed;
-        }
+        Err(e) => return response_error(ctx, e, ep.addr(), body, respond, &mut lease, reqs),
     };
     ep.observe_rtt(sent_at.elapsed());
 
     // Phase 2: response headers to the client, then both directions until both ended.
-    let (mut parts, up_body) = resp.into_parts();
-    grpc::strip_hop_by_hop(&mut parts.headers);
-    let trailers_only_status = if ctx.grpc {
-        parts
-            .headers
-            .get(grpc::GRPC_STATUS)
-            .map(|v| Status::grpc(v.as_bytes()))
-    } else {
-        Some(Status::http(parts.status.as_u16()))
-    };
-    let header_pushback = pushback_of(&parts.headers);
-    let mut resp_body = Pump::new(up_body);
-    let eos = resp_body.empty();
-    let mut client_tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
-        Ok(tx) => tx,
-        Err(error) => {
-            tracing::debug!(%error, "client went away before the response headers");
+    let ResponseStarted {
+        mut resp_body,
+        mut client_tx,
+        trailers_only_status,
+        header_pushback,
+    } = match start_response(ctx, resp, respond) {
+        Some(started) => started,
+        None => {
             up_tx.send_reset(Reason::CANCEL);
             ctx.cancelled(reqs);
             return Attempt::Done;
         }
     };
-    if eos {
-        resp_body.mark_sent_end();
-    }
     idle.progress();
     let mut charge = false;
     let mut complete = false;
@@ -441,7 +376,7 @@ async fn try_endpoint(
             biased;
             _ = &mut sleep, if !resp_body.done() => {
                 up_tx.send_reset(Reason::CANCEL);
-                m::timeout("deadline");
+                m::timeout(TimeoutKind::Deadline);
                 end_with_status(ctx, &mut client_tx, grpc::DEADLINE_EXCEEDED, "interceptor: deadline exceeded");
                 break Status::grpc_code(grpc::DEADLINE_EXCEEDED);
             }
@@ -452,7 +387,7 @@ async fn try_endpoint(
                     continue;
                 }
                 up_tx.send_reset(Reason::CANCEL);
-                m::timeout("stream_idle");
+                m::timeout(TimeoutKind::StreamIdle);
                 end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: nothing moved on the stream (stream idle timeout)");
                 break Status::grpc_code(grpc::UNAVAILABLE);
             }
@@ -500,28 +435,170 @@ async fn try_endpoint(
             },
         }
     };
-    if status == Status::CANCELLED {
-        ctx.guard.client_reset();
-    }
-    m::request(&ctx.service, reqs, status, ctx.started.elapsed());
     drop(lease);
     drop(in_flight);
-    if complete && status.is_endpoint_failure() {
+    settle(
+        ctx,
+        &ep,
+        reqs,
+        Ended {
+            status,
+            complete,
+            charge,
+            pushback,
+        },
+    )
+}
+
+/// How a stream that reached its response ended.
+struct Ended {
+    status: Status,
+    /// Both directions ended normally (the response is whole).
+    complete: bool,
+    /// The endpoint broke the stream (a charged reset, a broken connection).
+    charge: bool,
+    /// grpc-retry-pushback-ms of the response.
+    pushback: Option<std::time::Duration>,
+}
+
+/// Counts the stream and turns its end into what the balancer learns of the endpoint.
+fn settle(ctx: &Ctx, ep: &EndpointStats, reqs: &EndpointRequests, end: Ended) -> Attempt {
+    if end.status == Status::CANCELLED {
+        ctx.guard.client_reset();
+    }
+    m::request(&ctx.service, reqs, end.status, ctx.started.elapsed());
+    if end.complete && end.status.is_endpoint_failure() {
         ep.observe_failure();
-        return match pushback {
+        return match end.pushback {
             Some(d) => Attempt::PushedBack(d),
             None => Attempt::Failed,
         };
     }
-    if charge {
+    if end.charge {
         return Attempt::Failed;
     }
     // Only a whole response is a success: one that broke after its headers must not clear
     // the failures that lead to ejection.
-    if complete {
+    if end.complete {
         ep.record_success();
     }
     Attempt::Done
+}
+
+/// The endpoint's response headers, sent on to the client.
+struct ResponseStarted {
+    resp_body: Pump,
+    client_tx: SendStream<Bytes>,
+    /// The call's status if the headers carry it (a trailers-only gRPC response, or HTTP).
+    trailers_only_status: Option<Status>,
+    header_pushback: Option<std::time::Duration>,
+}
+
+/// Passes the response headers on (hop-by-hop fields stripped); `None` when the client
+/// went away meanwhile.
+fn start_response(
+    ctx: &Ctx,
+    resp: Response<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+) -> Option<ResponseStarted> {
+    let (mut parts, up_body) = resp.into_parts();
+    grpc::strip_hop_by_hop(&mut parts.headers);
+    let trailers_only_status = if ctx.grpc {
+        parts
+            .headers
+            .get(grpc::GRPC_STATUS)
+            .map(|v| Status::grpc(v.as_bytes()))
+    } else {
+        Some(Status::http(parts.status.as_u16()))
+    };
+    let header_pushback = pushback_of(&parts.headers);
+    let mut resp_body = Pump::new(up_body);
+    let eos = resp_body.empty();
+    let client_tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
+        Ok(tx) => tx,
+        Err(error) => {
+            tracing::debug!(%error, "client went away before the response headers");
+            return None;
+        }
+    };
+    if eos {
+        resp_body.mark_sent_end();
+    }
+    Some(ResponseStarted {
+        resp_body,
+        client_tx,
+        trailers_only_status,
+        header_pushback,
+    })
+}
+
+/// The endpoint failed the stream before its response headers: a refused stream is
+/// replayed (while the body can be), a reset is passed on, a broken connection answered
+/// locally and charged.
+fn response_error(
+    ctx: &Ctx,
+    e: h2::Error,
+    endpoint: SocketAddr,
+    body: &Pump,
+    respond: &mut SendResponse<Bytes>,
+    lease: &mut Lease,
+    reqs: &EndpointRequests,
+) -> Attempt {
+    let refused = e.is_remote()
+        && ((e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM))
+            || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)));
+    if e.is_go_away() {
+        lease.retire();
+    }
+    if refused {
+        if body.can_replay() {
+            return Attempt::Replay(if e.is_go_away() {
+                ReplayReason::Goaway
+            } else {
+                ReplayReason::RefusedStream
+            });
+        }
+        // The body was streamed past the replay buffer: only the client can retry.
+        respond.send_reset(Reason::REFUSED_STREAM);
+        m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
+        return Attempt::Done;
+    }
+    if e.is_reset() && e.is_remote() {
+        let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
+        respond.send_reset(reason);
+        m::request(&ctx.service, reqs, Status::RESET, ctx.started.elapsed());
+        return if charged_reset(reason) {
+            Attempt::Failed
+        } else {
+            Attempt::Done
+        };
+    }
+    if e.is_reset() {
+        // h2 itself refused the response (headers over max_header_list_bytes, a
+        // malformed message): that stream only, the connection is fine.
+        tracing::debug!(endpoint = %endpoint, error = %e, "endpoint's response rejected");
+        ctx.local(
+            respond,
+            grpc::INTERNAL,
+            StatusCode::BAD_GATEWAY,
+            "interceptor: the endpoint's response headers were malformed or too large",
+            reqs,
+        );
+        return Attempt::Done;
+    }
+    // The connection broke with the request in flight: it may have been processed,
+    // so it is not replayed.
+    tracing::debug!(endpoint = %endpoint, error = %e, "upstream connection failed before the response");
+    lease.retire();
+    m::unavailable(UnavailableReason::ConnectionFailed);
+    ctx.local(
+        respond,
+        grpc::UNAVAILABLE,
+        StatusCode::BAD_GATEWAY,
+        "interceptor: connection to the endpoint failed",
+        reqs,
+    );
+    Attempt::Failed
 }
 
 /// `grpc-retry-pushback-ms` (in trailers, or the headers of a trailers-only response): how

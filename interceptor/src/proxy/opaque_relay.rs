@@ -11,21 +11,21 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::endpoints::Destination;
-use super::metrics as m;
-use super::server::Inner;
+use super::destination::Destination;
+use super::metrics::{self as m, OpaqueOutcome, TimeoutKind, UnavailableReason};
+use super::Shared;
 
 /// Relays `client` to one endpoint, byte for byte, after writing `prefix` (bytes already read
 /// by detection). Each direction's EOF is passed on as a half-close, so request/response
 /// protocols that shut down their write side keep working.
-pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, prefix: BytesMut) {
+pub(crate) async fn relay(inner: &Shared, dest: &Destination, client: TcpStream, prefix: BytesMut) {
     let service = dest.metrics().clone();
     let _active = service.opaque_started();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let (mut upstream, in_flight) = loop {
         let Some(ep) = dest.pick(&tried) else {
-            service.opaque("no_endpoint");
-            m::unavailable("no_endpoint");
+            service.opaque(OpaqueOutcome::NoEndpoint);
+            m::unavailable(UnavailableReason::NoEndpoint);
             tracing::warn!(dest = %dest.addr(), tried = tried.len(), "no usable endpoint for an opaque connection; closing it");
             return;
         };
@@ -38,8 +38,8 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
             }
             Ok(Err(error)) if super::pool::is_local_error(&error) => {
                 tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
-                service.opaque("local_resources");
-                m::unavailable("local_resources");
+                service.opaque(OpaqueOutcome::LocalResources);
+                m::unavailable(UnavailableReason::LocalResources);
                 return;
             }
             Ok(Err(error)) => {
@@ -53,14 +53,14 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
         dest.record_failure(&ep, &inner.eject_policy(), inner.config.max_ejected_percent);
         tried.push(ep.addr());
         if tried.len() >= inner.config.max_attempts {
-            service.opaque("connect_failed");
+            service.opaque(OpaqueOutcome::ConnectFailed);
             return;
         }
     };
     if !prefix.is_empty() {
         if let Err(error) = upstream.write_all(&prefix).await {
             tracing::debug!(%error, "writing detected bytes to the endpoint failed");
-            service.opaque("upstream_error");
+            service.opaque(OpaqueOutcome::UpstreamError);
             return;
         }
     }
@@ -73,19 +73,19 @@ pub(crate) async fn relay(inner: &Inner, dest: &Destination, client: TcpStream, 
     let result = tokio::select! {
         r = relay => r,
         _ = idle_expired(&activity, inner.config.opaque_idle_timeout) => {
-            service.opaque("idle_timeout");
-            m::timeout("opaque_idle");
+            service.opaque(OpaqueOutcome::IdleTimeout);
+            m::timeout(TimeoutKind::OpaqueIdle);
             tracing::debug!(endpoint = %in_flight.stats().addr(), "opaque relay idle; closing it");
             return;
         }
     };
     match result {
         Ok((up, down)) => {
-            service.opaque("closed");
+            service.opaque(OpaqueOutcome::Closed);
             tracing::debug!(endpoint = %in_flight.stats().addr(), bytes_up = up + prefix.len() as u64, bytes_down = down, "opaque relay finished");
         }
         Err(error) => {
-            service.opaque("reset");
+            service.opaque(OpaqueOutcome::Reset);
             tracing::debug!(endpoint = %in_flight.stats().addr(), %error, "opaque relay ended with an error");
         }
     }

@@ -1,68 +1,30 @@
-//! The endpoints of one destination (a Service's ClusterIP:port), replaceable at run time.
+//! The endpoints of one destination (a Service's ClusterIP:port), replaceable at run time,
+//! with what discovery says about it (labels, protocol, affinity, slow start).
 //!
 //! An update swaps the whole set atomically: the next stream sees it, streams already on a
 //! removed endpoint finish on their pooled connection, and statistics of endpoints that stay
 //! are carried over so an update does not reset what the balancer has learnt.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::balancer::{p2c, EjectPolicy, EndpointStats, Load};
+use super::balancer::{Balancer, Endpoint};
 use super::config::BalancerKind;
+use super::endpoint_stats::{EjectPolicy, EndpointStats};
+use super::{EndpointSpec, EndpointState};
 use super::detect::ProtocolHint;
 use super::metrics::{ServiceLabels, ServiceMetrics};
 use super::pool::Pool;
-
-/// Readiness of an endpoint, as EndpointSlice conditions give it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EndpointState {
-    /// `ready`: takes new streams.
-    Ready,
-    /// `serving` and `terminating`: takes new streams only when no endpoint is ready.
-    Terminating,
-    /// Takes no new streams.
-    NotReady,
-}
-
-/// One endpoint as discovery reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct EndpointSpec {
-    pub addr: SocketAddr,
-    pub state: EndpointState,
-}
-
-impl EndpointSpec {
-    pub fn ready(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            state: EndpointState::Ready,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Endpoint {
-    state: EndpointState,
-    stats: Arc<EndpointStats>,
-    /// When it joined a set that already had endpoints (slow start ramps it from there); `None`
-    /// for the first set, which has no peers to take the load meanwhile.
-    joined: Option<Instant>,
-}
-
-/// The least share a slow-starting endpoint takes from the start (Envoy's min_weight_percent).
-const SLOW_START_FLOOR: f64 = 0.1;
 
 /// Balancing state of one destination.
 #[derive(Debug)]
 pub struct Destination {
     addr: SocketAddr,
-    kind: BalancerKind,
     decay: Duration,
     default_rtt: Duration,
     set: RwLock<Arc<Vec<Endpoint>>>,
-    rr: AtomicUsize,
     pool: Option<Pool>,
     /// Serialises ejection decisions, so concurrent failures cannot together eject past the
     /// bound (failures only: the success path never takes it).
@@ -71,19 +33,8 @@ pub struct Destination {
     metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// What the Service port's appProtocol says (a `ProtocolHint` as u8).
     protocol: std::sync::atomic::AtomicU8,
-    /// Slow start window in ms (0: off): a joining endpoint's share ramps up over it.
-    slow_start_ms: std::sync::atomic::AtomicU64,
-    /// sessionAffinity ClientIP: the endpoint this destination's streams stick to. The
-    /// proxy serves one pod, so its client IP is the pod's: one sticky endpoint per proxy.
-    affinity: Mutex<Affinity>,
-    affinity_on: std::sync::atomic::AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct Affinity {
-    timeout: Duration,
-    /// The endpoint and when a stream last went to it.
-    sticky: Option<(SocketAddr, Instant)>,
+    /// How its endpoints are chosen (kind, slow start, session affinity).
+    balancer: Balancer,
 }
 
 /// What discovery says about a destination besides its endpoints.
@@ -106,40 +57,27 @@ impl Destination {
     ) -> Self {
         Self {
             addr,
-            kind,
             decay,
             default_rtt,
             set: RwLock::new(Arc::new(Vec::new())),
-            rr: AtomicUsize::new(0),
             pool: None,
             ejecting: Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
             protocol: std::sync::atomic::AtomicU8::new(0),
-            slow_start_ms: std::sync::atomic::AtomicU64::new(0),
-            affinity: Mutex::new(Affinity::default()),
-            affinity_on: std::sync::atomic::AtomicBool::new(false),
+            balancer: Balancer::new(kind),
         }
     }
 
     /// Slow start (the Service's interceptor.io/slow-start annotation): an endpoint that joins
     /// takes a share growing linearly from 10% to a full one over `window`.
     pub fn set_slow_start(&self, window: Option<Duration>) {
-        let ms = window.map_or(0, |w| w.as_millis().max(1) as u64);
-        self.slow_start_ms.store(ms, Ordering::Relaxed);
+        self.balancer.set_slow_start(window);
     }
 
     /// sessionAffinity ClientIP with `timeout`, or none. A changed timeout keeps the current
     /// sticky endpoint.
     pub fn set_affinity(&self, timeout: Option<Duration>) {
-        let mut a = match self.affinity.lock() {
-            Ok(a) => a,
-            Err(p) => p.into_inner(),
-        };
-        match timeout {
-            Some(t) => a.timeout = t,
-            None => *a = Affinity::default(),
-        }
-        self.affinity_on.store(timeout.is_some(), Ordering::Relaxed);
+        self.balancer.set_affinity(timeout);
     }
 
     /// Takes effect for the next accepted connection.
@@ -322,94 +260,9 @@ impl Destination {
     }
 
     /// Chooses an endpoint for a new stream, skipping `exclude` (endpoints this stream already
-    /// failed on). Ready endpoints first; terminating ones only when none is ready.
+    /// failed on): see [`Balancer::pick`].
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {
-        if !self.affinity_on.load(Ordering::Relaxed) {
-            return self.pick_balanced(exclude);
-        }
-        let mut a = match self.affinity.lock() {
-            Ok(a) => a,
-            Err(p) => p.into_inner(),
-        };
-        let now = Instant::now();
-        if let Some((addr, last)) = a.sticky {
-            if now.duration_since(last) <= a.timeout {
-                let set = self.current();
-                let still = set.iter().find(|e| {
-                    e.stats.addr() == addr && e.state == EndpointState::Ready && !e.stats.is_ejected()
-                });
-                if let Some(e) = still {
-                    if exclude.contains(&addr) {
-                        // This stream's retry after a failure there: another endpoint for it
-                        // alone; the pod's other streams stay where they are.
-                        drop(a);
-                        return self.pick_balanced(exclude);
-                    }
-                    a.sticky = Some((addr, now));
-                    return Some(e.stats.clone());
-                }
-            }
-        }
-        // No sticky endpoint, it expired, or it can no longer take streams: choose anew, as
-        // kube-proxy does when the remembered endpoint is gone.
-        let picked = self.pick_balanced(exclude)?;
-        a.sticky = Some((picked.addr(), now));
-        Some(picked)
-    }
-
-    fn pick_balanced(&self, exclude: &[SocketAddr]) -> Option<Arc<EndpointStats>> {
-        let set = self.current();
-        let now = Instant::now();
-        for tier in [EndpointState::Ready, EndpointState::Terminating] {
-            let usable = |e: &&Endpoint| {
-                e.state == tier && !e.stats.is_ejected() && !exclude.contains(&e.stats.addr())
-            };
-            let n = set.iter().filter(usable).count();
-            if n == 0 {
-                continue;
-            }
-            let nth = |i: usize| set.iter().filter(usable).nth(i);
-            let idx = match self.kind {
-                BalancerKind::P2c => p2c(n, |i| {
-                    nth(i).map_or(
-                        Load {
-                            rtt_ns: f64::MAX,
-                            in_flight: u64::MAX,
-                        },
-                        |e| e.stats.load(now),
-                    )
-                }),
-                BalancerKind::RoundRobin => Some(self.rr.fetch_add(1, Ordering::Relaxed) % n),
-            };
-            if let Some(e) = idx.and_then(nth) {
-                if n > 1 && !self.takes_this_stream(e, now) {
-                    // Still ramping up: this stream goes to one of its peers.
-                    let mut more = exclude.to_vec();
-                    more.push(e.stats.addr());
-                    if let Some(other) = self.pick_balanced(&more) {
-                        return Some(other);
-                    }
-                }
-                return Some(e.stats.clone());
-            }
-        }
-        None
-    }
-
-    /// Slow start: a joining endpoint takes a stream with probability rising from the floor
-    /// to 1 over the window.
-    fn takes_this_stream(&self, e: &Endpoint, now: Instant) -> bool {
-        let window_ms = self.slow_start_ms.load(Ordering::Relaxed);
-        let Some(joined) = e.joined else { return true };
-        if window_ms == 0 {
-            return true;
-        }
-        let age_ms = now.saturating_duration_since(joined).as_millis() as u64;
-        if age_ms >= window_ms {
-            return true;
-        }
-        let share = (age_ms as f64 / window_ms as f64).max(SLOW_START_FLOOR);
-        (super::balancer::random_below(1 << 20) as f64) < share * (1 << 20) as f64
+        self.balancer.pick(&self.current(), exclude)
     }
 }
 

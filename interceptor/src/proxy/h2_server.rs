@@ -1,86 +1,17 @@
 //! The HTTP/2 server side: one h2 server per client connection, one task per stream.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use super::endpoints::Destination;
-use super::server::Inner;
-
-/// Per-connection abuse accounting shared with the connection's stream tasks.
-pub(crate) struct ConnGuard {
-    limit: u32,
-    started: Instant,
-    window_start_ms: AtomicU64,
-    resets: AtomicU32,
-    tripped: AtomicBool,
-    trip: Notify,
-    /// Streams of this connection being relayed, and when the count last fell to zero (ms
-    /// since `started`), for the idle timeout.
-    open_streams: AtomicU32,
-    idle_since_ms: AtomicU64,
-}
-
-/// Holds one stream open in its connection's count.
-pub(crate) struct OpenStream(Arc<ConnGuard>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        // The time first, then the count: whoever sees the count at zero sees a time at
-        // least as recent as the last stream's end.
-        let now = self.0.started.elapsed().as_millis() as u64;
-        self.0.idle_since_ms.store(now, Ordering::Release);
-        self.0.open_streams.fetch_sub(1, Ordering::Release);
-    }
-}
-
-impl ConnGuard {
-    fn new(limit: u32) -> Self {
-        Self {
-            limit,
-            started: Instant::now(),
-            window_start_ms: AtomicU64::new(0),
-            resets: AtomicU32::new(0),
-            tripped: AtomicBool::new(false),
-            trip: Notify::new(),
-            open_streams: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn open_stream(self: &Arc<Self>) -> OpenStream {
-        self.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self.clone())
-    }
-
-    /// How long the connection has had no stream, or None while it has one.
-    fn idle_for(&self) -> Option<Duration> {
-        if self.open_streams.load(Ordering::Acquire) != 0 {
-            return None;
-        }
-        let since = self.idle_since_ms.load(Ordering::Acquire);
-        let now = self.started.elapsed().as_millis() as u64;
-        Some(Duration::from_millis(now.saturating_sub(since)))
-    }
-
-    /// Called by a stream task when the client cancelled its stream.
-    pub(crate) fn client_reset(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        let start = self.window_start_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(start) >= 1000 {
-            self.window_start_ms.store(now, Ordering::Relaxed);
-            self.resets.store(0, Ordering::Relaxed);
-        }
-        let n = self.resets.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.limit && !self.tripped.swap(true, Ordering::Relaxed) {
-            self.trip.notify_one();
-        }
-    }
-}
+use super::conn_guard::ConnGuard;
+use super::metrics as m;
+use super::destination::Destination;
+use super::Shared;
 
 /// A client connection's receive window, sized to its open streams: each may hold one
 /// stream window of request body its endpoint has not taken yet, and those bytes stay
@@ -137,7 +68,7 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Serves HTTP/2 on `io` until the client closes it, it fails, or a drain that started with
 /// `shutdown` completes. Errors end only this connection; its streams are reset by h2.
 pub(crate) async fn serve<T>(
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
     dest: Arc<Destination>,
     io: T,
     mut shutdown: watch::Receiver<bool>,
@@ -183,7 +114,7 @@ where
                 Some(Ok((req, respond))) => {
                     let open = guard.open_stream();
                     window.fit(&mut conn, guard.open_streams.load(Ordering::Relaxed));
-                    tokio::spawn(super::stream::forward(inner.clone(), dest.clone(), guard.clone(), open, req, respond));
+                    tokio::spawn(super::forward::forward(inner.clone(), dest.clone(), guard.clone(), open, req, respond));
                 }
                 Some(Err(error)) => {
                     tracing::debug!(dest = %dest.addr(), %error, "client HTTP/2 connection failed");
@@ -193,7 +124,7 @@ where
             },
             _ = guard.trip.notified() => {
                 tracing::warn!(dest = %dest.addr(), limit = cfg.max_client_resets_per_second, "client cancels streams faster than the limit; closing its connection");
-                super::metrics::abusive_connection("rapid_reset");
+                m::abusive_connection(m::AbuseReason::RapidReset);
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
             }
             _ = &mut idle, if idle_closing || (!idle_timeout.is_zero() && !draining) => {
@@ -204,7 +135,7 @@ where
                 match guard.idle_for() {
                     Some(idle_for) if idle_for >= idle_timeout => {
                         tracing::debug!(dest = %dest.addr(), idle_s = idle_for.as_secs(), "client connection idle; sending GOAWAY");
-                        super::metrics::timeout("client_idle");
+                        m::timeout(m::TimeoutKind::ClientIdle);
                         draining = true;
                         idle_closing = true;
                         idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
