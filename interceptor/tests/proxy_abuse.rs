@@ -599,45 +599,16 @@ async fn endpoint_that_stops_reading(ip: [u8; 4]) -> SocketAddr {
         .await
         .expect("bind");
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        while let Ok((s, _)) = l.accept().await {
-            let held = held.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .initial_connection_window_size(1 << 30)
-                    .handshake::<_, Bytes>(s)
-                    .await
-                else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if req.uri().path() == "/no-read" {
-                        held.lock().expect("held").push((req, respond));
-                        continue;
-                    }
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                        }
-                        let mut resp = http::Response::new(());
-                        resp.headers_mut().insert(
-                            "content-type",
-                            http::HeaderValue::from_static("application/grpc"),
-                        );
-                        let Ok(mut tx) = respond.send_response(resp, false) else {
-                            return;
-                        };
-                        let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let _ = tx.send_trailers(trailers);
-                    });
-                }
-            });
+    let mut builder = h2::server::Builder::new();
+    builder.initial_connection_window_size(1 << 30);
+    tokio::spawn(h2_backend::serve(l, builder, |req, respond| async move {
+        if req.uri().path() == "/no-read" {
+            // Held, never read, until the test ends.
+            let _held = (req, respond);
+            return std::future::pending::<()>().await;
         }
-    });
+        h2_backend::answer_grpc_ok(req, respond).await
+    }));
     addr
 }
 

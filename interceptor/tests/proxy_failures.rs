@@ -38,60 +38,49 @@ async fn raw_backend(
         .expect("bind raw h2 backend");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
+    tokio::spawn(h2_backend::serve_default(l, move |req, mut respond| {
+        let tx = tx.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let _ = tx.send((format!("start {path}"), Instant::now()));
+            let reason = |p: &str| {
+                Reason::from(
+                    p.rsplit('/')
+                        .next()
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .unwrap_or(2),
+                )
+            };
+            if path.starts_with("/reset-before/") {
+                respond.send_reset(reason(&path));
+            } else if path.starts_with("/reset-after/") {
+                let Some(mut s) = grpc_message_sent(&mut respond) else {
                     return;
                 };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let path = req.uri().path().to_string();
-                        let _ = tx.send((format!("start {path}"), Instant::now()));
-                        let reason = |p: &str| {
-                            Reason::from(
-                                p.rsplit('/')
-                                    .next()
-                                    .and_then(|n| n.parse::<u32>().ok())
-                                    .unwrap_or(2),
-                            )
-                        };
-                        if path.starts_with("/reset-before/") {
-                            respond.send_reset(reason(&path));
-                        } else if path.starts_with("/reset-after/") {
-                            let Some(mut s) = grpc_message_sent(&mut respond) else {
-                                return;
-                            };
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            s.send_reset(reason(&path));
-                        } else if path == "/echo-timeout" {
-                            let mut resp = http::Response::new(());
-                            if let Some(v) = req.headers().get("grpc-timeout") {
-                                resp.headers_mut().insert("x-grpc-timeout", v.clone());
-                            }
-                            let _ = respond.send_response(resp, true);
-                        } else if path == "/early-response" {
-                            let Some(mut s) = grpc_message_sent(&mut respond) else {
-                                return;
-                            };
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                            let _ = s.send_trailers(trailers);
-                            // Dropping the request body and the handles while the request is
-                            // still open is what makes h2 send RST_STREAM(NO_ERROR).
-                            drop((req, s, respond));
-                        } else {
-                            let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-                            let _ = tx.send((format!("reset {r:?}"), Instant::now()));
-                        }
-                    });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                s.send_reset(reason(&path));
+            } else if path == "/echo-timeout" {
+                let mut resp = http::Response::new(());
+                if let Some(v) = req.headers().get("grpc-timeout") {
+                    resp.headers_mut().insert("x-grpc-timeout", v.clone());
                 }
-            });
+                let _ = respond.send_response(resp, true);
+            } else if path == "/early-response" {
+                let Some(mut s) = grpc_message_sent(&mut respond) else {
+                    return;
+                };
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let _ = s.send_trailers(trailers);
+                // Dropping the request body and the handles while the request is
+                // still open is what makes h2 send RST_STREAM(NO_ERROR).
+                drop((req, s, respond));
+            } else {
+                let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                let _ = tx.send((format!("reset {r:?}"), Instant::now()));
+            }
         }
-    });
+    }));
     (addr, rx)
 }
 
@@ -1001,34 +990,24 @@ async fn failing_backend(
     let addr = l.local_addr().expect("addr");
     let calls = Arc::new(AtomicUsize::new(0));
     let count = calls.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let count = count.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                        }
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let mut resp = http::Response::new(());
-                        let h = resp.headers_mut();
-                        h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
-                        h.insert("grpc-status", http::HeaderValue::from_static(status));
-                        if let Some(p) = pushback_ms {
-                            h.insert("grpc-retry-pushback-ms", http::HeaderValue::from_static(p));
-                        }
-                        let _ = respond.send_response(resp, true);
-                    });
-                }
-            });
+    tokio::spawn(h2_backend::serve_default(l, move |req, mut respond| {
+        let count = count.clone();
+        async move {
+            let mut body = req.into_body();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            count.fetch_add(1, Ordering::Relaxed);
+            let mut resp = http::Response::new(());
+            let h = resp.headers_mut();
+            h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", http::HeaderValue::from_static(status));
+            if let Some(p) = pushback_ms {
+                h.insert("grpc-retry-pushback-ms", http::HeaderValue::from_static(p));
+            }
+            let _ = respond.send_response(resp, true);
         }
-    });
+    }));
     (addr, calls)
 }
 

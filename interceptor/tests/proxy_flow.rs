@@ -26,27 +26,16 @@ async fn refusing_backend(ip: [u8; 4]) -> (SocketAddr, Arc<AtomicUsize>) {
     let addr = l.local_addr().expect("addr");
     let refused = Arc::new(AtomicUsize::new(0));
     let count = refused.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let count = count.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        // Let some of the body arrive first, so a replay must resend it.
-                        let _ = timeout(Duration::from_millis(5), body.data()).await;
-                        respond.send_reset(Reason::REFUSED_STREAM);
-                        count.fetch_add(1, Ordering::Relaxed);
-                    });
-                }
-            });
+    tokio::spawn(h2_backend::serve_default(l, move |req, mut respond| {
+        let count = count.clone();
+        async move {
+            let mut body = req.into_body();
+            // Let some of the body arrive first, so a replay must resend it.
+            let _ = timeout(Duration::from_millis(5), body.data()).await;
+            respond.send_reset(Reason::REFUSED_STREAM);
+            count.fetch_add(1, Ordering::Relaxed);
         }
-    });
+    }));
     (addr, refused)
 }
 

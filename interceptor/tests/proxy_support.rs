@@ -19,7 +19,7 @@ use interceptor::proxy::Proxy;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
+use tonic::codec::Streaming;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::NamedService;
 use tonic::transport::Channel;
@@ -27,45 +27,10 @@ use tonic::{Code, Request, Response, Status};
 
 pub const MAX_MSG: usize = 32 * 1024 * 1024;
 
-// ---- codec -------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawEncoder;
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
-    }
-}
+#[allow(unused_imports)]
+pub use interceptor_test_support::codec::{RawCodec, RawDecoder, RawEncoder};
+#[allow(unused_imports)]
+pub use interceptor_test_support::h2_backend;
 
 // ---- backend -----------------------------------------------------------------------------
 

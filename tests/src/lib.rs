@@ -794,47 +794,13 @@ pub async fn serve_grpc_stamped(
     served: Arc<std::sync::atomic::AtomicU64>,
     first_unix_us: Arc<std::sync::atomic::AtomicU64>,
 ) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
-        let served = served.clone();
-        let first = first_unix_us.clone();
-        tokio::spawn(async move {
-            let Ok(mut conn) = h2::server::handshake(stream).await else {
-                return;
-            };
-            while let Some(Ok((request, respond))) = conn.accept().await {
-                if served.fetch_add(1, Ordering::Relaxed) == 0 {
-                    first.store(unix_micros(), Ordering::Relaxed);
-                }
-                tokio::spawn(answer_grpc_shaped(request, respond));
-            }
-        });
-    }
-}
-
-/// Reads the request to its end, as a unary gRPC server does, then answers. Answering before
-/// the request's end would make h2 reset the stream (RST_STREAM NO_ERROR), and a server that
-/// resets many streams is told off by its own h2 ("too_many_internal_resets" GOAWAY).
-async fn answer_grpc_shaped(
-    request: http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<bytes::Bytes>,
-) {
-    let mut body = request.into_body();
-    while let Some(chunk) = body.data().await {
-        let Ok(chunk) = chunk else { return };
-        let _ = body.flow_control().release_capacity(chunk.len());
-    }
-    let response = http::Response::builder()
-        .header("content-type", "application/grpc")
-        .body(())
-        .expect("static response");
-    let Ok(mut send) = respond.send_response(response, false) else {
-        return;
-    };
-    let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let _ = send.send_trailers(trailers);
+    interceptor_test_support::h2_backend::serve_default(listener, move |request, respond| {
+        if served.fetch_add(1, Ordering::Relaxed) == 0 {
+            first_unix_us.store(unix_micros(), Ordering::Relaxed);
+        }
+        interceptor_test_support::h2_backend::answer_grpc_ok(request, respond)
+    })
+    .await
 }
 
 /// Wall-clock microseconds since the Unix epoch (comparable across processes).
