@@ -149,45 +149,10 @@ pub(crate) async fn forward(
             return;
         };
         let in_flight = ep.start();
-        let charge = {
-            let (dest, ep) = (dest.clone(), ep.clone());
-            move |error: &PoolError| {
-                if !error.is_local() {
-                    m::connect_failure(&ep.label());
-                    dest.record_failure(&ep, &policy, max_ejected);
-                }
-            }
-        };
-        let acquired = tokio::select! {
-            biased;
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-                ctx.cancelled(ep.requests(&ctx.service));
-                return;
-            }
-            // A connect queued behind others must not outlive the call.
-            _ = deadline_sleep(deadline) => {
-                m::timeout(TimeoutKind::DeadlineConnecting);
-                ctx.local(&mut respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", ep.requests(&ctx.service));
-                return;
-            }
-            l = inner.pool.acquire(&ep, charge) => l,
-        };
-        let lease = match acquired {
-            Ok(l) => l,
-            Err(error) if error.is_local() => {
-                // Not the endpoint's fault, and another endpoint would fail the same way.
-                tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
-                m::unavailable(UnavailableReason::LocalResources);
-                ctx.local(
-                    &mut respond,
-                    grpc::UNAVAILABLE,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "interceptor: proxy out of local resources (file descriptors, memory or ports)",
-                    ep.requests(&ctx.service),
-                );
-                return;
-            }
-            Err(error) => {
+        let lease = match connect(&ctx, &inner, &dest, &ep, &mut respond, deadline).await {
+            Connect::Ready(lease) => lease,
+            Connect::Finished => return,
+            Connect::Unreachable(error) => {
                 // The connect task has charged the endpoint already.
                 tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
                 tried.push(ep.addr());
@@ -247,6 +212,68 @@ pub(crate) async fn forward(
     );
 }
 
+/// What getting a pooled connection to the picked endpoint came to.
+enum Connect {
+    Ready(Lease),
+    /// The stream is over: the client cancelled, or was answered here (its deadline passed,
+    /// this process is out of resources).
+    Finished,
+    /// The endpoint could not be reached (already charged): try another.
+    Unreachable(PoolError),
+}
+
+async fn connect(
+    ctx: &Ctx,
+    inner: &Shared,
+    dest: &Arc<Destination>,
+    ep: &Arc<EndpointStats>,
+    respond: &mut SendResponse<Bytes>,
+    deadline: Option<tokio::time::Instant>,
+) -> Connect {
+    let policy = inner.eject_policy();
+    let max_ejected = inner.config.max_ejected_percent;
+    let charge = {
+        let (dest, ep) = (dest.clone(), ep.clone());
+        move |error: &PoolError| {
+            if !error.is_local() {
+                m::connect_failure(&ep.label());
+                dest.record_failure(&ep, &policy, max_ejected);
+            }
+        }
+    };
+    let acquired = tokio::select! {
+        biased;
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+            ctx.cancelled(ep.requests(&ctx.service));
+            return Connect::Finished;
+        }
+        // A connect queued behind others must not outlive the call.
+        _ = deadline_sleep(deadline) => {
+            m::timeout(TimeoutKind::DeadlineConnecting);
+            ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded while connecting to an endpoint", ep.requests(&ctx.service));
+            return Connect::Finished;
+        }
+        l = inner.pool.acquire(ep, charge) => l,
+    };
+    match acquired {
+        Ok(l) => Connect::Ready(l),
+        Err(error) if error.is_local() => {
+            // Not the endpoint's fault, and another endpoint would fail the same way.
+            tracing::warn!(dest = %dest.addr(), %error, "cannot open an upstream connection: this process or node is out of resources");
+            m::unavailable(UnavailableReason::LocalResources);
+            ctx.local(
+                respond,
+                grpc::UNAVAILABLE,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "interceptor: proxy out of local resources (file descriptors, memory or ports)",
+                ep.requests(&ctx.service),
+            );
+            Connect::Finished
+        }
+        Err(error) => Connect::Unreachable(error),
+    }
+}
+
 async fn try_endpoint(
     ctx: &Ctx,
     head: &Parts,
@@ -261,7 +288,7 @@ async fn try_endpoint(
     body.rewind();
     let eos = body.empty();
     let sent_at = Instant::now();
-    let (resp_fut, mut up_tx) = match lease
+    let (resp_fut, up_tx) = match lease
         .sender()
         .send_request(upstream_request(head, deadline), eos)
     {
@@ -284,86 +311,134 @@ async fn try_endpoint(
         Some(d) if d <= tokio::time::Instant::now() + ctx.idle_timeout => std::time::Duration::ZERO,
         _ => ctx.idle_timeout,
     };
-    let mut idle = IdleTimer::new(idle_timeout);
     let idle_sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle_sleep);
-    let mut req_failed = false;
+    let mut timers = Timers {
+        deadline,
+        deadline_sleep: sleep.as_mut(),
+        idle_sleep: idle_sleep.as_mut(),
+        idle: IdleTimer::new(idle_timeout),
+    };
+    let mut up = Upstream {
+        tx: up_tx,
+        req_failed: false,
+    };
 
-    // Phase 1: request body flows while waiting for the response headers.
-    let result = loop {
+    let resp = match await_response(ctx, reqs, body, respond, &mut up, resp_fut, &mut timers).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return response_error(ctx, e, ep.addr(), body, respond, &mut lease, reqs),
+        Err(attempt) => return attempt,
+    };
+    ep.observe_rtt(sent_at.elapsed());
+
+    let Some(started) = start_response(ctx, resp, respond) else {
+        up.tx.send_reset(Reason::CANCEL);
+        ctx.cancelled(reqs);
+        return Attempt::Done;
+    };
+    timers.idle.progress();
+    let end = relay_response(ctx, ep.addr(), body, &mut up, started, &mut timers).await;
+    drop(lease);
+    drop(in_flight);
+    settle(ctx, &ep, reqs, end)
+}
+
+/// The timers of one attempt: the call's deadline and the stream idle timeout.
+struct Timers<'a, D> {
+    deadline: Option<tokio::time::Instant>,
+    deadline_sleep: std::pin::Pin<&'a mut D>,
+    idle_sleep: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    idle: IdleTimer,
+}
+
+/// The upstream half of the stream: where the request body goes, and whether the endpoint
+/// stopped taking it.
+struct Upstream {
+    tx: SendStream<Bytes>,
+    req_failed: bool,
+}
+
+/// Phase 1: the request body flows while waiting for the response headers. `Err` is how the
+/// attempt ended without them (the client cancelled, a timer fired, the client's body broke).
+async fn await_response<D: std::future::Future<Output = ()>>(
+    ctx: &Ctx,
+    reqs: &EndpointRequests,
+    body: &mut Pump,
+    respond: &mut SendResponse<Bytes>,
+    up: &mut Upstream,
+    mut resp_fut: std::pin::Pin<&mut h2::client::ResponseFuture>,
+    timers: &mut Timers<'_, D>,
+) -> Result<Result<Response<RecvStream>, h2::Error>, Attempt> {
+    let deadline = timers.deadline;
+    loop {
         tokio::select! {
             biased;
             r = poll_fn(|cx| respond.poll_reset(cx)) => {
                 let reason = r.unwrap_or(Reason::CANCEL);
-                up_tx.send_reset(reason);
+                up.tx.send_reset(reason);
                 ctx.cancelled(reqs);
                 // Clients cancel at their own deadline, usually a hair before ours fires: that
                 // is the endpoint not answering in time, as below.
                 let at_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() + DEADLINE_SLACK >= d);
-                return if at_deadline && (body.done() || req_failed) { Attempt::Failed } else { Attempt::Done };
+                return Err(if at_deadline && (body.done() || up.req_failed) { Attempt::Failed } else { Attempt::Done });
             }
-            _ = &mut sleep => {
-                up_tx.send_reset(Reason::CANCEL);
+            _ = timers.deadline_sleep.as_mut() => {
+                up.tx.send_reset(Reason::CANCEL);
                 m::timeout(TimeoutKind::Deadline);
                 ctx.local(respond, grpc::DEADLINE_EXCEEDED, StatusCode::GATEWAY_TIMEOUT, "interceptor: deadline exceeded", reqs);
                 // An endpoint that had the whole request and did not answer in time is
                 // charged, so one that accepts and never answers gets ejected.
-                return if body.done() || req_failed { Attempt::Failed } else { Attempt::Done };
+                return Err(if body.done() || up.req_failed { Attempt::Failed } else { Attempt::Done });
             }
-            _ = &mut idle_sleep, if idle.on() => {
-                if idle.rearm(idle_sleep.as_mut()) {
+            _ = timers.idle_sleep.as_mut(), if timers.idle.on() => {
+                if timers.idle.rearm(timers.idle_sleep.as_mut()) {
                     continue;
                 }
-                up_tx.send_reset(Reason::CANCEL);
+                up.tx.send_reset(Reason::CANCEL);
                 m::timeout(TimeoutKind::StreamIdle);
-                let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", idle_timeout);
+                let msg = format!("interceptor: nothing moved on the stream for {:?} (stream idle timeout)", timers.idle.period);
                 ctx.local(respond, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg, reqs);
                 // Not charged: servers may send the headers of a quiet stream (a watch) only
                 // with its first message.
-                return Attempt::Done;
+                return Err(Attempt::Done);
             }
-            r = &mut resp_fut => break r,
-            s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
-                Ok(()) => idle.progress(),
+            r = &mut resp_fut => return Ok(r),
+            s = body.step(&mut up.tx), if !body.done() && !up.req_failed => match s {
+                Ok(()) => timers.idle.progress(),
                 Err(PumpError::Recv(e)) => {
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
-                    up_tx.send_reset(reason);
+                    up.tx.send_reset(reason);
                     respond.send_reset(reason);
                     ctx.cancelled(reqs);
-                    return Attempt::Done;
+                    return Err(Attempt::Done);
                 }
                 // The response future says why the endpoint stopped taking the body.
-                Err(PumpError::Send(..)) => req_failed = true,
+                Err(PumpError::Send(..)) => up.req_failed = true,
             },
         }
-    };
+    }
+}
 
-    let resp = match result {
-        Ok(resp) => resp,
-        Err(e) => return response_error(ctx, e, ep.addr(), body, respond, &mut lease, reqs),
-    };
-    ep.observe_rtt(sent_at.elapsed());
-
-    // Phase 2: response headers to the client, then both directions until both ended.
+/// Phase 2: after the response headers, both directions until both ended.
+async fn relay_response<D: std::future::Future<Output = ()>>(
+    ctx: &Ctx,
+    endpoint: SocketAddr,
+    body: &mut Pump,
+    up: &mut Upstream,
+    started: ResponseStarted,
+    timers: &mut Timers<'_, D>,
+) -> Ended {
     let ResponseStarted {
         mut resp_body,
         mut client_tx,
         trailers_only_status,
         header_pushback,
-    } = match start_response(ctx, resp, respond) {
-        Some(started) => started,
-        None => {
-            up_tx.send_reset(Reason::CANCEL);
-            ctx.cancelled(reqs);
-            return Attempt::Done;
-        }
-    };
-    idle.progress();
+    } = started;
     let mut charge = false;
     let mut complete = false;
     let mut pushback = None;
     let status = loop {
-        if resp_body.done() && (body.done() || req_failed) {
+        if resp_body.done() && (body.done() || up.req_failed) {
             complete = true;
             let trailers = resp_body.end_trailers();
             pushback = trailers.and_then(pushback_of).or(header_pushback);
@@ -374,28 +449,28 @@ async fn try_endpoint(
         }
         tokio::select! {
             biased;
-            _ = &mut sleep, if !resp_body.done() => {
-                up_tx.send_reset(Reason::CANCEL);
+            _ = timers.deadline_sleep.as_mut(), if !resp_body.done() => {
+                up.tx.send_reset(Reason::CANCEL);
                 m::timeout(TimeoutKind::Deadline);
                 end_with_status(ctx, &mut client_tx, grpc::DEADLINE_EXCEEDED, "interceptor: deadline exceeded");
                 break Status::grpc_code(grpc::DEADLINE_EXCEEDED);
             }
             // Not charged to the endpoint: after the response headers a stall may as well be
             // the client's (a zero window).
-            _ = &mut idle_sleep, if idle.on() => {
-                if idle.rearm(idle_sleep.as_mut()) {
+            _ = timers.idle_sleep.as_mut(), if timers.idle.on() => {
+                if timers.idle.rearm(timers.idle_sleep.as_mut()) {
                     continue;
                 }
-                up_tx.send_reset(Reason::CANCEL);
+                up.tx.send_reset(Reason::CANCEL);
                 m::timeout(TimeoutKind::StreamIdle);
                 end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: nothing moved on the stream (stream idle timeout)");
                 break Status::grpc_code(grpc::UNAVAILABLE);
             }
             s = resp_body.step(&mut client_tx), if !resp_body.done() => match s {
-                Ok(()) => idle.progress(),
+                Ok(()) => timers.idle.progress(),
                 Err(PumpError::Send(reason, _)) => {
                     // The client reset the stream or its connection failed.
-                    up_tx.send_reset(reason.unwrap_or(Reason::CANCEL));
+                    up.tx.send_reset(reason.unwrap_or(Reason::CANCEL));
                     break Status::CANCELLED;
                 }
                 Err(PumpError::Recv(e)) if e.is_reset() && e.is_remote() => {
@@ -405,22 +480,22 @@ async fn try_endpoint(
                     break Status::RESET;
                 }
                 Err(PumpError::Recv(e)) if e.is_reset() => {
-                    tracing::debug!(endpoint = %ep.addr(), error = %e, "endpoint's trailers rejected");
+                    tracing::debug!(%endpoint, error = %e, "endpoint's trailers rejected");
                     end_with_status(ctx, &mut client_tx, grpc::INTERNAL, "interceptor: the endpoint's trailers were malformed or too large");
                     break Status::grpc_code(grpc::INTERNAL);
                 }
                 Err(PumpError::Recv(e)) => {
-                    tracing::debug!(endpoint = %ep.addr(), error = %e, "upstream connection failed during the response");
+                    tracing::debug!(%endpoint, error = %e, "upstream connection failed during the response");
                     end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: connection to the endpoint failed");
                     charge = true;
                     break Status::grpc_code(grpc::UNAVAILABLE);
                 }
             },
-            s = body.step(&mut up_tx), if !body.done() && !req_failed => match s {
-                Ok(()) => idle.progress(),
+            s = body.step(&mut up.tx), if !body.done() && !up.req_failed => match s {
+                Ok(()) => timers.idle.progress(),
                 Err(PumpError::Recv(e)) => {
                     let reason = e.reason().unwrap_or(Reason::CANCEL);
-                    up_tx.send_reset(reason);
+                    up.tx.send_reset(reason);
                     client_tx.send_reset(reason);
                     break Status::CANCELLED;
                 }
@@ -431,23 +506,16 @@ async fn try_endpoint(
                 // frames still queued for the client, the response's trailers among them,
                 // while the implicit reset h2 sends on drop (NO_ERROR once the response is
                 // complete) goes out after them.
-                Err(PumpError::Send(..)) => req_failed = true,
+                Err(PumpError::Send(..)) => up.req_failed = true,
             },
         }
     };
-    drop(lease);
-    drop(in_flight);
-    settle(
-        ctx,
-        &ep,
-        reqs,
-        Ended {
-            status,
-            complete,
-            charge,
-            pushback,
-        },
-    )
+    Ended {
+        status,
+        complete,
+        charge,
+        pushback,
+    }
 }
 
 /// How a stream that reached its response ended.

@@ -716,6 +716,101 @@ struct Sat {
     cpu_util: Option<f64>,
 }
 
+/// Balance over one client connection: requests per backend.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Fairness {
+    counts: Vec<f64>,
+    jain: f64,
+    max_over_mean: f64,
+    errors: u64,
+}
+
+/// One fixed-rate open-loop run.
+#[derive(Debug, Clone, serde::Serialize)]
+struct RateRun {
+    name: &'static str,
+    rate: f64,
+    /// It achieved under 90% of the scheduled rate: its errors are reported apart.
+    overloaded: bool,
+    result: LoadResult,
+}
+
+/// One contender in one repetition: phase A (warm-up, probe, saturation, balance) and
+/// phase B (the fixed rates).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct ContenderRun {
+    warmup_errors: u64,
+    probe: LoadResult,
+    saturation: Vec<Sat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fairness: Option<Fairness>,
+    rates: Vec<RateRun>,
+    /// Connects the hook redirected (transparent contender only), in phase A and phase B.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hook_redirected: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hook_redirected_rates: Option<u64>,
+}
+
+/// Phase B of one contender.
+struct RatesRun {
+    rates: Vec<RateRun>,
+    warmup_errors: u64,
+    hook_redirected: Option<u64>,
+}
+
+/// Memory of a contender: idle, and with idle client connections.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Rss {
+    idle_mib: f64,
+    with_conns_mib: f64,
+    conns_opened: u64,
+    conns_wanted: usize,
+    per_1k_conns_mib: Option<f64>,
+    warmup_errors: u64,
+}
+
+/// A new endpoint's first request and fair share, and failed requests on its removal.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Dynamics {
+    reload_interval_ms: u64,
+    rate: f64,
+    first_request_ms: Option<f64>,
+    fair_share_ms: Option<f64>,
+    failed_requests: u64,
+    ok_requests: u64,
+    first_error: Option<String>,
+}
+
+/// The connect() cost of the hook, from bench-connect.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct ConnectCost {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr: Option<String>,
+    connects: u32,
+    redirect_kernel_ns: Option<i64>,
+    pass_kernel_ns: Option<i64>,
+    redirect_added_ns: Option<i64>,
+    pass_added_ns: Option<i64>,
+    ok: bool,
+    table: String,
+}
+
+/// What the run ran on.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Machine {
+    cpu: String,
+    cpus: usize,
+    kernel: String,
+    nginx: String,
+    haproxy: String,
+    h2load: String,
+    loadavg: String,
+    loadavg_end: String,
+}
+
 fn saturate(topo: &Topology, plan: &Plan, run: &Running, conns: usize, streams: usize) -> Sat {
     let (targets, per_target) = if run.kind == Kind::S0 {
         (topo.backend_addrs.clone(), (conns / BACKENDS).max(1))
@@ -758,7 +853,7 @@ fn saturate(topo: &Topology, plan: &Plan, run: &Running, conns: usize, streams: 
 }
 
 /// h2load with one connection; the backends' counts give each endpoint's share.
-fn fairness(topo: &Topology, plan: &Plan, run: &Running) -> Value {
+fn fairness(topo: &Topology, plan: &Plan, run: &Running) -> Fairness {
     let before = snapshot(&topo.backends);
     let children = topo.spawn_h2load(
         &run.target[..1],
@@ -770,12 +865,12 @@ fn fairness(topo: &Topology, plan: &Plan, run: &Running) -> Value {
     let (r, _) = h2load_collect(children, plan.jain_duration + Duration::from_secs(60));
     let after = snapshot(&topo.backends);
     let shares: Vec<f64> = deltas(&before, &after).iter().map(|&n| n as f64).collect();
-    json!({
-        "counts": shares,
-        "jain": bench::jain(&shares),
-        "max_over_mean": bench::max_over_mean(&shares),
-        "errors": r.errors,
-    })
+    Fairness {
+        jain: bench::jain(&shares),
+        max_over_mean: bench::max_over_mean(&shares),
+        counts: shares,
+        errors: r.errors,
+    }
 }
 
 fn load_timeout(args: &LoadArgs) -> Duration {
@@ -810,15 +905,11 @@ fn rate_conns(kind: Kind) -> usize {
 /// - `icp_half`: half of interceptor's (S4) saturation;
 /// - `s0_quarter`, `s0_half`: a quarter and half of S0's saturation (the reference;
 ///   on this machine S0 runs several times faster than any proxy, so these overload them).
-fn fixed_rates(first_rep: &BTreeMap<Kind, Value>) -> BTreeMap<&'static str, f64> {
+fn fixed_rates(first_rep: &BTreeMap<Kind, ContenderRun>) -> BTreeMap<&'static str, f64> {
     let best = |k: Kind| {
-        first_rep.get(&k).and_then(|v| {
-            v["saturation"]
-                .as_array()?
-                .iter()
-                .filter_map(|s| s["rps"].as_f64())
-                .reduce(f64::max)
-        })
+        first_rep
+            .get(&k)
+            .and_then(|v| v.saturation.iter().map(|s| s.rps).reduce(f64::max))
     };
     let slowest_proxy = [
         Kind::Nginx,
@@ -843,13 +934,13 @@ fn fixed_rates(first_rep: &BTreeMap<Kind, Value>) -> BTreeMap<&'static str, f64>
 
 /// Phase A of one contender in one repetition: warm-up, single-stream probe, saturation, and
 /// (first repetition, or every one in full mode) balance over one connection.
-fn run_contender(topo: &Topology, plan: &Plan, kind: Kind, rep: usize) -> Value {
+fn run_contender(topo: &Topology, plan: &Plan, kind: Kind, rep: usize) -> ContenderRun {
     eprintln!("[{}] rep {} {}", now_hms(), rep + 1, kind.label());
     let run = topo.start(kind);
-    let mut out = serde_json::Map::new();
+    let mut out = ContenderRun::default();
     // Warm-up: connections, pools and caches, discarded.
     let warm = topo.load(&probe_args(&run, 300), Duration::from_secs(60));
-    out.insert("warmup_errors".into(), json!(warm.errors));
+    out.warmup_errors = warm.errors;
     if let Some(e) = &warm.first_error {
         eprintln!("  warm-up error: {e}");
     }
@@ -862,7 +953,7 @@ fn run_contender(topo: &Topology, plan: &Plan, kind: Kind, rep: usize) -> Value 
         "  probe: p50 {:.0} us p99 {:.0} us errors {}",
         probe.p50_us, probe.p99_us, probe.errors
     );
-    out.insert("probe".into(), json!(probe));
+    out.probe = probe;
     check_stop();
     let mut sats = Vec::new();
     let loads: &[(usize, usize)] = match kind {
@@ -879,18 +970,17 @@ fn run_contender(topo: &Topology, plan: &Plan, kind: Kind, rep: usize) -> Value 
         sats.push(s);
         check_stop();
     }
-    out.insert("saturation".into(), json!(sats));
+    out.saturation = sats;
     if kind != Kind::S0 && kind != Kind::S1x2 && (rep == 0 || plan.jain_every_rep) {
         let fair = fairness(topo, plan, &run);
         eprintln!(
-            "  one connection: counts {} jain {:.3}",
-            fair["counts"],
-            fair["jain"].as_f64().unwrap_or(0.0)
+            "  one connection: counts {:?} jain {:.3}",
+            fair.counts, fair.jain
         );
-        out.insert("fairness".into(), fair);
+        out.fairness = Some(fair);
     }
-    finish_contender(&run, &mut out);
-    Value::Object(out)
+    out.hook_redirected = hook_redirected(&run);
+    out
 }
 
 /// Phase B: the fixed-rate open-loop runs, same rates for every contender.
@@ -900,7 +990,7 @@ fn run_rates(
     kind: Kind,
     rep: usize,
     rates: &BTreeMap<&'static str, f64>,
-) -> Value {
+) -> RatesRun {
     eprintln!(
         "[{}] rep {} fixed rates {}",
         now_hms(),
@@ -933,30 +1023,37 @@ fn run_rates(
         // A contender that cannot keep up with the schedule is overloaded: its errors there
         // (refused streams, timeouts) are reported apart from the correctness guard.
         let overloaded = r.achieved_rps < 0.9 * rate;
-        out.push(json!({"name": name, "rate": rate, "overloaded": overloaded, "result": r}));
+        out.push(RateRun {
+            name,
+            rate,
+            overloaded,
+            result: r,
+        });
         check_stop();
     }
-    let mut obj = serde_json::Map::new();
-    obj.insert("rates".into(), json!(out));
-    obj.insert("warmup_errors".into(), json!(warm.errors));
-    finish_contender(&run, &mut obj);
-    Value::Object(obj)
+    RatesRun {
+        rates: out,
+        warmup_errors: warm.errors,
+        hook_redirected: hook_redirected(&run),
+    }
 }
 
-fn finish_contender(run: &Running, out: &mut serde_json::Map<String, Value>) {
-    let kind = run.kind;
-    if kind == Kind::IcpTransparent {
-        let pins = run.pins.as_ref().expect("agent pins");
-        let stats = pinned_stats(&pins.path);
-        out.insert(
-            "hook_redirected".into(),
-            json!(stats.get("redirected").copied().unwrap_or(0)),
-        );
+/// Connects the hook redirected so far, for the transparent contender.
+fn hook_redirected(run: &Running) -> Option<u64> {
+    if run.kind != Kind::IcpTransparent {
+        return None;
     }
+    let pins = run.pins.as_ref().expect("agent pins");
+    Some(
+        pinned_stats(&pins.path)
+            .get("redirected")
+            .copied()
+            .unwrap_or(0),
+    )
 }
 
 /// RSS of a fresh contender after a warm-up, then with `conns` idle client connections.
-fn rss(topo: &Topology, plan: &Plan, kind: Kind) -> Value {
+fn rss(topo: &Topology, plan: &Plan, kind: Kind) -> Rss {
     eprintln!("[{}] RSS {}", now_hms(), kind.label());
     let run = topo.start(kind);
     let warm = topo.load(&probe_args(&run, 200), Duration::from_secs(60));
@@ -1003,19 +1100,19 @@ fn rss(topo: &Topology, plan: &Plan, kind: Kind) -> Value {
         base as f64 / 1024.0,
         with_conns as f64 / 1024.0
     );
-    json!({
-        "idle_mib": base as f64 / 1024.0,
-        "with_conns_mib": with_conns as f64 / 1024.0,
-        "conns_opened": opened,
-        "conns_wanted": plan.idle_conns,
-        "per_1k_conns_mib": per_1k_mib,
-        "warmup_errors": warm.errors,
-    })
+    Rss {
+        idle_mib: base as f64 / 1024.0,
+        with_conns_mib: with_conns as f64 / 1024.0,
+        conns_opened: opened,
+        conns_wanted: plan.idle_conns,
+        per_1k_conns_mib: per_1k_mib,
+        warmup_errors: warm.errors,
+    }
 }
 
 /// interceptor's endpoints file: a new endpoint's first request and fair share, then its
 /// removal under load (failed requests), with `interceptor proxy --endpoints-file`.
-fn endpoint_dynamics(topo: &mut Topology, reload_ms: u64) -> Value {
+fn endpoint_dynamics(topo: &mut Topology, reload_ms: u64) -> Dynamics {
     eprintln!(
         "[{}] endpoint add/remove (interceptor proxy, endpoints file)",
         now_hms()
@@ -1123,20 +1220,20 @@ fn endpoint_dynamics(topo: &mut Topology, reload_ms: u64) -> Value {
         "  first request after {first_ms:?} ms, fair share after {fair_ms:?} ms, failed during add+remove: {} ({:?})",
         r.errors, r.first_error
     );
-    json!({
-        "reload_interval_ms": reload_ms,
-        "rate": rate,
-        "first_request_ms": first_ms,
-        "fair_share_ms": fair_ms,
-        "failed_requests": r.errors,
-        "ok_requests": r.ok,
-        "first_error": r.first_error,
-    })
+    Dynamics {
+        reload_interval_ms: reload_ms,
+        rate,
+        first_request_ms: first_ms,
+        fair_share_ms: fair_ms,
+        failed_requests: r.errors,
+        ok_requests: r.ok,
+        first_error: r.first_error,
+    }
 }
 
 /// The connect() cost of the hook: the reduced `bench-connect` (same program as `cargo xtask
 /// bench-connect`), its "added median" per path.
-fn connect_cost(count: u32) -> Value {
+fn connect_cost(count: u32) -> ConnectCost {
     eprintln!("[{}] connect() cost (bench-connect {count})", now_hms());
     let child = Command::new(target_bin("bench-connect"))
         .arg(count.to_string())
@@ -1179,14 +1276,16 @@ fn connect_cost(count: u32) -> Value {
     }
     let out = guard.wait_output(Duration::from_secs(30));
     if stalled || !out.status.success() {
-        return json!({
-            "error": if stalled {
+        return ConnectCost {
+            error: Some(if stalled {
                 "bench-connect overstayed 150 s; its measuring client was stopped"
             } else {
                 "bench-connect failed"
-            },
-            "stderr": String::from_utf8_lossy(&out.stderr).chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>(),
-        });
+            }),
+            stderr: Some(String::from_utf8_lossy(&out.stderr).chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>()),
+            connects: count,
+            ..ConnectCost::default()
+        };
     }
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let added = |path: &str| -> Option<i64> {
@@ -1205,15 +1304,17 @@ fn connect_cost(count: u32) -> Value {
             .collect();
         (!rows.is_empty()).then(|| rows.iter().sum())
     };
-    json!({
-        "connects": count,
-        "redirect_kernel_ns": kernel("redirect"),
-        "pass_kernel_ns": kernel("pass"),
-        "redirect_added_ns": added("redirect"),
-        "pass_added_ns": added("pass"),
-        "ok": out.status.success(),
-        "table": text,
-    })
+    ConnectCost {
+        error: None,
+        stderr: None,
+        connects: count,
+        redirect_kernel_ns: kernel("redirect"),
+        pass_kernel_ns: kernel("pass"),
+        redirect_added_ns: added("redirect"),
+        pass_added_ns: added("pass"),
+        ok: out.status.success(),
+        table: text,
+    }
 }
 
 fn now_hms() -> String {
@@ -1244,7 +1345,7 @@ fn raise_nofile() {
     }
 }
 
-fn machine() -> Value {
+fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -1266,15 +1367,21 @@ fn machine() -> Value {
             })
             .unwrap_or_default()
     };
-    json!({
-        "cpu": cpu,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "kernel": kernel.trim(),
-        "nginx": version("/usr/sbin/nginx", "-v"),
-        "haproxy": version("/usr/sbin/haproxy", "-v"),
-        "h2load": version("h2load", "--version"),
-        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-    })
+    Machine {
+        cpu,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel: kernel.trim().to_string(),
+        nginx: version("/usr/sbin/nginx", "-v"),
+        haproxy: version("/usr/sbin/haproxy", "-v"),
+        h2load: version("h2load", "--version"),
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        loadavg_end: String::new(),
+    }
 }
 
 fn main() {
@@ -1329,9 +1436,9 @@ fn main() {
         dir.display()
     );
 
-    let mut reps: Vec<BTreeMap<Kind, Value>> = Vec::new();
+    let mut reps: Vec<BTreeMap<Kind, ContenderRun>> = Vec::new();
     let mut rates = BTreeMap::new();
-    let mut rss_results: BTreeMap<Kind, Value> = BTreeMap::new();
+    let mut rss_results: BTreeMap<Kind, Rss> = BTreeMap::new();
     let dynamics;
     let rr_fairness;
     {
@@ -1351,15 +1458,10 @@ fn main() {
             }
             for &kind in &order {
                 let r = run_rates(&topo, &plan, kind, rep, &rates);
-                if let (Some(Value::Object(o)), Value::Object(extra)) = (results.get_mut(&kind), r)
-                {
-                    o.insert("rates".into(), extra["rates"].clone());
-                    let w = o["warmup_errors"].as_u64().unwrap_or(0)
-                        + extra["warmup_errors"].as_u64().unwrap_or(0);
-                    o.insert("warmup_errors".into(), json!(w));
-                    if let Some(h) = extra.get("hook_redirected") {
-                        o.insert("hook_redirected_rates".into(), h.clone());
-                    }
+                if let Some(o) = results.get_mut(&kind) {
+                    o.rates = r.rates;
+                    o.warmup_errors += r.warmup_errors;
+                    o.hook_redirected_rates = r.hook_redirected;
                 }
             }
             reps.push(results);
@@ -1384,9 +1486,8 @@ fn main() {
         rr_fairness = fairness(&topo, &plan, &run);
         drop(run);
         eprintln!(
-            "  counts {} jain {:.3}",
-            rr_fairness["counts"],
-            rr_fairness["jain"].as_f64().unwrap_or(0.0)
+            "  counts {:?} jain {:.3}",
+            rr_fairness.counts, rr_fairness.jain
         );
         dynamics = endpoint_dynamics(&mut topo, 50);
         drop(topo);
@@ -1414,15 +1515,18 @@ fn main() {
         connect,
         elapsed,
     );
-    report.rr_fairness = rr_fairness;
-    report.loadavg_start = machine_info["loadavg"]
-        .as_str()
-        .and_then(|l| l.split(' ').next()?.parse().ok())
+    report.rr_fairness = Some(rr_fairness);
+    report.loadavg_start = machine_info
+        .loadavg
+        .split(' ')
+        .next()
+        .and_then(|l| l.parse().ok())
         .unwrap_or(0.0);
-    machine_info["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
+    machine_info.loadavg_end = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
-        .trim());
-    let results = report.results_json(machine_info);
+        .trim()
+        .to_string();
+    let results = report.results_json(&machine_info);
     bench::write_file(
         &dir.join("results.json"),
         &serde_json::to_string_pretty(&results).expect("json"),
@@ -1431,7 +1535,7 @@ fn main() {
     let summary_text = serde_json::to_string_pretty(&summary).expect("json");
     bench::write_file(&dir.join("summary.json"), &summary_text);
     bench::write_file(&out_root.join("summary.json"), &summary_text);
-    let table = report.markdown(&results["machine"], &stamp);
+    let table = report.markdown(&machine_info, &stamp);
     bench::write_file(&dir.join("table.md"), &table);
     let chart = dir.join("chart.png");
     if let Err(e) = interceptor_tests::bench::chart::bars(&chart, &report.chart_panels()) {
@@ -1457,17 +1561,69 @@ impl Drop for TempDir {
     }
 }
 
+/// What `summary.json` holds: the targets as ratios and values, and notes.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Summary {
+    rps_ratio_vs_haproxy: Option<f64>,
+    rps_ratio_vs_nginx: Option<f64>,
+    cpu_per_req_ratio_vs_haproxy: Option<f64>,
+    added_latency_ratio_vs_haproxy: Option<f64>,
+    p99_added_us_at_half_load: Option<f64>,
+    p99_added_us_at_half_load_transparent: Option<f64>,
+    p99_added_us_at_low_load: Option<f64>,
+    p99_added_us_at_half_of_s0: Option<f64>,
+    rates: BTreeMap<&'static str, f64>,
+    jain_one_conn: Option<f64>,
+    max_over_mean_one_conn: Option<f64>,
+    jain_one_conn_transparent: Option<f64>,
+    jain_one_conn_round_robin: Option<f64>,
+    new_endpoint_first_request_ms: Option<f64>,
+    new_endpoint_fair_share_ms: Option<f64>,
+    removal_failed_requests: Option<u64>,
+    rss_idle_mib: Option<f64>,
+    rss_per_1k_conns_mib: Option<f64>,
+    connect_added_ns: Option<f64>,
+    connect_added_wall_ns: Option<f64>,
+    connect_pass_kernel_ns: Option<f64>,
+    connect_pass_added_wall_ns: Option<f64>,
+    transparent_vs_direct_ratio: Option<f64>,
+    saturation_rps_interceptor: Option<f64>,
+    saturation_rps_haproxy: Option<f64>,
+    saturation_rps_nginx: Option<f64>,
+    saturation_rps_s0: Option<f64>,
+    errors: u64,
+    overload_errors: BTreeMap<&'static str, u64>,
+    noisy: bool,
+    s0_drift: Option<f64>,
+    quick: bool,
+    elapsed_s: f64,
+    notes: Vec<String>,
+}
+
+/// What `results.json` holds: every measurement of the run, and the summary.
+#[derive(Debug, serde::Serialize)]
+struct Results<'a> {
+    machine: &'a Machine,
+    plan: &'a Value,
+    repetitions: Vec<BTreeMap<&'static str, &'a ContenderRun>>,
+    rss: BTreeMap<&'static str, &'a Rss>,
+    endpoint_dynamics: &'a Dynamics,
+    connect: &'a ConnectCost,
+    fairness_icp_round_robin: Option<&'a Fairness>,
+    summary: Summary,
+}
+
 /// Aggregation over repetitions (medians), the summary and the tables.
 struct Report {
     quick: bool,
-    rr_fairness: Value,
+    rr_fairness: Option<Fairness>,
     loadavg_start: f64,
     rates: BTreeMap<&'static str, f64>,
     rate_names: Vec<&'static str>,
-    reps: Vec<BTreeMap<Kind, Value>>,
-    rss: BTreeMap<Kind, Value>,
-    dynamics: Value,
-    connect: Value,
+    reps: Vec<BTreeMap<Kind, ContenderRun>>,
+    rss: BTreeMap<Kind, Rss>,
+    dynamics: Dynamics,
+    connect: ConnectCost,
     elapsed: Duration,
     plan_desc: Value,
 }
@@ -1478,15 +1634,15 @@ impl Report {
         plan: &Plan,
         quick: bool,
         rates: BTreeMap<&'static str, f64>,
-        reps: Vec<BTreeMap<Kind, Value>>,
-        rss: BTreeMap<Kind, Value>,
-        dynamics: Value,
-        connect: Value,
+        reps: Vec<BTreeMap<Kind, ContenderRun>>,
+        rss: BTreeMap<Kind, Rss>,
+        dynamics: Dynamics,
+        connect: ConnectCost,
         elapsed: Duration,
     ) -> Self {
         Self {
             quick,
-            rr_fairness: Value::Null,
+            rr_fairness: None,
             loadavg_start: 0.0,
             rates,
             rate_names: plan.rates.clone(),
@@ -1508,7 +1664,7 @@ impl Report {
     }
 
     /// Median over repetitions of a number picked from each repetition's result.
-    fn med(&self, kind: Kind, pick: impl Fn(&Value) -> Option<f64>) -> Option<f64> {
+    fn med(&self, kind: Kind, pick: impl Fn(&ContenderRun) -> Option<f64>) -> Option<f64> {
         median(
             self.reps
                 .iter()
@@ -1519,35 +1675,28 @@ impl Report {
     }
 
     fn sat_best(&self, kind: Kind) -> Option<f64> {
+        self.med(kind, |v| v.saturation.iter().map(|s| s.rps).reduce(f64::max))
+    }
+
+    fn sat_at(&self, kind: Kind, i: usize, field: fn(&Sat) -> Option<f64>) -> Option<f64> {
+        self.med(kind, |v| field(v.saturation.get(i)?))
+    }
+
+    fn probe(&self, kind: Kind, field: fn(&LoadResult) -> f64) -> Option<f64> {
+        self.med(kind, |v| Some(field(&v.probe)))
+    }
+
+    fn rate(&self, kind: Kind, name: &str, field: fn(&LoadResult) -> f64) -> Option<f64> {
         self.med(kind, |v| {
-            v["saturation"]
-                .as_array()?
+            v.rates
                 .iter()
-                .filter_map(|s| s["rps"].as_f64())
-                .reduce(f64::max)
+                .find(|r| r.name == name)
+                .map(|r| field(&r.result))
         })
     }
 
-    fn sat_at(&self, kind: Kind, i: usize, field: &str) -> Option<f64> {
-        self.med(kind, |v| v["saturation"].get(i)?[field].as_f64())
-    }
-
-    fn probe(&self, kind: Kind, field: &str) -> Option<f64> {
-        self.med(kind, |v| v["probe"][field].as_f64())
-    }
-
-    fn rate(&self, kind: Kind, name: &str, field: &str) -> Option<f64> {
-        self.med(kind, |v| {
-            v["rates"]
-                .as_array()?
-                .iter()
-                .find(|r| r["name"].as_str() == Some(name))?["result"][field]
-                .as_f64()
-        })
-    }
-
-    fn fair(&self, kind: Kind, field: &str) -> Option<f64> {
-        self.med(kind, |v| v["fairness"][field].as_f64())
+    fn fair(&self, kind: Kind, field: fn(&Fairness) -> f64) -> Option<f64> {
+        self.med(kind, |v| v.fairness.as_ref().map(field))
     }
 
     fn errors(&self, kind: Kind) -> u64 {
@@ -1555,25 +1704,18 @@ impl Report {
             .iter()
             .filter_map(|r| r.get(&kind))
             .map(|v| {
-                let mut n = v["warmup_errors"].as_u64().unwrap_or(0)
-                    + v["probe"]["errors"].as_u64().unwrap_or(0)
-                    + v["fairness"]["errors"].as_u64().unwrap_or(0);
-                for s in v["saturation"].as_array().into_iter().flatten() {
-                    n += s["errors"].as_u64().unwrap_or(0);
-                }
-                for r in v["rates"].as_array().into_iter().flatten() {
-                    if r["overloaded"].as_bool() != Some(true) {
-                        n += r["result"]["errors"].as_u64().unwrap_or(0);
-                    }
-                }
-                n
+                v.warmup_errors
+                    + v.probe.errors
+                    + v.fairness.as_ref().map_or(0, |f| f.errors)
+                    + v.saturation.iter().map(|s| s.errors).sum::<u64>()
+                    + v.rates
+                        .iter()
+                        .filter(|r| !r.overloaded)
+                        .map(|r| r.result.errors)
+                        .sum::<u64>()
             })
             .sum::<u64>()
-            + self
-                .rss
-                .get(&kind)
-                .and_then(|v| v["warmup_errors"].as_u64())
-                .unwrap_or(0)
+            + self.rss.get(&kind).map_or(0, |v| v.warmup_errors)
     }
 
     /// Errors in fixed-rate runs the contender could not keep up with.
@@ -1581,9 +1723,9 @@ impl Report {
         self.reps
             .iter()
             .filter_map(|r| r.get(&kind))
-            .flat_map(|v| v["rates"].as_array().cloned().unwrap_or_default())
-            .filter(|r| r["overloaded"].as_bool() == Some(true))
-            .map(|r| r["result"]["errors"].as_u64().unwrap_or(0))
+            .flat_map(|v| v.rates.iter())
+            .filter(|r| r.overloaded)
+            .map(|r| r.result.errors)
             .sum()
     }
 
@@ -1592,7 +1734,7 @@ impl Report {
             .reps
             .iter()
             .filter_map(|r| r.get(&Kind::S0))
-            .filter_map(|v| v["saturation"].get(0)?["rps"].as_f64())
+            .filter_map(|v| Some(v.saturation.first()?.rps))
             .collect();
         let min = v.iter().copied().reduce(f64::min)?;
         let max = v.iter().copied().reduce(f64::max)?;
@@ -1610,22 +1752,22 @@ impl Report {
         }
     }
 
-    fn summary(&self) -> Value {
+    fn summary(&self) -> Summary {
         let mut notes: Vec<String> = Vec::new();
         let sat = |k| self.sat_best(k);
-        let cpu = |k| self.sat_at(k, 0, "cpu_us_per_req");
-        let probe_added = |k| self.added(k, |s, k| s.probe(k, "p50_us"));
-        let half_p99_added = |k| self.added(k, |s, k| s.rate(k, "icp_half", "p99_us"));
-        let low_p99_added = |k| self.added(k, |s, k| s.rate(k, "low", "p99_us"));
-        let s0_half_p99_added = |k| self.added(k, |s, k| s.rate(k, "s0_half", "p99_us"));
-        let connect_added = self.connect["redirect_kernel_ns"].as_f64();
+        let cpu = |k| self.sat_at(k, 0, |s| s.cpu_us_per_req);
+        let probe_added = |k| self.added(k, |s, k| s.probe(k, |r| r.p50_us));
+        let half_p99_added = |k| self.added(k, |s, k| s.rate(k, "icp_half", |r| r.p99_us));
+        let low_p99_added = |k| self.added(k, |s, k| s.rate(k, "low", |r| r.p99_us));
+        let s0_half_p99_added = |k| self.added(k, |s, k| s.rate(k, "s0_half", |r| r.p99_us));
+        let connect_added = self.connect.redirect_kernel_ns.map(|n| n as f64);
         if connect_added.is_none() {
             notes.push(format!(
                 "connect_added_ns: bench-connect gave no result ({})",
-                self.connect["error"].as_str().unwrap_or("no table row")
+                self.connect.error.unwrap_or("no table row")
             ));
         }
-        let first = self.dynamics["first_request_ms"].as_f64();
+        let first = self.dynamics.first_request_ms;
         if first.is_none() {
             notes.push(
                 "new_endpoint_first_request_ms: the new endpoint got no request within 2 s".into(),
@@ -1657,66 +1799,59 @@ impl Report {
         if !overload.is_empty() {
             notes.push("overload_errors: errors in fixed-rate runs where the contender achieved under 90% of the scheduled rate (overloaded); not counted in errors".into());
         }
-        json!({
-            "rps_ratio_vs_haproxy": Self::ratio(sat(Kind::IcpDirect), sat(Kind::Haproxy)),
-            "rps_ratio_vs_nginx": Self::ratio(sat(Kind::IcpDirect), sat(Kind::Nginx)),
-            "cpu_per_req_ratio_vs_haproxy": Self::ratio(cpu(Kind::IcpDirect), cpu(Kind::Haproxy)),
-            "added_latency_ratio_vs_haproxy": Self::ratio(probe_added(Kind::IcpDirect), probe_added(Kind::Haproxy)),
-            "p99_added_us_at_half_load": half_p99_added(Kind::IcpDirect),
-            "p99_added_us_at_half_load_transparent": half_p99_added(Kind::IcpTransparent),
-            "p99_added_us_at_low_load": low_p99_added(Kind::IcpDirect),
-            "p99_added_us_at_half_of_s0": s0_half_p99_added(Kind::IcpDirect),
-            "rates": self.rates.clone(),
-            "jain_one_conn": self.fair(Kind::IcpDirect, "jain"),
-            "max_over_mean_one_conn": self.fair(Kind::IcpDirect, "max_over_mean"),
-            "jain_one_conn_transparent": self.fair(Kind::IcpTransparent, "jain"),
-            "jain_one_conn_round_robin": self.rr_fairness["jain"].as_f64(),
-            "new_endpoint_first_request_ms": first,
-            "new_endpoint_fair_share_ms": self.dynamics["fair_share_ms"].as_f64(),
-            "removal_failed_requests": self.dynamics["failed_requests"].as_u64(),
-            "rss_idle_mib": self.rss.get(&Kind::IcpDirect).and_then(|v| v["idle_mib"].as_f64()),
-            "rss_per_1k_conns_mib": self.rss.get(&Kind::IcpDirect).and_then(|v| v["per_1k_conns_mib"].as_f64()),
-            "connect_added_ns": connect_added,
-            "connect_added_wall_ns": self.connect["redirect_added_ns"].as_f64(),
-            "connect_pass_kernel_ns": self.connect["pass_kernel_ns"].as_f64(),
-            "connect_pass_added_wall_ns": self.connect["pass_added_ns"].as_f64(),
-            "transparent_vs_direct_ratio": Self::ratio(sat(Kind::IcpTransparent), sat(Kind::IcpDirect)),
-            "saturation_rps_interceptor": sat(Kind::IcpDirect),
-            "saturation_rps_haproxy": sat(Kind::Haproxy),
-            "saturation_rps_nginx": sat(Kind::Nginx),
-            "saturation_rps_s0": sat(Kind::S0),
-            "errors": errors,
-            "overload_errors": overload,
-            "noisy": noisy,
-            "s0_drift": drift,
-            "quick": self.quick,
-            "elapsed_s": self.elapsed.as_secs_f64(),
-            "notes": notes,
-        })
+        Summary {
+            rps_ratio_vs_haproxy: Self::ratio(sat(Kind::IcpDirect), sat(Kind::Haproxy)),
+            rps_ratio_vs_nginx: Self::ratio(sat(Kind::IcpDirect), sat(Kind::Nginx)),
+            cpu_per_req_ratio_vs_haproxy: Self::ratio(cpu(Kind::IcpDirect), cpu(Kind::Haproxy)),
+            added_latency_ratio_vs_haproxy: Self::ratio(probe_added(Kind::IcpDirect), probe_added(Kind::Haproxy)),
+            p99_added_us_at_half_load: half_p99_added(Kind::IcpDirect),
+            p99_added_us_at_half_load_transparent: half_p99_added(Kind::IcpTransparent),
+            p99_added_us_at_low_load: low_p99_added(Kind::IcpDirect),
+            p99_added_us_at_half_of_s0: s0_half_p99_added(Kind::IcpDirect),
+            rates: self.rates.clone(),
+            jain_one_conn: self.fair(Kind::IcpDirect, |f| f.jain),
+            max_over_mean_one_conn: self.fair(Kind::IcpDirect, |f| f.max_over_mean),
+            jain_one_conn_transparent: self.fair(Kind::IcpTransparent, |f| f.jain),
+            jain_one_conn_round_robin: self.rr_fairness.as_ref().map(|f| f.jain),
+            new_endpoint_first_request_ms: first,
+            new_endpoint_fair_share_ms: self.dynamics.fair_share_ms,
+            removal_failed_requests: Some(self.dynamics.failed_requests),
+            rss_idle_mib: self.rss.get(&Kind::IcpDirect).map(|v| v.idle_mib),
+            rss_per_1k_conns_mib: self.rss.get(&Kind::IcpDirect).and_then(|v| v.per_1k_conns_mib),
+            connect_added_ns: connect_added,
+            connect_added_wall_ns: self.connect.redirect_added_ns.map(|n| n as f64),
+            connect_pass_kernel_ns: self.connect.pass_kernel_ns.map(|n| n as f64),
+            connect_pass_added_wall_ns: self.connect.pass_added_ns.map(|n| n as f64),
+            transparent_vs_direct_ratio: Self::ratio(sat(Kind::IcpTransparent), sat(Kind::IcpDirect)),
+            saturation_rps_interceptor: sat(Kind::IcpDirect),
+            saturation_rps_haproxy: sat(Kind::Haproxy),
+            saturation_rps_nginx: sat(Kind::Nginx),
+            saturation_rps_s0: sat(Kind::S0),
+            errors,
+            overload_errors: overload,
+            noisy,
+            s0_drift: drift,
+            quick: self.quick,
+            elapsed_s: self.elapsed.as_secs_f64(),
+            notes,
+        }
     }
 
-    fn results_json(&self, machine: Value) -> Value {
-        let reps: Vec<Value> = self
-            .reps
-            .iter()
-            .map(|r| {
-                Value::Object(
-                    r.iter()
-                        .map(|(k, v)| (k.id().to_string(), v.clone()))
-                        .collect(),
-                )
-            })
-            .collect();
-        json!({
-            "machine": machine,
-            "plan": self.plan_desc,
-            "repetitions": reps,
-            "rss": Value::Object(self.rss.iter().map(|(k, v)| (k.id().to_string(), v.clone())).collect()),
-            "endpoint_dynamics": self.dynamics,
-            "connect": self.connect,
-            "fairness_icp_round_robin": self.rr_fairness,
-            "summary": self.summary(),
-        })
+    fn results_json<'a>(&'a self, machine: &'a Machine) -> Results<'a> {
+        Results {
+            machine,
+            plan: &self.plan_desc,
+            repetitions: self
+                .reps
+                .iter()
+                .map(|r| r.iter().map(|(k, v)| (k.id(), v)).collect())
+                .collect(),
+            rss: self.rss.iter().map(|(k, v)| (k.id(), v)).collect(),
+            endpoint_dynamics: &self.dynamics,
+            connect: &self.connect,
+            fairness_icp_round_robin: self.rr_fairness.as_ref(),
+            summary: self.summary(),
+        }
     }
 
     fn chart_panels(&self) -> Vec<(&'static str, Vec<(String, f64)>)> {
@@ -1730,7 +1865,7 @@ impl Report {
             .filter_map(|&k| {
                 Some((
                     k.short().to_string(),
-                    self.added(k, |s, k| s.probe(k, "p50_us"))?,
+                    self.added(k, |s, k| s.probe(k, |r| r.p50_us))?,
                 ))
             })
             .collect();
@@ -1743,7 +1878,7 @@ impl Report {
         ]
     }
 
-    fn markdown(&self, machine: &Value, stamp: &str) -> String {
+    fn markdown(&self, machine: &Machine, stamp: &str) -> String {
         let f0 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         let f1 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         let f2 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
@@ -1755,14 +1890,14 @@ impl Report {
             if self.quick { "quick" } else { "full" },
             self.reps.len(),
             self.elapsed.as_secs_f64(),
-            machine["cpu"].as_str().unwrap_or("?"),
-            machine["cpus"],
-            machine["kernel"].as_str().unwrap_or("?"),
-            machine["nginx"].as_str().unwrap_or("?"),
-            machine["haproxy"].as_str().unwrap_or("?").split(" - ").next().unwrap_or("?"),
-            machine["h2load"].as_str().unwrap_or("?"),
-            machine["loadavg"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
-            machine["loadavg_end"].as_str().unwrap_or("?").split(' ').take(3).collect::<Vec<_>>().join(" "),
+            machine.cpu,
+            machine.cpus,
+            machine.kernel,
+            machine.nginx,
+            machine.haproxy.split(" - ").next().unwrap_or("?"),
+            machine.h2load,
+            machine.loadavg.split(' ').take(3).collect::<Vec<_>>().join(" "),
+            machine.loadavg_end.split(' ').take(3).collect::<Vec<_>>().join(" "),
         ));
         t.push_str("Throughput and CPU (h2load; the proxy alone on CPU 1, client and backends on CPU 0):\n\n");
         t.push_str("| contender | rps -c4 -m32 | rps -c16 -m100 | best / S0 | proxy CPU busy | proxy CPU us/req | errors |\n|---|---:|---:|---:|---:|---:|---:|\n");
@@ -1770,12 +1905,12 @@ impl Report {
             t.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
                 k.label(),
-                f0(self.sat_at(k, 0, "rps")),
-                f0(self.sat_at(k, 1, "rps")),
+                f0(self.sat_at(k, 0, |s| Some(s.rps))),
+                f0(self.sat_at(k, 1, |s| Some(s.rps))),
                 f2(Self::ratio(self.sat_best(k), s0_sat)),
-                self.sat_at(k, 0, "cpu_util")
+                self.sat_at(k, 0, |s| s.cpu_util)
                     .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
-                f1(self.sat_at(k, 0, "cpu_us_per_req")),
+                f1(self.sat_at(k, 0, |s| s.cpu_us_per_req)),
                 self.errors(k),
             ));
         }
@@ -1803,16 +1938,15 @@ impl Report {
             };
             t.push_str(&format!("| {} |", k.label()));
             for (_, rate) in &cols {
-                for f in ["p50_us", "p99_us", "p999_us"] {
+                let fields: [fn(&LoadResult) -> f64; 3] =
+                    [|r| r.p50_us, |r| r.p99_us, |r| r.p999_us];
+                for f in fields {
                     let c = match rate {
                         None => cell(self.probe(k, f), self.probe(Kind::S0, f)),
                         Some(name) => {
                             let c = cell(self.rate(k, name, f), self.rate(Kind::S0, name, f));
                             let over = self.reps.iter().filter_map(|r| r.get(&k)).any(|v| {
-                                v["rates"].as_array().into_iter().flatten().any(|r| {
-                                    r["name"].as_str() == Some(*name)
-                                        && r["overloaded"].as_bool() == Some(true)
-                                })
+                                v.rates.iter().any(|r| r.name == *name && r.overloaded)
                             });
                             if over {
                                 format!("{c} !")
@@ -1834,21 +1968,20 @@ impl Report {
             t.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 k.label(),
-                f3(self.fair(k, "jain")),
-                f2(self.fair(k, "max_over_mean")),
-                f1(rss.and_then(|v| v["idle_mib"].as_f64())),
-                f1(rss.and_then(|v| v["per_1k_conns_mib"].as_f64())),
+                f3(self.fair(k, |f| f.jain)),
+                f2(self.fair(k, |f| f.max_over_mean)),
+                f1(rss.map(|v| v.idle_mib)),
+                f1(rss.and_then(|v| v.per_1k_conns_mib)),
             ));
         }
         t.push_str(&format!(
             "| S4 with `--balancer round-robin` (info; not the default) | {} | {} | - | - |\n",
-            f3(self.rr_fairness["jain"].as_f64()),
-            f2(self.rr_fairness["max_over_mean"].as_f64()),
+            f3(self.rr_fairness.as_ref().map(|f| f.jain)),
+            f2(self.rr_fairness.as_ref().map(|f| f.max_over_mean)),
         ));
         let s = self.summary();
-        let num = |k: &str| s[k].as_f64();
         // An added p99 is only meaningful when S0 itself ran clean at that rate.
-        let s0_p99 = |name: &str| self.rate(Kind::S0, name, "p99_us");
+        let s0_p99 = |name: &str| self.rate(Kind::S0, name, |r| r.p99_us);
         let latency_check = |value: Option<f64>, name: &str| -> &'static str {
             match (value, s0_p99(name)) {
                 (Some(_), Some(b)) if b > 5000.0 => {
@@ -1867,98 +2000,98 @@ impl Report {
         let rows: Vec<(String, String, &str)> = vec![
             (
                 "saturation rps vs HAProxy (S4/S3)".into(),
-                f2(num("rps_ratio_vs_haproxy")),
-                check(num("rps_ratio_vs_haproxy").map(|v| v >= 1.2)),
+                f2(s.rps_ratio_vs_haproxy),
+                check(s.rps_ratio_vs_haproxy.map(|v| v >= 1.2)),
             ),
             (
                 "saturation rps vs nginx (S4/S2)".into(),
-                f2(num("rps_ratio_vs_nginx")),
-                check(num("rps_ratio_vs_nginx").map(|v| v >= 2.5)),
+                f2(s.rps_ratio_vs_nginx),
+                check(s.rps_ratio_vs_nginx.map(|v| v >= 2.5)),
             ),
             (
                 "CPU per request vs HAProxy".into(),
-                f2(num("cpu_per_req_ratio_vs_haproxy")),
-                check(num("cpu_per_req_ratio_vs_haproxy").map(|v| v <= 0.8)),
+                f2(s.cpu_per_req_ratio_vs_haproxy),
+                check(s.cpu_per_req_ratio_vs_haproxy.map(|v| v <= 0.8)),
             ),
             (
                 "added single-stream latency vs HAProxy".into(),
-                f2(num("added_latency_ratio_vs_haproxy")),
-                check(num("added_latency_ratio_vs_haproxy").map(|v| v <= 0.7)),
+                f2(s.added_latency_ratio_vs_haproxy),
+                check(s.added_latency_ratio_vs_haproxy.map(|v| v <= 0.7)),
             ),
             (
                 "added p99 at half of interceptor's saturation, us (S4)".into(),
-                f0(num("p99_added_us_at_half_load")),
-                latency_check(num("p99_added_us_at_half_load"), "icp_half"),
+                f0(s.p99_added_us_at_half_load),
+                latency_check(s.p99_added_us_at_half_load, "icp_half"),
             ),
             (
                 "added p99 at half of the slowest proxy's saturation, us (S4)".into(),
-                f0(num("p99_added_us_at_low_load")),
-                latency_check(num("p99_added_us_at_low_load"), "low"),
+                f0(s.p99_added_us_at_low_load),
+                latency_check(s.p99_added_us_at_low_load, "low"),
             ),
             (
                 "added p99 at half of S0's saturation, us (S4)".into(),
-                f0(num("p99_added_us_at_half_of_s0")),
-                latency_check(num("p99_added_us_at_half_of_s0"), "s0_half"),
+                f0(s.p99_added_us_at_half_of_s0),
+                latency_check(s.p99_added_us_at_half_of_s0, "s0_half"),
             ),
             (
                 "RSS idle, MiB".into(),
-                f1(num("rss_idle_mib")),
-                check(num("rss_idle_mib").map(|v| v <= 15.0)),
+                f1(s.rss_idle_mib),
+                check(s.rss_idle_mib.map(|v| v <= 15.0)),
             ),
             (
                 "RSS per 1k idle conns, MiB".into(),
-                f1(num("rss_per_1k_conns_mib")),
-                check(num("rss_per_1k_conns_mib").map(|v| v <= 30.0)),
+                f1(s.rss_per_1k_conns_mib),
+                check(s.rss_per_1k_conns_mib.map(|v| v <= 30.0)),
             ),
             (
                 "Jain, 1 client connection (S4)".into(),
-                f3(num("jain_one_conn")),
-                check(num("jain_one_conn").map(|v| v >= 0.99)),
+                f3(s.jain_one_conn),
+                check(s.jain_one_conn.map(|v| v >= 0.99)),
             ),
             (
                 "max/mean, 1 client connection (S4)".into(),
-                f2(num("max_over_mean_one_conn")),
-                check(num("max_over_mean_one_conn").map(|v| v <= 1.05)),
+                f2(s.max_over_mean_one_conn),
+                check(s.max_over_mean_one_conn.map(|v| v <= 1.05)),
             ),
             (
                 "new endpoint: first request, ms".into(),
-                f1(num("new_endpoint_first_request_ms")),
-                check(num("new_endpoint_first_request_ms").map(|v| v <= 100.0)),
+                f1(s.new_endpoint_first_request_ms),
+                check(s.new_endpoint_first_request_ms.map(|v| v <= 100.0)),
             ),
             (
                 "new endpoint: fair share, ms".into(),
-                f0(num("new_endpoint_fair_share_ms")),
-                check(num("new_endpoint_fair_share_ms").map(|v| v <= 1000.0)),
+                f0(s.new_endpoint_fair_share_ms),
+                check(s.new_endpoint_fair_share_ms.map(|v| v <= 1000.0)),
             ),
             (
                 "failed requests on endpoint removal".into(),
-                f0(num("removal_failed_requests")),
-                check(num("removal_failed_requests").map(|v| v == 0.0)),
+                f0(s.removal_failed_requests.map(|v| v as f64)),
+                check(s.removal_failed_requests.map(|v| v as f64).map(|v| v == 0.0)),
             ),
             (
                 "S5 / S4 saturation (transparent vs direct)".into(),
-                f3(num("transparent_vs_direct_ratio")),
-                check(num("transparent_vs_direct_ratio").map(|v| v >= 0.99)),
+                f3(s.transparent_vs_direct_ratio),
+                check(s.transparent_vs_direct_ratio.map(|v| v >= 0.99)),
             ),
             (
                 "connect() hook run time per redirected connect (kernel-accounted), ns".into(),
-                f0(num("connect_added_ns")),
-                check(num("connect_added_ns").map(|v| v <= 1000.0)),
+                f0(s.connect_added_ns),
+                check(s.connect_added_ns.map(|v| v <= 1000.0)),
             ),
             (
                 "connect() added wall clock, redirect path, ns (noisy)".into(),
-                f0(num("connect_added_wall_ns")),
-                check(num("connect_added_wall_ns").map(|v| v <= 1000.0)),
+                f0(s.connect_added_wall_ns),
+                check(s.connect_added_wall_ns.map(|v| v <= 1000.0)),
             ),
             (
                 "connect() hook run time, pass path (kernel-accounted), ns".into(),
-                f0(num("connect_pass_kernel_ns")),
-                check(num("connect_pass_kernel_ns").map(|v| v <= 1000.0)),
+                f0(s.connect_pass_kernel_ns),
+                check(s.connect_pass_kernel_ns.map(|v| v <= 1000.0)),
             ),
             (
                 "errors (all contenders, all phases)".into(),
-                f0(num("errors")),
-                check(num("errors").map(|v| v == 0.0)),
+                f0(Some(s.errors as f64)),
+                check(Some(s.errors as f64).map(|v| v == 0.0)),
             ),
         ];
         t.push_str("\nTargets for interceptor:\n\n| metric | value | target |\n|---|---:|---|\n");
@@ -1966,14 +2099,14 @@ impl Report {
             t.push_str(&format!("| {m} | {v} | {c} |\n"));
         }
         t.push_str("\nNotes:\n\n");
-        for n in s["notes"].as_array().into_iter().flatten() {
-            t.push_str(&format!("- {}\n", n.as_str().unwrap_or("")));
+        for n in &s.notes {
+            t.push_str(&format!("- {n}\n"));
         }
-        if let Some(d) = s["s0_drift"].as_f64() {
+        if let Some(d) = s.s0_drift {
             t.push_str(&format!(
                 "\nS0 saturation (-c4 -m32) drift between repetitions: {:.1}%{}.\n",
                 d * 100.0,
-                if s["noisy"].as_bool() == Some(true) {
+                if s.noisy {
                     " (noisy run)"
                 } else {
                     ""
