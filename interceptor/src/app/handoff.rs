@@ -19,9 +19,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Default path of the handoff socket (a hostPath directory shared by an agent's versions).
-
-
 const TAKE: &[u8] = b"TAKE1";
 const END: &[u8] = b"END";
 const READY: &[u8] = b"READY";
