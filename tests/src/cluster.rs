@@ -564,6 +564,19 @@ impl Tallies {
     }
 }
 
+/// Asserts that a window of calls reached exactly `pods` pods, each with more than
+/// `min_share` of them.
+pub fn assert_spread(window: &BTreeMap<String, u64>, pods: usize, min_share: f64) {
+    assert_eq!(window.len(), pods, "calls reached {window:?}");
+    let total: u64 = window.values().sum();
+    for (pod, n) in window {
+        assert!(
+            *n as f64 > min_share * total as f64,
+            "{pod} got {n} of {total}: {window:?}"
+        );
+    }
+}
+
 /// Polls `cond` every 10 ms; returns the elapsed time since `since` when it first held.
 pub fn effect(since: Instant, what: &str, cond: impl Fn() -> bool) -> Duration {
     let deadline = since + Duration::from_secs(5);

@@ -12,8 +12,8 @@
 //!   set, `timeoutSeconds`, and streaming lists (`sendInitialEvents=true`, ended by a bookmark
 //!   annotated `k8s.io/initial-events-end`);
 //! - test controls: [`FakeApiServer::bookmark`], [`FakeApiServer::expire`] (410 Gone, like an
-//!   etcd compaction), [`FakeApiServer::close_watches`] and a request log
-//!   ([`FakeApiServer::requests`]).
+//!   etcd compaction), [`FakeApiServer::close_watches`], [`FakeApiServer::forbid`] (403 for
+//!   a kind, like a role without the rule) and a request log ([`FakeApiServer::requests`]).
 //!
 //! Like the real API server, it validates what it is asked: an unsupported field selector, a
 //! malformed label selector or resourceVersion, or `resourceVersionMatch` without a
@@ -24,7 +24,7 @@
 //! dropping it stops the thread and closes every socket.
 //!
 //! Not modelled: writes through the API (tests change objects with [`FakeApiServer::apply`] and
-//! [`FakeApiServer::delete`]), auth, protobuf, exact-version lists of old snapshots,
+//! [`FakeApiServer::delete`]), authentication and RBAC beyond `forbid`, protobuf, exact-version lists of old snapshots,
 //! namespace deletion cascading to the objects in it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -350,6 +350,17 @@ impl FakeApiServer {
         store.watches.len()
     }
 
+    /// Answers every read of `kind` with 403 Forbidden, as the real API server does for a
+    /// ServiceAccount whose role lacks the rule (an agent upgraded before its ClusterRole).
+    ///
+    /// # Panics
+    /// On an unsupported kind.
+    pub fn forbid(&self, kind: &str) {
+        let k = Kind::from_kind(kind)
+            .unwrap_or_else(|| panic!("fake API server: forbid: unsupported kind {kind:?}"));
+        lock(&self.shared.forbidden).push(k);
+    }
+
     /// Every request answered so far, in arrival order.
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.shared.log).clone()
@@ -377,6 +388,8 @@ impl Drop for FakeApiServer {
 struct Shared {
     store: Mutex<Store>,
     log: Mutex<Vec<Request>>,
+    /// Kinds the client may not read (RBAC without the rule): 403 Forbidden.
+    forbidden: Mutex<Vec<Kind>>,
 }
 
 /// Locks a mutex; a panic elsewhere while holding it leaves the data usable for a test.
@@ -951,6 +964,21 @@ fn route(shared: &Shared, path: &str, query: &[(String, String)]) -> Outcome {
             "the server could not find the requested resource",
         );
     };
+    let target_kind = match &target {
+        Target::Collection { kind, .. } | Target::Object { kind, .. } => *kind,
+    };
+    if lock(&shared.forbidden).contains(&target_kind) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "{} is forbidden: User \"system:serviceaccount:interceptor:interceptor\" cannot list resource \"{}\" in API group \"{}\" at the cluster scope",
+                target_kind.plural(),
+                target_kind.plural(),
+                target_kind.group()
+            ),
+        );
+    }
     let (kind, namespace) = match target {
         Target::Object {
             kind,

@@ -20,6 +20,25 @@ impl Drop for KubeconfigFile {
     }
 }
 
+impl KubeconfigFile {
+    /// A kubeconfig pointing at `api`, removed on drop.
+    fn for_api(api: &FakeApiServer, c: &GreetCluster) -> Self {
+        let file = Self(std::env::temp_dir().join(format!("icp-{}-kubeconfig", c.node.id)));
+        api.write_kubeconfig(&file.0).expect("write kubeconfig");
+        file
+    }
+}
+
+/// The agent on the kube source for this node, talking to the API server of `kubeconfig`.
+fn start_kube_agent(c: &GreetCluster, kubeconfig: &KubeconfigFile) -> AgentProcess {
+    let mut args = vec!["run".to_string(), "--source=kube".into()];
+    args.extend(c.node_args());
+    AgentProcess::start_with_env(
+        &args,
+        &[("KUBECONFIG", kubeconfig.0.to_str().expect("utf-8"))],
+    )
+}
+
 fn apply(api: &FakeApiServer, c: &GreetCluster, spec: &Spec) -> Instant {
     api.apply_yaml(&c.docs(spec).join("---\n"));
     Instant::now()
@@ -29,10 +48,7 @@ fn apply(api: &FakeApiServer, c: &GreetCluster, spec: &Spec) -> Instant {
 fn kube_watch_drives_the_datapath_and_the_balancer() {
     let mut c = GreetCluster::new(&[30, 31, 32]);
     let api = FakeApiServer::start();
-    let kubeconfig =
-        KubeconfigFile(std::env::temp_dir().join(format!("icp-{}-kubeconfig", c.node.id)));
-    api.write_kubeconfig(&kubeconfig.0)
-        .expect("write kubeconfig");
+    let kubeconfig = KubeconfigFile::for_api(&api, &c);
     // A pod on another node: the agent must never see it (field selector).
     api.apply_yaml(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: elsewhere, namespace: shop, uid: 99}\nspec: {nodeName: node-b, containers: [{name: a, image: b}]}\nstatus: {phase: Running}\n",
@@ -40,12 +56,7 @@ fn kube_watch_drives_the_datapath_and_the_balancer() {
     let mut spec = Spec::new(false, &[30, 31, 32]);
     apply(&api, &c, &spec);
 
-    let mut args = vec!["run".to_string(), "--source=kube".into()];
-    args.extend(c.node_args());
-    let agent = AgentProcess::start_with_env(
-        &args,
-        &[("KUBECONFIG", kubeconfig.0.to_str().expect("utf-8"))],
-    );
+    let agent = start_kube_agent(&c, &kubeconfig);
     assert_eq!(
         agent.admin_get("/readyz").0,
         200,
@@ -179,10 +190,7 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     use interceptor_tests::cluster::Placement;
     let c = GreetCluster::new(&[40, 41, 42]);
     let api = FakeApiServer::start();
-    let kubeconfig =
-        KubeconfigFile(std::env::temp_dir().join(format!("icp-{}-kubeconfig", c.node.id)));
-    api.write_kubeconfig(&kubeconfig.0)
-        .expect("write kubeconfig");
+    let kubeconfig = KubeconfigFile::for_api(&api, &c);
     // This node is in zone-a; 41 runs on another node of zone-a, 42 in zone-b.
     let mut spec = Spec::new(true, &[40, 41, 42]);
     spec.node_zone = Some("zone-a");
@@ -193,12 +201,7 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     spec.service_fields = vec!["trafficDistribution: PreferClose".into()];
     apply(&api, &c, &spec);
 
-    let mut args = vec!["run".to_string(), "--source=kube".into()];
-    args.extend(c.node_args());
-    let agent = AgentProcess::start_with_env(
-        &args,
-        &[("KUBECONFIG", kubeconfig.0.to_str().expect("utf-8"))],
-    );
+    let agent = start_kube_agent(&c, &kubeconfig);
     effect(Instant::now(), "kube: client pod hooked", || c.client_hooked());
     let mut t = c.client_run(30);
     let unhinted = t.window(Duration::from_millis(800));
@@ -274,11 +277,7 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     let took = t.settle(at, "all three endpoints", |w| w.len() == 3);
     let all = t.window(Duration::from_millis(1000));
     note(&format!("kube: fields removed (after {took:?}): {}", share_line(&all)));
-    assert_eq!(all.len(), 3, "{all:?}");
-    let total: u64 = all.values().sum();
-    for (pod, n) in &all {
-        assert!(*n as f64 > 0.2 * total as f64, "{pod} got {n} of {total}");
-    }
+    interceptor_tests::cluster::assert_spread(&all, 3, 0.2);
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 
     // The Node watch asks for this node only.
@@ -295,4 +294,35 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
             "node request without this node's field selector: {r}"
         );
     }
+}
+
+/// An agent upgraded before its ClusterRole (no `nodes` rule): it says why topology is off and
+/// runs as before, instead of never becoming ready.
+#[test]
+fn without_rbac_for_nodes_the_agent_runs_and_ignores_topology() {
+    let c = GreetCluster::new(&[45, 46]);
+    let api = FakeApiServer::start();
+    api.forbid("Node");
+    let kubeconfig = KubeconfigFile::for_api(&api, &c);
+    let spec = Spec::new(true, &[45, 46]);
+    apply(&api, &c, &spec);
+    let agent = start_kube_agent(&c, &kubeconfig);
+    assert_eq!(agent.admin_get("/readyz").0, 200, "ready without the Node");
+    effect(Instant::now(), "kube: client pod hooked", || c.client_hooked());
+    let mut t = c.client_run(5);
+    let both = t.window(Duration::from_millis(800));
+    note(&format!("kube: Nodes forbidden: {}", share_line(&both)));
+    assert_eq!(both.len(), 2, "{both:?}");
+    let log = agent.log_text();
+    assert!(
+        log.contains("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)"),
+        "one line says what is missing and what it costs:\n{log}"
+    );
+    let forbidden = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/nodes"))
+        .count();
+    assert!(forbidden >= 1, "the agent asked for its Node");
+    assert_eq!(t.last.errors, 0, "{:?}", t.last_error);
 }
