@@ -70,6 +70,17 @@ impl Ctx {
         m::request(&self.service, ep, Status::CANCELLED, self.started.elapsed());
     }
 
+    /// Answers UNAVAILABLE ourselves: no endpoint could take the stream.
+    fn no_endpoint(&self, respond: &mut SendResponse<Bytes>, msg: &str) {
+        self.local(
+            respond,
+            grpc::UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            msg,
+            self.service.no_endpoint(),
+        );
+    }
+
     /// Answers the client ourselves (no response headers were sent yet).
     fn local(
         &self,
@@ -139,13 +150,7 @@ pub(crate) async fn forward(
         let Some(ep) = dest.pick(&tried) else {
             m::unavailable(UnavailableReason::NoEndpoint);
             let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
-            ctx.local(
-                &mut respond,
-                grpc::UNAVAILABLE,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &msg,
-                ctx.service.no_endpoint(),
-            );
+            ctx.no_endpoint(&mut respond, &msg);
             return;
         };
         let in_flight = ep.start();
@@ -203,13 +208,7 @@ pub(crate) async fn forward(
         "interceptor: no endpoint of {} could take the request",
         dest.addr()
     );
-    ctx.local(
-        &mut respond,
-        grpc::UNAVAILABLE,
-        StatusCode::SERVICE_UNAVAILABLE,
-        &msg,
-        ctx.service.no_endpoint(),
-    );
+    ctx.no_endpoint(&mut respond, &msg);
 }
 
 /// What getting a pooled connection to the picked endpoint came to.
