@@ -280,6 +280,14 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     interceptor_tests::cluster::assert_spread(&all, 3, 0.2);
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 
+    // The Service port says appProtocol: grpc (cluster::service): its connections went to the
+    // HTTP/2 server without the detection wait, as on the file source.
+    let (_, metrics) = agent.admin_get("/metrics");
+    assert!(
+        metrics.contains("interceptor_detections_total{protocol=\"declared_h2\"}"),
+        "appProtocol grpc from the watched Service skips detection:\n{metrics}"
+    );
+
     // The Node watch asks for this node only.
     let nodes: Vec<_> = api
         .requests()
@@ -314,10 +322,11 @@ fn without_rbac_for_nodes_the_agent_runs_and_ignores_topology() {
     note(&format!("kube: Nodes forbidden: {}", share_line(&both)));
     assert_eq!(both.len(), 2, "{both:?}");
     let log = agent.log_text();
-    assert!(
-        log.contains("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)"),
-        "one line says what is missing and what it costs:\n{log}"
-    );
+    let said = log
+        .lines()
+        .filter(|l| l.contains("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)"))
+        .count();
+    assert_eq!(said, 1, "one line says what is missing and what it costs, once:\n{log}");
     let forbidden = api
         .requests()
         .into_iter()

@@ -171,6 +171,8 @@ where
 {
     let mut stream = watcher(api, config).backoff(WatchBackoff::new()).boxed();
     let mut buffer: Vec<K> = Vec::new();
+    // An optional kind that could not be listed yet, and the snapshot went on without it.
+    let mut going_without = false;
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::Init) => buffer.clear(),
@@ -185,6 +187,7 @@ where
                     }
                 });
                 shared.mark_synced(kind.slot);
+                going_without = false;
             }
             Ok(watcher::Event::Apply(obj)) => {
                 let obj = slim(obj);
@@ -192,15 +195,21 @@ where
             }
             Ok(watcher::Event::Delete(obj)) => shared.edit(|o| (kind.delete)(o, &obj)),
             // The watcher relists by itself (410 Gone included); the backoff spaces retries.
-            Err(error) => {
-                tracing::warn!(kind = kind.name, %error, "watch failed; retrying with backoff (the last known state stays in force)");
-                if let Some(without) = kind.optional {
-                    if !shared.is_synced(kind.slot) {
-                        tracing::warn!(kind = kind.name, "cannot list {}s yet: going on without them ({without}); retrying", kind.name);
-                        shared.mark_synced(kind.slot);
-                    }
+            Err(error) => match kind.optional {
+                // Never listed and still failing (a role without the rule): said once below,
+                // then quietly retried, so the log is not a warning every 30 s forever.
+                Some(_) if going_without => {
+                    tracing::debug!(kind = kind.name, %error, "still cannot list; retrying")
                 }
-            }
+                Some(without) if !shared.is_synced(kind.slot) => {
+                    tracing::warn!(kind = kind.name, %error, "cannot list {}s yet: going on without them ({without}); retrying", kind.name);
+                    going_without = true;
+                    shared.mark_synced(kind.slot);
+                }
+                _ => {
+                    tracing::warn!(kind = kind.name, %error, "watch failed; retrying with backoff (the last known state stays in force)")
+                }
+            },
         }
     }
 }
