@@ -561,10 +561,9 @@ impl Topology {
                     "--admin-addr".into(),
                     "127.0.0.1:0".into(),
                     "--handoff-socket".into(),
-                    std::env::temp_dir()
-                        .join(format!("icp-bench-handoff-{}.sock", std::process::id()))
-                        .display()
-                        .to_string(),
+                    // In the work directory, which goes when the run ends (a killed agent
+                    // leaves its socket file behind).
+                    self.dir.join("handoff.sock").display().to_string(),
                     "--drain-timeout".into(),
                     "1s".into(),
                     "--worker-threads".into(),
