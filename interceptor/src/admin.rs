@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::state::SharedState;
 use crate::proxy::metrics as pm;
+use crate::state::SharedState;
 
 /// Kernel counters exported under this name, one series per reason.
 pub const KERNEL_CONNECTS: &str = "interceptor_kernel_connects_total";
@@ -205,9 +205,9 @@ pub async fn serve_scoped(
     scope: Scope,
 ) -> Result<SocketAddr, AdminError> {
     let listener = bind_shared(addr).map_err(|source| match scope {
-            Scope::Full => AdminError::Bind { addr, source },
-            Scope::MetricsOnly => AdminError::BindMetrics { addr, source },
-        })?;
+        Scope::Full => AdminError::Bind { addr, source },
+        Scope::MetricsOnly => AdminError::BindMetrics { addr, source },
+    })?;
     let local = listener.local_addr().unwrap_or(addr);
     tokio::spawn(async move {
         loop {

@@ -24,9 +24,9 @@ use crate::discovery::{file, kube};
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::EndpointSpec;
 
+use crate::state::SharedState;
 pub use agent::Agent;
 pub use inspect::{explain, status, uninstall};
-use crate::state::SharedState;
 use reconcile::Reconciler;
 
 /// The agent: `interceptor run`.
@@ -190,10 +190,13 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
                     }
                 })?;
         }
-        Err(e) => tracing::warn!(error = %e, "cannot serve the handoff socket; the next upgrade will not be hitless"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve the handoff socket; the next upgrade will not be hitless")
+        }
     }
     // Set once the listeners are sent: the new agent's READY, or why it never came.
-    let mut handing: Option<tokio::sync::oneshot::Receiver<Result<(), handoff::HandoffError>>> = None;
+    let mut handing: Option<tokio::sync::oneshot::Receiver<Result<(), handoff::HandoffError>>> =
+        None;
     let mut handed_over = false;
 
     let mut log_tick = tokio::time::interval(Duration::from_millis(100));
@@ -306,8 +309,14 @@ fn finish_takeover(taking: &mut Option<handoff::Taking>, agent: &mut Agent) {
     let Some(t) = taking.take() else { return };
     let unused = agent.forget_handed();
     match t.ready() {
-        Ok(()) => tracing::info!(pods = agent.enabled().len(), unused, "took over the pod-local listeners; the previous agent stops accepting and drains"),
-        Err(e) => tracing::warn!(error = %e, "could not tell the previous agent to stop; it keeps accepting until it exits"),
+        Ok(()) => tracing::info!(
+            pods = agent.enabled().len(),
+            unused,
+            "took over the pod-local listeners; the previous agent stops accepting and drains"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not tell the previous agent to stop; it keeps accepting until it exits")
+        }
     }
 }
 

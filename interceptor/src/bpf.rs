@@ -4,8 +4,8 @@
 //! This is the only module that uses aya.
 
 mod attach;
-mod maps;
 pub mod kernel;
+mod maps;
 mod pins;
 
 use std::collections::BTreeMap;

@@ -408,7 +408,10 @@ mod tests {
             crate::duration::parse("2m"),
             Ok(std::time::Duration::from_secs(120))
         );
-        assert_eq!(crate::duration::parse("7"), Ok(std::time::Duration::from_secs(7)));
+        assert_eq!(
+            crate::duration::parse("7"),
+            Ok(std::time::Duration::from_secs(7))
+        );
         assert!(crate::duration::parse("soon").is_err());
         assert!(crate::duration::parse("5h").is_err());
     }

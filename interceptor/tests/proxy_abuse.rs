@@ -649,7 +649,8 @@ async fn streams_whose_endpoint_stops_reading_stall_only_themselves() {
         let (resp, mut body) = send.send_request(post("/ok"), false).expect("send");
         let mut msg = vec![0u8, 0, 1, 0, 0];
         msg.resize(5 + 65536, 7);
-        body.send_data(Bytes::from(msg), true).expect("request body");
+        body.send_data(Bytes::from(msg), true)
+            .expect("request body");
         let resp = timeout(Duration::from_secs(5), resp)
             .await
             .unwrap_or_else(|_| panic!("call {i} stalled behind the streams nobody reads"))
@@ -663,7 +664,10 @@ async fn streams_whose_endpoint_stops_reading_stall_only_themselves() {
             .expect("trailers in time")
             .expect("trailers")
             .expect("trailers present");
-        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
         lat.push(t.elapsed());
     }
     let growth = rss_kib().saturating_sub(rss_before);

@@ -348,13 +348,23 @@ async fn slow_start_ramps_a_joining_endpoints_share_up_over_its_window() {
             .map(|(_, x)| *x)
             .unwrap_or(0.0)
     };
-    let ramp: Vec<f64> = [(0, 500), (500, 1000), (1000, 1500), (1500, 2000), (2000, 3000)]
-        .iter()
-        .map(|(a, b)| share_in(*a, *b))
-        .collect();
+    let ramp: Vec<f64> = [
+        (0, 500),
+        (500, 1000),
+        (1000, 1500),
+        (1500, 2000),
+        (2000, 3000),
+    ]
+    .iter()
+    .map(|(a, b)| share_in(*a, *b))
+    .collect();
     println!("joining endpoint's share with a 2 s slow start, per window (0-0.5, 0.5-1, 1-1.5, 1.5-2, 2-3 s): {ramp:.3?}");
     assert!(ramp[0] > 0.0, "it takes some calls from the start");
     assert!(ramp[0] < 0.12, "first half second: {:.1}%", ramp[0] * 100.0);
     assert!(ramp[1] < ramp[3], "the share grows: {ramp:?}");
-    assert!((ramp[4] - 1.0 / 3.0).abs() <= 0.05, "after the window: {:.1}%", ramp[4] * 100.0);
+    assert!(
+        (ramp[4] - 1.0 / 3.0).abs() <= 0.05,
+        "after the window: {:.1}%",
+        ramp[4] * 100.0
+    );
 }

@@ -919,7 +919,10 @@ async fn endpoint_that_never_completes_the_handshake_is_ejected_though_every_dea
             LIMIT,
             unary(
                 &mut c,
-                request(Bytes::from(format!("h{calls}")), &[("grpc-timeout", "200m")]),
+                request(
+                    Bytes::from(format!("h{calls}")),
+                    &[("grpc-timeout", "200m")],
+                ),
             ),
         )
         .await
@@ -944,8 +947,14 @@ async fn endpoint_that_never_completes_the_handshake_is_ejected_though_every_dea
     println!("silent handshake, 200 ms deadlines: {calls} calls in {:?}, {failed} failed, ejected after (time, failures) {ejected_after:?}", started.elapsed());
     let (after, failures) = ejected_after.expect("the silent endpoint was never ejected");
     // Three handshakes time out one after another (3 x 1 s) before the ejection.
-    assert!(after < Duration::from_secs(5), "ejected only after {after:?}");
-    assert!(failures <= 20, "{failures} calls failed before the ejection");
+    assert!(
+        after < Duration::from_secs(5),
+        "ejected only after {after:?}"
+    );
+    assert!(
+        failures <= 20,
+        "{failures} calls failed before the ejection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,7 +1009,10 @@ async fn failing_backend(
             count.fetch_add(1, Ordering::Relaxed);
             let mut resp = http::Response::new(());
             let h = resp.headers_mut();
-            h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            h.insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
             h.insert("grpc-status", http::HeaderValue::from_static(status));
             if let Some(p) = pushback_ms {
                 h.insert("grpc-retry-pushback-ms", http::HeaderValue::from_static(p));
@@ -1058,7 +1070,10 @@ async fn an_endpoint_failing_fast_gets_almost_no_calls_and_its_peers_a_fair_shar
         "1 of 4 endpoints answers UNAVAILABLE at once: {calls} calls in 1 s, {bad_n} to it ({:.2}%), {failed} failed, healthy shares {shares:.3?}",
         100.0 * bad_n as f64 / calls as f64
     );
-    assert!((bad_n as f64) < 0.05 * calls as f64, "the failing endpoint got {bad_n} of {calls}");
+    assert!(
+        (bad_n as f64) < 0.05 * calls as f64,
+        "the failing endpoint got {bad_n} of {calls}"
+    );
     // Only the calls it answered failed: every other call was served by a healthy endpoint.
     assert_eq!(failed, bad_n);
     for s in &shares {
@@ -1103,7 +1118,11 @@ async fn three_of_four_failing_fast_eject_at_most_half() {
         good.calls()
     );
     assert!(most <= 2, "{most} of 4 ejected at once");
-    assert!(good.calls() as f64 > 0.8 * calls as f64, "the healthy endpoint served {} of {calls}", good.calls());
+    assert!(
+        good.calls() as f64 > 0.8 * calls as f64,
+        "the healthy endpoint served {} of {calls}",
+        good.calls()
+    );
     assert_eq!(ejected(&p, &[good.addr]), 0);
 }
 
@@ -1114,7 +1133,11 @@ async fn an_endpoint_asking_for_a_pause_is_left_alone_for_it() {
         .collect();
     // RESOURCE_EXHAUSTED with a 400 ms pushback.
     let (paused, paused_calls) = failing_backend([127, 0, 9, 9], "8", Some("400")).await;
-    let p = start_proxy(ProxyConfig::default(), &[good[0].addr, good[1].addr, paused]).await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        &[good[0].addr, good[1].addr, paused],
+    )
+    .await;
     let (calls, failed) = load_for(&p, Duration::from_secs(1)).await;
     let n = paused_calls.load(Ordering::Relaxed);
     println!("an endpoint answering RESOURCE_EXHAUSTED with grpc-retry-pushback-ms 400: {n} of {calls} calls in 1 s, {failed} failed");

@@ -402,13 +402,23 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
             "deploy/monitoring/kustomization.yaml lists {r}, which does not exist"
         );
     }
-    assert!(k.resources.iter().any(|r| r.trim_end_matches('/') == ".."), "builds on deploy/");
+    assert!(
+        k.resources.iter().any(|r| r.trim_end_matches('/') == ".."),
+        "builds on deploy/"
+    );
     let patch_path = k.patches[0].get("path").expect("a patch path");
     let patch: DaemonSet = object(&format!("monitoring/{patch_path}"), "DaemonSet");
     let ds = daemonset();
-    assert_eq!(patch.metadata.name, ds.metadata.name, "the patch targets the agent's DaemonSet");
+    assert_eq!(
+        patch.metadata.name, ds.metadata.name,
+        "the patch targets the agent's DaemonSet"
+    );
     let c = agent_container(&patch);
-    assert_eq!(c.name, agent_container(&ds).name, "the patch targets the agent's container");
+    assert_eq!(
+        c.name,
+        agent_container(&ds).name,
+        "the patch targets the agent's container"
+    );
     let addr = c
         .env
         .iter()
@@ -433,7 +443,10 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         .iter()
         .flatten()
         .any(|e| e.name == "INTERCEPTOR_NODE_IP" && e.value_from.is_some());
-    assert!(node_ip_from_downward_api, "daemonset.yaml sets INTERCEPTOR_NODE_IP");
+    assert!(
+        node_ip_from_downward_api,
+        "daemonset.yaml sets INTERCEPTOR_NODE_IP"
+    );
     let bound = run
         .metrics_addr
         .expect("metrics addr")
@@ -442,7 +455,11 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
     // With hostNetwork a container port is a host port, which would keep the upgrade's
     // surge pod off the node: the listener must not be declared as one.
     assert!(
-        c.ports.as_ref().is_none_or(|p| p.is_empty()) && agent_container(&ds).ports.as_ref().is_none_or(|p| p.is_empty()),
+        c.ports.as_ref().is_none_or(|p| p.is_empty())
+            && agent_container(&ds)
+                .ports
+                .as_ref()
+                .is_none_or(|p| p.is_empty()),
         "no container ports on a hostNetwork DaemonSet with maxSurge"
     );
     let pm = &documents("monitoring/podmonitor.yaml")[0];
@@ -463,7 +480,11 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         .expect("matchLabels")
     {
         let (k, v) = (k.as_str().expect("key"), v.as_str().expect("value"));
-        assert_eq!(labels.get(k).map(String::as_str), Some(v), "PodMonitor selects the agent's pods");
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            Some(v),
+            "PodMonitor selects the agent's pods"
+        );
     }
 
     // The HPA half of the autoscaling example is a core object: it validates strictly.
@@ -473,7 +494,11 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         .expect("an HPA example");
     let file = TempFile::new("hpa.yaml", &serde_yaml::to_string(&hpa).expect("yaml"));
     let out = kubernetes_validate(&file.0);
-    assert!(out.status.success(), "the HPA example does not validate:\n{}", shown(&out));
+    assert!(
+        out.status.success(),
+        "the HPA example does not validate:\n{}",
+        shown(&out)
+    );
     // The dashboard is JSON with queries on metrics the agent exports.
     let dash: serde_json::Value =
         serde_json::from_str(&read("monitoring/grafana-dashboard.json")).expect("dashboard JSON");
@@ -490,7 +515,10 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         interceptor::proxy::metrics::ACTIVE_STREAMS,
         interceptor::proxy::metrics::OPAQUE_BYTES,
     ] {
-        assert!(exprs.iter().any(|e| e.contains(name)), "no panel queries {name}");
+        assert!(
+            exprs.iter().any(|e| e.contains(name)),
+            "no panel queries {name}"
+        );
     }
 }
 
@@ -503,7 +531,11 @@ fn the_daemonset_upgrades_new_agent_first_through_the_handoff_socket() {
         .as_ref()
         .and_then(|u| u.rolling_update.as_ref())
         .expect("a rolling update");
-    assert_eq!(ru.max_surge, Some(IntOrString::Int(1)), "the new agent starts beside the old");
+    assert_eq!(
+        ru.max_surge,
+        Some(IntOrString::Int(1)),
+        "the new agent starts beside the old"
+    );
     assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
     let c = agent_container(&ds);
     let env = |name: &str| {
@@ -529,11 +561,19 @@ fn the_daemonset_upgrades_new_agent_first_through_the_handoff_socket() {
         .flatten()
         .find(|v| v.name == mount.name)
         .expect("the mount's volume");
-    let host = vol.host_path.as_ref().expect("a hostPath, shared by both agents of a node");
+    let host = vol
+        .host_path
+        .as_ref()
+        .expect("a hostPath, shared by both agents of a node");
     assert_eq!(Path::new(&host.path), dir);
     // The grace period covers the longer drain after a handover.
     let drain = interceptor::duration::parse(&env("INTERCEPTOR_HANDOFF_DRAIN_TIMEOUT"))
         .expect("a duration");
-    let grace = pod.termination_grace_period_seconds.expect("a grace period");
-    assert!(grace as u64 > drain.as_secs(), "grace {grace} s < handoff drain {drain:?}");
+    let grace = pod
+        .termination_grace_period_seconds
+        .expect("a grace period");
+    assert!(
+        grace as u64 > drain.as_secs(),
+        "grace {grace} s < handoff drain {drain:?}"
+    );
 }

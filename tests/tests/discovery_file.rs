@@ -539,11 +539,22 @@ fn requests_by_endpoint(agent: &AgentProcess) -> std::collections::BTreeMap<Stri
     let (code, metrics) = agent.admin_get("/metrics");
     assert_eq!(code, 200);
     let mut by = std::collections::BTreeMap::new();
-    for line in metrics.lines().filter(|l| l.starts_with("interceptor_requests_total{")) {
-        let Some(ep) = line.split("endpoint=\"").nth(1).and_then(|r| r.split('"').next()) else {
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("interceptor_requests_total{"))
+    {
+        let Some(ep) = line
+            .split("endpoint=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
             continue;
         };
-        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         *by.entry(ep.to_string()).or_default() += n as u64;
     }
     by
@@ -634,9 +645,14 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
         // controller sends once the new pod is ready.
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut handed_after = None;
-        while !old.log_text().contains("handed over and drained: idle until SIGTERM") {
+        while !old
+            .log_text()
+            .contains("handed over and drained: idle until SIGTERM")
+        {
             if handed_after.is_none()
-                && old.log_text().contains("the new agent accepts on the pod-local listeners")
+                && old
+                    .log_text()
+                    .contains("the new agent accepts on the pod-local listeners")
             {
                 handed_after = Some(started.elapsed());
             }
@@ -657,7 +673,10 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
         ));
         let old_log = old.log_text();
         let status = old.terminate(Duration::from_secs(10));
-        assert!(status.success(), "old agent on SIGTERM: {status}\n{old_log}");
+        assert!(
+            status.success(),
+            "old agent on SIGTERM: {status}\n{old_log}"
+        );
         assert!(
             old_log.contains("the new agent accepts on the pod-local listeners"),
             "the old agent handed over:\n{old_log}"
@@ -675,20 +694,31 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
             .lines()
             .find_map(|l| {
                 let mut f = l.strip_prefix("CHURN ")?.split(' ');
-                Some((f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+                Some((
+                    f.next()?.parse::<u64>().ok()?,
+                    f.next()?.parse::<u64>().ok()?,
+                ))
             })
             .unwrap_or_else(|| panic!("churn client printed no result: {text}"));
-        note(&format!("new channels across the upgrade: {ok} ok, {failed} failed"));
+        note(&format!(
+            "new channels across the upgrade: {ok} ok, {failed} failed"
+        ));
         assert!(ok > 100, "the churn client made only {ok} calls: {text}");
         assert_eq!(failed, 0, "calls on new channels failed: {text}");
         let out = hold.wait_output(Duration::from_secs(30));
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        note(&format!("opaque connection across the upgrade: {}", text.trim()));
+        note(&format!(
+            "opaque connection across the upgrade: {}",
+            text.trim()
+        ));
         let (echoed, sent) = text
             .lines()
             .find_map(|l| {
                 let mut f = l.strip_prefix("HOLD ")?.split(' ');
-                Some((f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+                Some((
+                    f.next()?.parse::<u64>().ok()?,
+                    f.next()?.parse::<u64>().ok()?,
+                ))
             })
             .unwrap_or_else(|| panic!("echo client printed no result: {text}"));
         assert!(
@@ -710,7 +740,9 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
             .iter()
             .map(|(ep, n)| (ep.clone(), n - first.get(ep).copied().unwrap_or(0)))
             .collect();
-        note(&format!("busy channel on the new agent, one second: {grew:?}"));
+        note(&format!(
+            "busy channel on the new agent, one second: {grew:?}"
+        ));
         assert_eq!(
             grew.iter().filter(|(_, n)| *n > 0).count(),
             2,
@@ -733,13 +765,21 @@ fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
     let undeclared = std::net::SocketAddr::from(([10, 96, 0, 31], 3308));
     let mut docs = c.docs(&Spec::new(true, &[95, 96]));
     let ip = std::net::IpAddr::V4(c.servers[0].pod.ip4);
-    for (name, vip, app) in [("db", server_first, Some("mysql")), ("plain", undeclared, None)] {
+    for (name, vip, app) in [
+        ("db", server_first, Some("mysql")),
+        ("plain", undeclared, None),
+    ] {
         let svc = interceptor_tests::cluster::service("shop", name, vip.ip(), vip.port(), &[]);
         docs.push(match app {
             Some(a) => svc.replace("appProtocol: grpc", &format!("appProtocol: {a}")),
             None => svc.replace("    appProtocol: grpc\n", ""),
         });
-        docs.push(interceptor_tests::cluster::endpoint_slice("shop", name, vip.port(), &[(ip, true)]));
+        docs.push(interceptor_tests::cluster::endpoint_slice(
+            "shop",
+            name,
+            vip.port(),
+            &[(ip, true)],
+        ));
     }
     interceptor_tests::cluster::write_manifests(&c.manifests, &docs);
     // Server-first on both ports: it writes its name as soon as a connection arrives.
@@ -758,7 +798,9 @@ fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
                 );
                 let took = t.elapsed();
                 assert!(
-                    lines.iter().any(|l| l.starts_with("OK ") && l.ends_with("greet-95")),
+                    lines
+                        .iter()
+                        .any(|l| l.starts_with("OK ") && l.ends_with("greet-95")),
                     "{vip}: {lines:?}"
                 );
                 took
@@ -771,8 +813,14 @@ fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
     note(&format!(
         "server-first greeting through the hook: appProtocol mysql {declared:?}, no appProtocol {detected:?} (the 300 ms detection wait)"
     ));
-    assert!(declared < Duration::from_millis(150), "appProtocol mysql waited {declared:?}");
-    assert!(detected >= Duration::from_millis(300), "no appProtocol: {detected:?}");
+    assert!(
+        declared < Duration::from_millis(150),
+        "appProtocol mysql waited {declared:?}"
+    );
+    assert!(
+        detected >= Duration::from_millis(300),
+        "no appProtocol: {detected:?}"
+    );
 
     // shop/greet says appProtocol: grpc: its connections go to the HTTP/2 server undetected.
     let mut t = c.client_run(1);
@@ -781,7 +829,9 @@ fn app_protocol_skips_detection_for_h2c_and_server_first_ports() {
     let (_, metrics) = agent.admin_get("/metrics");
     for label in ["declared_h2", "declared_opaque", "server_first"] {
         assert!(
-            metrics.contains(&format!("interceptor_detections_total{{protocol=\"{label}\"}}")),
+            metrics.contains(&format!(
+                "interceptor_detections_total{{protocol=\"{label}\"}}"
+            )),
             "no {label} connection counted:\n{metrics}"
         );
     }
@@ -817,7 +867,10 @@ fn internal_traffic_policy_local_keeps_one_channel_on_this_nodes_endpoints() {
 
     let mut t = c.client_run(8);
     let local = t.window(Duration::from_millis(800));
-    note(&format!("internalTrafficPolicy Local: {}", share_line(&local)));
+    note(&format!(
+        "internalTrafficPolicy Local: {}",
+        share_line(&local)
+    ));
     assert_eq!(
         local.keys().collect::<Vec<_>>(),
         ["greet-100"],
@@ -832,10 +885,15 @@ fn internal_traffic_policy_local_keeps_one_channel_on_this_nodes_endpoints() {
     // Removing the field restores balancing over all three, on the same channel.
     let at = Instant::now();
     interceptor_tests::cluster::write_manifests(&c.manifests, &docs(false));
-    t.until(Duration::from_secs(3), "all three endpoints take calls", |tally| {
-        tally.by_pod.len() == 3
-    });
-    note(&format!("internalTrafficPolicy removed: all three take calls after {:?}", at.elapsed()));
+    t.until(
+        Duration::from_secs(3),
+        "all three endpoints take calls",
+        |tally| tally.by_pod.len() == 3,
+    );
+    note(&format!(
+        "internalTrafficPolicy removed: all three take calls after {:?}",
+        at.elapsed()
+    ));
     let all = t.window(Duration::from_millis(1000));
     note(&format!("without the field: {}", share_line(&all)));
     interceptor_tests::cluster::assert_spread(&all, 3, 0.2);
@@ -864,10 +922,20 @@ fn session_affinity_client_ip_keeps_a_pods_calls_on_one_endpoint() {
 
     let mut t = c.client_run(10);
     let sticky = t.window(Duration::from_millis(800));
-    note(&format!("sessionAffinity ClientIP: {}", share_line(&sticky)));
-    assert_eq!(sticky.len(), 1, "every call of the pod on one endpoint: {sticky:?}");
+    note(&format!(
+        "sessionAffinity ClientIP: {}",
+        share_line(&sticky)
+    ));
+    assert_eq!(
+        sticky.len(),
+        1,
+        "every call of the pod on one endpoint: {sticky:?}"
+    );
     let status = operator(&agent, &c, &["status"]);
-    assert!(status.contains("sessionAffinity ClientIP (600 s)"), "{status}");
+    assert!(
+        status.contains("sessionAffinity ClientIP (600 s)"),
+        "{status}"
+    );
 
     // Its endpoint leaves: the calls move to one other endpoint, none fails.
     let pod: u8 = sticky
@@ -879,10 +947,15 @@ fn session_affinity_client_ip_keeps_a_pods_calls_on_one_endpoint() {
     spec.endpoints.retain(|n| *n != pod);
     let at = Instant::now();
     interceptor_tests::cluster::write_manifests(&c.manifests, &with_affinity(&spec));
-    t.until(Duration::from_secs(3), "calls move off the removed endpoint", |tally| {
-        tally.by_pod.len() > 1
-    });
-    note(&format!("calls moved {:?} after the endpoint was removed", at.elapsed()));
+    t.until(
+        Duration::from_secs(3),
+        "calls move off the removed endpoint",
+        |tally| tally.by_pod.len() > 1,
+    );
+    note(&format!(
+        "calls moved {:?} after the endpoint was removed",
+        at.elapsed()
+    ));
     // Streams already queued there finish first.
     std::thread::sleep(Duration::from_millis(200));
     let moved = t.window(Duration::from_millis(800));
@@ -893,12 +966,20 @@ fn session_affinity_client_ip_keeps_a_pods_calls_on_one_endpoint() {
     // Without the field: balanced again on the same channel.
     let at = Instant::now();
     interceptor_tests::cluster::write_manifests(&c.manifests, &c.docs(&spec));
-    t.until(Duration::from_secs(3), "both remaining endpoints take calls", |tally| {
-        tally.by_pod.len() > 2
-    });
-    note(&format!("balanced again {:?} after the field was removed", at.elapsed()));
+    t.until(
+        Duration::from_secs(3),
+        "both remaining endpoints take calls",
+        |tally| tally.by_pod.len() > 2,
+    );
+    note(&format!(
+        "balanced again {:?} after the field was removed",
+        at.elapsed()
+    ));
     let balanced = t.window(Duration::from_millis(800));
-    note(&format!("sessionAffinity removed: {}", share_line(&balanced)));
+    note(&format!(
+        "sessionAffinity removed: {}",
+        share_line(&balanced)
+    ));
     assert_eq!(balanced.len(), 2, "{balanced:?}");
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 }
@@ -956,9 +1037,14 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     // This node is in zone-a; 121 runs on another node of zone-a, 122 in zone-b.
     let mut spec = Spec::new(true, &[120, 121, 122]);
     spec.node_zone = Some("zone-a");
-    spec.placement.insert(120, Placement::at(interceptor_tests::cluster::NODE_NAME, "zone-a"));
-    spec.placement.insert(121, Placement::at("node-b", "zone-a"));
-    spec.placement.insert(122, Placement::at("node-c", "zone-b"));
+    spec.placement.insert(
+        120,
+        Placement::at(interceptor_tests::cluster::NODE_NAME, "zone-a"),
+    );
+    spec.placement
+        .insert(121, Placement::at("node-b", "zone-a"));
+    spec.placement
+        .insert(122, Placement::at("node-c", "zone-b"));
     spec.service_fields = vec!["trafficDistribution: PreferClose".into()];
     c.write(&spec);
     let agent = c.start_agent();
@@ -966,7 +1052,10 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
 
     let mut t = c.client_run(25);
     let zone = t.window(Duration::from_millis(800));
-    note(&format!("trafficDistribution PreferClose: {}", share_line(&zone)));
+    note(&format!(
+        "trafficDistribution PreferClose: {}",
+        share_line(&zone)
+    ));
     assert_eq!(
         zone.keys().collect::<Vec<_>>(),
         ["greet-120", "greet-121"],
@@ -974,7 +1063,9 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     );
     let status = operator(&agent, &c, &["status"]);
     assert!(
-        status.contains("topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)"),
+        status.contains(
+            "topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)"
+        ),
         "status shows topology in force:\n{status}"
     );
     let skip = format!(
@@ -982,10 +1073,16 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
         ip(122),
         interceptor_tests::cluster::PORT
     );
-    assert!(status.contains(&skip), "status says why 122 is skipped:\n{status}");
+    assert!(
+        status.contains(&skip),
+        "status says why 122 is skipped:\n{status}"
+    );
     let vip = interceptor_tests::cluster::vip().to_string();
     let why = operator(&agent, &c, &["explain", "shop/client", &vip]);
-    assert!(why.contains(&format!("[--]  {skip}")), "explain says why:\n{why}");
+    assert!(
+        why.contains(&format!("[--]  {skip}")),
+        "explain says why:\n{why}"
+    );
 
     // PreferSameNode: this node's endpoint only.
     spec.service_fields = vec!["trafficDistribution: PreferSameNode".into()];
@@ -993,9 +1090,14 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     let took = t.settle(at, "only greet-120 under PreferSameNode", |w| {
         w.keys().all(|p| p == "greet-120")
     });
-    note(&format!("PreferSameNode: only this node's endpoint within {took:?}"));
+    note(&format!(
+        "PreferSameNode: only this node's endpoint within {took:?}"
+    ));
     let node = t.window(Duration::from_millis(800));
-    note(&format!("trafficDistribution PreferSameNode: {}", share_line(&node)));
+    note(&format!(
+        "trafficDistribution PreferSameNode: {}",
+        share_line(&node)
+    ));
     assert_eq!(node.keys().collect::<Vec<_>>(), ["greet-120"], "{node:?}");
 
     // Hints (as a cluster's controller might have left them) for a zone with no endpoint for
@@ -1005,9 +1107,14 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
         spec.placement.get_mut(&n).expect("placed").hints = Some("{forZones: [{name: zone-c}]}");
     }
     c.write(&spec);
-    t.until(Duration::from_secs(3), "all three take calls", |tally| tally.by_pod.len() == 3);
+    t.until(Duration::from_secs(3), "all three take calls", |tally| {
+        tally.by_pod.len() == 3
+    });
     let fallback = t.window(Duration::from_millis(800));
-    note(&format!("hints for another zone only: {}", share_line(&fallback)));
+    note(&format!(
+        "hints for another zone only: {}",
+        share_line(&fallback)
+    ));
     assert_eq!(fallback.len(), 3, "{fallback:?}");
     let status = operator(&agent, &c, &["status"]);
     assert!(
@@ -1025,7 +1132,10 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     c.write(&spec);
     std::thread::sleep(Duration::from_millis(600));
     let unknown = t.window(Duration::from_millis(800));
-    note(&format!("trafficDistribution PreferFar (unknown): {}", share_line(&unknown)));
+    note(&format!(
+        "trafficDistribution PreferFar (unknown): {}",
+        share_line(&unknown)
+    ));
     assert_eq!(unknown.len(), 3, "{unknown:?}");
     let log = agent.log_text();
     let warned = log
@@ -1035,9 +1145,16 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     assert_eq!(warned, 1, "one clear line naming the Service:\n{log}");
     let malformed = log
         .lines()
-        .filter(|l| l.contains("EndpointSlice shop/greet-abcde: an endpoint has a forZones hint with no name"))
+        .filter(|l| {
+            l.contains(
+                "EndpointSlice shop/greet-abcde: an endpoint has a forZones hint with no name",
+            )
+        })
         .count();
-    assert_eq!(malformed, 1, "one clear line naming the EndpointSlice:\n{log}");
+    assert_eq!(
+        malformed, 1,
+        "one clear line naming the EndpointSlice:\n{log}"
+    );
     spec.placement.get_mut(&121).expect("placed").hints = None;
 
     // Removed: balanced over all three on the same channel.
@@ -1045,7 +1162,10 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     c.write(&spec);
     std::thread::sleep(Duration::from_millis(600));
     let all = t.window(Duration::from_millis(1000));
-    note(&format!("trafficDistribution removed: {}", share_line(&all)));
+    note(&format!(
+        "trafficDistribution removed: {}",
+        share_line(&all)
+    ));
     interceptor_tests::cluster::assert_spread(&all, 3, 0.2);
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 }

@@ -194,7 +194,8 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     // This node is in zone-a; 41 runs on another node of zone-a, 42 in zone-b.
     let mut spec = Spec::new(true, &[40, 41, 42]);
     spec.node_zone = Some("zone-a");
-    spec.placement.insert(40, Placement::at(NODE_NAME, "zone-a"));
+    spec.placement
+        .insert(40, Placement::at(NODE_NAME, "zone-a"));
     spec.placement.insert(41, Placement::at("node-b", "zone-a"));
     spec.placement.insert(42, Placement::at("node-c", "zone-b"));
     // The EndpointSlice controller has not written hints yet: kube-proxy uses every endpoint.
@@ -202,10 +203,15 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     apply(&api, &c, &spec);
 
     let agent = start_kube_agent(&c, &kubeconfig);
-    effect(Instant::now(), "kube: client pod hooked", || c.client_hooked());
+    effect(Instant::now(), "kube: client pod hooked", || {
+        c.client_hooked()
+    });
     let mut t = c.client_run(30);
     let unhinted = t.window(Duration::from_millis(800));
-    note(&format!("kube: trafficDistribution without hints yet: {}", share_line(&unhinted)));
+    note(&format!(
+        "kube: trafficDistribution without hints yet: {}",
+        share_line(&unhinted)
+    ));
     assert_eq!(unhinted.len(), 3, "{unhinted:?}");
 
     // The controller writes zone hints: zone-a's endpoints only.
@@ -221,17 +227,34 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
         w.keys().all(|p| p == "greet-40" || p == "greet-41")
     });
     let zone = t.window(Duration::from_millis(800));
-    note(&format!("kube: zone hints (after {took:?}): {}", share_line(&zone)));
-    assert_eq!(zone.keys().collect::<Vec<_>>(), ["greet-40", "greet-41"], "{zone:?}");
-    assert!(took <= EFFECT_LIMIT + Duration::from_millis(200), "took {took:?}");
+    note(&format!(
+        "kube: zone hints (after {took:?}): {}",
+        share_line(&zone)
+    ));
+    assert_eq!(
+        zone.keys().collect::<Vec<_>>(),
+        ["greet-40", "greet-41"],
+        "{zone:?}"
+    );
+    assert!(
+        took <= EFFECT_LIMIT + Duration::from_millis(200),
+        "took {took:?}"
+    );
     let (_, state) = agent.admin_get("/state");
-    assert!(state.contains("hinted for zone zone-b, this node is in zone-a"), "{state}");
+    assert!(
+        state.contains("hinted for zone zone-b, this node is in zone-a"),
+        "{state}"
+    );
 
     // The Node is relabelled into zone-b (a watch event on the Node): zone-b's endpoint.
     spec.node_zone = Some("zone-b");
     let at = apply(&api, &c, &spec);
-    let took = t.settle(at, "zone-b endpoint only", |w| w.keys().all(|p| p == "greet-42"));
-    note(&format!("kube: Node relabelled zone-b: only greet-42 after {took:?}"));
+    let took = t.settle(at, "zone-b endpoint only", |w| {
+        w.keys().all(|p| p == "greet-42")
+    });
+    note(&format!(
+        "kube: Node relabelled zone-b: only greet-42 after {took:?}"
+    ));
 
     // internalTrafficPolicy Local (hints gone): only this node's endpoint.
     spec.node_zone = Some("zone-a");
@@ -240,16 +263,23 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     }
     spec.service_fields = vec!["internalTrafficPolicy: Local".into()];
     let at = apply(&api, &c, &spec);
-    let took = t.settle(at, "this node's endpoint only", |w| w.keys().all(|p| p == "greet-40"));
+    let took = t.settle(at, "this node's endpoint only", |w| {
+        w.keys().all(|p| p == "greet-40")
+    });
     let local = t.window(Duration::from_millis(800));
-    note(&format!("kube: internalTrafficPolicy Local (after {took:?}): {}", share_line(&local)));
+    note(&format!(
+        "kube: internalTrafficPolicy Local (after {took:?}): {}",
+        share_line(&local)
+    ));
     assert_eq!(local.keys().collect::<Vec<_>>(), ["greet-40"], "{local:?}");
 
     // Removed: all three again.
     spec.service_fields.clear();
     let at = apply(&api, &c, &spec);
     let took = t.settle(at, "all three endpoints", |w| w.len() == 3);
-    note(&format!("kube: internalTrafficPolicy removed: all three after {took:?}"));
+    note(&format!(
+        "kube: internalTrafficPolicy removed: all three after {took:?}"
+    ));
 
     // sessionAffinity ClientIP: every call of the pod on one endpoint.
     spec.service_fields = vec![
@@ -259,7 +289,10 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
     let at = apply(&api, &c, &spec);
     let took = t.settle(at, "one endpoint under sessionAffinity", |w| w.len() == 1);
     let sticky = t.window(Duration::from_millis(800));
-    note(&format!("kube: sessionAffinity ClientIP (after {took:?}): {}", share_line(&sticky)));
+    note(&format!(
+        "kube: sessionAffinity ClientIP (after {took:?}): {}",
+        share_line(&sticky)
+    ));
     assert_eq!(sticky.len(), 1, "{sticky:?}");
     let status = {
         let out = std::process::Command::new(target_bin("interceptor"))
@@ -269,14 +302,20 @@ fn kube_service_semantics_follow_the_watched_fields_on_one_channel() {
             .expect("run interceptor status");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(status.contains("sessionAffinity ClientIP (300 s)"), "{status}");
+    assert!(
+        status.contains("sessionAffinity ClientIP (300 s)"),
+        "{status}"
+    );
 
     // Every field removed: balanced over all three on the same channel.
     spec.service_fields.clear();
     let at = apply(&api, &c, &spec);
     let took = t.settle(at, "all three endpoints", |w| w.len() == 3);
     let all = t.window(Duration::from_millis(1000));
-    note(&format!("kube: fields removed (after {took:?}): {}", share_line(&all)));
+    note(&format!(
+        "kube: fields removed (after {took:?}): {}",
+        share_line(&all)
+    ));
     interceptor_tests::cluster::assert_spread(&all, 3, 0.2);
     assert_eq!(t.last.errors, 0, "no failed calls: {:?}", t.last_error);
 
@@ -316,7 +355,9 @@ fn without_rbac_for_nodes_the_agent_runs_and_ignores_topology() {
     apply(&api, &c, &spec);
     let agent = start_kube_agent(&c, &kubeconfig);
     assert_eq!(agent.admin_get("/readyz").0, 200, "ready without the Node");
-    effect(Instant::now(), "kube: client pod hooked", || c.client_hooked());
+    effect(Instant::now(), "kube: client pod hooked", || {
+        c.client_hooked()
+    });
     let mut t = c.client_run(5);
     let both = t.window(Duration::from_millis(800));
     note(&format!("kube: Nodes forbidden: {}", share_line(&both)));
@@ -326,7 +367,10 @@ fn without_rbac_for_nodes_the_agent_runs_and_ignores_topology() {
         .lines()
         .filter(|l| l.contains("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)"))
         .count();
-    assert_eq!(said, 1, "one line says what is missing and what it costs, once:\n{log}");
+    assert_eq!(
+        said, 1,
+        "one line says what is missing and what it costs, once:\n{log}"
+    );
     let forbidden = api
         .requests()
         .into_iter()

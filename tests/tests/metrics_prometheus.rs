@@ -65,7 +65,10 @@ impl Prometheus {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -77,7 +80,10 @@ impl Prometheus {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while interceptor::admin::get(addr, "/-/ready").map(|r| r.0).ok() != Some(200) {
-            assert!(Instant::now() < deadline, "prometheus not ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         p
@@ -85,9 +91,11 @@ impl Prometheus {
 
     /// An instant query; the result vector as (labels, value).
     fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
-        let (code, body) =
-            interceptor::admin::get(self.addr, &format!("/api/v1/query?query={}", percent_encode(q)))
-                .expect("query prometheus");
+        let (code, body) = interceptor::admin::get(
+            self.addr,
+            &format!("/api/v1/query?query={}", percent_encode(q)),
+        )
+        .expect("query prometheus");
         assert_eq!(code, 200, "query {q}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("prometheus answers JSON");
         assert_eq!(v["status"], "success", "query {q}: {body}");
@@ -116,7 +124,8 @@ impl Prometheus {
 
 /// The dashboard's queries by panel id, with its variables set to shop/greet.
 fn dashboard_queries() -> Vec<(u64, String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/grafana-dashboard.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/grafana-dashboard.json");
     let text = std::fs::read_to_string(&path).expect("read the Grafana dashboard");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     let mut out = Vec::new();
@@ -213,7 +222,10 @@ fn prometheus_scrapes_the_agent_and_the_dashboard_answers_per_service() {
         .collect();
     note(&format!("by status: {by_status:?}"));
     let failing = CALLS / FAILING_EVERY;
-    assert!(by_status.contains(&("0".into(), CALLS - failing)), "{by_status:?}");
+    assert!(
+        by_status.contains(&("0".into(), CALLS - failing)),
+        "{by_status:?}"
+    );
     assert!(by_status.contains(&("12".into(), failing)), "{by_status:?}");
 
     // Every dashboard query is valid PromQL; the golden ones answer what was sent.
@@ -250,7 +262,11 @@ fn prometheus_scrapes_the_agent_and_the_dashboard_answers_per_service() {
                 assert_eq!(endpoints, 2, "both endpoints take calls: {result:?}");
             }
             9 if expr.starts_with("sum(") => {
-                assert_eq!(result.first().map(|r| r.1), Some(0.0), "every enabled pod is intercepted")
+                assert_eq!(
+                    result.first().map(|r| r.1),
+                    Some(0.0),
+                    "every enabled pod is intercepted"
+                )
             }
             _ => {}
         }
@@ -268,14 +284,20 @@ fn prometheus_scrapes_the_agent_and_the_dashboard_answers_per_service() {
         .map(String::as_str)
         .chain(["-D", "4", ok.as_str()])
         .collect();
-    let busy = c.client.spawn_program(Path::new("/usr/bin/h2load"), &ok_only);
+    let busy = c
+        .client
+        .spawn_program(Path::new("/usr/bin/h2load"), &ok_only);
     let mut seen = Vec::new();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(500));
         seen.push(prom.greet_value(&in_flight_q).unwrap_or(-1.0));
     }
     let out = busy.wait_output(Duration::from_secs(30));
-    assert!(out.status.success(), "h2load -D 4 failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "h2load -D 4 failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     note(&format!("in flight under load, every 500 ms: {seen:?}"));
     let most = seen.iter().cloned().fold(f64::MIN, f64::max);
     assert!(

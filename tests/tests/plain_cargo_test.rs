@@ -81,14 +81,25 @@ fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
         if name == "bpf-linker" {
             continue;
         }
-        std::os::unix::fs::symlink(w.join("mnt/cargo-bin").join(&name), w.join("bin").join(&name))
-            .expect("symlink a toolchain proxy");
+        std::os::unix::fs::symlink(
+            w.join("mnt/cargo-bin").join(&name),
+            w.join("bin").join(&name),
+        )
+        .expect("symlink a toolchain proxy");
         linked += 1;
     }
-    assert!(linked >= 3, "no cargo/rustc/rustup found in {}", bin.display());
+    assert!(
+        linked >= 3,
+        "no cargo/rustc/rustup found in {}",
+        bin.display()
+    );
     run(
         "chown",
-        &["-R", &format!("{NOBODY}:{NOBODY}"), &w.display().to_string()],
+        &[
+            "-R",
+            &format!("{NOBODY}:{NOBODY}"),
+            &w.display().to_string(),
+        ],
     );
 
     let log = w.join("cargo-test.log");
@@ -132,8 +143,16 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
     note(&format!("{passed} tests passed"));
     assert!(!out.contains("FAILED"), "{}", tail.join("\n"));
     // The proxy suites ran (they are what a developer changes most).
-    for suite in ["tests/proxy_abuse.rs", "tests/proxy_failures.rs", "tests/repository.rs"] {
-        assert!(out.contains(suite), "{suite} did not run:\n{}", tail.join("\n"));
+    for suite in [
+        "tests/proxy_abuse.rs",
+        "tests/proxy_failures.rs",
+        "tests/repository.rs",
+    ] {
+        assert!(
+            out.contains(suite),
+            "{suite} did not run:\n{}",
+            tail.join("\n")
+        );
     }
     assert!(passed >= 100, "only {passed} tests passed");
     assert!(

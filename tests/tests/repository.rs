@@ -110,7 +110,10 @@ fn markdown_links_resolve_inside_the_repository() {
         }
     }
     println!("{checked} relative links checked");
-    assert!(checked > 0, "no relative link found: the link parser is broken");
+    assert!(
+        checked > 0,
+        "no relative link found: the link parser is broken"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 

@@ -98,31 +98,34 @@ fn curl_prior_knowledge_and_h2load_work_through_the_standalone_proxy() {
 /// A backend that answers every request with `total` bytes of DATA as fast as flow control
 /// lets it.
 async fn big_backend(listener: tokio::net::TcpListener, total: usize) {
-    interceptor_test_support::h2_backend::serve_default(listener, move |_req, mut respond| async move {
-        let resp = http::Response::builder()
-            .header("content-type", "application/octet-stream")
-            .body(())
-            .expect("response");
-        let Ok(mut send) = respond.send_response(resp, false) else {
-            return;
-        };
-        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            send.reserve_capacity(n);
-            let got = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                _ => return,
-            };
-            let n = n.min(got);
-            if send.send_data(chunk.slice(..n), false).is_err() {
+    interceptor_test_support::h2_backend::serve_default(
+        listener,
+        move |_req, mut respond| async move {
+            let resp = http::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(())
+                .expect("response");
+            let Ok(mut send) = respond.send_response(resp, false) else {
                 return;
+            };
+            let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                send.reserve_capacity(n);
+                let got = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(c)) => c,
+                    _ => return,
+                };
+                let n = n.min(got);
+                if send.send_data(chunk.slice(..n), false).is_err() {
+                    return;
+                }
+                left -= n;
             }
-            left -= n;
-        }
-        let _ = send.send_data(Bytes::new(), true);
-    })
+            let _ = send.send_data(Bytes::new(), true);
+        },
+    )
     .await
 }
 

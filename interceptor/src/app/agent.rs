@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -15,13 +15,13 @@ use crate::bpf::{CgroupId, Datapath, OrigDstTable, ServiceAction};
 use crate::discovery::model::PodCgroup;
 use crate::netns::Netns;
 use crate::proxy::config::ProxyConfig;
-use crate::proxy::EndpointSpec;
 use crate::proxy::destination::DestinationSettings;
 use crate::proxy::limit::ConnectionLimit;
 use crate::proxy::original_destination;
 use crate::proxy::pod_listener::{
     Accepted, ConnEnds, Handler, OrigDstResolver, PodConnector, PodContext, PodListener,
 };
+use crate::proxy::EndpointSpec;
 use crate::proxy::Proxy;
 
 /// Adapts the kernel's original-destination maps to the proxy's resolver: an IPv4 connection
@@ -234,7 +234,10 @@ impl Agent {
                 &mut register,
             )
             .with_context(|| {
-                format!("pod {}: serving the listener the previous agent handed over", pod.name)
+                format!(
+                    "pod {}: serving the listener the previous agent handed over",
+                    pod.name
+                )
             })?,
             _ => PodListener::open(
                 ctx,

@@ -43,7 +43,9 @@ pub enum HandoffError {
         #[source]
         source: io::Error,
     },
-    #[error("handoff socket {path}: the other agent sent {what} (a different interceptor version?)")]
+    #[error(
+        "handoff socket {path}: the other agent sent {what} (a different interceptor version?)"
+    )]
     Protocol { path: PathBuf, what: String },
 }
 
@@ -57,13 +59,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Han
 
 fn seqpacket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked and owned.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

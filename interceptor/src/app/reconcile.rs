@@ -8,19 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-
 use super::agent::Agent;
 use crate::bpf::{CgroupId, Datapath, ServiceAction};
 use crate::discovery::cgroup::CgroupLayout;
 use crate::discovery::model::{DesiredState, ObjectRef, PodCgroup, PodUid, PortAction};
-use crate::state::{
-    AgentState, PodStatus, SharedState, PODS_NOT_INTERCEPTED, POD_NOT_INTERCEPTED,
-};
-use crate::proxy::detect::ProtocolHint;
 use crate::proxy::destination::DestinationSettings;
+use crate::proxy::detect::ProtocolHint;
 use crate::proxy::EndpointSpec;
-
-
+use crate::state::{AgentState, PodStatus, SharedState, PODS_NOT_INTERCEPTED, POD_NOT_INTERCEPTED};
 
 struct Enabled {
     id: CgroupId,

@@ -175,7 +175,10 @@ mod tests {
         let r = release();
         assert!(r.chars().next().is_some_and(|c| c.is_ascii_digit()), "{r}");
         // The machines this project runs on are newer than the minimum.
-        assert!(has_netns_cookie_sockopt(), "kernel {r} lacks SO_NETNS_COOKIE");
+        assert!(
+            has_netns_cookie_sockopt(),
+            "kernel {r} lacks SO_NETNS_COOKIE"
+        );
     }
 
     #[test]
@@ -186,7 +189,12 @@ mod tests {
             config: "CONFIG_BPF_STREAM_PARSER",
         };
         let msg = e.to_string();
-        for part in ["5.4.0", "socket hash maps", "CONFIG_BPF_STREAM_PARSER", MINIMUM_KERNEL] {
+        for part in [
+            "5.4.0",
+            "socket hash maps",
+            "CONFIG_BPF_STREAM_PARSER",
+            MINIMUM_KERNEL,
+        ] {
             assert!(msg.contains(part), "{msg}");
         }
     }

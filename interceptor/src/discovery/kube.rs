@@ -316,7 +316,8 @@ pub async fn watch_cluster(
                 o.nodes.insert(name, n);
             },
             delete: |o, n| {
-                o.nodes.remove(n.metadata.name.as_deref().unwrap_or_default());
+                o.nodes
+                    .remove(n.metadata.name.as_deref().unwrap_or_default());
             },
             optional: Some("topology hints are ignored until this node's zone is known"),
         },

@@ -114,7 +114,11 @@ impl ServicePort {
             Some(name) if !name.is_empty() => name.clone(),
             _ => port.to_string(),
         };
-        crate::proxy::metrics::ServiceLabels::new(&self.service.namespace, &self.service.name, &port)
+        crate::proxy::metrics::ServiceLabels::new(
+            &self.service.namespace,
+            &self.service.name,
+            &port,
+        )
     }
 }
 

@@ -253,7 +253,10 @@ impl Objects {
                             local.len() + skipped.len()
                         ));
                         if traffic_distribution.is_some() {
-                            semantics.push("trafficDistribution ignored under internalTrafficPolicy Local".to_string());
+                            semantics.push(
+                                "trafficDistribution ignored under internalTrafficPolicy Local"
+                                    .to_string(),
+                            );
                         }
                         (local, skipped)
                     }
@@ -437,7 +440,10 @@ impl Objects {
             .iter()
             .filter_map(|(name, svc)| {
                 let value = svc.spec.as_ref()?.traffic_distribution.as_deref();
-                Some((name.clone(), TrafficDistribution::parse(value, &name.to_string())?))
+                Some((
+                    name.clone(),
+                    TrafficDistribution::parse(value, &name.to_string())?,
+                ))
             })
             .collect();
         for slice in self.slices.values_mut() {
@@ -489,7 +495,6 @@ fn hint_names<'a>(
     }
     out
 }
-
 
 /// Splits `all` into the endpoints `keep` admits and the others with its reason.
 fn split(
@@ -658,7 +663,11 @@ mod tests {
             let state = o.desired_state(&policy());
             state.services[&"10.96.0.10:50051".parse::<SocketAddr>().expect("addr")].clone()
         };
-        assert_eq!(grpc(&o).endpoints.len(), 3, "Cluster (the default): every endpoint");
+        assert_eq!(
+            grpc(&o).endpoints.len(),
+            3,
+            "Cluster (the default): every endpoint"
+        );
         let set = |o: &mut Objects, v: &str| {
             o.services
                 .get_mut(&ObjectRef::new("shop", "greet"))
@@ -670,7 +679,10 @@ mod tests {
         let port = grpc(&o);
         let eps: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(eps, ["10.0.0.2:8080"], "only node-a's endpoint");
-        assert!(port.semantics.iter().any(|s| s.contains("internalTrafficPolicy Local: 1 of 3")));
+        assert!(port
+            .semantics
+            .iter()
+            .any(|s| s.contains("internalTrafficPolicy Local: 1 of 3")));
         // An unknown value is Cluster, with a warning (not an outage).
         set(&mut o, "Locall");
         assert_eq!(grpc(&o).endpoints.len(), 3);
@@ -688,11 +700,11 @@ mod tests {
             .slices
             .get_mut(&ObjectRef::new("shop", "greet-abc"))
             .expect("slice");
-        for (ep, (node, zone)) in slice
-            .endpoints
-            .iter_mut()
-            .zip([("node-a", "zone-a"), ("node-b", "zone-b"), ("node-c", "zone-a")])
-        {
+        for (ep, (node, zone)) in slice.endpoints.iter_mut().zip([
+            ("node-a", "zone-a"),
+            ("node-b", "zone-b"),
+            ("node-c", "zone-a"),
+        ]) {
             ep.node_name = Some(node.into());
             ep.zone = Some(zone.into());
         }
@@ -719,16 +731,24 @@ mod tests {
         // 10.0.0.3 is not ready: the controller gives it no hint, and it does not count.
         assert_eq!(addrs(&p), ["10.0.0.2:8080", "10.0.0.4:8080"]);
         assert_eq!(p.skipped_endpoints.len(), 1);
-        assert!(p.skipped_endpoints[0].reason.contains("no zone hint"), "{p:?}");
         assert!(
-            p.semantics.iter().any(|s| s.contains("topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)")),
+            p.skipped_endpoints[0].reason.contains("no zone hint"),
+            "{p:?}"
+        );
+        assert!(
+            p.semantics.iter().any(|s| s.contains(
+                "topology same zone zone-a: 2 of 3 endpoints (trafficDistribution PreferClose)"
+            )),
             "{:?}",
             p.semantics
         );
         set_td(&mut o, "PreferSameNode");
         let p = grpc(&o);
         assert_eq!(addrs(&p), ["10.0.0.2:8080"]);
-        assert!(p.skipped_endpoints.iter().any(|s| s.reason.contains("hinted for node node-c")));
+        assert!(p
+            .skipped_endpoints
+            .iter()
+            .any(|s| s.reason.contains("hinted for node node-c")));
         // internalTrafficPolicy Local wins over topology.
         o.services
             .get_mut(&ObjectRef::new("shop", "greet"))
@@ -737,7 +757,10 @@ mod tests {
             .internal_traffic_policy = Some("Local".into());
         let p = grpc(&o);
         assert_eq!(addrs(&p), ["10.0.0.2:8080"]);
-        assert!(p.semantics.iter().any(|s| s.contains("trafficDistribution ignored")));
+        assert!(p
+            .semantics
+            .iter()
+            .any(|s| s.contains("trafficDistribution ignored")));
         // Malformed hints (empty names) are dropped with a warning: no hints, every endpoint.
         o.services
             .get_mut(&ObjectRef::new("shop", "greet"))
@@ -762,7 +785,13 @@ mod tests {
         o.nodes.clear();
         let p = grpc(&o);
         assert_eq!(p.endpoints.len(), 3);
-        assert!(p.semantics.iter().any(|s| s.contains("no topology.kubernetes.io/zone label")), "{:?}", p.semantics);
+        assert!(
+            p.semantics
+                .iter()
+                .any(|s| s.contains("no topology.kubernetes.io/zone label")),
+            "{:?}",
+            p.semantics
+        );
     }
 
     #[test]
@@ -786,19 +815,25 @@ mod tests {
             .insert(SLOW_START_ANNOTATION.into(), "30s".into());
         let spec = s.spec.as_mut().expect("spec");
         spec.session_affinity = Some("ClientIP".into());
-        o.services.insert(ObjectRef::new("shop", "greet"), s.clone());
+        o.services
+            .insert(ObjectRef::new("shop", "greet"), s.clone());
         let p = port(&o);
         assert_eq!(p.slow_start_ms, Some(30_000));
-        assert_eq!(p.affinity_timeout_s, Some(10_800), "the API's default timeout");
+        assert_eq!(
+            p.affinity_timeout_s,
+            Some(10_800),
+            "the API's default timeout"
+        );
         // Out of range or malformed: the Service keeps working without them.
         s.metadata
             .annotations
             .get_or_insert_with(Default::default)
             .insert(SLOW_START_ANNOTATION.into(), "soon".into());
         let spec = s.spec.as_mut().expect("spec");
-        spec.session_affinity_config = Some(serde_json::from_value(
-            serde_json::json!({"clientIP": {"timeoutSeconds": 999_999}}),
-        ).expect("config"));
+        spec.session_affinity_config = Some(
+            serde_json::from_value(serde_json::json!({"clientIP": {"timeoutSeconds": 999_999}}))
+                .expect("config"),
+        );
         o.services.insert(ObjectRef::new("shop", "greet"), s);
         let p = port(&o);
         assert_eq!(p.slow_start_ms, None);

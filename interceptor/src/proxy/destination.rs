@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use super::balancer::{Balancer, Endpoint};
 use super::config::BalancerKind;
-use super::endpoint_stats::{EjectPolicy, EndpointStats};
-use super::{EndpointSpec, EndpointState};
 use super::detect::ProtocolHint;
+use super::endpoint_stats::{EjectPolicy, EndpointStats};
 use super::metrics::{ServiceLabels, ServiceMetrics};
 use super::pool::Pool;
+use super::{EndpointSpec, EndpointState};
 
 /// Balancing state of one destination.
 #[derive(Debug)]
@@ -369,8 +369,9 @@ mod tests {
         assert_eq!(d.pick(&[]).expect("an endpoint").addr(), after);
         // Off again: balanced.
         d.set_affinity(None);
-        let picks: std::collections::BTreeSet<SocketAddr> =
-            (0..4).map(|_| d.pick(&[]).expect("an endpoint").addr()).collect();
+        let picks: std::collections::BTreeSet<SocketAddr> = (0..4)
+            .map(|_| d.pick(&[]).expect("an endpoint").addr())
+            .collect();
         assert_eq!(picks.len(), 2);
     }
 

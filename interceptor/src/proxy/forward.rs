@@ -12,10 +12,10 @@ use h2::{Reason, RecvStream, SendStream};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 
-use super::endpoint_stats::{EndpointStats, InFlight};
 use super::body_pump::{Pump, PumpError};
 use super::conn_guard::{ConnGuard, OpenStream};
 use super::destination::Destination;
+use super::endpoint_stats::{EndpointStats, InFlight};
 use super::grpc;
 use super::metrics::{
     self as m, EndpointRequests, ReplayReason, ServiceMetrics, Status, TimeoutKind,
@@ -323,7 +323,8 @@ async fn try_endpoint(
         req_failed: false,
     };
 
-    let resp = match await_response(ctx, reqs, body, respond, &mut up, resp_fut, &mut timers).await {
+    let resp = match await_response(ctx, reqs, body, respond, &mut up, resp_fut, &mut timers).await
+    {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return response_error(ctx, e, ep.addr(), body, respond, &mut lease, reqs),
         Err(attempt) => return attempt,
@@ -444,7 +445,9 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
             let from_trailers = trailers
                 .and_then(|t| t.get(grpc::GRPC_STATUS))
                 .map(|v| Status::grpc(v.as_bytes()));
-            break from_trailers.or(trailers_only_status).unwrap_or(Status::UNKNOWN);
+            break from_trailers
+                .or(trailers_only_status)
+                .unwrap_or(Status::UNKNOWN);
         }
         tokio::select! {
             biased;

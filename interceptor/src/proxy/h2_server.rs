@@ -9,8 +9,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::conn_guard::ConnGuard;
-use super::metrics as m;
 use super::destination::Destination;
+use super::metrics as m;
 use super::Shared;
 
 /// A client connection's receive window, sized to its open streams: each may hold one
@@ -170,7 +170,10 @@ mod tests {
         // One stream more than the floor holds: the next step.
         assert_eq!(w.target(floor / per), 2 * floor);
         for open in [1, 17, 100, 250] {
-            assert!(w.target(open) as u64 >= (open as u64 + 1) * per as u64, "{open}");
+            assert!(
+                w.target(open) as u64 >= (open as u64 + 1) * per as u64,
+                "{open}"
+            );
         }
         assert_eq!(w.target(100_000), cfg.max_client_connection_window);
         let huge = ProxyConfig {

@@ -218,7 +218,6 @@ label_enum! {
     }
 }
 
-
 /// How a stream ended, as its metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Status(usize);

@@ -104,7 +104,16 @@ impl PodListener {
                 ),
             )
         })?;
-        Self::start(pod, port, v4, v6, resolver, handler, register, "pod-local listener open")
+        Self::start(
+            pod,
+            port,
+            v4,
+            v6,
+            resolver,
+            handler,
+            register,
+            "pod-local listener open",
+        )
     }
 
     /// Serves listening sockets a previous agent handed over (see `app::handoff`): the same
@@ -121,9 +130,21 @@ impl PodListener {
     ) -> io::Result<Self> {
         let v6 = match v6 {
             Some(fd) => Ok((Socket::from(fd), pod.netns.enter(SockDiag::open)??)),
-            None => Err(io::Error::new(io::ErrorKind::NotFound, "no IPv6 listener was handed over")),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no IPv6 listener was handed over",
+            )),
         };
-        Self::start(pod, port, Socket::from(v4), v6, resolver, handler, register, "pod-local listener taken over from the previous agent")
+        Self::start(
+            pod,
+            port,
+            Socket::from(v4),
+            v6,
+            resolver,
+            handler,
+            register,
+            "pod-local listener taken over from the previous agent",
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -151,7 +172,10 @@ impl PodListener {
         let mut tasks = JoinSet::new();
         let mut kept = Vec::new();
         for (socket, diag) in sockets {
-            kept.push((diag.is_some(), std::os::fd::OwnedFd::from(socket.try_clone()?)));
+            kept.push((
+                diag.is_some(),
+                std::os::fd::OwnedFd::from(socket.try_clone()?),
+            ));
             socket.set_nonblocking(true)?;
             let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
             tasks.spawn(accept_loop(

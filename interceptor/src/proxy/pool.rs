@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 
-use super::endpoint_stats::EndpointStats;
 use super::connector::Connector;
+use super::endpoint_stats::EndpointStats;
 use super::metrics as m;
 
 #[derive(Debug, thiserror::Error)]

@@ -1281,7 +1281,16 @@ fn connect_cost(count: u32) -> ConnectCost {
             } else {
                 "bench-connect failed"
             }),
-            stderr: Some(String::from_utf8_lossy(&out.stderr).chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>()),
+            stderr: Some(
+                String::from_utf8_lossy(&out.stderr)
+                    .chars()
+                    .rev()
+                    .take(2000)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect::<String>(),
+            ),
             connects: count,
             ..ConnectCost::default()
         };
@@ -1674,7 +1683,9 @@ impl Report {
     }
 
     fn sat_best(&self, kind: Kind) -> Option<f64> {
-        self.med(kind, |v| v.saturation.iter().map(|s| s.rps).reduce(f64::max))
+        self.med(kind, |v| {
+            v.saturation.iter().map(|s| s.rps).reduce(f64::max)
+        })
     }
 
     fn sat_at(&self, kind: Kind, i: usize, field: fn(&Sat) -> Option<f64>) -> Option<f64> {
@@ -1802,7 +1813,10 @@ impl Report {
             rps_ratio_vs_haproxy: Self::ratio(sat(Kind::IcpDirect), sat(Kind::Haproxy)),
             rps_ratio_vs_nginx: Self::ratio(sat(Kind::IcpDirect), sat(Kind::Nginx)),
             cpu_per_req_ratio_vs_haproxy: Self::ratio(cpu(Kind::IcpDirect), cpu(Kind::Haproxy)),
-            added_latency_ratio_vs_haproxy: Self::ratio(probe_added(Kind::IcpDirect), probe_added(Kind::Haproxy)),
+            added_latency_ratio_vs_haproxy: Self::ratio(
+                probe_added(Kind::IcpDirect),
+                probe_added(Kind::Haproxy),
+            ),
             p99_added_us_at_half_load: half_p99_added(Kind::IcpDirect),
             p99_added_us_at_half_load_transparent: half_p99_added(Kind::IcpTransparent),
             p99_added_us_at_low_load: low_p99_added(Kind::IcpDirect),
@@ -1816,12 +1830,18 @@ impl Report {
             new_endpoint_fair_share_ms: self.dynamics.fair_share_ms,
             removal_failed_requests: Some(self.dynamics.failed_requests),
             rss_idle_mib: self.rss.get(&Kind::IcpDirect).map(|v| v.idle_mib),
-            rss_per_1k_conns_mib: self.rss.get(&Kind::IcpDirect).and_then(|v| v.per_1k_conns_mib),
+            rss_per_1k_conns_mib: self
+                .rss
+                .get(&Kind::IcpDirect)
+                .and_then(|v| v.per_1k_conns_mib),
             connect_added_ns: connect_added,
             connect_added_wall_ns: self.connect.redirect_added_ns.map(|n| n as f64),
             connect_pass_kernel_ns: self.connect.pass_kernel_ns.map(|n| n as f64),
             connect_pass_added_wall_ns: self.connect.pass_added_ns.map(|n| n as f64),
-            transparent_vs_direct_ratio: Self::ratio(sat(Kind::IcpTransparent), sat(Kind::IcpDirect)),
+            transparent_vs_direct_ratio: Self::ratio(
+                sat(Kind::IcpTransparent),
+                sat(Kind::IcpDirect),
+            ),
             saturation_rps_interceptor: sat(Kind::IcpDirect),
             saturation_rps_haproxy: sat(Kind::Haproxy),
             saturation_rps_nginx: sat(Kind::Nginx),
@@ -1944,9 +1964,10 @@ impl Report {
                         None => cell(self.probe(k, f), self.probe(Kind::S0, f)),
                         Some(name) => {
                             let c = cell(self.rate(k, name, f), self.rate(Kind::S0, name, f));
-                            let over = self.reps.iter().filter_map(|r| r.get(&k)).any(|v| {
-                                v.rates.iter().any(|r| r.name == *name && r.overloaded)
-                            });
+                            let over =
+                                self.reps.iter().filter_map(|r| r.get(&k)).any(|v| {
+                                    v.rates.iter().any(|r| r.name == *name && r.overloaded)
+                                });
                             if over {
                                 format!("{c} !")
                             } else {
@@ -2065,7 +2086,11 @@ impl Report {
             (
                 "failed requests on endpoint removal".into(),
                 f0(s.removal_failed_requests.map(|v| v as f64)),
-                check(s.removal_failed_requests.map(|v| v as f64).map(|v| v == 0.0)),
+                check(
+                    s.removal_failed_requests
+                        .map(|v| v as f64)
+                        .map(|v| v == 0.0),
+                ),
             ),
             (
                 "S5 / S4 saturation (transparent vs direct)".into(),
@@ -2105,11 +2130,7 @@ impl Report {
             t.push_str(&format!(
                 "\nS0 saturation (-c4 -m32) drift between repetitions: {:.1}%{}.\n",
                 d * 100.0,
-                if s.noisy {
-                    " (noisy run)"
-                } else {
-                    ""
-                }
+                if s.noisy { " (noisy run)" } else { "" }
             ));
         }
         t
