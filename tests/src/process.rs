@@ -266,6 +266,14 @@ impl AgentProcess {
         self.log.lock().expect("log lock").clone()
     }
 
+    /// How many lines of the log contain `needle` (a warning said once must be said once).
+    pub fn log_lines_containing(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// The admin endpoint's address, from the agent's start-up log.
     pub fn admin_addr(&self) -> SocketAddr {
         let log = self.log_text();

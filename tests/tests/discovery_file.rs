@@ -1138,19 +1138,12 @@ fn topology_keeps_one_channel_in_this_zone_or_node_and_falls_back_like_kube_prox
     ));
     assert_eq!(unknown.len(), 3, "{unknown:?}");
     let log = agent.log_text();
-    let warned = log
-        .lines()
-        .filter(|l| l.contains("Service shop/greet: unknown trafficDistribution \"PreferFar\""))
-        .count();
+    let warned =
+        agent.log_lines_containing("Service shop/greet: unknown trafficDistribution \"PreferFar\"");
     assert_eq!(warned, 1, "one clear line naming the Service:\n{log}");
-    let malformed = log
-        .lines()
-        .filter(|l| {
-            l.contains(
-                "EndpointSlice shop/greet-abcde: an endpoint has a forZones hint with no name",
-            )
-        })
-        .count();
+    let malformed = agent.log_lines_containing(
+        "EndpointSlice shop/greet-abcde: an endpoint has a forZones hint with no name",
+    );
     assert_eq!(
         malformed, 1,
         "one clear line naming the EndpointSlice:\n{log}"

@@ -363,10 +363,7 @@ fn without_rbac_for_nodes_the_agent_runs_and_ignores_topology() {
     note(&format!("kube: Nodes forbidden: {}", share_line(&both)));
     assert_eq!(both.len(), 2, "{both:?}");
     let log = agent.log_text();
-    let said = log
-        .lines()
-        .filter(|l| l.contains("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)"))
-        .count();
+    let said = agent.log_lines_containing("cannot list Nodes yet: going on without them (topology hints are ignored until this node's zone is known)");
     assert_eq!(
         said, 1,
         "one line says what is missing and what it costs, once:\n{log}"
