@@ -23,6 +23,9 @@ pub const INTERCEPT_ANNOTATION: &str = "interceptor.io/intercept";
 pub const SKIP_PORTS_ANNOTATION: &str = "interceptor.io/skip-ports";
 /// Service annotation: endpoints that join ramp up their share over this window (e.g. `30s`).
 pub const SLOW_START_ANNOTATION: &str = "interceptor.io/slow-start";
+/// On a Service: `opaque` relays its HTTP/1.x connections as TCP, one endpoint each, instead
+/// of balancing every request (`per-request`, the default).
+pub const HTTP1_ANNOTATION: &str = "interceptor.io/http1";
 
 /// Logs a problem with an object once per process (desired states are recomputed on every
 /// change, and an operator needs the line once, not per change).

@@ -15,6 +15,10 @@
 //!            -> balancer   p2c / round robin, affinity, slow start
 //!               (endpoint_stats: latency, in flight, failures, ejection)
 //!         -> pool     pooled HTTP/2 connections per endpoint (connector: from the pod's netns)
+//!   -> http1_server   HTTP/1.x, per request (http1_guard: framing checks hyper does not make)
+//!      -> http1_forward   one request: pick, send on a pooled connection, stream back
+//!         |               (http1_upgrade: WebSocket, h2c, CONNECT become an opaque relay)
+//!         -> http1_pool   pooled HTTP/1.1 connections per endpoint
 //!   -> opaque_relay   anything else: TCP to one balanced endpoint
 //! ```
 //!
@@ -34,6 +38,11 @@ pub mod endpoint_stats;
 pub mod forward;
 pub mod grpc;
 pub mod h2_server;
+pub mod http1_forward;
+pub mod http1_guard;
+pub mod http1_pool;
+pub mod http1_server;
+pub mod http1_upgrade;
 pub mod limit;
 pub mod metrics;
 pub mod opaque_relay;
@@ -53,8 +62,9 @@ use tracing::Instrument;
 use config::ProxyConfig;
 use connector::Connector;
 use destination::{Destination, EndpointsHandle};
-use detect::{detect, OpaqueKind, Prefixed, Protocol, ProtocolHint};
+use detect::{detect, Http1Mode, OpaqueKind, Prefixed, Protocol, ProtocolHint};
 use endpoint_stats::EjectPolicy;
+use http1_pool::Http1Pool;
 use limit::ConnectionLimit;
 use metrics as m;
 use pool::{Pool, PoolConfig};
@@ -92,6 +102,8 @@ pub enum ProxyError {
     Detect(#[source] std::io::Error),
     #[error("HTTP/2 connection with the client failed: {0}")]
     Http2(#[source] h2::Error),
+    #[error("HTTP/1.x connection with the client failed: {0}")]
+    Http1(#[source] hyper::Error),
     #[error("{0} client connections are open (max_client_connections); closed this one at accept")]
     TooManyConnections(usize),
 }
@@ -109,6 +121,7 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) pool: Pool,
+    pub(crate) http1_pool: Http1Pool,
     dests: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
     shutdown: watch::Sender<bool>,
     limit: Arc<ConnectionLimit>,
@@ -138,7 +151,8 @@ impl Shared {
                         self.config.ewma_decay,
                         self.config.default_rtt,
                     )
-                    .with_pool(self.pool.clone()),
+                    .with_pool(self.pool.clone())
+                    .with_http1_pool(self.http1_pool.clone()),
                 )
             })
             .clone()
@@ -174,12 +188,19 @@ impl Proxy {
                 max_header_list_bytes: config.max_header_list_bytes,
             },
         );
+        let http1_pool = Http1Pool::new(
+            connector.clone(),
+            config.connect_timeout,
+            config.idle_timeout,
+            config.max_header_list_bytes as usize,
+        );
         let (shutdown, _) = watch::channel(false);
         Self {
             inner: Arc::new(Shared {
                 config,
                 connector,
                 pool,
+                http1_pool,
                 dests: Mutex::new(HashMap::new()),
                 shutdown,
                 limit,
@@ -216,6 +237,11 @@ impl Proxy {
         self.inner.pool.connections(endpoint)
     }
 
+    /// Idle pooled HTTP/1.1 connections to an endpoint.
+    pub fn idle_http1_connections(&self, endpoint: SocketAddr) -> usize {
+        self.inner.http1_pool.idle(endpoint)
+    }
+
     /// Starts a graceful drain: HTTP/2 clients get GOAWAY, in-flight streams finish, and
     /// `serve_connection` calls return once their connection is done.
     pub fn shutdown(&self) {
@@ -250,7 +276,7 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let destination = self.inner.destination(dest);
         let hint = destination.protocol();
-        let (protocol, prefix) = match hint {
+        let (mut protocol, prefix) = match hint {
             // The Service said what it carries: no byte is read or waited for here.
             ProtocolHint::Http2 => (Protocol::Http2, bytes::BytesMut::new()),
             ProtocolHint::Opaque => (
@@ -261,6 +287,9 @@ impl Proxy {
                 .await
                 .map_err(ProxyError::Detect)?,
         };
+        if protocol == Protocol::Http1 && destination.http1_mode() == Http1Mode::Opaque {
+            protocol = Protocol::Opaque(OpaqueKind::Http1);
+        }
         m::detection(if hint == ProtocolHint::Http2 {
             "declared_h2"
         } else {
@@ -279,6 +308,22 @@ impl Proxy {
                 )
                 .await
                 .map_err(ProxyError::Http2)
+            }
+            Protocol::Http1 => {
+                let io = Prefixed::new(prefix, stream);
+                http1_server::serve(
+                    self.inner.clone(),
+                    destination,
+                    io,
+                    self.inner.shutdown.subscribe(),
+                )
+                .await
+                .map_err(|e| {
+                    if e.is_parse() || e.is_parse_too_large() {
+                        m::abusive_connection(m::AbuseReason::MalformedHttp1);
+                    }
+                    ProxyError::Http1(e)
+                })
             }
             Protocol::Opaque(_) => {
                 opaque_relay::relay(&self.inner, &destination, stream, prefix).await;

@@ -69,6 +69,11 @@ async fn roundtrip(first: &[u8], rest: &[u8], reply_len: usize) {
     let reply = random_bytes(reply_len, 7);
     let (backend, mut seen) = capture_backend([127, 0, 0, 2], b"", reply.clone()).await;
     let p = start_proxy(ProxyConfig::default(), &[backend]).await;
+    // HTTP/1.x goes through the opaque relay only where its Service opted out of per-request
+    // balancing (interceptor.io/http1: opaque); these bytes are not a real exchange.
+    p.proxy
+        .endpoints(p.addr)
+        .set_http1_mode(interceptor::proxy::detect::Http1Mode::Opaque);
     let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
     let mut sent = first.to_vec();
     sent.extend_from_slice(rest);
@@ -199,6 +204,10 @@ async fn opaque_bulk_both_ways_concurrently() {
 #[tokio::test]
 async fn opaque_without_endpoint_closes_promptly_and_skips_dead_ones() {
     let p = start_proxy(ProxyConfig::default(), &[]).await;
+    // Opaque HTTP/1 (opted out); balanced HTTP/1.1 answers 503 instead (proxy_http1).
+    p.proxy
+        .endpoints(p.addr)
+        .set_http1_mode(interceptor::proxy::detect::Http1Mode::Opaque);
     let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
     c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
     let mut buf = Vec::new();
@@ -244,6 +253,9 @@ async fn idle_opaque_relay_is_closed_busy_one_is_not() {
         ..Default::default()
     };
     let p = start_proxy(cfg, &[backend]).await;
+    p.proxy
+        .endpoints(p.addr)
+        .set_http1_mode(interceptor::proxy::detect::Http1Mode::Opaque);
     let mut c = TcpStream::connect(p.addr).await.expect("connect proxy");
     let started = Instant::now();
     c.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");

@@ -251,14 +251,16 @@ async fn endpoints_file_reload_drain_and_metrics() {
     // A standalone proxy names no Service: its listen address stands in for one.
     let svc = format!("namespace=,port={},service={addr}", addr.port());
     let ok2 = rec.value(&format!(
-        "interceptor_requests_total{{endpoint={},{svc},status=0}}",
-        b2.addr
+        "interceptor_requests_total{{endpoint={},namespace=,port={},protocol=h2,service={addr},status=0}}",
+        b2.addr,
+        addr.port()
     ));
     assert_eq!(ok2, Some(b2.calls() as u64));
     assert!(b2.calls() >= 20);
     let ok3 = rec.value(&format!(
-        "interceptor_requests_total{{endpoint={},{svc},status=0}}",
-        b3.addr
+        "interceptor_requests_total{{endpoint={},namespace=,port={},protocol=h2,service={addr},status=0}}",
+        b3.addr,
+        addr.port()
     ));
     assert_eq!(ok3, Some(b3.calls() as u64));
     assert!(
@@ -277,7 +279,7 @@ async fn endpoints_file_reload_drain_and_metrics() {
     );
     assert!(rec
         .gauge(&format!(
-            "interceptor_upstream_connections{{endpoint={}}}",
+            "interceptor_upstream_connections{{endpoint={},protocol=h2}}",
             b2.addr
         ))
         .is_some());

@@ -13,7 +13,7 @@ use crate::bpf::{CgroupId, Datapath, ServiceAction};
 use crate::discovery::cgroup::CgroupLayout;
 use crate::discovery::model::{DesiredState, ObjectRef, PodCgroup, PodUid, PortAction};
 use crate::proxy::destination::DestinationSettings;
-use crate::proxy::detect::ProtocolHint;
+use crate::proxy::detect::{Http1Mode, ProtocolHint};
 use crate::proxy::EndpointSpec;
 use crate::state::{AgentState, PodStatus, SharedState, PODS_NOT_INTERCEPTED, POD_NOT_INTERCEPTED};
 
@@ -156,6 +156,11 @@ impl Reconciler {
                 let settings = DestinationSettings {
                     labels: p.metric_labels(addr.port()),
                     protocol: ProtocolHint::from_app_protocol(p.app_protocol.as_deref()),
+                    http1: if p.http1_opaque {
+                        Http1Mode::Opaque
+                    } else {
+                        Http1Mode::PerRequest
+                    },
                     affinity: p.affinity_timeout_s.map(|s| Duration::from_secs(s.into())),
                     slow_start: p.slow_start_ms.map(Duration::from_millis),
                 };

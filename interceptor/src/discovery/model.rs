@@ -101,6 +101,10 @@ pub struct ServicePort {
     /// The Service's interceptor.io/slow-start annotation: a joining endpoint's share ramps
     /// up over this window.
     pub slow_start_ms: Option<u64>,
+    /// The Service's interceptor.io/http1 annotation says `opaque`: HTTP/1.x connections are
+    /// relayed to one endpoint each instead of balanced per request.
+    #[serde(default)]
+    pub http1_opaque: bool,
     /// Service fields in force for this port and what they do, for `status` and `explain`
     /// (e.g. "internalTrafficPolicy Local: 1 of 3 endpoints are on this node").
     pub semantics: Vec<String>,

@@ -15,8 +15,8 @@ use super::model::{
 };
 use super::topology::{self, TrafficDistribution};
 use super::{
-    object_ref, warn_once, ENABLED_LABEL, INTERCEPT_ANNOTATION, SKIP_PORTS_ANNOTATION,
-    SLOW_START_ANNOTATION,
+    object_ref, warn_once, ENABLED_LABEL, HTTP1_ANNOTATION, INTERCEPT_ANNOTATION,
+    SKIP_PORTS_ANNOTATION, SLOW_START_ANNOTATION,
 };
 
 /// Label linking an EndpointSlice to its Service.
@@ -189,6 +189,15 @@ impl Objects {
                 }
             }
         });
+        let http1_opaque = annotation(&svc.metadata, HTTP1_ANNOTATION).is_some_and(|v| {
+            match crate::proxy::detect::Http1Mode::parse(v) {
+                Ok(mode) => mode == crate::proxy::detect::Http1Mode::Opaque,
+                Err(accepted) => {
+                    warn_once(format!("Service {name}: annotation {HTTP1_ANNOTATION}={v:?} must be {accepted}; balancing HTTP/1.1 per request"));
+                    false
+                }
+            }
+        });
         // internalTrafficPolicy: Local keeps traffic on this node, as kube-proxy does (no
         // node-local endpoint: none at all).
         let local_node = match spec.internal_traffic_policy.as_deref() {
@@ -294,6 +303,11 @@ impl Objects {
                         "slow start {ms} ms: a joining endpoint's share ramps up from 10%"
                     ));
                 }
+                if http1_opaque {
+                    semantics.push(format!(
+                        "{HTTP1_ANNOTATION}: opaque: HTTP/1.x relayed as TCP, one endpoint per connection"
+                    ));
+                }
                 if let Some(t) = affinity_timeout_s {
                     semantics.push(format!(
                         "sessionAffinity ClientIP ({t} s): each pod's streams stick to one endpoint"
@@ -329,6 +343,7 @@ impl Objects {
                         skipped_endpoints,
                         affinity_timeout_s,
                         slow_start_ms,
+                        http1_opaque,
                         semantics,
                     },
                 );

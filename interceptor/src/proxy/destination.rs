@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::balancer::{Balancer, Endpoint};
 use super::config::BalancerKind;
-use super::detect::ProtocolHint;
+use super::detect::{Http1Mode, ProtocolHint};
 use super::endpoint_stats::{EjectPolicy, EndpointStats};
+use super::http1_pool::Http1Pool;
 use super::metrics::{ServiceLabels, ServiceMetrics};
 use super::pool::Pool;
 use super::{EndpointSpec, EndpointState};
@@ -26,6 +27,7 @@ pub struct Destination {
     default_rtt: Duration,
     set: RwLock<Arc<Vec<Endpoint>>>,
     pool: Option<Pool>,
+    http1_pool: Option<Http1Pool>,
     /// Serialises ejection decisions, so concurrent failures cannot together eject past the
     /// bound (failures only: the success path never takes it).
     ejecting: Mutex<()>,
@@ -33,6 +35,8 @@ pub struct Destination {
     metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// What the Service port's appProtocol says (a `ProtocolHint` as u8).
     protocol: std::sync::atomic::AtomicU8,
+    /// Whether HTTP/1.x is balanced per request (0) or relayed opaquely (1).
+    http1_opaque: std::sync::atomic::AtomicBool,
     /// How its endpoints are chosen (kind, slow start, session affinity).
     balancer: Balancer,
 }
@@ -42,6 +46,8 @@ pub struct Destination {
 pub struct DestinationSettings {
     pub labels: ServiceLabels,
     pub protocol: ProtocolHint,
+    /// How HTTP/1.x connections are served.
+    pub http1: Http1Mode,
     /// sessionAffinity ClientIP with this timeout (since the last stream), or none.
     pub affinity: Option<Duration>,
     /// Slow start window for endpoints that join, or none.
@@ -61,9 +67,11 @@ impl Destination {
             default_rtt,
             set: RwLock::new(Arc::new(Vec::new())),
             pool: None,
+            http1_pool: None,
             ejecting: Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
             protocol: std::sync::atomic::AtomicU8::new(0),
+            http1_opaque: std::sync::atomic::AtomicBool::new(false),
             balancer: Balancer::new(kind),
         }
     }
@@ -88,6 +96,20 @@ impl Destination {
             ProtocolHint::Opaque => 2,
         };
         self.protocol.store(v, Ordering::Relaxed);
+    }
+
+    /// Takes effect for the next accepted connection.
+    pub fn set_http1_mode(&self, mode: Http1Mode) {
+        self.http1_opaque
+            .store(mode == Http1Mode::Opaque, Ordering::Relaxed);
+    }
+
+    pub fn http1_mode(&self) -> Http1Mode {
+        if self.http1_opaque.load(Ordering::Relaxed) {
+            Http1Mode::Opaque
+        } else {
+            Http1Mode::PerRequest
+        }
     }
 
     pub fn protocol(&self) -> ProtocolHint {
@@ -118,6 +140,12 @@ impl Destination {
     /// Lets updates release pooled connections of removed endpoints.
     pub(crate) fn with_pool(mut self, pool: Pool) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// As `with_pool`, for the HTTP/1.1 pool.
+    pub(crate) fn with_http1_pool(mut self, pool: Http1Pool) -> Self {
+        self.http1_pool = Some(pool);
         self
     }
 
@@ -175,11 +203,14 @@ impl Destination {
         // Pooled connections to removed endpoints leave the pool now; streams still on them
         // finish, then h2 closes the connection. (Another destination sharing the endpoint
         // just reconnects.)
-        if let Some(pool) = &self.pool {
-            for gone in old
-                .iter()
-                .filter(|o| !next.iter().any(|n| n.stats.addr() == o.stats.addr()))
-            {
+        for gone in old
+            .iter()
+            .filter(|o| !next.iter().any(|n| n.stats.addr() == o.stats.addr()))
+        {
+            if let Some(pool) = &self.pool {
+                pool.retire_endpoint(gone.stats.addr());
+            }
+            if let Some(pool) = &self.http1_pool {
                 pool.retire_endpoint(gone.stats.addr());
             }
         }
@@ -281,10 +312,16 @@ impl EndpointsHandle {
         self.0.set_protocol(hint)
     }
 
+    /// Whether HTTP/1.x is balanced per request or relayed opaquely.
+    pub fn set_http1_mode(&self, mode: Http1Mode) {
+        self.0.set_http1_mode(mode)
+    }
+
     /// Applies what discovery says about the destination (labels before its first stream).
     pub fn configure(&self, s: &DestinationSettings) {
         self.0.describe(s.labels.clone());
         self.0.set_protocol(s.protocol);
+        self.0.set_http1_mode(s.http1);
         self.0.set_affinity(s.affinity);
         self.0.set_slow_start(s.slow_start);
     }

@@ -19,6 +19,8 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub enum Protocol {
     /// HTTP/2 with prior knowledge: demultiplexed per stream.
     Http2,
+    /// HTTP/1.x: balanced per request (unless its Service opts out).
+    Http1,
     /// Anything else: relayed as opaque TCP.
     Opaque(OpaqueKind),
 }
@@ -26,6 +28,7 @@ pub enum Protocol {
 /// Why a connection is relayed opaquely (a metrics label, nothing depends on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpaqueKind {
+    /// HTTP/1.x to a Service that opted out of per-request balancing.
     Http1,
     Tls,
     /// No bytes within the detection wait: a server-first protocol, or an idle client.
@@ -35,6 +38,27 @@ pub enum OpaqueKind {
     Other,
     /// The Service port's appProtocol says what it carries: relayed at once, undetected.
     Declared,
+}
+
+/// How a destination's HTTP/1.x connections are served (annotation `interceptor.io/http1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1Mode {
+    /// Each request balanced on its own (`per-request`, the default).
+    #[default]
+    PerRequest,
+    /// Relayed as opaque TCP to one endpoint per connection (`opaque`), as kube-proxy does.
+    Opaque,
+}
+
+impl Http1Mode {
+    /// The mode an annotation value asks for; `Err` names the accepted values.
+    pub fn parse(v: &str) -> Result<Self, &'static str> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "per-request" | "" => Ok(Self::PerRequest),
+            "opaque" => Ok(Self::Opaque),
+            _ => Err("per-request or opaque"),
+        }
+    }
 }
 
 /// What a Service port's `appProtocol` tells the proxy before any byte arrives.
@@ -59,9 +83,11 @@ impl ProtocolHint {
         match v.trim().to_ascii_lowercase().as_str() {
             // `grpc` is gRPC over plaintext HTTP/2 (with TLS a Service says grpcs, https or tls).
             "kubernetes.io/h2c" | "h2c" | "grpc" => Self::Http2,
-            // Until HTTP/1.1 is balanced per request, HTTP/1 is relayed like any other TCP.
-            "kubernetes.io/http" | "http" | "kubernetes.io/ws" | "kubernetes.io/wss" | "https"
-            | "tls" | "grpcs" | "kubernetes.io/https"
+            // HTTP/1.1 is found by detection (at once: its client speaks first), so a port
+            // that says `http` but carries h2c with prior knowledge is still demultiplexed.
+            "kubernetes.io/http" | "http" => Self::Detect,
+            "kubernetes.io/ws" | "kubernetes.io/wss" | "https" | "tls" | "grpcs"
+            | "kubernetes.io/https"
             // Server-first protocols: the server speaks first, the client waits for it.
             | "mysql" | "smtp" | "ftp" | "imap" | "pop3" | "ssh" | "nats" | "tcp" => Self::Opaque,
             _ => Self::Detect,
@@ -81,13 +107,22 @@ impl Protocol {
     pub fn label(self) -> &'static str {
         match self {
             Protocol::Http2 => "h2",
-            Protocol::Opaque(OpaqueKind::Http1) => "http1",
+            Protocol::Http1 => "http1",
+            Protocol::Opaque(OpaqueKind::Http1) => "http1_opaque",
             Protocol::Opaque(OpaqueKind::Tls) => "tls",
             Protocol::Opaque(OpaqueKind::ServerFirst) => "server_first",
             Protocol::Opaque(OpaqueKind::Empty) => "empty",
             Protocol::Opaque(OpaqueKind::Other) => "other",
             Protocol::Opaque(OpaqueKind::Declared) => "declared_opaque",
         }
+    }
+}
+
+/// Not the HTTP/2 preface: HTTP/1.x if it starts like a request line, else opaque.
+fn classify(buf: &[u8]) -> Protocol {
+    match classify_opaque(buf) {
+        OpaqueKind::Http1 => Protocol::Http1,
+        kind => Protocol::Opaque(kind),
     }
 }
 
@@ -129,14 +164,13 @@ pub async fn detect<R: AsyncRead + Unpin>(
             r = io.read_buf(&mut buf) => r?,
             _ = &mut deadline => {
                 // A partial preface that stalls is not HTTP/2 we can serve: relay it as sent.
-                let kind = if buf.is_empty() { OpaqueKind::ServerFirst } else { classify_opaque(&buf) };
-                return Ok((Protocol::Opaque(kind), buf));
+                let protocol = if buf.is_empty() { Protocol::Opaque(OpaqueKind::ServerFirst) } else { classify(&buf) };
+                return Ok((protocol, buf));
             }
         };
         let have = buf.len().min(H2_PREFACE.len());
         if buf[..have] != H2_PREFACE[..have] {
-            let kind = classify_opaque(&buf);
-            return Ok((Protocol::Opaque(kind), buf));
+            return Ok((classify(&buf), buf));
         }
         if buf.len() >= H2_PREFACE.len() {
             return Ok((Protocol::Http2, buf));
@@ -232,10 +266,7 @@ mod tests {
     #[tokio::test]
     async fn classifies_first_bytes() {
         assert_eq!(run(H2_PREFACE, false).await.0, Protocol::Http2);
-        assert_eq!(
-            run(b"GET / HTTP/1.1\r\n", false).await.0,
-            Protocol::Opaque(OpaqueKind::Http1)
-        );
+        assert_eq!(run(b"GET / HTTP/1.1\r\n", false).await.0, Protocol::Http1);
         assert_eq!(
             run(b"\x16\x03\x01\x02\x00", false).await.0,
             Protocol::Opaque(OpaqueKind::Tls)
@@ -262,7 +293,8 @@ mod hint_tests {
             (None, ProtocolHint::Detect),
             (Some("kubernetes.io/h2c"), ProtocolHint::Http2),
             (Some("GRPC"), ProtocolHint::Http2),
-            (Some("kubernetes.io/http"), ProtocolHint::Opaque),
+            (Some("kubernetes.io/http"), ProtocolHint::Detect),
+            (Some("kubernetes.io/ws"), ProtocolHint::Opaque),
             (Some("mysql"), ProtocolHint::Opaque),
             (Some("https"), ProtocolHint::Opaque),
             (Some("example.com/custom"), ProtocolHint::Detect),

@@ -26,6 +26,7 @@ pub struct EndpointStats {
     proven: AtomicBool,
     /// Its request counters in its destination's Service (the stats are per destination).
     requests: std::sync::OnceLock<m::EndpointRequests>,
+    http1_requests: std::sync::OnceLock<m::EndpointRequests>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,13 +73,30 @@ impl EndpointStats {
             ejections: AtomicU32::new(0),
             proven: AtomicBool::new(false),
             requests: std::sync::OnceLock::new(),
+            http1_requests: std::sync::OnceLock::new(),
         }
     }
 
     /// Its request counters, labelled with `service` (its destination's Service) on first use.
     pub(crate) fn requests(&self, service: &m::ServiceMetrics) -> &m::EndpointRequests {
-        self.requests
-            .get_or_init(|| m::EndpointRequests::new(service.labels(), self.label.clone()))
+        self.requests.get_or_init(|| {
+            m::EndpointRequests::new(
+                service.labels(),
+                self.label.clone(),
+                m::RequestProtocol::Http2,
+            )
+        })
+    }
+
+    /// Its HTTP/1.1 request counters (see `requests`).
+    pub(crate) fn http1_requests(&self, service: &m::ServiceMetrics) -> &m::EndpointRequests {
+        self.http1_requests.get_or_init(|| {
+            m::EndpointRequests::new(
+                service.labels(),
+                self.label.clone(),
+                m::RequestProtocol::Http1,
+            )
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -29,7 +29,7 @@ pub const OPAQUE_ACTIVE: &str = "interceptor_opaque_active_connections";
 
 /// Registers descriptions and units; call once after installing a recorder.
 pub fn describe() {
-    describe_counter!(REQUESTS, Unit::Count, "HTTP/2 streams completed, by Service (namespace, service, port), endpoint and status (grpc-status, the HTTP status class for non-gRPC, cancelled or reset)");
+    describe_counter!(REQUESTS, Unit::Count, "HTTP/2 streams and HTTP/1.1 requests completed, by Service (namespace, service, port), endpoint, protocol (h2, http1) and status (grpc-status, the HTTP status class for non-gRPC, cancelled or reset)");
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -38,7 +38,7 @@ pub fn describe() {
     describe_gauge!(
         ACTIVE_STREAMS,
         Unit::Count,
-        "HTTP/2 streams being relayed (in flight), by Service"
+        "HTTP/2 streams and HTTP/1.1 requests being relayed (in flight), by Service"
     );
     describe_counter!(
         OPAQUE_BYTES,
@@ -53,12 +53,12 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_CONNECTIONS,
         Unit::Count,
-        "Pooled HTTP/2 connections to endpoints"
+        "Pooled connections to endpoints, by protocol (h2, http1)"
     );
     describe_counter!(
         UPSTREAM_CONNECT_FAILURES,
         Unit::Count,
-        "Failed connects (TCP or HTTP/2 handshake) to endpoints"
+        "Failed connects (TCP, or the HTTP/2 or HTTP/1.1 handshake) to endpoints"
     );
     describe_counter!(
         REPLAYS,
@@ -103,7 +103,7 @@ pub fn describe() {
     describe_counter!(
         ABUSIVE_CONNECTIONS,
         Unit::Count,
-        "Client connections closed for abuse, by reason"
+        "Client connections closed for abuse or a malformed request, by reason"
     );
 }
 
@@ -212,9 +212,21 @@ label_enum! {
 }
 
 label_enum! {
+    /// The protocol of a request, and of the pooled connection it went on.
+    RequestProtocol {
+        Http2 => "h2",
+        Http1 => "http1",
+    }
+}
+
+label_enum! {
     /// Why a client connection was closed for abuse.
     AbuseReason {
         RapidReset => "rapid_reset",
+        /// An HTTP/1.1 request with both Content-Length and Transfer-Encoding (smuggling).
+        AmbiguousFraming => "ambiguous_framing",
+        /// An HTTP/1.x request hyper could not parse (answered 400 or 431 by it).
+        MalformedHttp1 => "malformed_http1",
     }
 }
 
@@ -276,8 +288,9 @@ pub(crate) struct ServiceMetrics {
     opaque_active: Gauge,
     opaque_sent: Counter,
     opaque_received: Counter,
-    /// Requests answered without an endpoint (none usable, attempts exhausted).
+    /// Requests answered without an endpoint (none usable, attempts exhausted), by protocol.
     no_endpoint: EndpointRequests,
+    no_endpoint_http1: EndpointRequests,
 }
 
 impl ServiceMetrics {
@@ -289,7 +302,12 @@ impl ServiceMetrics {
             opaque_active: gauge!(OPAQUE_ACTIVE, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone()),
             opaque_sent: counter!(OPAQUE_BYTES, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "direction" => "sent"),
             opaque_received: counter!(OPAQUE_BYTES, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "direction" => "received"),
-            no_endpoint: EndpointRequests::new(&labels, Arc::from("none")),
+            no_endpoint: EndpointRequests::new(&labels, Arc::from("none"), RequestProtocol::Http2),
+            no_endpoint_http1: EndpointRequests::new(
+                &labels,
+                Arc::from("none"),
+                RequestProtocol::Http1,
+            ),
             labels,
         }
     }
@@ -306,6 +324,10 @@ impl ServiceMetrics {
 
     pub(crate) fn no_endpoint(&self) -> &EndpointRequests {
         &self.no_endpoint
+    }
+
+    pub(crate) fn no_endpoint_http1(&self) -> &EndpointRequests {
+        &self.no_endpoint_http1
     }
 
     pub(crate) fn opaque_started(self: &Arc<Self>) -> OpaqueActive {
@@ -354,10 +376,12 @@ impl Drop for OpaqueActive {
     }
 }
 
-/// Request counters of one endpoint of one Service, one per status, each resolved on first use.
+/// Request counters of one endpoint of one Service and one protocol, one per status, each
+/// resolved on first use.
 pub(crate) struct EndpointRequests {
     /// namespace, service, port, endpoint.
     labels: [Arc<str>; 4],
+    protocol: RequestProtocol,
     by_status: [OnceLock<Counter>; STATUS_SLOTS],
 }
 
@@ -370,8 +394,13 @@ impl std::fmt::Debug for EndpointRequests {
 }
 
 impl EndpointRequests {
-    pub(crate) fn new(service: &ServiceLabels, endpoint: Arc<str>) -> Self {
+    pub(crate) fn new(
+        service: &ServiceLabels,
+        endpoint: Arc<str>,
+        protocol: RequestProtocol,
+    ) -> Self {
         Self {
+            protocol,
             labels: [
                 service.namespace.clone(),
                 service.service.clone(),
@@ -386,7 +415,7 @@ impl EndpointRequests {
         self.by_status[status.0]
             .get_or_init(|| {
                 let [ns, svc, port, ep] = &self.labels;
-                counter!(REQUESTS, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "endpoint" => ep.clone(), "status" => status.label())
+                counter!(REQUESTS, "namespace" => ns.clone(), "service" => svc.clone(), "port" => port.clone(), "endpoint" => ep.clone(), "protocol" => self.protocol.label(), "status" => status.label())
             })
             .increment(1);
     }
@@ -404,7 +433,12 @@ pub(crate) fn request(
 }
 
 pub(crate) fn upstream_connections(endpoint: &Arc<str>, delta: f64) {
-    gauge!(UPSTREAM_CONNECTIONS, "endpoint" => endpoint.clone()).increment(delta);
+    upstream_connections_of(endpoint, RequestProtocol::Http2, delta)
+}
+
+pub(crate) fn upstream_connections_of(endpoint: &Arc<str>, protocol: RequestProtocol, delta: f64) {
+    gauge!(UPSTREAM_CONNECTIONS, "endpoint" => endpoint.clone(), "protocol" => protocol.label())
+        .increment(delta);
 }
 
 pub(crate) fn connect_failure(endpoint: &Arc<str>) {

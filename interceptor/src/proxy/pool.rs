@@ -37,6 +37,12 @@ pub enum PoolError {
         #[source]
         source: h2::Error,
     },
+    #[error("HTTP/1.1 handshake with endpoint {addr} failed: {source}")]
+    Http1Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("connecting to endpoint {addr} was abandoned: the proxy is shutting down")]
     Abandoned { addr: SocketAddr },
 }

@@ -4,3 +4,4 @@
 
 pub mod codec;
 pub mod h2_backend;
+pub mod http1_backend;
