@@ -448,7 +448,7 @@ impl GreetCluster {
 
     /// Starts a greet client in the client pod: ONE channel to the ClusterIP for `seconds`.
     pub fn client_run(&self, seconds: u64) -> Tallies {
-        let mut child = self.client.spawn(&[
+        let child = self.client.spawn(&[
             "greet-client",
             "--to",
             &vip().to_string(),
@@ -459,6 +459,13 @@ impl GreetCluster {
             "--report-ms",
             "25",
         ]);
+        Tallies::from_child(child)
+    }
+}
+
+impl Tallies {
+    /// Reads the progress of any client that prints the greet client's TALLY lines.
+    pub fn from_child(mut child: ChildGuard) -> Self {
         let stdout = child
             .0
             .as_mut()

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod cluster;
 pub mod greet;
+pub mod http1;
 pub mod interop;
 pub mod kube_api;
 pub mod node;

@@ -274,6 +274,11 @@ impl AgentProcess {
             .count()
     }
 
+    /// The agent's process id (for its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// The admin endpoint's address, from the agent's start-up log.
     pub fn admin_addr(&self) -> SocketAddr {
         let log = self.log_text();

@@ -17,6 +17,8 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// The interop tests' gRPC peers (tests/interop): the C-core Python package, and grpc-js as
 /// pinned in tests/interop/package.json and package-lock.json.
 const GRPCIO_VERSION: &str = "1.85.3";
+/// The HTTP/1.1 tests' keep-alive REST client (tests/http1/keepalive_client.py).
+const REQUESTS_VERSION: &str = "2.34.2";
 const GRPC_JS_VERSION: &str = "1.14.7";
 
 /// Debian packages and the command each one provides.
@@ -47,6 +49,12 @@ pub fn run() -> Result<()> {
     apt_tools()?;
     kubernetes_validate()?;
     interop_peers()?;
+    pip_package(
+        "requests",
+        REQUESTS_VERSION,
+        "requests",
+        "the HTTP/1.1 tests run a requests.Session keep-alive client",
+    )?;
     Ok(())
 }
 

@@ -102,6 +102,18 @@ fn main() {
             Duration::from_millis(num("--interval-ms", 100)),
         ),
         Some("udp") => udp(flag("--to").expect("--to").parse().expect("--to ADDR")),
+        Some("http1-serve") => interceptor_tests::http1::serve(
+            &flag("--name").expect("--name"),
+            num("--port", 8080) as u16,
+        ),
+        Some("ws-echo") => interceptor_tests::http1::ws_echo(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            num("--messages", 20) as usize,
+        ),
+        Some("raw-http") => interceptor_tests::http1::raw_exchange(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            &flag("--request-file").expect("--request-file"),
+        ),
         other => {
             eprintln!("icp-pod: unknown command {other:?}");
             std::process::exit(2);
