@@ -60,8 +60,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Detach every hook and remove every pin: pods' new connections go straight to kube-proxy.
     Uninstall(PinArgs),
-    /// The HTTP/2 balancer alone, without eBPF or a cluster: listen on an address and spread
-    /// each stream over the given endpoints.
+    /// The balancer alone, without eBPF or a cluster: listen on an address and spread each
+    /// HTTP/2 stream and HTTP/1.1 request over the given endpoints.
     Proxy(ProxyArgs),
 }
 

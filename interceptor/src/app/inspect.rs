@@ -250,7 +250,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         None => fail(format!("kernel map icp_services has no entry for {target}")),
     }
     match verdict {
-        None => println!("verdict: INTERCEPTED: the connect is redirected to the pod-local listener, and each HTTP/2 stream is balanced over the Service's endpoints (other protocols: one endpoint per connection)"),
+        None => println!("verdict: INTERCEPTED: the connect is redirected to the pod-local listener, and each HTTP/2 stream and HTTP/1.1 request is balanced over the Service's endpoints (upgrades, CONNECT, TLS and other protocols: one endpoint per connection)"),
         Some(why) => println!("verdict: NOT intercepted: {why}"),
     }
     Ok(())

@@ -37,6 +37,9 @@ use interceptor_tests::{
 };
 use serde_json::{json, Value};
 
+#[path = "bench_http1/mod.rs"]
+mod bench_http1;
+
 const VIP: &str = "10.96.0.10:8080";
 const BACKEND_PORT: u16 = 8080;
 const BACKENDS: usize = 4;
@@ -391,6 +394,8 @@ struct Topology {
     backends: Vec<Backend>,
     backend_addrs: Vec<SocketAddr>,
     backend_pods: Vec<Pod>,
+    /// The HTTP/1.1 backends beside the gRPC ones (the HTTP/1.1 rows).
+    _http1_backends: Vec<ChildGuard>,
     client: Pod,
     _node: Node,
 }
@@ -462,6 +467,7 @@ impl Topology {
             backend_pods.iter().map(|b| IpAddr::V4(b.ip4)).collect(),
         )]);
         let backends = backend_pods.iter().map(Backend::start).collect();
+        let http1_backends = bench_http1::start_backends(&backend_pods);
         let backend_addrs = backend_pods.iter().map(|p| p.addr4(BACKEND_PORT)).collect();
         let body_file = dir.join("request.bin");
         std::fs::write(&body_file, REQUEST_BODY).expect("write the request body");
@@ -472,6 +478,7 @@ impl Topology {
             backends,
             backend_addrs,
             backend_pods,
+            _http1_backends: http1_backends,
             client,
             _node: node,
         }
@@ -1423,6 +1430,14 @@ fn main() {
             "{tool} is missing: `cargo xtask setup` installs nginx-light, haproxy, nghttp2-client"
         );
     }
+    if args.iter().any(|a| a == "--http1-only") {
+        // Only the HTTP/1.1 rows, printed (for working on them; nothing is written).
+        let work = tempdir();
+        let topo = Topology::new(Node::new(), work.0.clone());
+        let rows = bench_http1::run_all(&topo, &Plan::new(quick));
+        println!("{}", bench_http1::markdown(&rows));
+        return;
+    }
     let started = Instant::now();
     let mut machine_info = machine();
     let stamp = {
@@ -1449,6 +1464,7 @@ fn main() {
     let mut rss_results: BTreeMap<Kind, Rss> = BTreeMap::new();
     let dynamics;
     let rr_fairness;
+    let http1_rows;
     {
         let mut topo = Topology::new(Node::new(), work.0.clone());
         for rep in 0..plan.reps {
@@ -1483,6 +1499,7 @@ fn main() {
             rss_results.insert(kind, rss(&topo, &plan, kind));
             check_stop();
         }
+        http1_rows = bench_http1::run_all(&topo, &plan);
         // Info only: the same one-connection balance with interceptor's round-robin option
         // (the default, used everywhere else, is power of two choices over peak EWMA).
         eprintln!(
@@ -1524,6 +1541,7 @@ fn main() {
         elapsed,
     );
     report.rr_fairness = Some(rr_fairness);
+    report.http1 = http1_rows;
     report.loadavg_start = machine_info
         .loadavg
         .split(' ')
@@ -1543,7 +1561,8 @@ fn main() {
     let summary_text = serde_json::to_string_pretty(&summary).expect("json");
     bench::write_file(&dir.join("summary.json"), &summary_text);
     bench::write_file(&out_root.join("summary.json"), &summary_text);
-    let table = report.markdown(&machine_info, &stamp);
+    let mut table = report.markdown(&machine_info, &stamp);
+    table.push_str(&bench_http1::markdown(&report.http1));
     bench::write_file(&dir.join("table.md"), &table);
     let chart = dir.join("chart.png");
     if let Err(e) = interceptor_tests::bench::chart::bars(&chart, &report.chart_panels()) {
@@ -1618,6 +1637,7 @@ struct Results<'a> {
     endpoint_dynamics: &'a Dynamics,
     connect: &'a ConnectCost,
     fairness_icp_round_robin: Option<&'a Fairness>,
+    http1: &'a [bench_http1::Row],
     summary: Summary,
 }
 
@@ -1625,6 +1645,7 @@ struct Results<'a> {
 struct Report {
     quick: bool,
     rr_fairness: Option<Fairness>,
+    http1: Vec<bench_http1::Row>,
     loadavg_start: f64,
     rates: BTreeMap<&'static str, f64>,
     rate_names: Vec<&'static str>,
@@ -1651,6 +1672,7 @@ impl Report {
         Self {
             quick,
             rr_fairness: None,
+            http1: Vec::new(),
             loadavg_start: 0.0,
             rates,
             rate_names: plan.rates.clone(),
@@ -1869,6 +1891,7 @@ impl Report {
             endpoint_dynamics: &self.dynamics,
             connect: &self.connect,
             fairness_icp_round_robin: self.rr_fairness.as_ref(),
+            http1: &self.http1,
             summary: self.summary(),
         }
     }
