@@ -18,7 +18,7 @@
 //!   -> http1_server   HTTP/1.x, per request (http1_guard: framing checks hyper does not make)
 //!      -> http1_forward   one request: pick, send on a pooled connection, stream back
 //!         |               (http1_upgrade: WebSocket, h2c, CONNECT become an opaque relay)
-//!         -> http1_pool   pooled HTTP/1.1 connections per endpoint
+//!         -> http1_pool   pooled HTTP/1.1 connections per endpoint (http1_body: what is sent)
 //!   -> opaque_relay   anything else: TCP to one balanced endpoint
 //! ```
 //!
@@ -38,6 +38,7 @@ pub mod endpoint_stats;
 pub mod forward;
 pub mod grpc;
 pub mod h2_server;
+pub mod http1_body;
 pub mod http1_forward;
 pub mod http1_guard;
 pub mod http1_pool;

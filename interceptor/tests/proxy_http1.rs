@@ -523,3 +523,71 @@ async fn an_opted_out_service_relays_http1_to_one_endpoint_per_connection() {
     }
     assert_eq!(by.len(), 1, "one endpoint for the whole connection: {by:?}");
 }
+
+#[tokio::test]
+async fn a_silent_endpoint_times_out_but_a_slow_upload_that_moves_does_not() {
+    let b1 = backend([127, 0, 0, 91], "b1").await;
+    // Accepts, reads, never answers.
+    let silent = TcpListener::bind("127.0.0.92:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let silent_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let config = ProxyConfig {
+        stream_idle_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(config, &[silent_addr]).await;
+    let mut c = client(p.addr).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = get(&mut c, "/").await;
+    let took = started.elapsed();
+    println!("silent endpoint: {status} after {took:?}: {body}");
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // An upload that takes 1.2 s, a chunk every 100 ms, is not cut at 300 ms (the endpoint
+    // answers once it has the whole body: `/` drains it first).
+    p.proxy.endpoints(p.addr).set_ready([b1.addr]);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    let stream = TcpStream::connect(p.addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    let req = Request::post("/")
+        .header("host", "x")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .expect("req");
+    let writer = tokio::spawn(async move {
+        for i in 0..12u8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx
+                .send(Ok(Frame::data(Bytes::from(vec![i; 1000]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let resp = timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200, "answered after the whole upload");
+    let got = resp.into_body().collect().await.expect("body").to_bytes();
+    writer.await.expect("writer");
+    assert_eq!(&got[..], b"b1\n");
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    silent_task.abort();
+}

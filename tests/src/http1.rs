@@ -52,18 +52,19 @@ fn keepalive_script() -> PathBuf {
 
 /// The Python keep-alive client for `seconds`, its progress read as it comes.
 pub fn python_client_run(pod: &Pod, url: &str, seconds: u64) -> Tallies {
+    Tallies::from_child(python_client(
+        pod,
+        url,
+        &["--seconds", &seconds.to_string()],
+    ))
+}
+
+/// Starts tests/http1/keepalive_client.py in `pod` with `args` after the URL.
+fn python_client(pod: &Pod, url: &str, args: &[&str]) -> ChildGuard {
     let script = keepalive_script();
-    let child = pod.spawn_program(
-        std::path::Path::new("python3"),
-        &[
-            script.to_str().expect("utf-8 path"),
-            "--url",
-            url,
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    );
-    Tallies::from_child(child)
+    let mut all = vec![script.to_str().expect("utf-8 path"), "--url", url];
+    all.extend_from_slice(args);
+    pod.spawn_program(std::path::Path::new("python3"), &all)
 }
 
 /// What one finished run of the Python client reported.
@@ -76,18 +77,10 @@ pub struct PythonRun {
 
 /// The Python keep-alive client for `count` requests, to its end.
 pub fn python_client_count(pod: &Pod, url: &str, count: u64) -> PythonRun {
-    let script = keepalive_script();
-    let child = pod.spawn_program(
-        std::path::Path::new("python3"),
-        &[
-            script.to_str().expect("utf-8 path"),
-            "--url",
-            url,
-            "--count",
-            &count.to_string(),
-            "--report-ms",
-            "1000",
-        ],
+    let child = python_client(
+        pod,
+        url,
+        &["--count", &count.to_string(), "--report-ms", "1000"],
     );
     let out = child.wait_output(Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&out.stdout);

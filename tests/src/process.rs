@@ -279,6 +279,35 @@ impl AgentProcess {
         self.child.pid()
     }
 
+    /// Requests the agent finished per endpoint, from its /metrics
+    /// (`interceptor_requests_total`), over the series whose labels contain every one of
+    /// `labels` (e.g. `service="web"`; none: all).
+    pub fn requests_by_endpoint(&self, labels: &[&str]) -> std::collections::BTreeMap<String, u64> {
+        let (code, metrics) = self.admin_get("/metrics");
+        assert_eq!(code, 200);
+        let mut by = std::collections::BTreeMap::new();
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("interceptor_requests_total{"))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+        {
+            let Some(ep) = line
+                .split("endpoint=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            let n: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *by.entry(ep.to_string()).or_default() += n as u64;
+        }
+        by
+    }
+
     /// The admin endpoint's address, from the agent's start-up log.
     pub fn admin_addr(&self) -> SocketAddr {
         let log = self.log_text();

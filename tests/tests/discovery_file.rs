@@ -534,32 +534,6 @@ fn a_container_restart_keeps_interception_and_stopping_the_agent_fails_open() {
     }
 }
 
-/// Requests the agent finished per endpoint, from its /metrics.
-fn requests_by_endpoint(agent: &AgentProcess) -> std::collections::BTreeMap<String, u64> {
-    let (code, metrics) = agent.admin_get("/metrics");
-    assert_eq!(code, 200);
-    let mut by = std::collections::BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("interceptor_requests_total{"))
-    {
-        let Some(ep) = line
-            .split("endpoint=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-        else {
-            continue;
-        };
-        let n: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *by.entry(ep.to_string()).or_default() += n as u64;
-    }
-    by
-}
-
 #[test]
 fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_proxy() {
     use interceptor_tests::interop::{Load, Stack};
@@ -733,9 +707,9 @@ fn an_agent_upgrade_hands_the_listeners_over_and_nothing_falls_back_to_kube_prox
 
         // Only the busy channel is left, now on the new agent: within 1 s both endpoints
         // take its calls.
-        let first = requests_by_endpoint(&new);
+        let first = new.requests_by_endpoint(&[]);
         std::thread::sleep(Duration::from_secs(1));
-        let second = requests_by_endpoint(&new);
+        let second = new.requests_by_endpoint(&[]);
         let grew: Vec<(String, u64)> = second
             .iter()
             .map(|(ep, n)| (ep.clone(), n - first.get(ep).copied().unwrap_or(0)))

@@ -97,37 +97,16 @@ impl Web {
     }
 }
 
-/// `interceptor_requests_total` per endpoint for one Service and protocol, from /metrics.
+/// `interceptor_requests_total` per endpoint for one Service and protocol.
 fn requests_by_endpoint(
     agent: &AgentProcess,
     service: &str,
     protocol: &str,
 ) -> BTreeMap<String, u64> {
-    let (code, metrics) = agent.admin_get("/metrics");
-    assert_eq!(code, 200);
-    let mut by = BTreeMap::new();
-    let want_svc = format!("service=\"{service}\"");
-    let want_proto = format!("protocol=\"{protocol}\"");
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("interceptor_requests_total{"))
-        .filter(|l| l.contains(&want_svc) && l.contains(&want_proto))
-    {
-        let Some(ep) = line
-            .split("endpoint=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-        else {
-            continue;
-        };
-        let n: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *by.entry(ep.to_string()).or_default() += n as u64;
-    }
-    by
+    agent.requests_by_endpoint(&[
+        &format!("service=\"{service}\""),
+        &format!("protocol=\"{protocol}\""),
+    ])
 }
 
 fn since(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {

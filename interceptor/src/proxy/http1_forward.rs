@@ -7,9 +7,9 @@
 //! the response came back (RFC 9110 9.2.2: those may be repeated). Anything else that fails
 //! after the request left is answered 502 and not repeated.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -22,47 +22,17 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::destination::Destination;
 use super::endpoint_stats::{EndpointStats, InFlight};
-use super::http1_guard::Verdict;
-use super::http1_pool::{Checkout, UpstreamBody};
+use super::http1_body::{Counted, UpstreamBody};
+use super::http1_pool::Checkout;
 use super::metrics::{
     self as m, AbuseReason, ActiveStream, EndpointRequests, ReplayReason, Status,
 };
 use super::metrics::{ServiceMetrics, TimeoutKind, UnavailableReason};
-use super::{grpc, http1_upgrade, Shared};
+use super::opaque_relay::idle_expired;
+use super::{grpc, Shared};
 
 /// What the client gets: the endpoint's response body as it arrives, or one of ours.
 pub(crate) type ClientBody = Either<Tracked, Full<Bytes>>;
-
-/// hyper's service function for one client request.
-pub(crate) async fn forward(
-    inner: Arc<Shared>,
-    dest: Arc<Destination>,
-    req: Request<Incoming>,
-    framing: Verdict,
-) -> Result<Response<ClientBody>, Infallible> {
-    let service = dest.metrics().clone();
-    let ctx = Ctx {
-        _active: service.stream_started(),
-        service,
-        started: Instant::now(),
-    };
-    if let Verdict::Reject(why) = framing {
-        m::abusive_connection(AbuseReason::AmbiguousFraming);
-        tracing::debug!(dest = %dest.addr(), why, "malformed HTTP/1.1 request rejected");
-        let mut resp = ctx.no_endpoint(
-            StatusCode::BAD_REQUEST,
-            &format!("interceptor: malformed request: {why}"),
-        );
-        // hyper closes the connection after a response that says so.
-        resp.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
-    }
-    if http1_upgrade::wants_tunnel(&req) {
-        return Ok(http1_upgrade::tunnel(&inner, &dest, ctx, req).await);
-    }
-    Ok(forward_request(&inner, &dest, ctx, req).await)
-}
 
 /// The request's accounting: its Service's in-flight gauge and duration.
 pub(crate) struct Ctx {
@@ -72,6 +42,30 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Starts the accounting of one request to `dest`.
+    pub(crate) fn new(dest: &Destination) -> Self {
+        let service = dest.metrics().clone();
+        Self {
+            _active: service.stream_started(),
+            service,
+            started: Instant::now(),
+        }
+    }
+
+    /// A request the framing check refused: 400, and the connection closed after it.
+    pub(crate) fn reject(&self, dest: &Destination, why: &str) -> Response<ClientBody> {
+        m::abusive_connection(AbuseReason::AmbiguousFraming);
+        tracing::debug!(dest = %dest.addr(), why, "malformed HTTP/1.1 request rejected");
+        let mut resp = self.no_endpoint(
+            StatusCode::BAD_REQUEST,
+            &format!("interceptor: malformed request: {why}"),
+        );
+        // hyper closes the connection after a response that says so.
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+
     /// Answers the client ourselves.
     pub(crate) fn local(
         &self,
@@ -105,6 +99,73 @@ pub(crate) fn local_response(status: StatusCode, msg: &str) -> Response<ClientBo
     resp
 }
 
+/// An endpoint that took a connection, for one request.
+pub(crate) struct Reached {
+    pub(crate) ep: Arc<EndpointStats>,
+    pub(crate) in_flight: InFlight,
+    pub(crate) conn: Checkout,
+}
+
+/// Where the connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dial {
+    /// An idle pooled one, or a new one that goes back to the pool.
+    Pooled,
+    /// A new one of its own (an upgrade keeps it).
+    Fresh,
+}
+
+/// Picks endpoints (skipping `tried`) until one takes a connection. A failed connect sends
+/// nothing, so it costs no attempt: it is charged to its endpoint and the next one is tried,
+/// until none is left. `Err` is the proxy's own answer (no endpoint, out of resources).
+pub(crate) async fn reach(
+    inner: &Shared,
+    dest: &Destination,
+    ctx: &Ctx,
+    tried: &mut Vec<SocketAddr>,
+    dial: Dial,
+) -> Result<Reached, Response<ClientBody>> {
+    let policy = inner.eject_policy();
+    loop {
+        let Some(ep) = dest.pick(tried) else {
+            m::unavailable(UnavailableReason::NoEndpoint);
+            return Err(ctx.no_endpoint(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("interceptor: no usable endpoint for {}", dest.addr()),
+            ));
+        };
+        let in_flight = ep.start();
+        let conn = match dial {
+            Dial::Pooled => inner.http1_pool.checkout(ep.addr(), &ep.label()).await,
+            Dial::Fresh => inner.http1_pool.connect(ep.addr(), ep.label()).await,
+        };
+        match conn {
+            Ok(conn) => {
+                return Ok(Reached {
+                    ep,
+                    in_flight,
+                    conn,
+                })
+            }
+            Err(e) if e.is_local() => {
+                tracing::warn!(dest = %dest.addr(), error = %e, "cannot open an upstream connection: this process or node is out of resources");
+                m::unavailable(UnavailableReason::LocalResources);
+                return Err(ctx.local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "interceptor: out of local resources",
+                    ep.http1_requests(&ctx.service),
+                ));
+            }
+            Err(error) => {
+                tracing::debug!(dest = %dest.addr(), %error, "connect failed; trying another endpoint");
+                m::connect_failure(&ep.label());
+                dest.record_failure(&ep, &policy, inner.config.max_ejected_percent);
+                tried.push(ep.addr());
+            }
+        }
+    }
+}
+
 /// RFC 9110 9.2.2.
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -113,7 +174,8 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn forward_request(
+/// One request (not an upgrade): see the module doc.
+pub(crate) async fn forward_request(
     inner: &Arc<Shared>,
     dest: &Arc<Destination>,
     ctx: Ctx,
@@ -132,64 +194,43 @@ async fn forward_request(
         *copy.headers_mut() = head.headers.clone();
         copy
     });
+    let activity = Arc::new(AtomicU64::new(0));
+    let body = Counted::new(body, activity.clone());
     let mut pending = Some(Request::from_parts(head, Either::Left(body)));
     let mut tried: Vec<SocketAddr> = Vec::new();
     let policy = inner.eject_policy();
     let max_ejected = inner.config.max_ejected_percent;
     let wait = inner.config.stream_idle_timeout;
 
-    let mut attempt = 0;
-    while attempt < inner.config.max_attempts {
-        attempt += 1;
-        let Some(ep) = dest.pick(&tried) else {
-            m::unavailable(UnavailableReason::NoEndpoint);
-            return ctx.no_endpoint(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("interceptor: no usable endpoint for {}", dest.addr()),
-            );
+    for attempt in 1..=inner.config.max_attempts {
+        let Reached {
+            ep,
+            in_flight,
+            mut conn,
+        } = match reach(inner, dest, &ctx, &mut tried, Dial::Pooled).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
         };
-        let in_flight = ep.start();
         let reqs = ep.http1_requests(&ctx.service);
-        let mut conn = match inner.http1_pool.checkout(ep.addr(), &ep.label()).await {
-            Ok(c) => c,
-            Err(e) if e.is_local() => {
-                tracing::warn!(dest = %dest.addr(), error = %e, "cannot open an upstream connection: this process or node is out of resources");
-                m::unavailable(UnavailableReason::LocalResources);
-                return ctx.local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "interceptor: out of local resources",
-                    reqs,
-                );
-            }
-            Err(error) => {
-                tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
-                m::connect_failure(&ep.label());
-                dest.record_failure(&ep, &policy, max_ejected);
-                tried.push(ep.addr());
-                // Nothing reached that endpoint, so an untried one costs no attempt.
-                if dest.any_usable(&tried) {
-                    attempt -= 1;
-                }
-                continue;
-            }
+        let Some(req) = pending.take() else {
+            break;
         };
-        let Some(req) = pending.take() else { break };
         let sent_at = Instant::now();
-        let sent = conn.send().try_send_request(req);
-        let result = if wait.is_zero() {
-            Ok(sent.await)
-        } else {
-            tokio::time::timeout(wait, sent).await
+        // Bounded by the stream idle timeout: nothing sent (the upload stalled) and nothing
+        // answered for that long. Not charged to the endpoint, as for HTTP/2: a long poll
+        // may rightly say nothing for minutes.
+        let result = tokio::select! {
+            r = conn.send().try_send_request(req) => Some(r),
+            _ = idle_expired(&activity, wait) => None,
         };
         let mut failed = match result {
-            Ok(Ok(resp)) => {
+            Some(Ok(resp)) => {
                 ep.observe_rtt(sent_at.elapsed());
                 return respond(inner, dest, ctx, ep, in_flight, conn, resp);
             }
-            Ok(Err(e)) => e,
-            Err(_) => {
+            Some(Err(e)) => e,
+            None => {
                 m::timeout(TimeoutKind::StreamIdle);
-                dest.record_failure(&ep, &policy, max_ejected);
                 return ctx.local(
                     StatusCode::GATEWAY_TIMEOUT,
                     "interceptor: the endpoint did not answer in time",

@@ -16,20 +16,13 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-
 use super::connector::Connector;
+use super::http1_body::UpstreamBody;
 use super::metrics as m;
 use super::pool::PoolError;
 
 /// Idle connections kept per endpoint and worker; more are closed when they come back.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
-
-/// What a request sends upstream: the client's body as it arrives, or nothing (a request
-/// rebuilt for a retry carries no body: only bodiless ones are retried).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
 /// The HTTP/1.1 pool of one proxy. Cheap to clone.
 #[derive(Clone)]

@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::destination::Destination;
-use super::http1_forward;
-use super::http1_guard::{Framing, Guarded};
+use super::http1_forward::{self, Ctx};
+use super::http1_guard::{Framing, Guarded, Verdict};
+use super::http1_upgrade;
 use super::Shared;
 
 /// Serves the connection until the client closes it, or until shutdown: then the request in
@@ -34,7 +35,18 @@ where
         let inner = inner.clone();
         service_fn(move |req| {
             let verdict = framing.next_request();
-            http1_forward::forward(inner.clone(), dest.clone(), req, verdict)
+            let (inner, dest) = (inner.clone(), dest.clone());
+            async move {
+                let ctx = Ctx::new(&dest);
+                let resp = match verdict {
+                    Verdict::Reject(why) => ctx.reject(&dest, why),
+                    Verdict::Fine if http1_upgrade::wants_tunnel(&req) => {
+                        http1_upgrade::tunnel(&inner, &dest, ctx, req).await
+                    }
+                    Verdict::Fine => http1_forward::forward_request(&inner, &dest, ctx, req).await,
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         })
     };
     let conn = http1::Builder::new()

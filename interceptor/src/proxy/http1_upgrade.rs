@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::destination::Destination;
-use super::http1_forward::{respond, ClientBody, Ctx};
+use super::http1_body::Counted;
+use super::http1_forward::{reach, respond, ClientBody, Ctx, Dial, Reached};
 use super::metrics::{self as m, OpaqueOutcome, Status, UnavailableReason};
 use super::Shared;
 
@@ -49,45 +50,17 @@ pub(crate) async fn tunnel(
     let policy = inner.eject_policy();
     let max_ejected = inner.config.max_ejected_percent;
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let (ep, in_flight, mut conn) = loop {
-        let Some(ep) = dest.pick(&tried) else {
-            m::unavailable(UnavailableReason::NoEndpoint);
-            return ctx.no_endpoint(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("interceptor: no usable endpoint for {}", dest.addr()),
-            );
-        };
-        let in_flight = ep.start();
-        match inner.http1_pool.connect(ep.addr(), ep.label()).await {
-            Ok(c) => break (ep, in_flight, c),
-            Err(e) if e.is_local() => {
-                m::unavailable(UnavailableReason::LocalResources);
-                return ctx.local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "interceptor: out of local resources",
-                    ep.http1_requests(&ctx.service),
-                );
-            }
-            Err(error) => {
-                tracing::debug!(endpoint = %ep.addr(), %error, "connect for an upgrade failed; trying another endpoint");
-                m::connect_failure(&ep.label());
-                dest.record_failure(&ep, &policy, max_ejected);
-                tried.push(ep.addr());
-                if tried.len() >= inner.config.max_attempts.max(1) {
-                    m::unavailable(UnavailableReason::AttemptsExhausted);
-                    return ctx.no_endpoint(
-                        StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "interceptor: no endpoint of {} could be reached",
-                            dest.addr()
-                        ),
-                    );
-                }
-            }
-        }
+    let Reached {
+        ep,
+        in_flight,
+        mut conn,
+    } = match reach(inner, dest, &ctx, &mut tried, Dial::Fresh).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     let sent_at = Instant::now();
     let (head, body) = req.into_parts();
+    let body = Counted::new(body, Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let mut resp = match conn
         .send()
         .send_request(Request::from_parts(head, Either::Left(body)))

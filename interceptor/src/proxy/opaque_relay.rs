@@ -93,7 +93,7 @@ pub(crate) async fn relay(inner: &Shared, dest: &Destination, client: TcpStream,
 
 /// Resolves once no byte moved for `period` (never, for a zero period). Lazy like the stream
 /// idle timer: wakes once per period and compares the activity counter.
-async fn idle_expired(activity: &AtomicU64, period: Duration) {
+pub(crate) async fn idle_expired(activity: &AtomicU64, period: Duration) {
     if period.is_zero() {
         return std::future::pending().await;
     }
