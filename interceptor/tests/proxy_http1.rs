@@ -591,3 +591,72 @@ async fn a_silent_endpoint_times_out_but_a_slow_upload_that_moves_does_not() {
     assert!(started.elapsed() >= Duration::from_millis(1200));
     silent_task.abort();
 }
+
+/// Reads one HTTP/1.1 response head from `s` (up to the blank line).
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("head in time")
+            .expect("read");
+        assert!(
+            n == 1,
+            "closed before the head ended: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_and_a_connect_tunnel_become_opaque_relays() {
+    let b1 = backend([127, 0, 0, 95], "b1").await;
+    let p = start_proxy(ProxyConfig::default(), &[b1.addr]).await;
+    // h2c upgrade (RFC 7540 3.2): the fields the upgrade needs reach the endpoint, and after
+    // 101 the HTTP/2 preface passes unparsed.
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"GET /raw-upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("upgrade: h2c"), "{head}");
+    let seen = b1
+        .seen
+        .last_headers
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("a request");
+    assert_eq!(seen["http2-settings"], "AAMAAABkAARAAAAAAAIAAAAA");
+    assert_eq!(seen["upgrade"], "h2c");
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    s.write_all(preface).await.expect("write preface");
+    let mut got = vec![0u8; preface.len()];
+    timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got[..], &preface[..]);
+
+    // CONNECT: 200 from the endpoint, then a byte tunnel.
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for i in 0..5 {
+        let msg = format!("tunnel {i}\n");
+        s.write_all(msg.as_bytes()).await.expect("write");
+        let mut got = vec![0u8; msg.len()];
+        timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(got, msg.as_bytes());
+    }
+}

@@ -4,7 +4,8 @@
 //!   out; chunked in, chunked out; request trailers back as response trailers when the
 //!   client accepts them);
 //! - `/close` answers with `Connection: close`;
-//! - `/ws` is a WebSocket echo (tungstenite), `/raw-upgrade` switches to a raw byte echo;
+//! - `/ws` is a WebSocket echo (tungstenite), `/raw-upgrade` switches to whatever `Upgrade`
+//!   asks for and echoes raw bytes, CONNECT answers 200 and echoes;
 //! - anything else answers `<name>\n`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +79,16 @@ async fn handle(
     if let Ok(mut h) = seen.last_headers.lock() {
         *h = Some(req.headers().clone());
     }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel: 200, then the bytes come back.
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(io) = upgrade.await else { return };
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        return Ok(text(&name, StatusCode::OK, String::new()));
+    }
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/echo" => {
@@ -132,9 +143,14 @@ async fn handle(
                 let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
+            // Switches to whatever was asked for (echo, h2c, ...) and echoes raw bytes.
+            let token = req
+                .headers()
+                .get(UPGRADE)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("echo"));
             let mut r = text(&name, StatusCode::SWITCHING_PROTOCOLS, String::new());
-            r.headers_mut()
-                .insert(UPGRADE, HeaderValue::from_static("echo"));
+            r.headers_mut().insert(UPGRADE, token);
             r.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             r
