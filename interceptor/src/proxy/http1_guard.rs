@@ -103,6 +103,13 @@ impl Scanner {
                         }
                     }
                     let (line_end, used) = find_blank_line(&buf, bytes);
+                    if line_end && buf.is_empty() {
+                        // The whole head in one read (the usual case): parsed where it lies.
+                        let next = self.head(&bytes[..used]);
+                        bytes = &bytes[used..];
+                        self.phase = next;
+                        continue;
+                    }
                     buf.extend_from_slice(&bytes[..used]);
                     bytes = &bytes[used..];
                     if !line_end {
