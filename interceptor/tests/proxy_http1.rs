@@ -660,3 +660,37 @@ async fn an_h2c_upgrade_and_a_connect_tunnel_become_opaque_relays() {
         assert_eq!(got, msg.as_bytes());
     }
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_client_idle_timeout() {
+    let b1 = backend([127, 0, 0, 97], "b1").await;
+    let config = ProxyConfig {
+        client_idle_timeout: Duration::from_millis(400),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(config, &[b1.addr]).await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    // Busy past the timeout: a request every 150 ms for 900 ms keeps it open.
+    for i in 0..6 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut body = [0u8; 3];
+        s.read_exact(&mut body).await.expect("body");
+    }
+    // Then idle: closed about 400 ms after the last answer.
+    let idle_from = std::time::Instant::now();
+    let mut rest = Vec::new();
+    timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("clean close");
+    let idle = idle_from.elapsed();
+    println!("idle keep-alive connection closed after {idle:?}");
+    assert!(idle >= Duration::from_millis(350), "{idle:?}");
+}

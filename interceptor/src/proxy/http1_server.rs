@@ -2,13 +2,14 @@
 //! requests answered in order, chunked bodies and trailers, `Expect: 100-continue` (hyper
 //! sends the 100 once the request body is first read, that is once the endpoint takes it),
 //! `Connection: close` from the client, and malformed requests answered 400 (431 for headers
-//! over the limit) with the connection closed. Each request goes through `http1_forward`.
+//! over the limit) with the connection closed, and a connection idle for the client idle
+//! timeout closed. Each request goes through `http1_forward` (upgrades `http1_upgrade`).
 
 use std::sync::Arc;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
@@ -49,7 +50,14 @@ where
             }
         })
     };
-    let conn = http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    let idle = inner.config.client_idle_timeout;
+    if !idle.is_zero() {
+        // hyper's header timer runs from the moment it waits for a request head, so it also
+        // closes a keep-alive connection idle that long (HTTP/2 clients get GOAWAY instead).
+        builder.timer(TokioTimer::new()).header_read_timeout(idle);
+    }
+    let conn = builder
         .keep_alive(true)
         // A client that half-closes after its request still gets the response.
         .half_close(true)
