@@ -5,6 +5,12 @@
 //! The clone is of HEAD (what a user gets), built by uid 65534 in a directory of its own. The
 //! toolchain is lent read-only through bind mounts in a private mount namespace, which vanish
 //! with the command; the crates come from a copy of this machine's registry, offline.
+//!
+//! The clone and its build (several GiB) live under this workspace's target directory, on the
+//! disk that holds the main build, and are seen by the build at a path under /tmp through a
+//! bind mount: /tmp may be a small tmpfs, where a full build dies in the linker (SIGBUS when a
+//! mapped output file cannot grow), and the target directory's parents need not be
+//! searchable by uid 65534.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,13 +20,35 @@ use interceptor_tests::*;
 
 const NOBODY: u32 = 65534;
 
-/// A scratch directory removed on drop, also when the test fails.
-struct Scratch(PathBuf);
+/// Free space this test's clone, registry copy and debug build take, with room to spare.
+const NEEDED_BYTES: u64 = 12 << 30;
+
+/// The scratch storage and the empty directory it is mounted on for the build; both removed
+/// on drop, also when the test fails.
+struct Scratch {
+    storage: PathBuf,
+    view: PathBuf,
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.storage);
+        let _ = std::fs::remove_dir(&self.view);
     }
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: statvfs only writes the struct it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        panic!(
+            "statvfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 fn workspace_root() -> PathBuf {
@@ -50,12 +78,28 @@ fn cargo_home() -> PathBuf {
 #[test]
 fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
     require_root();
-    let scratch = Scratch(PathBuf::from(format!("/tmp/icp-plain-{}", unique_id())));
-    let w = &scratch.0;
+    let id = unique_id();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&tmp).expect("the target directory's tmp");
+    let free = free_bytes(&tmp);
+    assert!(
+        free >= NEEDED_BYTES,
+        "this test builds a fresh clone and needs {} GiB free under {}; {:.1} GiB are",
+        NEEDED_BYTES >> 30,
+        tmp.display(),
+        free as f64 / (1u64 << 30) as f64
+    );
+    let scratch = Scratch {
+        storage: tmp.join(format!("plain-{id}")),
+        view: PathBuf::from(format!("/tmp/icp-plain-{id}")),
+    };
+    std::fs::create_dir_all(&scratch.view).expect("mount point under /tmp");
+    // Written to through `s`, seen by the build through `w`.
+    let (s, w) = (&scratch.storage, &scratch.view);
     for d in ["home", "cargo", "bin", "mnt/cargo-bin", "mnt/rustup"] {
-        std::fs::create_dir_all(w.join(d)).expect("scratch dirs");
+        std::fs::create_dir_all(s.join(d)).expect("scratch dirs");
     }
-    let repo = w.join("repo");
+    let repo = s.join("repo");
     run(
         "git",
         &[
@@ -70,7 +114,7 @@ fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
         &[
             "-r",
             &cargo_home().join("registry").display().to_string(),
-            &w.join("cargo/registry").display().to_string(),
+            &s.join("cargo/registry").display().to_string(),
         ],
     );
     let (bin, rustup_home) = toolchain_dirs();
@@ -83,7 +127,7 @@ fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
         }
         std::os::unix::fs::symlink(
             w.join("mnt/cargo-bin").join(&name),
-            w.join("bin").join(&name),
+            s.join("bin").join(&name),
         )
         .expect("symlink a toolchain proxy");
         linked += 1;
@@ -98,13 +142,14 @@ fn plain_cargo_test_passes_as_a_normal_user_on_a_fresh_clone() {
         &[
             "-R",
             &format!("{NOBODY}:{NOBODY}"),
-            &w.display().to_string(),
+            &s.display().to_string(),
         ],
     );
 
-    let log = w.join("cargo-test.log");
+    let log = s.join("cargo-test.log");
     let script = format!(
         "set -e
+mount --bind {s} {w}
 mount --bind -o ro {rustup} {w}/mnt/rustup
 mount --bind -o ro {bin} {w}/mnt/cargo-bin
 cd {w}/repo
@@ -114,8 +159,9 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
   timeout 1800 cargo test > {log} 2>&1",
         rustup = rustup_home.display(),
         bin = bin.display(),
+        s = s.display(),
         w = w.display(),
-        log = log.display(),
+        log = w.join("cargo-test.log").display(),
     );
     let started = Instant::now();
     let status = Command::new("unshare")
