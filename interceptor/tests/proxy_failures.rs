@@ -1145,3 +1145,104 @@ async fn an_endpoint_asking_for_a_pause_is_left_alone_for_it() {
     assert!(n <= 12, "the paused endpoint got {n} calls");
     assert_eq!(failed, n);
 }
+
+/// A TCP relay in front of `backend` that passes its first connection through at once and
+/// holds every later one for `hold` before relaying it: an endpoint that answers on the
+/// connection it has while its new handshakes are slow, as a busy server's are. Returns the
+/// relay's address and how many connections it has accepted.
+async fn slow_after_first(
+    ip: [u8; 4],
+    backend: SocketAddr,
+    hold: Duration,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let gate = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind gate");
+    let addr = gate.local_addr().expect("gate addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = gate.accept().await {
+            let first = seen.fetch_add(1, Ordering::Relaxed) == 0;
+            tokio::spawn(async move {
+                if !first {
+                    tokio::time::sleep(hold).await;
+                }
+                if let Ok(mut up) = TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handshakes_of_extra_connections_stall_no_stream_and_eject_nothing() {
+    // Each endpoint answers on its first connection; every further handshake takes 2 s, four
+    // times connect_timeout. 24 concurrent calls need two connections per endpoint at 4
+    // streams each: the pool tries to grow, and the calls must not wait for it (the peer takes
+    // more streams on the connection it has), nor may its timeouts count against endpoints
+    // that answer every call.
+    let backends: Vec<Backend> = (2..=4)
+        .map(|j| Backend::start([127, 0, 11, j], &format!("b{j}")))
+        .collect();
+    let mut gates = Vec::new();
+    for (j, b) in backends.iter().enumerate() {
+        gates.push(
+            slow_after_first([127, 0, 11, 12 + j as u8], b.addr, Duration::from_secs(2)).await,
+        );
+    }
+    let addrs: Vec<SocketAddr> = gates.iter().map(|g| g.0).collect();
+    let connect_timeout = Duration::from_millis(500);
+    let cfg = ProxyConfig {
+        streams_per_connection: 4,
+        connect_timeout,
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(cfg, &addrs).await;
+    let c = client(p.addr).await;
+    let (mut slowest, mut calls) = (Duration::ZERO, 0);
+    for round in 0..6 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..24 {
+            let mut c = c.clone();
+            tasks.spawn(async move {
+                let t = Instant::now();
+                let r = unary(
+                    &mut c,
+                    request(
+                        Bytes::from(format!("r{round}c{i}")),
+                        &[("x-sleep-ms", "100")],
+                    ),
+                )
+                .await;
+                (r.map(|_| ()), t.elapsed())
+            });
+        }
+        while let Some(r) = timeout(LIMIT, tasks.join_next())
+            .await
+            .expect("every call ends")
+        {
+            let (r, took) = r.expect("call task");
+            r.expect("every endpoint answers every call");
+            slowest = slowest.max(took);
+            calls += 1;
+        }
+        assert_eq!(
+            ejected(&p, &addrs),
+            0,
+            "a healthy endpoint was ejected in round {round}"
+        );
+    }
+    let accepted: Vec<usize> = gates.iter().map(|g| g.1.load(Ordering::Relaxed)).collect();
+    println!("{calls} calls of 100 ms, slowest {slowest:?}; connections accepted per endpoint {accepted:?}");
+    assert!(
+        accepted.iter().sum::<usize>() > addrs.len(),
+        "the pool never tried to grow past one connection per endpoint ({accepted:?}), so this test showed nothing"
+    );
+    assert!(
+        slowest < connect_timeout,
+        "a 100 ms call took {slowest:?}: it waited for a handshake"
+    );
+}

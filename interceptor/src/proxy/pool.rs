@@ -6,6 +6,13 @@
 //! `max_connections_per_endpoint`, because one h2 connection is driven by one task and more
 //! than one lets an endpoint's traffic use more than one core. Past that cap streams queue
 //! inside h2 on the least-loaded connection.
+//!
+//! Growing the pool never holds up a stream that a live connection could carry (under the
+//! peer's own limit): that stream goes on the least-loaded connection at once and the new
+//! connection is opened beside it. Under overload the proxy's own slowness would otherwise
+//! show up as handshake timeouts, charged to endpoints that are answering fine on the
+//! connections they have. For the same reason a connect that times out while the endpoint
+//! has live connections is not charged: the streams on those connections speak for it.
 
 use std::collections::HashMap;
 use std::io;
@@ -109,6 +116,20 @@ struct EndpointPool {
     // Serialises connects to one endpoint so a burst of streams opens one connection, not
     // one per stream. Held by the connect task, not by the stream waiting for it.
     connect_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Milliseconds since `epoch()` before which no background growth is tried: one failed,
+    /// and the endpoint is not to be asked for a connection per stream while it is busy.
+    grow_after_ms: AtomicU64,
+}
+
+/// Which live connection may take one more stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Room {
+    /// Under `streams_per_connection` and the peer's limit.
+    UnderPoolLimit,
+    /// Under the peer's SETTINGS_MAX_CONCURRENT_STREAMS (h2 would not queue it).
+    UnderPeerLimit,
+    /// Any (past the pool's connection cap streams queue inside h2).
+    Any,
 }
 
 struct Conn {
@@ -170,8 +191,23 @@ impl Drop for Lease {
 }
 
 impl EndpointPool {
-    /// A lease on the least-loaded live connection under its limit (any, if `over_limit`).
-    fn try_lease(&self, cfg: &PoolConfig, over_limit: bool) -> (Option<Lease>, usize) {
+    fn new() -> Self {
+        Self {
+            conns: Mutex::new(Vec::new()),
+            connect_lock: Arc::new(tokio::sync::Mutex::new(())),
+            grow_after_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn push(&self, conn: Arc<Conn>) {
+        match self.conns.lock() {
+            Ok(mut c) => c.push(conn),
+            Err(p) => p.into_inner().push(conn),
+        }
+    }
+
+    /// A lease on the least-loaded live connection with `room`, and how many are live.
+    fn try_lease(&self, cfg: &PoolConfig, room: Room) -> (Option<Lease>, usize) {
         let mut conns = match self.conns.lock() {
             Ok(c) => c,
             Err(p) => p.into_inner(),
@@ -181,7 +217,12 @@ impl EndpointPool {
         let best = conns
             .iter()
             .filter(|c| {
-                over_limit || c.active.load(Ordering::Relaxed) < c.limit(cfg.streams_per_connection)
+                let active = c.active.load(Ordering::Relaxed);
+                match room {
+                    Room::UnderPoolLimit => active < c.limit(cfg.streams_per_connection),
+                    Room::UnderPeerLimit => active < c.send.current_max_send_streams(),
+                    Room::Any => true,
+                }
             })
             .min_by_key(|c| c.active.load(Ordering::Relaxed))
             .cloned();
@@ -232,24 +273,22 @@ impl Pool {
                 Err(p) => p.into_inner(),
             };
             map.entry((addr, super::workers::current_index()))
-                .or_insert_with(|| {
-                    Arc::new(EndpointPool {
-                        conns: Mutex::new(Vec::new()),
-                        connect_lock: Arc::new(tokio::sync::Mutex::new(())),
-                    })
-                })
+                .or_insert_with(|| Arc::new(EndpointPool::new()))
                 .clone()
         };
-        if let (Some(l), _) = epool.try_lease(cfg, false) {
+        if let (Some(l), _) = self.lease_without_waiting(&epool, ep) {
             return Ok(l);
         }
+        // No live connection could take the stream without h2 queueing it: wait for one.
         let connecting = epool.connect_lock.clone().lock_owned().await;
-        let (found, live) = epool.try_lease(cfg, false);
+        // The connect this stream waited behind may have made room (then the pool grows on
+        // the next stream's turn, this one holds the lock that growth takes).
+        let (found, live) = self.lease_without_waiting(&epool, ep);
         if let Some(l) = found {
             return Ok(l);
         }
         if live >= cfg.max_connections_per_endpoint {
-            if let (Some(l), _) = epool.try_lease(cfg, true) {
+            if let (Some(l), _) = epool.try_lease(cfg, Room::Any) {
                 return Ok(l);
             }
         }
@@ -258,19 +297,66 @@ impl Pool {
         let label = ep.label();
         tokio::spawn(async move {
             let _connecting = connecting;
-            let outcome = pool.connect(addr, label).await.map(|conn| {
-                match epool.conns.lock() {
-                    Ok(mut c) => c.push(conn.clone()),
-                    Err(p) => p.into_inner().push(conn.clone()),
-                }
+            let outcome = pool.connect(addr, label.clone()).await.map(|conn| {
+                epool.push(conn.clone());
                 lease(conn)
             });
-            if let Err(e) = &outcome {
-                charge(e);
+            match &outcome {
+                Err(error @ PoolError::Timeout { .. }) if live > 0 => {
+                    m::connect_failure(&label);
+                    tracing::debug!(endpoint = %addr, %error, "one more connection to a busy endpoint timed out; not charged, its live connections still answer");
+                }
+                Err(error) => charge(error),
+                Ok(_) => {}
             }
             let _ = tx.send(outcome);
         });
         rx.await.unwrap_or(Err(PoolError::Abandoned { addr }))
+    }
+
+    /// A lease on a live connection under the pool's limit, else (growing the pool beside
+    /// it) on one under the peer's, and how many are live.
+    fn lease_without_waiting(
+        &self,
+        epool: &Arc<EndpointPool>,
+        ep: &EndpointStats,
+    ) -> (Option<Lease>, usize) {
+        let cfg = &self.inner.cfg;
+        let (found, live) = epool.try_lease(cfg, Room::UnderPoolLimit);
+        if found.is_some() || live == 0 {
+            return (found, live);
+        }
+        if live < cfg.max_connections_per_endpoint {
+            self.grow(epool, ep.addr(), ep.label());
+        }
+        (epool.try_lease(cfg, Room::UnderPeerLimit).0, live)
+    }
+
+    /// Opens one more connection to a busy endpoint in the background, unless one is being
+    /// opened already or the last such attempt failed within `connect_timeout`. A failure is
+    /// not charged (see the module comment) and only delays the next attempt.
+    fn grow(&self, epool: &Arc<EndpointPool>, addr: SocketAddr, label: Arc<str>) {
+        if epool.grow_after_ms.load(Ordering::Relaxed) > now_ms() {
+            return;
+        }
+        let Ok(connecting) = epool.connect_lock.clone().try_lock_owned() else {
+            return;
+        };
+        let (pool, epool) = (self.clone(), epool.clone());
+        tokio::spawn(async move {
+            let _connecting = connecting;
+            match pool.connect(addr, label.clone()).await {
+                Ok(conn) => epool.push(conn),
+                Err(error) => {
+                    m::connect_failure(&label);
+                    let pause = pool.inner.cfg.connect_timeout.as_millis() as u64;
+                    epool
+                        .grow_after_ms
+                        .store(now_ms() + pause.max(1), Ordering::Relaxed);
+                    tracing::debug!(endpoint = %addr, %error, "one more connection to a busy endpoint failed; its streams stay on the connections it has");
+                }
+            }
+        });
     }
 
     async fn connect(&self, addr: SocketAddr, label: Arc<str>) -> Result<Arc<Conn>, PoolError> {
