@@ -20,6 +20,8 @@ pub(crate) struct ConnGuard {
     /// since `started`), for the idle timeout.
     pub(crate) open_streams: AtomicU32,
     idle_since_ms: AtomicU64,
+    /// Told when the last open stream ends.
+    streams_ended: Notify,
 }
 
 /// Holds one stream open in its connection's count.
@@ -31,7 +33,10 @@ impl Drop for OpenStream {
         // least as recent as the last stream's end.
         let now = self.0.started.elapsed().as_millis() as u64;
         self.0.idle_since_ms.store(now, Ordering::Release);
-        self.0.open_streams.fetch_sub(1, Ordering::Release);
+        if self.0.open_streams.fetch_sub(1, Ordering::Release) == 1 {
+            // A permit is kept when nobody waits yet, so the wake-up is never lost.
+            self.0.streams_ended.notify_one();
+        }
     }
 }
 
@@ -46,12 +51,26 @@ impl ConnGuard {
             trip: Notify::new(),
             open_streams: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
+            streams_ended: Notify::new(),
         }
     }
 
     pub(crate) fn open_stream(self: &Arc<Self>) -> OpenStream {
         self.open_streams.fetch_add(1, Ordering::Relaxed);
         OpenStream(self.clone())
+    }
+
+    /// Returns once no stream task of this connection is left, or after `limit`. h2 ends the
+    /// connection when the last frame is out, a moment before the stream tasks have settled
+    /// their accounting (metrics, the endpoint's latency, the pooled lease); a drain that
+    /// waits for connections means to wait for that too.
+    pub(crate) async fn streams_settled(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            while self.open_streams.load(Ordering::Acquire) != 0 {
+                self.streams_ended.notified().await;
+            }
+        })
+        .await;
     }
 
     /// How long the connection has had no stream, or None while it has one.

@@ -62,6 +62,10 @@ impl ClientWindow {
 /// RFC 9113 6.9.1: a flow-control window never exceeds 2^31 - 1.
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 
+/// How long a closed connection's stream tasks may take to settle before serve returns
+/// without them (one still waiting on an endpoint after its client left, say).
+const STREAMS_SETTLE_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long an idle client connection may take to close after its GOAWAY.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -120,7 +124,10 @@ where
                     tracing::debug!(dest = %dest.addr(), %error, "client HTTP/2 connection failed");
                     return Err(error);
                 }
-                None => return Ok(()),
+                None => {
+                    guard.streams_settled(STREAMS_SETTLE_LIMIT).await;
+                    return Ok(());
+                }
             },
             _ = guard.trip.notified() => {
                 tracing::warn!(dest = %dest.addr(), limit = cfg.max_client_resets_per_second, "client cancels streams faster than the limit; closing its connection");
