@@ -122,7 +122,7 @@ struct EndpointPool {
 }
 
 /// Which live connection may take one more stream.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Room {
     /// Under `streams_per_connection` and the peer's limit.
     UnderPoolLimit,
@@ -336,7 +336,9 @@ impl Pool {
     /// opened already or the last such attempt failed within `connect_timeout`. A failure is
     /// not charged (see the module comment) and only delays the next attempt.
     fn grow(&self, epool: &Arc<EndpointPool>, addr: SocketAddr, label: Arc<str>) {
-        if epool.grow_after_ms.load(Ordering::Relaxed) > now_ms() {
+        // No clock read for an endpoint whose growth never failed (asked on every busy stream).
+        let after = epool.grow_after_ms.load(Ordering::Relaxed);
+        if after != 0 && after > now_ms() {
             return;
         }
         let Ok(connecting) = epool.connect_lock.clone().try_lock_owned() else {
