@@ -14,7 +14,7 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 #[derive(Debug)]
 pub enum PumpError {
@@ -37,19 +37,30 @@ enum Source {
     Ended,
 }
 
+/// Bytes read but not yet sent.
+struct Pending {
+    chunk: Bytes,
+    /// Their window is still to be released to the source.
+    release: bool,
+    /// Nothing follows them (no trailers): the last part carries END_STREAM, so a body
+    /// costs no empty DATA frame of its own.
+    last: bool,
+}
+
 pub struct Pump {
     recv: RecvStream,
     source: Source,
-    /// Bytes read but not yet sent, and whether their window is still to be released.
-    pending: Option<(Bytes, bool)>,
+    pending: Option<Pending>,
     sent_end: bool,
     log: Vec<Event>,
     log_bytes: usize,
     limit: usize,
     replayable: bool,
     cursor: usize,
-    /// The trailers (or None) that ended the stream, for status accounting.
-    end_trailers: Option<HeaderMap>,
+    /// Trailer fields to note before the trailers are handed on (`keep_end_fields`).
+    end_names: &'static [HeaderName],
+    /// Those of `end_names` the trailers that ended the stream had.
+    end_fields: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Pump {
@@ -71,8 +82,16 @@ impl Pump {
             limit,
             replayable: limit > 0,
             cursor: 0,
-            end_trailers: None,
+            end_names: &[],
+            end_fields: Vec::new(),
         }
+    }
+
+    /// Notes these fields of the trailers that end the stream (`end_field`), for status
+    /// accounting: the trailers themselves are handed on, not copied.
+    pub fn keep_end_fields(mut self, names: &'static [HeaderName]) -> Self {
+        self.end_names = names;
+        self
     }
 
     /// True when the source had nothing but END_STREAM: send the headers with END_STREAM.
@@ -95,8 +114,12 @@ impl Pump {
         self.replayable
     }
 
-    pub fn end_trailers(&self) -> Option<&HeaderMap> {
-        self.end_trailers.as_ref()
+    /// A field named in `keep_end_fields`, if the trailers that ended the stream had it.
+    pub fn end_field(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.end_fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
     }
 
     /// Starts sending from the beginning of the log again (to a new sink). Only valid when
@@ -114,43 +137,53 @@ impl Pump {
                 let ev = self.log[self.cursor].clone();
                 self.cursor += 1;
                 match ev {
-                    Event::Data(b) => self.pending = Some((b, false)),
+                    Event::Data(chunk) => {
+                        self.pending = Some(Pending {
+                            chunk,
+                            release: false,
+                            last: false,
+                        })
+                    }
                     Event::End(t) => return self.send_end(tx, t),
                 }
             } else {
-                match self.source {
-                    Source::Data => {
-                        // Watch the sink for a reset while waiting: a peer that gives up must
-                        // not wait for the other side's next byte to be noticed.
-                        let next = poll_fn(|cx| {
-                            if let Poll::Ready(r) = tx.poll_reset(cx) {
-                                return Poll::Ready(Err(r));
-                            }
-                            self.recv.poll_data(cx).map(Ok)
-                        })
-                        .await;
-                        match next {
-                            Err(Ok(reason)) => return Err(PumpError::Send(Some(reason), None)),
-                            Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
-                            Ok(Some(Ok(b))) => self.take(b).map_err(PumpError::Recv)?,
-                            Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
-                            Ok(None) => {
-                                self.source = Source::Trailers;
-                                return Ok(());
-                            }
+                // The end of the DATA and the trailers after it in one step: whatever ends the
+                // stream is usually there already.
+                if self.source == Source::Data {
+                    // Watch the sink for a reset while waiting: a peer that gives up must
+                    // not wait for the other side's next byte to be noticed.
+                    let next = poll_fn(|cx| {
+                        if let Poll::Ready(r) = tx.poll_reset(cx) {
+                            return Poll::Ready(Err(r));
                         }
+                        self.recv.poll_data(cx).map(Ok)
+                    })
+                    .await;
+                    match next {
+                        Err(Ok(reason)) => return Err(PumpError::Send(Some(reason), None)),
+                        Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
+                        Ok(Some(Ok(b))) => self.take(b).map_err(PumpError::Recv)?,
+                        Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
+                        Ok(None) => self.source = Source::Trailers,
                     }
-                    Source::Trailers => {
-                        let t = poll_fn(|cx| self.recv.poll_trailers(cx))
-                            .await
-                            .map_err(PumpError::Recv)?;
-                        self.source = Source::Ended;
-                        self.record(Event::End(t.clone()), 0);
-                        return self.send_end(tx, t);
-                    }
-                    Source::Ended => {
-                        self.record(Event::End(None), 0);
-                        return self.send_end(tx, None);
+                }
+                if self.pending.is_none() {
+                    match self.source {
+                        Source::Data => return Ok(()),
+                        Source::Trailers => {
+                            let t = poll_fn(|cx| self.recv.poll_trailers(cx))
+                                .await
+                                .map_err(PumpError::Recv)?;
+                            self.source = Source::Ended;
+                            if self.replayable {
+                                self.record(Event::End(t.clone()), 0);
+                            }
+                            return self.send_end(tx, t);
+                        }
+                        Source::Ended => {
+                            self.record(Event::End(None), 0);
+                            return self.send_end(tx, None);
+                        }
                     }
                 }
             }
@@ -163,13 +196,22 @@ impl Pump {
             return Ok(());
         }
         let len = b.len();
-        if self.record(Event::Data(b.clone()), len) {
+        let logged = self.record(Event::Data(b.clone()), len);
+        if logged {
             // The log holds it now: the sender's window can reopen at once.
             self.recv.flow_control().release_capacity(len)?;
-            self.pending = Some((b, false));
-        } else {
-            self.pending = Some((b, true));
         }
+        // END_STREAM came on this DATA frame: no trailers follow.
+        let last = self.recv.is_end_stream();
+        if last {
+            self.source = Source::Ended;
+            self.record(Event::End(None), 0);
+        }
+        self.pending = Some(Pending {
+            chunk: b,
+            release: !logged,
+            last,
+        });
         Ok(())
     }
 
@@ -195,18 +237,29 @@ impl Pump {
         tx: &mut SendStream<Bytes>,
         t: Option<HeaderMap>,
     ) -> Result<(), PumpError> {
-        let r = match &t {
-            Some(t) => tx.send_trailers(t.clone()),
+        let r = match t {
+            Some(t) => {
+                self.end_fields = self
+                    .end_names
+                    .iter()
+                    .filter_map(|n| t.get(n).map(|v| (n.clone(), v.clone())))
+                    .collect();
+                tx.send_trailers(t)
+            }
             None => tx.send_data(Bytes::new(), true),
         };
         r.map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
-        self.end_trailers = t;
         self.sent_end = true;
         Ok(())
     }
 
     async fn send_pending(&mut self, tx: &mut SendStream<Bytes>) -> Result<(), PumpError> {
-        let Some((chunk, release)) = self.pending.as_mut() else {
+        let Some(Pending {
+            chunk,
+            release,
+            last,
+        }) = self.pending.as_mut()
+        else {
             return Ok(());
         };
         let want = chunk.len();
@@ -224,11 +277,15 @@ impl Pump {
         };
         let part = chunk.split_to(cap);
         let release = *release;
+        let end = chunk.is_empty() && *last;
         if chunk.is_empty() {
             self.pending = None;
         }
-        tx.send_data(part, false)
+        tx.send_data(part, end)
             .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
+        if end {
+            self.sent_end = true;
+        }
         if release {
             self.recv
                 .flow_control()

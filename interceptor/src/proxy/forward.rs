@@ -10,7 +10,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{HeaderName, Request, Response, StatusCode};
 
 use super::body_pump::{Pump, PumpError};
 use super::conn_guard::{ConnGuard, OpenStream};
@@ -129,7 +129,7 @@ pub(crate) async fn forward(
 ) {
     let service = dest.metrics().clone();
     let _active = service.stream_started();
-    let (mut head, body) = req.into_parts();
+    let (head, body) = req.into_parts();
     let ctx = Ctx {
         guard,
         service,
@@ -137,7 +137,8 @@ pub(crate) async fn forward(
         started: Instant::now(),
         idle_timeout: inner.config.stream_idle_timeout,
     };
-    grpc::strip_hop_by_hop(&mut head.headers);
+    // No hop-by-hop fields to strip: h2 rejects a request with any (RFC 9113 8.2.2) before
+    // it gets here, and the same holds for the endpoint's responses.
     let deadline = grpc::grpc_timeout(&head.headers).map(|d| tokio::time::Instant::now() + d);
     let mut body = Pump::with_replay(body, inner.config.replay_buffer_bytes);
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -440,10 +441,12 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
     let status = loop {
         if resp_body.done() && (body.done() || up.req_failed) {
             complete = true;
-            let trailers = resp_body.end_trailers();
-            pushback = trailers.and_then(pushback_of).or(header_pushback);
-            let from_trailers = trailers
-                .and_then(|t| t.get(grpc::GRPC_STATUS))
+            pushback = resp_body
+                .end_field(&GRPC_RETRY_PUSHBACK_MS)
+                .and_then(pushback_value)
+                .or(header_pushback);
+            let from_trailers = resp_body
+                .end_field(&GRPC_STATUS)
                 .map(|v| Status::grpc(v.as_bytes()));
             break from_trailers
                 .or(trailers_only_status)
@@ -469,6 +472,8 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
                 break Status::grpc_code(grpc::UNAVAILABLE);
             }
             s = resp_body.step(&mut client_tx), if !resp_body.done() => match s {
+                // The step that ends the stream needs no clock read for the idle timer.
+                Ok(()) if resp_body.done() && (body.done() || up.req_failed) => {}
                 Ok(()) => timers.idle.progress(),
                 Err(PumpError::Send(reason, _)) => {
                     // The client reset the stream or its connection failed.
@@ -571,8 +576,7 @@ fn start_response(
     resp: Response<RecvStream>,
     respond: &mut SendResponse<Bytes>,
 ) -> Option<ResponseStarted> {
-    let (mut parts, up_body) = resp.into_parts();
-    grpc::strip_hop_by_hop(&mut parts.headers);
+    let (parts, up_body) = resp.into_parts();
     let trailers_only_status = if ctx.grpc {
         parts
             .headers
@@ -582,7 +586,7 @@ fn start_response(
         Some(Status::http(parts.status.as_u16()))
     };
     let header_pushback = pushback_of(&parts.headers);
-    let mut resp_body = Pump::new(up_body);
+    let mut resp_body = Pump::new(up_body).keep_end_fields(&END_FIELDS);
     let eos = resp_body.empty();
     let client_tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
         Ok(tx) => tx,
@@ -675,12 +679,20 @@ fn response_error(
 /// long the endpoint asks not to be sent more. A negative or malformed value means "do not
 /// retry" to a client, and nothing to the balancer.
 fn pushback_of(headers: &http::HeaderMap) -> Option<std::time::Duration> {
-    headers
-        .get("grpc-retry-pushback-ms")
-        .and_then(|v| v.to_str().ok())
+    headers.get(GRPC_RETRY_PUSHBACK_MS).and_then(pushback_value)
+}
+
+fn pushback_value(v: &http::HeaderValue) -> Option<std::time::Duration> {
+    v.to_str()
+        .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(std::time::Duration::from_millis)
 }
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+/// What the response's trailers are read for: the call's status and the endpoint's pushback.
+static END_FIELDS: [HeaderName; 2] = [GRPC_STATUS, GRPC_RETRY_PUSHBACK_MS];
 
 /// The stream idle timeout, checked lazily: progress only notes the time, and when the timer
 /// fires early because the stream moved it is re-armed for a period after the last move. So

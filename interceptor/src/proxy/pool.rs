@@ -96,7 +96,12 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let endpoints = self.inner.endpoints.lock().map(|m| m.len()).unwrap_or(0);
+        let endpoints: usize = self
+            .inner
+            .shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum();
         f.debug_struct("Pool")
             .field("endpoints", &endpoints)
             .finish()
@@ -108,7 +113,22 @@ struct PoolInner {
     cfg: PoolConfig,
     /// By endpoint and proxy worker (`workers::current_index`): each worker thread drives its
     /// own connections, so a stream and its connection never wake each other across threads.
-    endpoints: Mutex<HashMap<(SocketAddr, usize), Arc<EndpointPool>>>,
+    /// Sharded by worker so that workers never wait for each other's lookups (one per
+    /// stream); `SHARDS` shards, worker `i` in shard `i % SHARDS`.
+    shards: Box<[Mutex<EndpointMap>]>,
+}
+
+type EndpointMap = HashMap<(SocketAddr, usize), Arc<EndpointPool>>;
+
+/// More shards than worker threads a node runs in practice; past that workers share shards
+/// (correct, only no longer free of each other's locks).
+const SHARDS: usize = 64;
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 struct EndpointPool {
@@ -155,10 +175,13 @@ impl Conn {
         soft.min(self.send.current_max_send_streams()).max(1)
     }
 
-    /// Still usable: not closed, and not idle for longer than `idle_timeout`.
-    fn keep(&self, now: u64, idle_timeout: Duration) -> bool {
-        let idle = self.active.load(Ordering::Relaxed) == 0 && self.idle_for(now) > idle_timeout;
-        !self.closed.load(Ordering::Relaxed) && !idle
+    /// Still usable: not closed, and not idle for longer than `idle_timeout`. `now` is asked
+    /// only about a connection without streams, so a busy pool costs no clock read.
+    fn keep(&self, now: &mut impl FnMut() -> u64, idle_timeout: Duration) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.active.load(Ordering::Relaxed) > 0 || self.idle_for(now()) <= idle_timeout
     }
 
     fn idle_for(&self, now: u64) -> Duration {
@@ -185,9 +208,19 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.conn.active.fetch_sub(1, Ordering::Relaxed);
-        self.conn.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        // The time matters only once the connection has no streams (`keep`). A reaper that
+        // reads the old time between these two lines closes a connection idle for a moment
+        // only: harmless, and cheaper than a clock read per stream.
+        if self.conn.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.conn.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        }
     }
+}
+
+/// A clock read at most once, when first asked.
+fn lazy_now_ms() -> impl FnMut() -> u64 {
+    let mut now = None;
+    move || *now.get_or_insert_with(now_ms)
 }
 
 impl EndpointPool {
@@ -212,8 +245,8 @@ impl EndpointPool {
             Ok(c) => c,
             Err(p) => p.into_inner(),
         };
-        let now = now_ms();
-        conns.retain(|c| c.keep(now, cfg.idle_timeout));
+        let mut now = lazy_now_ms();
+        conns.retain(|c| c.keep(&mut now, cfg.idle_timeout));
         let best = conns
             .iter()
             .filter(|c| {
@@ -233,8 +266,9 @@ impl EndpointPool {
 }
 
 fn lease(conn: Arc<Conn>) -> Lease {
+    // No time stamp: a connection with a stream is never idle, and the last lease to end
+    // stamps it (`Lease::drop`).
     conn.active.fetch_add(1, Ordering::Relaxed);
-    conn.last_used_ms.store(now_ms(), Ordering::Relaxed);
     let send = conn.send.clone();
     Lease { conn, send }
 }
@@ -244,7 +278,7 @@ impl Pool {
         let inner = Arc::new(PoolInner {
             connector,
             cfg,
-            endpoints: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(reap(Arc::downgrade(&inner)));
@@ -267,15 +301,11 @@ impl Pool {
     ) -> Result<Lease, PoolError> {
         let addr = ep.addr();
         let cfg = &self.inner.cfg;
-        let epool = {
-            let mut map = match self.inner.endpoints.lock() {
-                Ok(m) => m,
-                Err(p) => p.into_inner(),
-            };
-            map.entry((addr, super::workers::current_index()))
-                .or_insert_with(|| Arc::new(EndpointPool::new()))
-                .clone()
-        };
+        let worker = super::workers::current_index();
+        let epool = locked(&self.inner.shards[worker % SHARDS])
+            .entry((addr, worker))
+            .or_insert_with(|| Arc::new(EndpointPool::new()))
+            .clone();
         if let (Some(l), _) = self.lease_without_waiting(&epool, ep) {
             return Ok(l);
         }
@@ -447,27 +477,32 @@ impl Pool {
     /// Forgets every pooled connection to `addr` (the endpoint was removed). Streams holding
     /// a lease finish; each connection closes once its last stream is done.
     pub fn retire_endpoint(&self, addr: SocketAddr) {
-        let mut map = match self.inner.endpoints.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        let before = map.len();
-        map.retain(|(a, _), _| *a != addr);
-        if map.len() != before {
+        let mut removed = false;
+        for shard in self.inner.shards.iter() {
+            let mut map = locked(shard);
+            let before = map.len();
+            map.retain(|(a, _), _| *a != addr);
+            removed |= map.len() != before;
+        }
+        if removed {
             tracing::debug!(endpoint = %addr, "endpoint removed; its pooled connections drain and close");
         }
     }
 
     /// Live pooled connections to `addr` (for tests and the admin API).
     pub fn connections(&self, addr: SocketAddr) -> usize {
-        let pools: Vec<Arc<EndpointPool>> = match self.inner.endpoints.lock() {
-            Ok(m) => m
-                .iter()
-                .filter(|((a, _), _)| *a == addr)
-                .map(|(_, e)| e.clone())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let pools: Vec<Arc<EndpointPool>> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                locked(shard)
+                    .iter()
+                    .filter(|((a, _), _)| *a == addr)
+                    .map(|(_, e)| e.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         pools
             .iter()
             .map(|e| match e.conns.lock() {
@@ -505,11 +540,9 @@ async fn reap(pool: Weak<PoolInner>) {
     loop {
         tokio::time::sleep(period).await;
         let Some(p) = pool.upgrade() else { return };
-        let mut map = match p.endpoints.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.retain(|_, e| e.prune(&p.cfg) > 0 || e.connect_lock.try_lock().is_err());
+        for shard in p.shards.iter() {
+            locked(shard).retain(|_, e| e.prune(&p.cfg) > 0 || e.connect_lock.try_lock().is_err());
+        }
     }
 }
 
@@ -520,8 +553,8 @@ impl EndpointPool {
             Ok(c) => c,
             Err(p) => p.into_inner(),
         };
-        let now = now_ms();
-        conns.retain(|c| c.keep(now, cfg.idle_timeout));
+        let mut now = lazy_now_ms();
+        conns.retain(|c| c.keep(&mut now, cfg.idle_timeout));
         conns.len()
     }
 }
