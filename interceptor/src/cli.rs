@@ -35,7 +35,8 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
-    /// Log filter (tracing env-filter syntax), e.g. `info` or `interceptor=debug`.
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `interceptor=debug`. Release
+    /// builds stop at `debug`: `trace` records are compiled out (h2 has one per frame).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info", global = true)]
     pub log_level: String,
     /// Log output format.
