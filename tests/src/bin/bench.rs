@@ -1542,6 +1542,7 @@ fn main() {
     );
     report.rr_fairness = Some(rr_fairness);
     report.http1 = http1_rows;
+    report.ejections = ejections_logged(&logs);
     report.loadavg_start = machine_info
         .loadavg
         .split(' ')
@@ -1609,6 +1610,7 @@ struct Summary {
     removal_failed_requests: Option<u64>,
     rss_idle_mib: Option<f64>,
     rss_per_1k_conns_mib: Option<f64>,
+    ejections: Option<u64>,
     connect_added_ns: Option<f64>,
     connect_added_wall_ns: Option<f64>,
     connect_pass_kernel_ns: Option<f64>,
@@ -1625,6 +1627,19 @@ struct Summary {
     quick: bool,
     elapsed_s: f64,
     notes: Vec<String>,
+}
+
+/// Counts "endpoint ejected" warnings in the S4 and S5 logs of this run.
+fn ejections_logged(logs: &Path) -> Option<u64> {
+    let mut n = 0;
+    for name in ["interceptor-proxy.log", "interceptor-agent.log"] {
+        let text = std::fs::read_to_string(logs.join(name)).ok()?;
+        n += text
+            .lines()
+            .filter(|l| l.contains("endpoint ejected"))
+            .count() as u64;
+    }
+    Some(n)
 }
 
 /// What `results.json` holds: every measurement of the run, and the summary.
@@ -1644,6 +1659,9 @@ struct Results<'a> {
 /// Aggregation over repetitions (medians), the summary and the tables.
 struct Report {
     quick: bool,
+    /// "endpoint ejected" lines in interceptor's logs (S4 and S5, every phase of every
+    /// repetition: the logs are appended to); None if a log could not be read.
+    ejections: Option<u64>,
     rr_fairness: Option<Fairness>,
     http1: Vec<bench_http1::Row>,
     loadavg_start: f64,
@@ -1670,6 +1688,7 @@ impl Report {
         elapsed: Duration,
     ) -> Self {
         Self {
+            ejections: None,
             quick,
             rr_fairness: None,
             http1: Vec::new(),
@@ -1856,6 +1875,7 @@ impl Report {
                 .rss
                 .get(&Kind::IcpDirect)
                 .and_then(|v| v.per_1k_conns_mib),
+            ejections: self.ejections,
             connect_added_ns: connect_added,
             connect_added_wall_ns: self.connect.redirect_added_ns.map(|n| n as f64),
             connect_pass_kernel_ns: self.connect.pass_kernel_ns.map(|n| n as f64),
@@ -2084,7 +2104,12 @@ impl Report {
             (
                 "RSS per 1k idle conns, MiB".into(),
                 f1(s.rss_per_1k_conns_mib),
-                check(s.rss_per_1k_conns_mib.map(|v| v <= 30.0)),
+                check(s.rss_per_1k_conns_mib.map(|v| v <= 15.0)),
+            ),
+            (
+                "endpoints ejected (S4 and S5 logs, every phase)".into(),
+                f0(s.ejections.map(|v| v as f64)),
+                check(s.ejections.map(|v| v == 0)),
             ),
             (
                 "Jain, 1 client connection (S4)".into(),
