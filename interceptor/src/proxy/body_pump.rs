@@ -51,6 +51,9 @@ pub struct Pump {
     recv: RecvStream,
     source: Source,
     pending: Option<Pending>,
+    /// Bytes of a chunk handed to h2 before the sink had window for them (`send_pending`),
+    /// whose receive window is released once it has.
+    owed: usize,
     sent_end: bool,
     log: Vec<Event>,
     log_bytes: usize,
@@ -76,6 +79,7 @@ impl Pump {
             recv,
             source: if ended { Source::Ended } else { Source::Data },
             pending: None,
+            owed: 0,
             sent_end: false,
             log: Vec::new(),
             log_bytes: 0,
@@ -237,6 +241,8 @@ impl Pump {
         tx: &mut SendStream<Bytes>,
         t: Option<HeaderMap>,
     ) -> Result<(), PumpError> {
+        // The stream ends here: the source sends nothing more on it, so its window can go.
+        self.settle_owed().map_err(PumpError::Recv)?;
         let r = match t {
             Some(t) => {
                 self.end_fields = self
@@ -263,6 +269,26 @@ impl Pump {
             return Ok(());
         };
         let want = chunk.len();
+        if tx.capacity() == 0 && self.owed == 0 && want <= AHEAD_OF_WINDOW {
+            // A new stream has no send window until the connection task assigns it, so
+            // waiting for it here would send this stream's HEADERS in one write and its
+            // DATA in the next. h2 buffers a chunk sent ahead of its window and sends it with
+            // the HEADERS once the window is assigned; the source's window for it is released
+            // only then (next step, or the end), so one small chunk per stream at most sits
+            // in memory outside the windows.
+            let (part, release, end) = (chunk.split_to(want), *release, *last);
+            self.pending = None;
+            tx.send_data(part, end)
+                .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
+            if release {
+                self.owed = want;
+            }
+            if end {
+                self.sent_end = true;
+                self.settle_owed().map_err(PumpError::Recv)?;
+            }
+            return Ok(());
+        }
         tx.reserve_capacity(want);
         let cap = loop {
             let c = tx.capacity();
@@ -274,6 +300,16 @@ impl Pump {
                 Some(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
                 None => return Err(PumpError::Send(None, None)),
             }
+        };
+        // The sink has window again, so the chunk sent ahead of it has been given some.
+        self.settle_owed().map_err(PumpError::Recv)?;
+        let Some(Pending {
+            chunk,
+            release,
+            last,
+        }) = self.pending.as_mut()
+        else {
+            return Ok(());
         };
         let part = chunk.split_to(cap);
         let release = *release;
@@ -294,4 +330,15 @@ impl Pump {
         }
         Ok(())
     }
+
+    fn settle_owed(&mut self) -> Result<(), h2::Error> {
+        if self.owed > 0 {
+            let owed = std::mem::take(&mut self.owed);
+            self.recv.flow_control().release_capacity(owed)?;
+        }
+        Ok(())
+    }
 }
+
+/// The largest chunk sent before its stream has send window (one default-sized frame).
+const AHEAD_OF_WINDOW: usize = 16 * 1024;
