@@ -124,12 +124,14 @@ pub(crate) async fn forward(
     dest: Arc<Destination>,
     guard: Arc<ConnGuard>,
     _open: OpenStream,
-    req: Request<RecvStream>,
+    // The request taken apart by the caller: an async fn keeps its arguments for its whole
+    // life, so a `Request` split here would hold the head twice in every stream's future.
+    head: Parts,
+    body: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
     let service = dest.metrics().clone();
     let _active = service.stream_started();
-    let (head, body) = req.into_parts();
     let ctx = Ctx {
         guard,
         service,

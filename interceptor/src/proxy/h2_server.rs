@@ -121,7 +121,8 @@ where
                     // Boxed: the stream future is a few KB, and a task stores its future inline,
                     // so unboxed it is copied whole on spawn and at each change of the task's
                     // stage (finished, output taken): memmove was the top symbol per request.
-                    tokio::spawn(Box::pin(super::forward::forward(inner.clone(), dest.clone(), guard.clone(), open, req, respond)));
+                    let (head, body) = req.into_parts();
+                    tokio::spawn(Box::pin(super::forward::forward(inner.clone(), dest.clone(), guard.clone(), open, head, body, respond)));
                 }
                 Some(Err(error)) => {
                     tracing::debug!(dest = %dest.addr(), %error, "client HTTP/2 connection failed");
