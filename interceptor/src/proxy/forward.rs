@@ -119,99 +119,103 @@ enum Attempt {
     PushedBack(std::time::Duration),
 }
 
-pub(crate) async fn forward(
+pub(crate) fn forward(
     inner: Arc<Shared>,
     dest: Arc<Destination>,
     guard: Arc<ConnGuard>,
     _open: OpenStream,
-    // The request taken apart by the caller: an async fn keeps its arguments for its whole
-    // life, so a `Request` split here would hold the head twice in every stream's future.
     head: Parts,
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
-) {
-    let service = dest.metrics().clone();
-    let _active = service.stream_started();
-    let ctx = Ctx {
-        guard,
-        service,
-        grpc: grpc::is_grpc(&head.headers),
-        started: Instant::now(),
-        idle_timeout: inner.config.stream_idle_timeout,
-    };
-    // No hop-by-hop fields to strip: h2 rejects a request with any (RFC 9113 8.2.2) before
-    // it gets here, and the same holds for the endpoint's responses.
-    let deadline = grpc::grpc_timeout(&head.headers).map(|d| tokio::time::Instant::now() + d);
-    let mut body = Pump::with_replay(body, inner.config.replay_buffer_bytes);
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let policy = inner.eject_policy();
-    let max_ejected = inner.config.max_ejected_percent;
+) -> impl std::future::Future<Output = ()> + Send {
+    // An async block, not an async fn: an async fn copies each argument into a local of
+    // its own and keeps both in its state: 280 bytes more per stream in flight (2328 -> 2048).
+    async move {
+        // Named, so the block takes it and the stream counts as open until it ends.
+        let _open = _open;
+        let service = dest.metrics().clone();
+        let _active = service.stream_started();
+        let ctx = Ctx {
+            guard,
+            service,
+            grpc: grpc::is_grpc(&head.headers),
+            started: Instant::now(),
+            idle_timeout: inner.config.stream_idle_timeout,
+        };
+        // No hop-by-hop fields to strip: h2 rejects a request with any (RFC 9113 8.2.2) before
+        // it gets here, and the same holds for the endpoint's responses.
+        let deadline = grpc::grpc_timeout(&head.headers).map(|d| tokio::time::Instant::now() + d);
+        let mut body = Pump::with_replay(body, inner.config.replay_buffer_bytes);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let policy = inner.eject_policy();
+        let max_ejected = inner.config.max_ejected_percent;
 
-    let mut attempt = 0;
-    while attempt < inner.config.max_attempts {
-        attempt += 1;
-        let Some(ep) = dest.pick(&tried) else {
-            m::unavailable(UnavailableReason::NoEndpoint);
-            let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
-            ctx.no_endpoint(&mut respond, &msg);
-            return;
-        };
-        let in_flight = ep.start();
-        let lease = match connect(&ctx, &inner, &dest, &ep, &mut respond, deadline).await {
-            Connect::Ready(lease) => lease,
-            Connect::Finished => return,
-            Connect::Unreachable(error) => {
-                // The connect task has charged the endpoint already.
-                tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
-                tried.push(ep.addr());
-                // Nothing reached that endpoint, so an untried one costs no attempt: with
-                // most endpoints refusing, a call still finds the one that answers.
-                if dest.any_usable(&tried) {
-                    attempt -= 1;
-                }
-                continue;
-            }
-        };
-        match try_endpoint(
-            &ctx,
-            &head,
-            &mut body,
-            &mut respond,
-            lease,
-            in_flight,
-            deadline,
-        )
-        .await
-        {
-            Attempt::Done => return,
-            Attempt::Replay(reason) => {
-                m::replay(reason);
-                tracing::debug!(endpoint = %ep.addr(), reason = reason.label(), attempt, "stream not processed; replaying on another endpoint");
-                tried.push(ep.addr());
-            }
-            Attempt::Failed => {
-                dest.record_failure(&ep, &policy, max_ejected);
+        let mut attempt = 0;
+        while attempt < inner.config.max_attempts {
+            attempt += 1;
+            let Some(ep) = dest.pick(&tried) else {
+                m::unavailable(UnavailableReason::NoEndpoint);
+                let msg = format!("interceptor: no usable endpoint for {}", dest.addr());
+                ctx.no_endpoint(&mut respond, &msg);
                 return;
-            }
-            Attempt::PushedBack(d) => {
-                if !dest.push_back(&ep, max_ejected, d) {
+            };
+            let in_flight = ep.start();
+            let lease = match connect(&ctx, &inner, &dest, &ep, &mut respond, deadline).await {
+                Connect::Ready(lease) => lease,
+                Connect::Finished => return,
+                Connect::Unreachable(error) => {
+                    // The connect task has charged the endpoint already.
+                    tracing::debug!(dest = %dest.addr(), %error, attempt, "connect failed; trying another endpoint");
+                    tried.push(ep.addr());
+                    // Nothing reached that endpoint, so an untried one costs no attempt: with
+                    // most endpoints refusing, a call still finds the one that answers.
+                    if dest.any_usable(&tried) {
+                        attempt -= 1;
+                    }
+                    continue;
+                }
+            };
+            match try_endpoint(
+                &ctx,
+                &head,
+                &mut body,
+                &mut respond,
+                lease,
+                in_flight,
+                deadline,
+            )
+            .await
+            {
+                Attempt::Done => return,
+                Attempt::Replay(reason) => {
+                    m::replay(reason);
+                    tracing::debug!(endpoint = %ep.addr(), reason = reason.label(), attempt, "stream not processed; replaying on another endpoint");
+                    tried.push(ep.addr());
+                }
+                Attempt::Failed => {
                     dest.record_failure(&ep, &policy, max_ejected);
+                    return;
                 }
-                return;
+                Attempt::PushedBack(d) => {
+                    if !dest.push_back(&ep, max_ejected, d) {
+                        dest.record_failure(&ep, &policy, max_ejected);
+                    }
+                    return;
+                }
+            }
+            // With every endpoint tried, allow the set again (a refused stream may well succeed
+            // on a fresh connection to the same endpoint).
+            if dest.pick(&tried).is_none() {
+                tried.clear();
             }
         }
-        // With every endpoint tried, allow the set again (a refused stream may well succeed
-        // on a fresh connection to the same endpoint).
-        if dest.pick(&tried).is_none() {
-            tried.clear();
-        }
+        m::unavailable(UnavailableReason::AttemptsExhausted);
+        let msg = format!(
+            "interceptor: no endpoint of {} could take the request",
+            dest.addr()
+        );
+        ctx.no_endpoint(&mut respond, &msg);
     }
-    m::unavailable(UnavailableReason::AttemptsExhausted);
-    let msg = format!(
-        "interceptor: no endpoint of {} could take the request",
-        dest.addr()
-    );
-    ctx.no_endpoint(&mut respond, &msg);
 }
 
 /// What getting a pooled connection to the picked endpoint came to.
