@@ -70,6 +70,16 @@ use limit::ConnectionLimit;
 use metrics as m;
 use pool::{Pool, PoolConfig};
 
+/// A mutex's guard even if a thread panicked while holding it: the proxy's maps stay
+/// usable (each critical section leaves them consistent), so one bad stream cannot wedge
+/// every later one.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Readiness of an endpoint, as EndpointSlice conditions give it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EndpointState {

@@ -260,73 +260,59 @@ impl Pump {
     }
 
     async fn send_pending(&mut self, tx: &mut SendStream<Bytes>) -> Result<(), PumpError> {
-        let Some(Pending {
-            chunk,
-            release,
-            last,
-        }) = self.pending.as_mut()
-        else {
+        let Some(want) = self.pending.as_ref().map(|p| p.chunk.len()) else {
             return Ok(());
         };
-        let want = chunk.len();
-        if tx.capacity() == 0 && self.owed == 0 && want <= AHEAD_OF_WINDOW {
-            // A new stream has no send window until the connection task assigns it, so
-            // waiting for it here would send this stream's HEADERS in one write and its
-            // DATA in the next. h2 buffers a chunk sent ahead of its window and sends it with
-            // the HEADERS once the window is assigned; the source's window for it is released
-            // only then (next step, or the end), so one small chunk per stream at most sits
-            // in memory outside the windows.
-            let (part, release, end) = (chunk.split_to(want), *release, *last);
-            self.pending = None;
-            tx.send_data(part, end)
-                .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
-            if release {
-                self.owed = want;
-            }
-            if end {
-                self.sent_end = true;
-                self.settle_owed().map_err(PumpError::Recv)?;
-            }
-            return Ok(());
-        }
-        tx.reserve_capacity(want);
-        let cap = loop {
-            let c = tx.capacity();
-            if c > 0 {
-                break c.min(want);
-            }
-            match poll_fn(|cx| tx.poll_capacity(cx)).await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
-                None => return Err(PumpError::Send(None, None)),
-            }
+        // A new stream has no send window until the connection task assigns it, so waiting
+        // for it here would send this stream's HEADERS in one write and its DATA in the next.
+        // h2 buffers a chunk sent ahead of its window and sends it with the HEADERS once the
+        // window is assigned; the source's window for it is released only then (next step,
+        // or the end), so one small chunk per stream at most sits in memory outside the
+        // windows.
+        let ahead = tx.capacity() == 0 && self.owed == 0 && want <= AHEAD_OF_WINDOW;
+        let cap = if ahead {
+            want
+        } else {
+            tx.reserve_capacity(want);
+            let cap = loop {
+                let c = tx.capacity();
+                if c > 0 {
+                    break c.min(want);
+                }
+                match poll_fn(|cx| tx.poll_capacity(cx)).await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
+                    None => return Err(PumpError::Send(None, None)),
+                }
+            };
+            // The sink has window again, so the chunk sent ahead of it has been given some.
+            self.settle_owed().map_err(PumpError::Recv)?;
+            cap
         };
-        // The sink has window again, so the chunk sent ahead of it has been given some.
-        self.settle_owed().map_err(PumpError::Recv)?;
-        let Some(Pending {
-            chunk,
-            release,
-            last,
-        }) = self.pending.as_mut()
-        else {
+        let Some(p) = self.pending.as_mut() else {
             return Ok(());
         };
-        let part = chunk.split_to(cap);
-        let release = *release;
-        let end = chunk.is_empty() && *last;
-        if chunk.is_empty() {
+        let part = p.chunk.split_to(cap);
+        let (release, end) = (p.release, p.chunk.is_empty() && p.last);
+        if p.chunk.is_empty() {
             self.pending = None;
         }
         tx.send_data(part, end)
             .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
+        if release {
+            if ahead {
+                self.owed = cap;
+            } else {
+                self.recv
+                    .flow_control()
+                    .release_capacity(cap)
+                    .map_err(PumpError::Recv)?;
+            }
+        }
         if end {
             self.sent_end = true;
-        }
-        if release {
-            self.recv
-                .flow_control()
-                .release_capacity(cap)
-                .map_err(PumpError::Recv)?;
+            // Nothing follows on this stream: its window can go.
+            self.settle_owed().map_err(PumpError::Recv)?;
         }
         Ok(())
     }

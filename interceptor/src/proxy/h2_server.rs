@@ -118,9 +118,9 @@ where
                 Some(Ok((req, respond))) => {
                     let open = guard.open_stream();
                     window.fit(&mut conn, guard.open_streams.load(Ordering::Relaxed));
-                    // Boxed: the stream future is a few KB, and a task stores its future inline,
+                    // Boxed: the stream future is 2 KiB, and a task stores its future inline,
                     // so unboxed it is copied whole on spawn and at each change of the task's
-                    // stage (finished, output taken): memmove was the top symbol per request.
+                    // stage (finished, output taken).
                     let (head, body) = req.into_parts();
                     tokio::spawn(Box::pin(super::forward::forward(inner.clone(), dest.clone(), guard.clone(), open, head, body, respond)));
                 }

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use super::connector::Connector;
 use super::http1_body::UpstreamBody;
+use super::lock;
 use super::metrics as m;
 use super::pool::PoolError;
 
@@ -184,13 +185,6 @@ impl Http1Pool {
             addr,
             worker: super::workers::current_index(),
         })
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -26,6 +26,7 @@ use h2::client::SendRequest;
 
 use super::connector::Connector;
 use super::endpoint_stats::EndpointStats;
+use super::lock;
 use super::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,13 +124,6 @@ type EndpointMap = HashMap<(SocketAddr, usize), Arc<EndpointPool>>;
 /// More shards than worker threads a node runs in practice; past that workers share shards
 /// (correct, only no longer free of each other's locks).
 const SHARDS: usize = 64;
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 struct EndpointPool {
     conns: Mutex<Vec<Arc<Conn>>>,
@@ -233,18 +227,12 @@ impl EndpointPool {
     }
 
     fn push(&self, conn: Arc<Conn>) {
-        match self.conns.lock() {
-            Ok(mut c) => c.push(conn),
-            Err(p) => p.into_inner().push(conn),
-        }
+        lock(&self.conns).push(conn);
     }
 
     /// A lease on the least-loaded live connection with `room`, and how many are live.
     fn try_lease(&self, cfg: &PoolConfig, room: Room) -> (Option<Lease>, usize) {
-        let mut conns = match self.conns.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut conns = lock(&self.conns);
         let mut now = lazy_now_ms();
         conns.retain(|c| c.keep(&mut now, cfg.idle_timeout));
         let best = conns
@@ -302,7 +290,7 @@ impl Pool {
         let addr = ep.addr();
         let cfg = &self.inner.cfg;
         let worker = super::workers::current_index();
-        let epool = locked(&self.inner.shards[worker % SHARDS])
+        let epool = lock(&self.inner.shards[worker % SHARDS])
             .entry((addr, worker))
             .or_insert_with(|| Arc::new(EndpointPool::new()))
             .clone();
@@ -479,7 +467,7 @@ impl Pool {
     pub fn retire_endpoint(&self, addr: SocketAddr) {
         let mut removed = false;
         for shard in self.inner.shards.iter() {
-            let mut map = locked(shard);
+            let mut map = lock(shard);
             let before = map.len();
             map.retain(|(a, _), _| *a != addr);
             removed |= map.len() != before;
@@ -496,7 +484,7 @@ impl Pool {
             .shards
             .iter()
             .flat_map(|shard| {
-                locked(shard)
+                lock(shard)
                     .iter()
                     .filter(|((a, _), _)| *a == addr)
                     .map(|(_, e)| e.clone())
@@ -541,7 +529,7 @@ async fn reap(pool: Weak<PoolInner>) {
         tokio::time::sleep(period).await;
         let Some(p) = pool.upgrade() else { return };
         for shard in p.shards.iter() {
-            locked(shard).retain(|_, e| e.prune(&p.cfg) > 0 || e.connect_lock.try_lock().is_err());
+            lock(shard).retain(|_, e| e.prune(&p.cfg) > 0 || e.connect_lock.try_lock().is_err());
         }
     }
 }
@@ -549,10 +537,7 @@ async fn reap(pool: Weak<PoolInner>) {
 impl EndpointPool {
     /// Drops closed and long-idle connections; returns how many remain.
     fn prune(&self, cfg: &PoolConfig) -> usize {
-        let mut conns = match self.conns.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut conns = lock(&self.conns);
         let mut now = lazy_now_ms();
         conns.retain(|c| c.keep(&mut now, cfg.idle_timeout));
         conns.len()
