@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::bpf::DEFAULT_PIN_ROOT;
 use crate::discovery::model::PodCgroup;
-use crate::proxy::config::{BalancerKind, ProxyConfig};
+use crate::proxy::config::{BalancerKind, H2Engine, ProxyConfig};
 
 /// Ports of protocols where the server speaks first (FTP, SSH, SMTP, POP3, IMAP, MySQL):
 /// a proxy that waits for the client's first bytes would stall them, so they are left alone.
@@ -341,6 +341,27 @@ pub struct LimitArgs {
     /// RLIMIT_NOFILE less 64.
     #[arg(long, env = "INTERCEPTOR_MAX_CLIENT_CONNECTIONS")]
     pub max_client_connections: Option<usize>,
+    /// How HTTP/2 client connections are served: `streams` (h2's server and client, a task
+    /// per stream) or `relay` (experimental: frames relayed on h2's codec; see
+    /// docs/design.md for what it does not do yet).
+    #[arg(long, env = "INTERCEPTOR_H2_ENGINE", value_enum, default_value_t = H2EngineArg::default())]
+    pub h2_engine: H2EngineArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum H2EngineArg {
+    Streams,
+    Relay,
+}
+
+impl Default for H2EngineArg {
+    fn default() -> Self {
+        match H2Engine::default() {
+            H2Engine::Streams => H2EngineArg::Streams,
+            H2Engine::Relay => H2EngineArg::Relay,
+        }
+    }
 }
 
 impl LimitArgs {
@@ -350,6 +371,10 @@ impl LimitArgs {
             stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
             max_header_list_bytes: self.max_header_list_bytes,
             max_client_connections: self.max_client_connections,
+            h2_engine: match self.h2_engine {
+                H2EngineArg::Streams => H2Engine::Streams,
+                H2EngineArg::Relay => H2Engine::Relay,
+            },
             ..config
         }
     }

@@ -50,6 +50,7 @@ pub mod opaque_relay;
 pub mod original_destination;
 pub mod pod_listener;
 pub mod pool;
+pub(crate) mod relay;
 pub mod workers;
 
 use std::collections::HashMap;
@@ -60,7 +61,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use config::ProxyConfig;
+use config::{H2Engine, ProxyConfig};
 use connector::Connector;
 use destination::{Destination, EndpointsHandle};
 use detect::{detect, Http1Mode, OpaqueKind, Prefixed, Protocol, ProtocolHint};
@@ -133,6 +134,8 @@ pub(crate) struct Shared {
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) pool: Pool,
     pub(crate) http1_pool: Http1Pool,
+    /// The relay engine's upstream connections (`relay`).
+    pub(crate) relay: relay::upstreams::Upstreams,
     dests: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
     shutdown: watch::Sender<bool>,
     limit: Arc<ConnectionLimit>,
@@ -212,6 +215,7 @@ impl Proxy {
                 connector,
                 pool,
                 http1_pool,
+                relay: Default::default(),
                 dests: Mutex::new(HashMap::new()),
                 shutdown,
                 limit,
@@ -245,7 +249,7 @@ impl Proxy {
 
     /// Live pooled upstream connections to an endpoint.
     pub fn upstream_connections(&self, endpoint: SocketAddr) -> usize {
-        self.inner.pool.connections(endpoint)
+        self.inner.pool.connections(endpoint) + self.inner.relay.connections(endpoint)
     }
 
     /// Idle pooled HTTP/1.1 connections to an endpoint.
@@ -311,13 +315,15 @@ impl Proxy {
         match protocol {
             Protocol::Http2 => {
                 let io = Prefixed::new(prefix, stream);
-                h2_server::serve(
-                    self.inner.clone(),
-                    destination,
-                    io,
-                    self.inner.shutdown.subscribe(),
-                )
-                .await
+                let shutdown = self.inner.shutdown.subscribe();
+                match self.inner.config.h2_engine {
+                    H2Engine::Streams => {
+                        h2_server::serve(self.inner.clone(), destination, io, shutdown).await
+                    }
+                    H2Engine::Relay => {
+                        relay::serve(self.inner.clone(), destination, io, shutdown).await
+                    }
+                }
                 .map_err(ProxyError::Http2)
             }
             Protocol::Http1 => {

@@ -13,10 +13,36 @@ pub enum BalancerKind {
     RoundRobin,
 }
 
+/// Which HTTP/2 implementation serves client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Engine {
+    /// h2's server and client: a task per stream, each stream a request rebuilt as `http`
+    /// types and sent again (`h2_server`, `forward`).
+    Streams,
+    /// The frame-level relay (`relay`): h2's codec for framing and HPACK, frames passed from
+    /// one connection to the other with the stream mapping and flow control done here.
+    Relay,
+}
+
+impl Default for H2Engine {
+    /// `streams`; a build with the `relay-default` feature runs the relay instead, which is
+    /// how the whole proxy test suite runs against it (`cargo test -p interceptor --features
+    /// relay-default`).
+    fn default() -> Self {
+        if cfg!(feature = "relay-default") {
+            H2Engine::Relay
+        } else {
+            H2Engine::Streams
+        }
+    }
+}
+
 /// Proxy configuration. `Default` gives production values.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub balancer: BalancerKind,
+    /// How HTTP/2 client connections are served.
+    pub h2_engine: H2Engine,
     /// How long to wait for a client's first bytes before treating the connection as a
     /// server-first protocol and relaying it opaquely.
     pub detect_timeout: Duration,
@@ -95,6 +121,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             balancer: BalancerKind::P2c,
+            h2_engine: H2Engine::default(),
             detect_timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_secs(1),
             // Within a node the round trip is tens of microseconds, so 256 KiB per stream

@@ -17,7 +17,7 @@ use super::Shared;
 /// stream window of request body its endpoint has not taken yet, and those bytes stay
 /// unreleased in the connection window too, so with a fixed window a handful of streams to an
 /// endpoint that stops reading would freeze every other stream of the connection.
-struct ClientWindow {
+pub(crate) struct ClientWindow {
     floor: u32,
     ceiling: u32,
     per_stream: u32,
@@ -25,7 +25,7 @@ struct ClientWindow {
 }
 
 impl ClientWindow {
-    fn new(cfg: &super::config::ProxyConfig) -> Self {
+    pub(crate) fn new(cfg: &super::config::ProxyConfig) -> Self {
         let floor = cfg.connection_window.max(1);
         Self {
             floor,
@@ -37,11 +37,16 @@ impl ClientWindow {
 
     /// The window for `open` streams: room for each, and one more so a new stream can always
     /// send, in steps of the floor so that it changes once per many streams, not per stream.
-    fn target(&self, open: u32) -> u32 {
+    pub(crate) fn target(&self, open: u32) -> u32 {
         let want = (open as u64 + 1) * self.per_stream as u64;
         let floor = self.floor as u64;
         let stepped = want.div_ceil(floor) * floor;
         stepped.clamp(floor, self.ceiling as u64) as u32
+    }
+
+    /// The window it starts with.
+    pub(crate) fn floor(&self) -> u32 {
+        self.floor
     }
 
     fn fit<T, B>(&mut self, conn: &mut h2::server::Connection<T, B>, open: u32)

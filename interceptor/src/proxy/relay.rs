@@ -1,0 +1,214 @@
+//! The frame-level HTTP/2 relay (`--h2-engine relay`, experimental).
+//!
+//! h2's codec does the framing and HPACK on every connection; what h2's server and client
+//! would add on top (a state machine per stream on each side, a task per stream, requests
+//! rebuilt as `http` types and queued again) is replaced by two kinds of task that pass frames
+//! to each other:
+//!
+//! ```text
+//! client_conn   one per client connection: reads its frames, maps each stream to a stream
+//!    |  ^       on an upstream connection, answers locally when no endpoint can
+//!    v  |       (outbox: frames and window credit, taken once per turn of the other's loop)
+//! upstream_conn one per pooled connection to an endpoint (upstreams: the pool)
+//! ```
+//!
+//! A DATA frame's payload crosses as the same `Bytes`; each side keeps the peer's send
+//! windows (`flow`) and gives window back to the sender once the bytes were sent on, so
+//! the proxy holds at most one granted window per stream. Every frame a connection sends in
+//! one turn leaves in one write.
+
+pub(crate) mod client_conn;
+pub(crate) mod flow;
+pub(crate) mod outbox;
+pub(crate) mod upstream_conn;
+pub(crate) mod upstreams;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::frame::{self, Pseudo, StreamId};
+use h2::Reason;
+
+pub(crate) use client_conn::serve;
+use outbox::Outbox;
+
+/// The client connection preface (RFC 9113 3.4).
+pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What an upstream connection tells a client connection about one of its streams; every
+/// stream id here is the client's.
+// Headers cross once or twice per stream: boxing them would cost an allocation each, more
+// than copying the larger message through the queue.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum ToClient {
+    /// Response headers or trailers.
+    Headers(frame::Headers),
+    Data(frame::Data<Bytes>),
+    /// The endpoint reset the stream.
+    Reset(StreamId, Reason),
+    /// This many request body bytes went on to the endpoint: the client may send as many.
+    Credit(StreamId, u32),
+    /// The endpoint never saw the stream (the connection failed before it was sent, or a
+    /// GOAWAY put it past the last stream processed): it may go to another endpoint.
+    Unprocessed(StreamId, Unprocessed),
+    /// The connection to the endpoint broke with the stream on it.
+    Broken(StreamId),
+    /// The endpoint's response headers were malformed or over the size limit.
+    BadResponse(StreamId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unprocessed {
+    /// Connecting failed; the endpoint was charged if that was its fault.
+    ConnectFailed,
+    /// GOAWAY or REFUSED_STREAM.
+    Refused,
+    /// The connection was closing when the stream was queued on it.
+    Closing,
+    /// Past the endpoint's concurrency limit on this connection while the pool may open
+    /// another: the stream is picked again (not an attempt; the endpoint is fine).
+    Overflow,
+}
+
+/// What a client connection tells an upstream connection; stream ids are the upstream's.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum ToUpstream {
+    Open {
+        head: frame::Headers,
+        client: ClientLink,
+        client_id: StreamId,
+    },
+    Data(frame::Data<Bytes>),
+    /// Request trailers.
+    Trailers(frame::Headers),
+    Reset(StreamId, Reason),
+    /// This many response body bytes went on to the client.
+    Credit(StreamId, u32),
+}
+
+/// Where upstream connections send a client connection's frames.
+pub(crate) type ClientLink = Arc<Outbox<ToClient>>;
+
+/// A pooled connection to one endpoint, as the client connections see it.
+pub(crate) struct UpLink {
+    outbox: Outbox<ToUpstream, IdAllocator>,
+    /// Streams open on it (queued ones included).
+    active: AtomicUsize,
+    /// The endpoint's SETTINGS_MAX_CONCURRENT_STREAMS.
+    peer_max_streams: AtomicU32,
+    /// Takes new streams (not closing, not failed).
+    accepting: AtomicBool,
+    /// The handshake finished.
+    ready: AtomicBool,
+}
+
+/// Client-initiated stream ids in the order their HEADERS are queued.
+pub(crate) struct IdAllocator {
+    next: u32,
+}
+
+impl UpLink {
+    fn new() -> Self {
+        Self {
+            outbox: Outbox::new(IdAllocator { next: 1 }),
+            active: AtomicUsize::new(0),
+            peer_max_streams: AtomicU32::new(u32::MAX),
+            accepting: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a new stream's HEADERS; its upstream id, or `None` if the connection takes no
+    /// new streams.
+    pub(crate) fn open(
+        &self,
+        pseudo: Pseudo,
+        fields: http::HeaderMap,
+        eos: bool,
+        client: &ClientLink,
+        client_id: StreamId,
+    ) -> Option<StreamId> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = self.outbox.push_with(|ids| {
+            if ids.next > u32::from(StreamId::MAX) {
+                return None;
+            }
+            let id = StreamId::from(ids.next);
+            ids.next += 2;
+            let mut head = frame::Headers::new(id, pseudo, fields);
+            if eos {
+                head.set_end_stream();
+            }
+            let open = ToUpstream::Open {
+                head,
+                client: client.clone(),
+                client_id,
+            };
+            Some((open, id))
+        })?;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
+
+    /// Queues a frame of an open stream. Lost only if the connection is gone, and then its
+    /// task has told the client connection about every stream it had.
+    pub(crate) fn send(&self, m: ToUpstream) {
+        let _ = self.outbox.push(m);
+    }
+
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Streams it may take before another connection is worth opening.
+    pub(crate) fn has_room(&self, per_connection: usize) -> bool {
+        self.load() < per_connection.min(self.peer_max())
+    }
+
+    /// A new stream would not wait for the endpoint's concurrency limit.
+    pub(crate) fn below_peer_limit(&self) -> bool {
+        self.load() < self.peer_max()
+    }
+
+    fn peer_max(&self) -> usize {
+        self.peer_max_streams.load(Ordering::Relaxed) as usize
+    }
+
+    pub(crate) fn load(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Stream maps are keyed by stream id, which peers choose but only ever as increasing odd
+/// numbers: a multiplicative hash spreads them, and SipHash's resistance to chosen keys buys
+/// nothing here.
+pub(crate) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        // Folded multiply: the table indexes by the low bits and tags by the high ones, and
+        // both must vary with the id.
+        let x = (n as u128) * 0x9E37_79B9_7F4A_7C15u128;
+        self.0 = (x as u64) ^ ((x >> 64) as u64);
+    }
+}

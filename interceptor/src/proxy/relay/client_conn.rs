@@ -1,0 +1,1198 @@
+//! One client HTTP/2 connection on the relay: each new stream gets an endpoint and a stream
+//! on a pooled connection to it, and its frames go there as they arrive; what comes back is
+//! written to the client, within the client's windows.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use h2::frame::{self, Frame, Pseudo, StreamId};
+use h2::{Codec, Reason};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::watch;
+
+use super::super::destination::Destination;
+use super::super::endpoint_stats::{EndpointStats, InFlight};
+use super::super::grpc;
+use super::super::h2_server::ClientWindow;
+use super::super::metrics::{
+    self as m, AbuseReason, ActiveStream, ReplayReason, ServiceMetrics, Status, UnavailableReason,
+};
+use super::super::Shared;
+use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW};
+use super::outbox::Outbox;
+use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
+
+/// Frames read per turn before the task yields to others on its worker.
+const READ_BUDGET: usize = 128;
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// A cancel this close to the call's deadline counts as the deadline passing.
+const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Taken off the time left that the endpoint is told (grpc-timeout), so that an endpoint that
+/// honours deadlines answers DEADLINE_EXCEEDED itself before the proxy's timer fires: then
+/// only an endpoint that ignores the deadline is charged with a failure.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Serves HTTP/2 on `io` with the relay until the client closes it, it fails, or a drain that
+/// started with `shutdown` completes.
+pub(crate) async fn serve<T>(
+    inner: Arc<Shared>,
+    dest: Arc<Destination>,
+    mut io: T,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut preface = [0u8; PREFACE.len()];
+    match tokio::time::timeout(inner.config.connect_timeout, io.read_exact(&mut preface)).await {
+        Err(_) => {
+            tracing::debug!("client HTTP/2 preface timed out");
+            return Ok(());
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        Ok(Err(e)) => return Err(h2::proto::Error::from(e).into()),
+        Ok(Ok(_)) => {}
+    }
+    if &preface != PREFACE {
+        tracing::debug!("client sent no valid HTTP/2 preface");
+        return Err(Reason::PROTOCOL_ERROR.into());
+    }
+    let mut conn = ClientConn::new(inner, dest, io, shutdown);
+    let end = poll_fn(|cx| conn.poll(cx)).await;
+    conn.close();
+    end
+}
+
+/// The request as first received, kept until the response starts so that a stream the
+/// endpoint never processed can go to another one.
+struct Replay {
+    pseudo: Pseudo,
+    fields: HeaderMap,
+    body: Vec<Bytes>,
+    bytes: usize,
+    /// The request ended (END_STREAM received).
+    whole: bool,
+}
+
+fn copy_pseudo(p: &Pseudo) -> Pseudo {
+    Pseudo {
+        method: p.method.clone(),
+        scheme: p.scheme.clone(),
+        authority: p.authority.clone(),
+        path: p.path.clone(),
+        protocol: p.protocol.clone(),
+        status: p.status,
+    }
+}
+
+/// The upstream stream currently carrying a client stream.
+struct Attempt {
+    link: Arc<UpLink>,
+    id: StreamId,
+    in_flight: InFlight,
+    sent_at: Instant,
+}
+
+struct CStream {
+    /// Response frames waiting for the client's window.
+    out: StreamOut,
+    attempt: Option<Attempt>,
+    replay: Option<Replay>,
+    tried: Vec<SocketAddr>,
+    attempts: usize,
+    grpc: bool,
+    req_done: bool,
+    resp_started: bool,
+    resp_done: bool,
+    status: Option<Status>,
+    /// Request body bytes received, and credited back to the client so far.
+    received: u64,
+    credited: u64,
+    /// Credit the next attempt will give for bytes already credited by an earlier one.
+    absorb: u64,
+    /// Stream-level credit not yet announced.
+    credit: u32,
+    started: Instant,
+    /// The endpoint answered in a way that counts against it.
+    charge: bool,
+    /// Answered here, not by the endpoint: its status says nothing of the endpoint.
+    local: bool,
+    /// The call's grpc-timeout, as an instant.
+    deadline: Option<tokio::time::Instant>,
+    /// The last turn anything moved on the stream (for the stream idle timeout).
+    last_move: tokio::time::Instant,
+    _active: ActiveStream,
+}
+
+struct ClientConn<T> {
+    inner: Arc<Shared>,
+    dest: Arc<Destination>,
+    service: Arc<ServiceMetrics>,
+    codec: Codec<T, Bytes>,
+    link: ClientLink,
+    inbox: Vec<ToClient>,
+    out: VecDeque<Frame<Bytes>>,
+    send: SendWindows,
+    streams: HashMap<StreamId, CStream, IdHash>,
+    /// Highest stream id the client opened.
+    last_id: StreamId,
+    /// Connection-level credit not yet announced.
+    conn_credit: u32,
+    /// What the client may still send on the connection as it sees it. Credit is announced
+    /// once this falls to half the window, not once credit piles up: streams whose endpoint
+    /// does not read hold their share of the window indefinitely, and the rest must still
+    /// get theirs back.
+    peer_window: i64,
+    /// The connection's receive window: sized to the streams open (see `ClientWindow`).
+    window: ClientWindow,
+    window_now: u32,
+    /// Credit to hold back after the window shrank: lowering takes back nothing the client
+    /// was given, it releases less.
+    window_owed: u32,
+    /// The window grew: announce at once.
+    window_grew: bool,
+    stream_window: u32,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// A connection with no stream for `client_idle_timeout` gets GOAWAY.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: std::time::Duration,
+    /// When a stream last ended.
+    last_end: tokio::time::Instant,
+    /// The time of this turn of the loop: one clock read serves every frame of the turn.
+    now: tokio::time::Instant,
+    /// Deadlines and the stream idle timeout: one timer for the connection, armed at the
+    /// earliest instant a stream may need attention, and swept then.
+    sweep: Pin<Box<tokio::time::Sleep>>,
+    sweep_at: Option<tokio::time::Instant>,
+    stream_idle_timeout: std::time::Duration,
+    /// GOAWAY sent: no new streams; the connection ends when the last one does.
+    draining: bool,
+    /// A connection error: close once the GOAWAY is written.
+    closing: Option<Reason>,
+    resets: ResetRate,
+}
+
+/// Client cancels per second (rapid reset, CVE-2023-44487).
+struct ResetRate {
+    since: Instant,
+    count: u32,
+    limit: u32,
+}
+
+impl ResetRate {
+    fn exceeded(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.since).as_secs() >= 1 {
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > self.limit
+    }
+}
+
+impl<T> ClientConn<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    fn new(
+        inner: Arc<Shared>,
+        dest: Arc<Destination>,
+        io: T,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let cfg = &inner.config;
+        let mut codec = Codec::new(io);
+        codec.set_max_recv_header_list_size(cfg.max_header_list_bytes as usize);
+        let mut settings = frame::Settings::default();
+        settings.set_initial_window_size(Some(cfg.stream_window));
+        settings.set_max_concurrent_streams(Some(cfg.max_concurrent_streams));
+        settings.set_max_header_list_size(Some(cfg.max_header_list_bytes));
+        let mut out = VecDeque::new();
+        out.push_back(settings.into());
+        let window = ClientWindow::new(cfg);
+        let window_now = window.floor().max(DEFAULT_WINDOW);
+        if window_now > DEFAULT_WINDOW {
+            out.push_back(
+                frame::WindowUpdate::new(StreamId::zero(), window_now - DEFAULT_WINDOW).into(),
+            );
+        }
+        let idle_timeout = cfg.client_idle_timeout;
+        let stream_idle_timeout = cfg.stream_idle_timeout;
+        let now = tokio::time::Instant::now();
+        let resets = ResetRate {
+            since: Instant::now(),
+            count: 0,
+            limit: cfg.max_client_resets_per_second,
+        };
+        let stream_window = cfg.stream_window;
+        Self {
+            service: dest.metrics().clone(),
+            inner,
+            dest,
+            codec,
+            link: Arc::new(Outbox::new(())),
+            inbox: Vec::new(),
+            out,
+            send: SendWindows::new(),
+            streams: HashMap::default(),
+            last_id: StreamId::zero(),
+            conn_credit: 0,
+            peer_window: window_now as i64,
+            window,
+            window_now,
+            window_owed: 0,
+            window_grew: false,
+            stream_window,
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle_timeout,
+            last_end: now,
+            now,
+            sweep: Box::pin(tokio::time::sleep_until(now)),
+            sweep_at: None,
+            stream_idle_timeout,
+            // A dropped sender means the proxy itself is gone: drain as well.
+            shutdown: Box::pin(async move {
+                let _ = shutdown.wait_for(|v| *v).await;
+            }),
+            draining: false,
+            closing: None,
+            resets,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        self.now = tokio::time::Instant::now();
+        if self.sweep_at.is_some() && self.sweep.as_mut().poll(cx).is_ready() {
+            self.sweep_streams(cx);
+        }
+        if !self.draining && self.shutdown.as_mut().poll(cx).is_ready() {
+            tracing::debug!(dest = %self.dest.addr(), "draining client connection");
+            self.drain();
+        }
+        if !self.draining && !self.idle_timeout.is_zero() && self.idle.as_mut().poll(cx).is_ready()
+        {
+            self.check_idle(cx);
+        }
+        let mut read_all = self.closing.is_some();
+        for _ in 0..READ_BUDGET {
+            if self.closing.is_some() {
+                break;
+            }
+            match Pin::new(&mut self.codec).poll_next(cx) {
+                Poll::Ready(Some(Ok(f))) => self.on_frame(f),
+                Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    read_all = true;
+                    break;
+                }
+            }
+        }
+        let mut inbox = std::mem::take(&mut self.inbox);
+        loop {
+            self.link.take(&mut inbox, cx);
+            if inbox.is_empty() {
+                break;
+            }
+            for m in inbox.drain(..) {
+                self.on_msg(m);
+            }
+        }
+        self.inbox = inbox;
+        self.announce_conn_credit();
+        let flushed = self.write(cx)?;
+        if let Some(reason) = self.closing {
+            if flushed {
+                return Poll::Ready(match reason {
+                    Reason::NO_ERROR => Ok(()),
+                    r => Err(r.into()),
+                });
+            }
+            return Poll::Pending;
+        }
+        if self.draining && self.streams.is_empty() && flushed {
+            return Poll::Ready(Ok(()));
+        }
+        if !read_all {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    /// Writes what is queued; true once all of it reached the socket.
+    fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, h2::Error> {
+        while let Some(f) = self.out.pop_front() {
+            match self.codec.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Err(e) = self.codec.buffer(f) {
+                        tracing::debug!(error = ?e, "frame refused by the codec");
+                        return Err(Reason::INTERNAL_ERROR.into());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Err(h2::proto::Error::from(e).into()),
+                Poll::Pending => {
+                    self.out.push_front(f);
+                    return Ok(false);
+                }
+            }
+        }
+        match self.codec.flush(cx) {
+            Poll::Ready(Ok(())) => Ok(true),
+            Poll::Ready(Err(e)) => Err(h2::proto::Error::from(e).into()),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Checked lazily: the timer is re-armed for the rest of the period while streams come
+    /// and go.
+    fn check_idle(&mut self, cx: &mut Context<'_>) {
+        let now = tokio::time::Instant::now();
+        if self.streams.is_empty() && now >= self.last_end + self.idle_timeout {
+            tracing::debug!(dest = %self.dest.addr(), idle_s = self.idle_timeout.as_secs(), "client connection idle; sending GOAWAY");
+            m::timeout(m::TimeoutKind::ClientIdle);
+            self.drain();
+            return;
+        }
+        let next = if self.streams.is_empty() {
+            self.last_end + self.idle_timeout
+        } else {
+            now + self.idle_timeout
+        };
+        self.idle.as_mut().reset(next);
+        // Registers the timer with this task again.
+        let _ = self.idle.as_mut().poll(cx);
+    }
+
+    /// Arms the sweep for `at` unless it fires earlier anyway.
+    fn arm_sweep(&mut self, at: tokio::time::Instant) {
+        if self.sweep_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.sweep_at = Some(at);
+        self.sweep.as_mut().reset(at);
+    }
+
+    /// When a stream next needs attention: its deadline, or the end of its idle period.
+    fn due(&self, s: &CStream) -> Option<tokio::time::Instant> {
+        let idle = (!self.stream_idle_timeout.is_zero() && !s.resp_done)
+            .then(|| s.last_move + self.stream_idle_timeout);
+        match (s.deadline.filter(|_| !s.resp_done), idle) {
+            (Some(d), Some(i)) => Some(d.min(i)),
+            (d, i) => d.or(i),
+        }
+    }
+
+    /// Ends the streams whose deadline passed or on which nothing moved for the stream idle
+    /// timeout, and arms the sweep for the next.
+    fn sweep_streams(&mut self, cx: &mut Context<'_>) {
+        self.sweep_at = None;
+        let now = self.now;
+        let mut expired = Vec::new();
+        let mut next: Option<tokio::time::Instant> = None;
+        for (id, s) in &self.streams {
+            let Some(due) = self.due(s) else { continue };
+            if due <= now {
+                expired.push(*id);
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        for id in expired {
+            let Some(s) = self.streams.get(&id) else {
+                continue;
+            };
+            if s.deadline.is_some_and(|d| d <= now) {
+                self.deadline_passed(id);
+            } else {
+                self.idle_expired(id);
+            }
+            if let Some(due) = self.streams.get(&id).and_then(|s| self.due(s)) {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        if let Some(at) = next {
+            self.arm_sweep(at);
+            // Registers the timer with this task.
+            let _ = self.sweep.as_mut().poll(cx);
+        }
+    }
+
+    fn deadline_passed(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.resp_started {
+            m::timeout(m::TimeoutKind::Deadline);
+            self.answer(
+                id,
+                grpc::DEADLINE_EXCEEDED,
+                StatusCode::GATEWAY_TIMEOUT,
+                "interceptor: deadline exceeded",
+            );
+            return;
+        }
+        let connecting = s.attempt.as_ref().is_some_and(|a| !a.link.is_ready());
+        if connecting {
+            // A connect queued behind others must not outlive the call; the connection
+            // charges its endpoint itself if it fails.
+            m::timeout(m::TimeoutKind::DeadlineConnecting);
+            self.answer(
+                id,
+                grpc::DEADLINE_EXCEEDED,
+                StatusCode::GATEWAY_TIMEOUT,
+                "interceptor: deadline exceeded while connecting to an endpoint",
+            );
+            return;
+        }
+        // An endpoint that had the whole request and did not answer in time is charged, so
+        // one that accepts and never answers gets ejected.
+        s.charge = s.req_done && s.attempt.is_some();
+        m::timeout(m::TimeoutKind::Deadline);
+        self.answer(
+            id,
+            grpc::DEADLINE_EXCEEDED,
+            StatusCode::GATEWAY_TIMEOUT,
+            "interceptor: deadline exceeded",
+        );
+    }
+
+    fn idle_expired(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        m::timeout(m::TimeoutKind::StreamIdle);
+        // Not charged: servers may send the headers of a quiet stream (a watch) only with its
+        // first message, and after the headers a stall may as well be the client's.
+        if s.resp_started {
+            self.answer(
+                id,
+                grpc::UNAVAILABLE,
+                StatusCode::GATEWAY_TIMEOUT,
+                "interceptor: nothing moved on the stream (stream idle timeout)",
+            );
+        } else {
+            let msg = format!(
+                "interceptor: nothing moved on the stream for {:?} (stream idle timeout)",
+                self.stream_idle_timeout
+            );
+            self.answer(id, grpc::UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, &msg);
+        }
+    }
+
+    /// Resizes the connection window to the streams open now.
+    fn fit_window(&mut self) {
+        let target = self
+            .window
+            .target(self.streams.len() as u32)
+            .max(DEFAULT_WINDOW);
+        if target > self.window_now {
+            let grow = target - self.window_now;
+            let paid = grow.min(self.window_owed);
+            self.window_owed -= paid;
+            self.conn_credit += grow - paid;
+            self.window_grew = true;
+        } else {
+            self.window_owed += self.window_now - target;
+        }
+        self.window_now = target;
+    }
+
+    fn announce_conn_credit(&mut self) {
+        let withheld = self.window_owed.min(self.conn_credit);
+        self.window_owed -= withheld;
+        self.conn_credit -= withheld;
+        if self.conn_credit > 0
+            && (std::mem::take(&mut self.window_grew)
+                || self.peer_window <= (self.window_now / 2) as i64)
+        {
+            let credit = std::mem::take(&mut self.conn_credit);
+            self.peer_window += credit as i64;
+            self.out
+                .push_back(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+        }
+    }
+
+    fn drain(&mut self) {
+        self.draining = true;
+        self.out
+            .push_back(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
+    }
+
+    /// A connection error: GOAWAY, then close.
+    fn fail(&mut self, reason: Reason) {
+        self.out
+            .push_back(frame::GoAway::new(self.last_id, reason).into());
+        self.closing = Some(reason);
+    }
+
+    fn on_frame(&mut self, f: Frame) {
+        match f {
+            Frame::Headers(h) => self.on_headers(h),
+            Frame::Data(d) => self.on_data(d),
+            Frame::Reset(r) => self.on_reset(r.stream_id(), r.reason()),
+            Frame::WindowUpdate(w) => self.on_window_update(w),
+            Frame::Settings(s) => self.on_settings(s),
+            Frame::Ping(p) => {
+                if !p.is_ack() {
+                    self.out
+                        .push_back(frame::Ping::pong(p.into_payload()).into());
+                }
+            }
+            // The client opens no more streams; those open finish, then it closes.
+            Frame::GoAway(_) => {}
+            Frame::PushPromise(_) => self.fail(Reason::PROTOCOL_ERROR),
+            Frame::Priority(_) => {}
+        }
+    }
+
+    fn on_codec_error(&mut self, e: h2::proto::Error) -> Result<(), h2::Error> {
+        match e {
+            h2::proto::Error::Reset(id, reason, _) => {
+                // A malformed request: that stream only.
+                if id > self.last_id {
+                    self.last_id = id;
+                }
+                if let Some(s) = self.streams.remove(&id) {
+                    self.end_stream(id, s, Some(Status::RESET));
+                }
+                self.out.push_back(frame::Reset::new(id, reason).into());
+                Ok(())
+            }
+            h2::proto::Error::GoAway(_, reason, _) => {
+                tracing::debug!(dest = %self.dest.addr(), ?reason, "client broke the HTTP/2 protocol");
+                self.fail(reason);
+                Ok(())
+            }
+            e @ h2::proto::Error::Io(..) => Err(e.into()),
+        }
+    }
+
+    fn on_headers(&mut self, h: frame::Headers) {
+        let id = h.stream_id();
+        if let Some(s) = self.streams.get_mut(&id) {
+            // Request trailers.
+            if s.req_done || !h.is_end_stream() {
+                self.reset_stream(id, Reason::PROTOCOL_ERROR);
+                return;
+            }
+            s.req_done = true;
+            // Not kept for a replay: a replayed stream would lack them.
+            s.replay = None;
+            if let Some(a) = &s.attempt {
+                a.link.send(ToUpstream::Trailers(frame::Headers::trailers(
+                    a.id,
+                    h.into_fields(),
+                )));
+            }
+            return;
+        }
+        if !id.is_client_initiated() || id <= self.last_id {
+            // A closed stream's id reused, or a server-initiated one.
+            self.fail(Reason::PROTOCOL_ERROR);
+            return;
+        }
+        self.last_id = id;
+        if self.draining {
+            self.out
+                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            return;
+        }
+        if self.streams.len() >= self.inner.config.max_concurrent_streams as usize {
+            self.out
+                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            return;
+        }
+        let eos = h.is_end_stream();
+        let over_size = h.is_over_size();
+        let (pseudo, fields) = h.into_parts();
+        let grpc = grpc::is_grpc(&fields);
+        let mut s = CStream {
+            out: self.send.stream(),
+            attempt: None,
+            replay: None,
+            tried: Vec::new(),
+            attempts: 0,
+            grpc,
+            req_done: eos,
+            resp_started: false,
+            resp_done: false,
+            status: None,
+            received: 0,
+            credited: 0,
+            absorb: 0,
+            credit: 0,
+            started: self.now.into_std(),
+            charge: false,
+            local: false,
+            deadline: None,
+            last_move: self.now,
+            _active: self.service.stream_started(),
+        };
+        if over_size {
+            // As h2's server does: 431, and the request never reaches an endpoint.
+            s.grpc = false;
+            self.streams.insert(id, s);
+            self.answer(id, 0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
+            return;
+        }
+        if !is_valid_request(&pseudo) {
+            self.out
+                .push_back(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
+            return;
+        }
+        s.deadline = grpc::grpc_timeout(&fields).map(|d| self.now + d);
+        s.replay = Some(Replay {
+            pseudo,
+            fields,
+            body: Vec::new(),
+            bytes: 0,
+            whole: eos,
+        });
+        if let Some(due) = self.due(&s) {
+            self.arm_sweep(due);
+        }
+        self.streams.insert(id, s);
+        self.fit_window();
+        self.start_attempt(id);
+    }
+
+    fn on_data(&mut self, d: frame::Data<Bytes>) {
+        let id = d.stream_id();
+        let len = d.payload().len();
+        self.peer_window -= len as i64;
+        let Some(s) = self.streams.get_mut(&id) else {
+            // A stream already ended here: give the bytes back to the connection.
+            self.conn_credit += len as u32;
+            if id > self.last_id {
+                self.fail(Reason::PROTOCOL_ERROR);
+            }
+            return;
+        };
+        if s.req_done {
+            self.conn_credit += len as u32;
+            self.reset_stream(id, Reason::STREAM_CLOSED);
+            return;
+        }
+        let eos = d.is_end_stream();
+        let payload = d.into_payload();
+        s.last_move = self.now;
+        s.received += len as u64;
+        s.req_done = eos;
+        let limit = self.inner.config.replay_buffer_bytes;
+        if let Some(r) = &mut s.replay {
+            r.bytes += len;
+            if r.bytes > limit {
+                s.replay = None;
+            } else {
+                if len > 0 {
+                    r.body.push(payload.clone());
+                }
+                r.whole = eos;
+            }
+        }
+        match &s.attempt {
+            Some(a) => {
+                let mut fwd = frame::Data::new(a.id, payload);
+                fwd.set_end_stream(eos);
+                a.link.send(ToUpstream::Data(fwd));
+            }
+            // Answered locally, the response not yet written: nothing goes upstream.
+            None => {
+                s.credited += len as u64;
+                self.conn_credit += len as u32;
+            }
+        }
+    }
+
+    fn on_reset(&mut self, id: StreamId, reason: Reason) {
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        if let Some(a) = &s.attempt {
+            a.link.send(ToUpstream::Reset(a.id, reason));
+        }
+        let mut s = s;
+        // Clients cancel at their own deadline, usually a hair before ours fires: that is the
+        // endpoint not answering in time, charged as if our timer had fired.
+        if !s.resp_started
+            && s.req_done
+            && s.deadline.is_some_and(|d| self.now + DEADLINE_SLACK >= d)
+        {
+            s.charge = true;
+            s.local = true;
+        }
+        let done = s.resp_done && s.out.is_empty();
+        self.end_stream(id, s, if done { None } else { Some(Status::CANCELLED) });
+        if self.resets.exceeded() {
+            tracing::warn!(dest = %self.dest.addr(), limit = self.resets.limit, "client cancels streams faster than the limit; closing its connection");
+            m::abusive_connection(AbuseReason::RapidReset);
+            self.fail(Reason::ENHANCE_YOUR_CALM);
+        }
+    }
+
+    fn on_window_update(&mut self, w: frame::WindowUpdate) {
+        let id = w.stream_id();
+        if id.is_zero() {
+            if self.send.grow_conn(w.size_increment()).is_err() {
+                self.fail(Reason::FLOW_CONTROL_ERROR);
+                return;
+            }
+            while let Some(id) = self.send.next_unblocked() {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.out.unblock();
+                    self.pump(id);
+                }
+            }
+            return;
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.out.grow(w.size_increment() as i64).is_err() {
+            self.reset_stream(id, Reason::FLOW_CONTROL_ERROR);
+            return;
+        }
+        self.pump(id);
+    }
+
+    fn on_settings(&mut self, s: frame::Settings) {
+        if s.is_ack() {
+            return;
+        }
+        if let Some(size) = s.initial_window_size() {
+            let delta = self.send.set_initial(size);
+            let mut overflowed = Vec::new();
+            for (id, st) in self.streams.iter_mut() {
+                if st.out.grow(delta).is_err() {
+                    overflowed.push(*id);
+                }
+            }
+            if !overflowed.is_empty() {
+                self.fail(Reason::FLOW_CONTROL_ERROR);
+                return;
+            }
+            let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+            for id in ids {
+                self.pump(id);
+            }
+        }
+        if let Some(size) = s.max_frame_size() {
+            self.codec.set_max_send_frame_size(size as usize);
+        }
+        if let Some(size) = s.header_table_size() {
+            self.codec.set_send_header_table_size(size as usize);
+        }
+        self.out.push_back(frame::Settings::ack().into());
+    }
+
+    fn on_msg(&mut self, msg: ToClient) {
+        match msg {
+            ToClient::Headers(h) => self.on_response_headers(h),
+            ToClient::Data(d) => {
+                let id = d.stream_id();
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if d.is_end_stream() {
+                    s.resp_done = true;
+                }
+                s.last_move = self.now;
+                s.out.push(d.into());
+                self.pump(id);
+            }
+            ToClient::Reset(id, reason) => {
+                let Some(mut s) = self.streams.remove(&id) else {
+                    return;
+                };
+                s.out.clear();
+                self.out.push_back(frame::Reset::new(id, reason).into());
+                s.charge = charged_reset(reason);
+                self.end_stream(id, s, Some(Status::RESET));
+            }
+            ToClient::Credit(id, n) => self.on_credit(id, n),
+            ToClient::Unprocessed(id, why) => self.on_unprocessed(id, why),
+            ToClient::Broken(id) => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                s.charge = true;
+                m::unavailable(UnavailableReason::ConnectionFailed);
+                self.answer(
+                    id,
+                    grpc::UNAVAILABLE,
+                    StatusCode::BAD_GATEWAY,
+                    "interceptor: connection to the endpoint failed",
+                );
+            }
+            ToClient::BadResponse(id) => {
+                if !self.streams.contains_key(&id) {
+                    return;
+                }
+                self.answer(
+                    id,
+                    grpc::INTERNAL,
+                    StatusCode::BAD_GATEWAY,
+                    "interceptor: the endpoint's response headers were malformed or too large",
+                );
+            }
+        }
+    }
+
+    fn on_response_headers(&mut self, mut h: frame::Headers) {
+        let id = h.stream_id();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let eos = h.is_end_stream();
+        s.last_move = self.now;
+        if !s.resp_started {
+            let status = h.pseudo_mut().status;
+            if status.is_some_and(|st| st.is_informational()) && !eos {
+                // 1xx: another HEADERS follows.
+                self.out.push_back(h.into());
+                return;
+            }
+            s.resp_started = true;
+            s.replay = None;
+            if let Some(a) = &s.attempt {
+                a.in_flight.stats().observe_rtt(a.sent_at.elapsed());
+            }
+            s.status = if s.grpc {
+                h.fields()
+                    .get(&GRPC_STATUS)
+                    .map(|v| Status::grpc(v.as_bytes()))
+            } else {
+                status.map(|st| Status::http(st.as_u16()))
+            };
+            s.resp_done = eos;
+            // Nothing of this stream can be waiting yet: its headers go first.
+            self.out.push_back(h.into());
+        } else {
+            if s.grpc {
+                if let Some(v) = h.fields().get(&GRPC_STATUS) {
+                    s.status = Some(Status::grpc(v.as_bytes()));
+                }
+            }
+            s.resp_done = true;
+            s.out.push(h.into());
+            self.pump(id);
+        }
+        self.finish_if_done(id);
+    }
+
+    fn on_credit(&mut self, id: StreamId, n: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            // Ended here: what was not credited then was given back at the end.
+            return;
+        };
+        s.last_move = self.now;
+        let absorbed = s.absorb.min(n as u64);
+        s.absorb -= absorbed;
+        let give = (n as u64 - absorbed).min(s.received - s.credited) as u32;
+        s.credited += give as u64;
+        self.conn_credit += give;
+        if !s.req_done {
+            s.credit += give;
+            if s.credit >= self.stream_window / 2 {
+                self.out
+                    .push_back(frame::WindowUpdate::new(id, std::mem::take(&mut s.credit)).into());
+            }
+        }
+    }
+
+    /// The endpoint never saw the stream: another endpoint (or the same, anew) gets it while
+    /// its request is still whole here.
+    fn on_unprocessed(&mut self, id: StreamId, why: Unprocessed) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(a) = s.attempt.take() else {
+            return;
+        };
+        let addr = a.in_flight.stats().addr();
+        drop(a);
+        match why {
+            Unprocessed::ConnectFailed => {
+                s.tried.push(addr);
+                // Nothing reached that endpoint, so an untried one costs no attempt: with
+                // most endpoints refusing, a call still finds the one that answers.
+                if self.dest.any_usable(&s.tried) {
+                    s.attempts -= 1;
+                }
+            }
+            Unprocessed::Refused => {
+                s.tried.push(addr);
+                m::replay(ReplayReason::RefusedStream);
+            }
+            Unprocessed::Closing => {
+                s.tried.push(addr);
+                m::replay(ReplayReason::ConnectionClosing);
+            }
+            // Waited for room on a full connection: picked again, at no cost.
+            Unprocessed::Overflow => s.attempts -= 1,
+        }
+        if s.replay.is_none() {
+            // The body went on past what is kept: only the client can retry.
+            let mut s = match self.streams.remove(&id) {
+                Some(s) => s,
+                None => return,
+            };
+            s.out.clear();
+            self.out
+                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.end_stream(id, s, Some(Status::RESET));
+            return;
+        }
+        // Everything credited so far will be credited again by the next attempt.
+        s.absorb = s.credited;
+        if self.dest.pick(&s.tried).is_none() {
+            s.tried.clear();
+        }
+        self.start_attempt(id);
+    }
+
+    /// Picks an endpoint and opens the stream there, or answers the client when none can.
+    fn start_attempt(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let max_attempts = self.inner.config.max_attempts;
+        loop {
+            let Some(replay) = &s.replay else {
+                return;
+            };
+            if s.attempts >= max_attempts {
+                m::unavailable(UnavailableReason::AttemptsExhausted);
+                let msg = format!(
+                    "interceptor: no endpoint of {} could take the request",
+                    self.dest.addr()
+                );
+                self.answer(id, grpc::UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE, &msg);
+                return;
+            }
+            let Some(ep) = self.dest.pick(&s.tried) else {
+                m::unavailable(UnavailableReason::NoEndpoint);
+                let msg = format!("interceptor: no usable endpoint for {}", self.dest.addr());
+                self.answer(id, grpc::UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE, &msg);
+                return;
+            };
+            s.attempts += 1;
+            let link = self.inner.relay.pick(&self.inner, &self.dest, &ep);
+            let body_follows = !replay.body.is_empty();
+            let eos_on_headers = replay.whole && !body_follows;
+            let mut fields = replay.fields.clone();
+            if let Some(d) = s.deadline {
+                let left = d.saturating_duration_since(tokio::time::Instant::now());
+                fields.insert(
+                    GRPC_TIMEOUT,
+                    grpc::encode_grpc_timeout(left.saturating_sub(DEADLINE_MARGIN)),
+                );
+            }
+            let Some(up_id) = link.open(
+                copy_pseudo(&replay.pseudo),
+                fields,
+                eos_on_headers,
+                &self.link,
+                id,
+            ) else {
+                // Closing under us: the pool drops it on the next pick.
+                s.attempts -= 1;
+                continue;
+            };
+            let n = replay.body.len();
+            for (i, chunk) in replay.body.iter().enumerate() {
+                let mut d = frame::Data::new(up_id, chunk.clone());
+                d.set_end_stream(replay.whole && i + 1 == n);
+                link.send(ToUpstream::Data(d));
+            }
+            s.attempt = Some(Attempt {
+                link,
+                id: up_id,
+                in_flight: ep.start(),
+                sent_at: self.now.into_std(),
+            });
+            return;
+        }
+    }
+
+    /// Answers the stream here (no response headers were sent yet), or, if the response
+    /// already started, ends it with a gRPC status in trailers or a reset.
+    fn answer(&mut self, id: StreamId, code: u32, http_status: StatusCode, msg: &str) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        // The upstream stream ends (a no-op where the endpoint ended it); the attempt stays,
+        // so that the endpoint is charged or not when the stream is counted.
+        if let Some(a) = &s.attempt {
+            a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
+        }
+        s.replay = None;
+        s.local = true;
+        let status = if s.grpc {
+            Status::grpc_code(code)
+        } else {
+            Status::http(http_status.as_u16())
+        };
+        s.status = Some(status);
+        if !s.resp_started {
+            s.resp_started = true;
+            s.resp_done = true;
+            let (parts, ()) = grpc::local_response(s.grpc, code, http_status, msg).into_parts();
+            let mut head = frame::Headers::new(id, Pseudo::response(parts.status), parts.headers);
+            head.set_end_stream();
+            // Data the client sent for this stream goes nowhere now.
+            let left = s.received - s.credited;
+            s.credited = s.received;
+            self.conn_credit += left as u32;
+            self.out.push_back(head.into());
+        } else if !s.resp_done && s.grpc {
+            s.resp_done = true;
+            let trailers = frame::Headers::trailers(id, grpc::status_trailers(code, msg));
+            s.out.push(trailers.into());
+            self.pump(id);
+        } else {
+            let s = match self.streams.remove(&id) {
+                Some(s) => s,
+                None => return,
+            };
+            self.out
+                .push_back(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
+            self.end_stream(id, s, None);
+            return;
+        }
+        self.finish_if_done(id);
+    }
+
+    /// Resets one client stream (and its upstream stream).
+    fn reset_stream(&mut self, id: StreamId, reason: Reason) {
+        let Some(mut s) = self.streams.remove(&id) else {
+            return;
+        };
+        if let Some(a) = s.attempt.take() {
+            a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
+        }
+        s.out.clear();
+        self.out.push_back(frame::Reset::new(id, reason).into());
+        self.end_stream(id, s, Some(Status::RESET));
+    }
+
+    /// Writes what the client's windows allow of a stream's response; the bytes written are
+    /// credited to the endpoint.
+    fn pump(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = self.send.drain(id, &mut s.out, &mut self.out);
+        if n > 0 {
+            if let Some(a) = &s.attempt {
+                a.link.send(ToUpstream::Credit(a.id, n));
+            }
+        }
+        self.finish_if_done(id);
+    }
+
+    /// A stream whose response was written whole is over here.
+    fn finish_if_done(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        if !(s.resp_done && s.out.is_empty()) {
+            return;
+        }
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        if !s.req_done {
+            // RFC 9113 8.1: the response is complete, the request body is not wanted.
+            self.out
+                .push_back(frame::Reset::new(id, Reason::NO_ERROR).into());
+            if let Some(a) = &s.attempt {
+                a.link.send(ToUpstream::Reset(a.id, Reason::NO_ERROR));
+            }
+        }
+        self.end_stream(id, s, None);
+    }
+
+    /// Counts a stream that ended, tells the balancer what its endpoint did, and gives back
+    /// the connection window its request body still held.
+    fn end_stream(&mut self, _id: StreamId, s: CStream, cause: Option<Status>) {
+        // `_id` names the stream in debugging sessions; the map entry is already gone.
+        let left = s.received - s.credited;
+        self.conn_credit += left as u32;
+        let now = tokio::time::Instant::now();
+        self.last_end = now;
+        let elapsed = now.into_std().saturating_duration_since(s.started);
+        let status = cause.or(s.status).unwrap_or(Status::UNKNOWN);
+        let complete = cause.is_none();
+        match &s.attempt {
+            Some(a) => {
+                let ep: &Arc<EndpointStats> = a.in_flight.stats();
+                m::request(&self.service, ep.requests(&self.service), status, elapsed);
+                self.settle(ep, status, complete && !s.local, s.charge);
+            }
+            None => m::request(&self.service, self.service.no_endpoint(), status, elapsed),
+        }
+        self.fit_window();
+    }
+
+    fn settle(&self, ep: &Arc<EndpointStats>, status: Status, complete: bool, charge: bool) {
+        let policy = self.inner.eject_policy();
+        let max = self.inner.config.max_ejected_percent;
+        if complete && status.is_endpoint_failure() {
+            ep.observe_failure();
+            self.dest.record_failure(ep, &policy, max);
+        } else if charge {
+            self.dest.record_failure(ep, &policy, max);
+        } else if complete {
+            ep.record_success();
+        }
+    }
+
+    /// The client connection is gone: every stream still open upstream is cancelled.
+    fn close(&mut self) {
+        self.link.close();
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.streams.remove(&id) {
+                if let Some(a) = &s.attempt {
+                    a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
+                }
+                self.end_stream(id, s, Some(Status::CANCELLED));
+            }
+        }
+    }
+}
+
+/// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT
+/// (without :protocol).
+fn is_valid_request(p: &Pseudo) -> bool {
+    let Some(method) = &p.method else {
+        return false;
+    };
+    if *method == Method::CONNECT && p.protocol.is_none() {
+        return p.authority.is_some() && p.scheme.is_none() && p.path.is_none();
+    }
+    p.scheme.is_some() && p.path.as_ref().is_some_and(|path| !path.is_empty())
+}
+
+/// Whether a reset from the endpoint counts against it: NO_ERROR and CANCEL are a peer's
+/// ordinary ways to stop a stream and REFUSED_STREAM says it was not processed.
+fn charged_reset(reason: Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::NO_ERROR | Reason::CANCEL | Reason::REFUSED_STREAM
+    )
+}

@@ -1,0 +1,764 @@
+//! One pooled HTTP/2 connection to an endpoint: connects, then relays the frames of the
+//! streams client connections open on it, both ways.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use h2::frame::{self, Frame, StreamId};
+use h2::{Codec, Reason};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::super::destination::Destination;
+use super::super::endpoint_stats::EndpointStats;
+use super::super::metrics as m;
+use super::super::pool::is_local_error;
+use super::super::Shared;
+use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
+use super::upstreams::Key;
+use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
+
+/// Frames read per turn before the task yields to others on its worker.
+const READ_BUDGET: usize = 128;
+
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    dest: Arc<Destination>,
+    ep: Arc<EndpointStats>,
+    link: Arc<UpLink>,
+    key: Key,
+    growth: bool,
+) {
+    tokio::spawn(async move {
+        run(&shared, &dest, &ep, &link, key, growth).await;
+        shared.relay.remove(key, &link);
+    });
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    dest: &Arc<Destination>,
+    ep: &Arc<EndpointStats>,
+    link: &Arc<UpLink>,
+    key: Key,
+    growth: bool,
+) {
+    let cfg = &shared.config;
+    let addr = ep.addr();
+    let started = tokio::time::Instant::now();
+    let connect = async {
+        let mut io = shared.connector.connect(addr).await?;
+        io.write_all(PREFACE).await?;
+        Ok::<_, std::io::Error>(io)
+    };
+    let io = match tokio::time::timeout(cfg.connect_timeout, connect).await {
+        Ok(Ok(io)) => io,
+        failed => {
+            let local = matches!(&failed, Ok(Err(e)) if is_local_error(e));
+            match &failed {
+                Ok(Err(error)) => {
+                    tracing::debug!(endpoint = %addr, %error, growth, "connecting to the endpoint failed")
+                }
+                _ => {
+                    tracing::debug!(endpoint = %addr, growth, "connecting to the endpoint timed out")
+                }
+            }
+            // A connection opened only to add room, to an endpoint that answers on the others,
+            // is not charged: under load the failure may be this proxy's own slowness.
+            if !local && !growth {
+                m::connect_failure(&ep.label());
+                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent);
+            }
+            link.accepting.store(false, Ordering::Release);
+            refuse_queued(link, Unprocessed::ConnectFailed);
+            return;
+        }
+    };
+    let handshake_by = started + cfg.connect_timeout;
+    let mut conn = UpConn::new(shared, link.clone(), key, io, handshake_by);
+    let label = ep.label();
+    m::upstream_connections(&label, 1.0);
+    let end = poll_fn(|cx| conn.poll(cx)).await;
+    m::upstream_connections(&label, -1.0);
+    link.accepting.store(false, Ordering::Release);
+    match end {
+        Ok(()) => tracing::debug!(endpoint = %addr, "upstream connection closed"),
+        Err(ConnError::Handshake) => {
+            tracing::debug!(endpoint = %addr, growth, "the endpoint did not complete the HTTP/2 handshake in time");
+            if !growth {
+                m::connect_failure(&label);
+                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent);
+            }
+            // Without the endpoint's SETTINGS nothing was processed.
+            conn.fail_streams(Unprocessed::ConnectFailed);
+            refuse_queued(link, Unprocessed::ConnectFailed);
+            return;
+        }
+        Err(error) => tracing::debug!(endpoint = %addr, %error, "upstream connection failed"),
+    }
+    conn.fail_streams(Unprocessed::Closing);
+    refuse_queued(link, Unprocessed::Closing);
+}
+
+/// The connection is gone: streams still queued for it never reached the endpoint.
+fn refuse_queued(link: &UpLink, why: Unprocessed) {
+    for m in link.outbox.close() {
+        if let ToUpstream::Open {
+            client, client_id, ..
+        } = m
+        {
+            let _ = client.push(ToClient::Unprocessed(client_id, why));
+        }
+    }
+}
+
+/// One stream as this connection carries it.
+struct UStream {
+    client: ClientLink,
+    client_id: StreamId,
+    /// Request frames waiting for the endpoint's window.
+    out: StreamOut,
+    /// Its HEADERS went out (a stream past the endpoint's concurrency limit waits).
+    started: bool,
+    req_done: bool,
+    resp_done: bool,
+    /// Response bytes passed to the client connection and not yet credited back by it.
+    unacked: u32,
+    /// Response bytes credited back and not yet announced to the endpoint.
+    credit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP/2 error from or towards the endpoint: {0}")]
+    Protocol(h2::Error),
+    #[error("the endpoint closed the connection")]
+    Closed,
+    #[error("no SETTINGS from the endpoint within the connect timeout")]
+    Handshake,
+    #[error("no answer to PING within the keepalive timeout")]
+    Keepalive,
+}
+
+struct UpConn {
+    codec: Codec<TcpStream, Bytes>,
+    shared: Arc<Shared>,
+    key: Key,
+    link: Arc<UpLink>,
+    inbox: Vec<ToUpstream>,
+    out: VecDeque<Frame<Bytes>>,
+    send: SendWindows,
+    streams: HashMap<StreamId, UStream, IdHash>,
+    /// Streams queued past the endpoint's concurrency limit, in id order.
+    waiting: VecDeque<StreamId>,
+    started: usize,
+    peer_max: usize,
+    stream_window: u32,
+    conn_window: u32,
+    /// Connection-level receive credit not yet announced.
+    conn_credit: u32,
+    /// What the endpoint may still send as it sees it; credit is announced once it falls to
+    /// half the window (streams whose client stopped reading hold their share meanwhile).
+    peer_window: i64,
+    /// The endpoint's GOAWAY, or ours: no new streams.
+    goaway: bool,
+    /// The endpoint's first SETTINGS arrived: the handshake is complete.
+    settings_seen: bool,
+    handshake_by: tokio::time::Instant,
+    /// One timer for the handshake deadline, keepalive PINGs and the idle close.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: tokio::time::Instant,
+    keepalive_interval: std::time::Duration,
+    keepalive_timeout: std::time::Duration,
+    next_ping: tokio::time::Instant,
+    ping_sent: Option<tokio::time::Instant>,
+    idle_timeout: std::time::Duration,
+    /// When the last stream ended (the connection has none since).
+    idle_since: tokio::time::Instant,
+    now: tokio::time::Instant,
+}
+
+/// Our keepalive PING's payload.
+const KEEPALIVE_PING: [u8; 8] = *b"icp-keep";
+
+impl UpConn {
+    fn new(
+        shared: &Arc<Shared>,
+        link: Arc<UpLink>,
+        key: Key,
+        io: TcpStream,
+        handshake_by: tokio::time::Instant,
+    ) -> Self {
+        let cfg = &shared.config;
+        let mut codec = Codec::new(io);
+        codec.set_max_recv_header_list_size(cfg.max_header_list_bytes as usize);
+        let mut settings = frame::Settings::default();
+        settings.set_enable_push(false);
+        settings.set_initial_window_size(Some(cfg.stream_window));
+        settings.set_max_header_list_size(Some(cfg.max_header_list_bytes));
+        let mut out = VecDeque::new();
+        out.push_back(settings.into());
+        // Room for every stream it carries to hold a full stream window: a response is read
+        // from the endpoint only as fast as its client takes it, so a client that stops
+        // reading pins its stream's window, and must not pin the others'.
+        let room = cfg.stream_window as u64 * cfg.streams_per_connection.max(1) as u64;
+        let conn_window = room
+            .max(cfg.connection_window as u64)
+            .clamp(DEFAULT_WINDOW as u64, MAX_WINDOW as u64) as u32;
+        if conn_window > DEFAULT_WINDOW {
+            out.push_back(
+                frame::WindowUpdate::new(StreamId::zero(), conn_window - DEFAULT_WINDOW).into(),
+            );
+        }
+        Self {
+            codec,
+            shared: shared.clone(),
+            key,
+            link,
+            inbox: Vec::new(),
+            out,
+            send: SendWindows::new(),
+            streams: HashMap::default(),
+            waiting: VecDeque::new(),
+            started: 0,
+            peer_max: usize::MAX,
+            stream_window: cfg.stream_window,
+            conn_window,
+            conn_credit: 0,
+            peer_window: conn_window as i64,
+            goaway: false,
+            settings_seen: false,
+            handshake_by,
+            timer: Box::pin(tokio::time::sleep_until(handshake_by)),
+            timer_at: handshake_by,
+            keepalive_interval: cfg.keepalive_interval,
+            keepalive_timeout: cfg.keepalive_timeout,
+            next_ping: handshake_by,
+            ping_sent: None,
+            idle_timeout: cfg.idle_timeout,
+            idle_since: handshake_by,
+            now: handshake_by,
+        }
+    }
+
+    /// When the timer must next fire.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        if !self.settings_seen {
+            return Some(self.handshake_by);
+        }
+        let ping = if let Some(sent) = self.ping_sent {
+            Some(sent + self.keepalive_timeout)
+        } else if !self.keepalive_interval.is_zero() {
+            Some(self.next_ping)
+        } else {
+            None
+        };
+        let idle = (self.streams.is_empty() && !self.idle_timeout.is_zero() && !self.goaway)
+            .then(|| self.idle_since + self.idle_timeout);
+        match (ping, idle) {
+            (Some(p), Some(i)) => Some(p.min(i)),
+            (p, i) => p.or(i),
+        }
+    }
+
+    fn on_timer(&mut self) -> Result<(), ConnError> {
+        let now = self.now;
+        if !self.settings_seen {
+            return if now >= self.handshake_by {
+                Err(ConnError::Handshake)
+            } else {
+                Ok(())
+            };
+        }
+        match self.ping_sent {
+            Some(sent) if now >= sent + self.keepalive_timeout => {
+                return Err(ConnError::Keepalive);
+            }
+            None if !self.keepalive_interval.is_zero() && now >= self.next_ping => {
+                self.out.push_back(frame::Ping::new(KEEPALIVE_PING).into());
+                self.ping_sent = Some(now);
+            }
+            _ => {}
+        }
+        if self.streams.is_empty()
+            && !self.goaway
+            && !self.idle_timeout.is_zero()
+            && now >= self.idle_since + self.idle_timeout
+        {
+            tracing::debug!("closing an idle upstream connection");
+            self.goaway = true;
+            self.link.accepting.store(false, Ordering::Release);
+            self.out
+                .push_back(frame::GoAway::new(StreamId::zero(), Reason::NO_ERROR).into());
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        self.now = tokio::time::Instant::now();
+        if self.timer.as_mut().poll(cx).is_ready() {
+            self.on_timer()?;
+        }
+        let mut read_all = false;
+        for _ in 0..READ_BUDGET {
+            match Pin::new(&mut self.codec).poll_next(cx) {
+                Poll::Ready(Some(Ok(f))) => self.on_frame(f)?,
+                Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
+                Poll::Ready(None) => {
+                    // Flush what can be: a GOAWAY answer, resets.
+                    let _ = self.write(cx);
+                    return Poll::Ready(if self.streams.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(ConnError::Closed)
+                    });
+                }
+                Poll::Pending => {
+                    read_all = true;
+                    break;
+                }
+            }
+        }
+        let mut inbox = std::mem::take(&mut self.inbox);
+        loop {
+            self.link.outbox.take(&mut inbox, cx);
+            if inbox.is_empty() {
+                break;
+            }
+            for m in inbox.drain(..) {
+                self.on_msg(m);
+            }
+        }
+        self.inbox = inbox;
+        if self.conn_credit > 0 && self.peer_window <= (self.conn_window / 2) as i64 {
+            let credit = std::mem::take(&mut self.conn_credit);
+            self.peer_window += credit as i64;
+            self.out
+                .push_back(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+        }
+        self.write(cx)?;
+        if self.goaway && self.streams.is_empty() && self.out.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(due) = self.next_due() {
+            if due != self.timer_at {
+                self.timer_at = due;
+                self.timer.as_mut().reset(due);
+                // Registers the timer with this task.
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+        if !read_all {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    fn write(&mut self, cx: &mut Context<'_>) -> Result<(), ConnError> {
+        while let Some(f) = self.out.pop_front() {
+            match self.codec.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Err(e) = self.codec.buffer(f) {
+                        tracing::debug!(error = ?e, "frame refused by the codec");
+                        return Err(ConnError::Protocol(Reason::INTERNAL_ERROR.into()));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => {
+                    self.out.push_front(f);
+                    break;
+                }
+            }
+        }
+        match self.codec.flush(cx) {
+            Poll::Ready(Err(e)) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<(), ConnError> {
+        match f {
+            Frame::Headers(h) => self.on_headers(h),
+            Frame::Data(d) => self.on_data(d),
+            Frame::Reset(r) => {
+                let id = r.stream_id();
+                if let Some(s) = self.remove(id) {
+                    let msg = if r.reason() == Reason::REFUSED_STREAM {
+                        ToClient::Unprocessed(s.client_id, Unprocessed::Refused)
+                    } else {
+                        ToClient::Reset(s.client_id, r.reason())
+                    };
+                    let _ = s.client.push(msg);
+                }
+            }
+            Frame::WindowUpdate(w) => self.on_window_update(w)?,
+            Frame::Settings(s) => self.on_settings(s),
+            Frame::Ping(p) => {
+                if !p.is_ack() {
+                    self.out
+                        .push_back(frame::Ping::pong(p.into_payload()).into());
+                } else if *p.payload() == KEEPALIVE_PING {
+                    self.ping_sent = None;
+                    self.next_ping = self.now + self.keepalive_interval;
+                }
+            }
+            Frame::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
+            Frame::PushPromise(_) => {
+                // Push was disabled in our SETTINGS.
+                self.out
+                    .push_back(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
+                return Err(ConnError::Protocol(Reason::PROTOCOL_ERROR.into()));
+            }
+            Frame::Priority(_) => {}
+        }
+        Ok(())
+    }
+
+    fn on_headers(&mut self, h: frame::Headers) {
+        let id = h.stream_id();
+        let Some(s) = self.streams.get_mut(&id) else {
+            self.out
+                .push_back(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
+            return;
+        };
+        if h.is_over_size() {
+            let (client, client_id) = (s.client.clone(), s.client_id);
+            self.reset(id, Reason::REFUSED_STREAM);
+            let _ = client.push(ToClient::BadResponse(client_id));
+            return;
+        }
+        let eos = h.is_end_stream();
+        let (pseudo, fields) = h.into_parts();
+        let mut head = frame::Headers::new(s.client_id, pseudo, fields);
+        if eos {
+            head.set_end_stream();
+            s.resp_done = true;
+        }
+        let _ = s.client.push(ToClient::Headers(head));
+        if s.resp_done && s.req_done {
+            self.remove(id);
+        }
+    }
+
+    fn on_data(&mut self, d: frame::Data<Bytes>) {
+        let id = d.stream_id();
+        let len = d.payload().len() as u32;
+        self.peer_window -= len as i64;
+        let Some(s) = self.streams.get_mut(&id) else {
+            // A stream already ended here: nobody will pass these bytes on.
+            self.conn_credit += len;
+            return;
+        };
+        let eos = d.is_end_stream();
+        let mut fwd = frame::Data::new(s.client_id, d.into_payload());
+        fwd.set_end_stream(eos);
+        if s.client.push(ToClient::Data(fwd)).is_err() {
+            self.conn_credit += len;
+            self.reset(id, Reason::CANCEL);
+            return;
+        }
+        s.unacked += len;
+        if eos {
+            s.resp_done = true;
+            if s.req_done {
+                self.remove(id);
+            }
+        }
+    }
+
+    fn on_window_update(&mut self, w: frame::WindowUpdate) -> Result<(), ConnError> {
+        let id = w.stream_id();
+        if id.is_zero() {
+            if self.send.grow_conn(w.size_increment()).is_err() {
+                self.out.push_back(
+                    frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into(),
+                );
+                return Err(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR.into()));
+            }
+            while let Some(id) = self.send.next_unblocked() {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.out.unblock();
+                    self.drain(id);
+                }
+            }
+            return Ok(());
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if s.out.grow(w.size_increment() as i64).is_err() {
+            let (client, client_id) = (s.client.clone(), s.client_id);
+            self.reset(id, Reason::FLOW_CONTROL_ERROR);
+            let _ = client.push(ToClient::Reset(client_id, Reason::INTERNAL_ERROR));
+            return Ok(());
+        }
+        self.drain(id);
+        Ok(())
+    }
+
+    fn on_settings(&mut self, s: frame::Settings) {
+        if s.is_ack() {
+            return;
+        }
+        if !self.settings_seen {
+            self.settings_seen = true;
+            self.next_ping = self.now + self.keepalive_interval;
+            self.idle_since = self.now;
+            self.link.ready.store(true, Ordering::Release);
+        }
+        if let Some(size) = s.initial_window_size() {
+            let delta = self.send.set_initial(size);
+            let mut overflowed = Vec::new();
+            for (id, st) in self.streams.iter_mut() {
+                if st.out.grow(delta).is_err() {
+                    overflowed.push(*id);
+                }
+            }
+            for id in overflowed {
+                self.reset(id, Reason::FLOW_CONTROL_ERROR);
+            }
+            let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+            for id in ids {
+                self.drain(id);
+            }
+        }
+        if let Some(size) = s.max_frame_size() {
+            self.codec.set_max_send_frame_size(size as usize);
+        }
+        if let Some(size) = s.header_table_size() {
+            self.codec.set_send_header_table_size(size as usize);
+        }
+        if let Some(max) = s.max_concurrent_streams() {
+            self.peer_max = max as usize;
+            self.link.peer_max_streams.store(max, Ordering::Relaxed);
+        }
+        self.out.push_back(frame::Settings::ack().into());
+        self.start_waiting();
+    }
+
+    /// GOAWAY: streams past `last` were not processed and may go elsewhere; the rest finish.
+    fn on_goaway(&mut self, last: StreamId, reason: Reason) {
+        if reason != Reason::NO_ERROR {
+            tracing::debug!(?reason, "endpoint sent GOAWAY with an error");
+        }
+        self.goaway = true;
+        self.link.accepting.store(false, Ordering::Release);
+        let refused: Vec<StreamId> = self
+            .streams
+            .keys()
+            .filter(|id| **id > last)
+            .copied()
+            .collect();
+        for id in refused {
+            if let Some(s) = self.remove(id) {
+                let _ = s
+                    .client
+                    .push(ToClient::Unprocessed(s.client_id, Unprocessed::Refused));
+            }
+        }
+    }
+
+    fn on_codec_error(&mut self, e: h2::proto::Error) -> Result<(), ConnError> {
+        match e {
+            h2::proto::Error::Reset(id, reason, _) => {
+                // One malformed response: that stream only.
+                if let Some(s) = self.streams.get(&id) {
+                    let (client, client_id) = (s.client.clone(), s.client_id);
+                    self.reset(id, reason);
+                    let _ = client.push(ToClient::BadResponse(client_id));
+                } else {
+                    self.out.push_back(frame::Reset::new(id, reason).into());
+                }
+                Ok(())
+            }
+            h2::proto::Error::GoAway(_, reason, _) => {
+                self.out
+                    .push_back(frame::GoAway::new(StreamId::zero(), reason).into());
+                Err(ConnError::Protocol(reason.into()))
+            }
+            h2::proto::Error::Io(kind, msg) => Err(ConnError::Io(std::io::Error::new(
+                kind,
+                msg.unwrap_or_default(),
+            ))),
+        }
+    }
+
+    fn on_msg(&mut self, m: ToUpstream) {
+        match m {
+            ToUpstream::Open {
+                head,
+                client,
+                client_id,
+            } => {
+                let id = head.stream_id();
+                if self.goaway {
+                    self.link.active.fetch_sub(1, Ordering::Relaxed);
+                    let _ = client.push(ToClient::Unprocessed(client_id, Unprocessed::Closing));
+                    return;
+                }
+                let req_done = head.is_end_stream();
+                let mut out = self.send.stream();
+                out.push(head.into());
+                self.streams.insert(
+                    id,
+                    UStream {
+                        client,
+                        client_id,
+                        out,
+                        started: false,
+                        req_done,
+                        resp_done: false,
+                        unacked: 0,
+                        credit: 0,
+                    },
+                );
+                self.waiting.push_back(id);
+                self.start_waiting();
+            }
+            ToUpstream::Data(d) => {
+                let id = d.stream_id();
+                let eos = d.is_end_stream();
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.out.push(d.into());
+                    s.req_done |= eos;
+                    if s.started {
+                        self.drain(id);
+                    }
+                }
+            }
+            ToUpstream::Trailers(h) => {
+                let id = h.stream_id();
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.out.push(h.into());
+                    s.req_done = true;
+                    if s.started {
+                        self.drain(id);
+                    }
+                }
+            }
+            ToUpstream::Reset(id, reason) => {
+                self.reset(id, reason);
+            }
+            ToUpstream::Credit(id, n) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.unacked = s.unacked.saturating_sub(n);
+                    self.conn_credit += n;
+                    if !s.resp_done {
+                        s.credit += n;
+                        if s.credit >= self.stream_window / 2 {
+                            self.out.push_back(
+                                frame::WindowUpdate::new(id, std::mem::take(&mut s.credit)).into(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the HEADERS of queued streams while the endpoint's concurrency limit allows;
+    /// the rest go back to be picked again while the pool may open another connection.
+    fn start_waiting(&mut self) {
+        // Not before the endpoint's SETTINGS: its concurrency limit is not known until then,
+        // and streams past it would be refused.
+        if !self.settings_seen {
+            return;
+        }
+        while self.started < self.peer_max {
+            let Some(id) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.started = true;
+                self.started += 1;
+                self.drain(id);
+            }
+        }
+        if self.waiting.is_empty()
+            || !self
+                .shared
+                .relay
+                .may_grow(self.key, self.shared.config.max_connections_per_endpoint)
+        {
+            return;
+        }
+        for id in std::mem::take(&mut self.waiting) {
+            if let Some(s) = self.remove(id) {
+                let _ = s
+                    .client
+                    .push(ToClient::Unprocessed(s.client_id, Unprocessed::Overflow));
+            }
+        }
+    }
+
+    /// Moves what a stream may send to the write queue and credits the client connection.
+    fn drain(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        // A waiting stream's HEADERS go out in id order, when it starts.
+        if !s.started {
+            return;
+        }
+        let n = self.send.drain(id, &mut s.out, &mut self.out);
+        if n > 0 {
+            let _ = s.client.push(ToClient::Credit(s.client_id, n));
+        }
+        if s.resp_done && s.req_done && s.out.is_empty() {
+            self.remove(id);
+        }
+    }
+
+    /// Ends a stream here and tells the endpoint, if it ever saw it.
+    fn reset(&mut self, id: StreamId, reason: Reason) {
+        if let Some(s) = self.remove(id) {
+            if s.started {
+                self.out.push_back(frame::Reset::new(id, reason).into());
+            }
+        }
+    }
+
+    fn remove(&mut self, id: StreamId) -> Option<UStream> {
+        let mut s = self.streams.remove(&id)?;
+        s.out.clear();
+        // Response bytes the client connection never credited back will not be now.
+        self.conn_credit += s.unacked;
+        if s.started {
+            self.started -= 1;
+            self.start_waiting();
+        } else {
+            self.waiting.retain(|w| *w != id);
+        }
+        self.link.active.fetch_sub(1, Ordering::Relaxed);
+        if self.streams.is_empty() {
+            self.idle_since = self.now;
+        }
+        Some(s)
+    }
+
+    /// The connection ended: every stream on it is told; those never sent (or all, when the
+    /// handshake never completed) as `unsent`.
+    fn fail_streams(&mut self, unsent: Unprocessed) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.remove(id) {
+                let msg = if s.started && self.settings_seen {
+                    ToClient::Broken(s.client_id)
+                } else {
+                    ToClient::Unprocessed(s.client_id, unsent)
+                };
+                let _ = s.client.push(msg);
+            }
+        }
+    }
+}
