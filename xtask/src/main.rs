@@ -56,6 +56,9 @@ enum Cmd {
 /// The tests crate's feature that enables the end-to-end tests.
 const E2E: &str = "interceptor-tests/e2e";
 
+/// The agent's feature that makes the streams engine its default HTTP/2 engine.
+const STREAMS_ENGINE: &str = "streams-default";
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -72,7 +75,20 @@ fn main() -> Result<()> {
             setup::cargo(&["build", "--all-targets", "--features", E2E])?;
             let mut test = vec!["test", "--features", E2E, "--"];
             test.extend(args.iter().map(String::as_str));
-            setup::cargo(&test)
+            setup::cargo(&test)?;
+            // The proxy tests once more on the fallback HTTP/2 engine (`--h2-engine streams`):
+            // the same contract holds for both.
+            let mut fallback = vec![
+                "test",
+                "-p",
+                "interceptor",
+                "--tests",
+                "--features",
+                STREAMS_ENGINE,
+                "--",
+            ];
+            fallback.extend(args.iter().map(String::as_str));
+            setup::cargo(&fallback)
         }
         Cmd::Demo => {
             setup::run()?;

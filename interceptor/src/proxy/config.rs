@@ -16,23 +16,24 @@ pub enum BalancerKind {
 /// Which HTTP/2 implementation serves client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum H2Engine {
-    /// h2's server and client: a task per stream, each stream a request rebuilt as `http`
-    /// types and sent again (`h2_server`, `forward`).
-    Streams,
     /// The frame-level relay (`relay`): h2's codec for framing and HPACK, frames passed from
     /// one connection to the other with the stream mapping and flow control done here.
     Relay,
+    /// h2's server and client: a task per stream, each stream a request rebuilt as `http`
+    /// types and sent again (`h2_server`, `forward`). About 1.6x the relay's CPU per request;
+    /// kept as a fallback an operator can switch to (`--h2-engine streams`).
+    Streams,
 }
 
 impl Default for H2Engine {
-    /// `streams`; a build with the `relay-default` feature runs the relay instead, which is
-    /// how the whole proxy test suite runs against it (`cargo test -p interceptor --features
-    /// relay-default`).
+    /// `relay`; a build with the `streams-default` feature runs the streams engine instead,
+    /// which is how the whole proxy test suite runs against it too (`cargo test -p
+    /// interceptor --features streams-default`).
     fn default() -> Self {
-        if cfg!(feature = "relay-default") {
-            H2Engine::Relay
-        } else {
+        if cfg!(feature = "streams-default") {
             H2Engine::Streams
+        } else {
+            H2Engine::Relay
         }
     }
 }

@@ -326,6 +326,10 @@ where
         if self.draining && self.streams.is_empty() && flushed {
             return Poll::Ready(Ok(()));
         }
+        // Armed (or re-armed) during this turn: register it with this task.
+        if self.sweep_at.is_some() && self.sweep.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
         if !read_all {
             cx.waker().wake_by_ref();
         }
@@ -810,8 +814,7 @@ where
                     s.resp_done = true;
                 }
                 s.last_move = self.now;
-                s.out.push(d.into());
-                self.pump(id);
+                self.send_frame(id, d.into());
             }
             ToClient::Reset(id, reason) => {
                 let Some(mut s) = self.streams.remove(&id) else {
@@ -887,8 +890,7 @@ where
                 }
             }
             s.resp_done = true;
-            s.out.push(h.into());
-            self.pump(id);
+            self.send_frame(id, h.into());
         }
         self.finish_if_done(id);
     }
@@ -1061,8 +1063,7 @@ where
         } else if !s.resp_done && s.grpc {
             s.resp_done = true;
             let trailers = frame::Headers::trailers(id, grpc::status_trailers(code, msg));
-            s.out.push(trailers.into());
-            self.pump(id);
+            self.send_frame(id, trailers.into());
         } else {
             let s = match self.streams.remove(&id) {
                 Some(s) => s,
@@ -1089,13 +1090,30 @@ where
         self.end_stream(id, s, Some(Status::RESET));
     }
 
-    /// Writes what the client's windows allow of a stream's response; the bytes written are
-    /// credited to the endpoint.
+    /// Sends a response frame within the client's windows (or queues it behind the stream's
+    /// waiting frames); the bytes sent are credited to the endpoint.
+    fn send_frame(&mut self, id: StreamId, f: Frame<Bytes>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = self.send.send(id, &mut s.out, f, &mut self.out);
+        self.sent(id, n);
+    }
+
+    /// Writes what the client's windows allow of a stream's waiting response frames.
     fn pump(&mut self, id: StreamId) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let n = self.send.drain(id, &mut s.out, &mut self.out);
+        self.sent(id, n);
+    }
+
+    /// `n` response bytes of stream `id` went to the client: the endpoint may send as many.
+    fn sent(&mut self, id: StreamId, n: u32) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if n > 0 {
             if let Some(a) = &s.attempt {
                 a.link.send(ToUpstream::Credit(a.id, n));

@@ -75,6 +75,32 @@ impl SendWindows {
         self.blocked.pop_front()
     }
 
+    /// Sends `f` on stream `id`: straight to `out` when nothing of the stream waits and the
+    /// windows allow (the common case, which then touches no queue of the stream's), else
+    /// behind what waits. Returns the DATA bytes moved to `out`.
+    pub(crate) fn send(
+        &mut self,
+        id: StreamId,
+        s: &mut StreamOut,
+        f: Frame<Bytes>,
+        out: &mut VecDeque<Frame<Bytes>>,
+    ) -> u32 {
+        if s.queue.is_empty() {
+            let len = match &f {
+                Frame::Data(d) => d.payload().len() as i64,
+                _ => 0,
+            };
+            if len == 0 || len <= s.window.min(self.conn) {
+                s.window -= len;
+                self.conn -= len;
+                out.push_back(f);
+                return len as u32;
+            }
+        }
+        s.push(f);
+        self.drain(id, s, out)
+    }
+
     /// Moves what `s` may send now to `out`, in order. Returns the DATA bytes moved.
     pub(crate) fn drain(
         &mut self,
@@ -91,8 +117,15 @@ impl SendWindows {
                 continue;
             };
             let len = d.payload().len() as i64;
+            if len == 0 {
+                // An empty DATA frame (END_STREAM alone) takes no window.
+                if let Some(f) = s.queue.pop_front() {
+                    out.push_back(f);
+                }
+                continue;
+            }
             let avail = s.window.min(self.conn);
-            if len > 0 && avail <= 0 {
+            if avail <= 0 {
                 if self.conn <= 0 && s.window > 0 && !s.blocked {
                     s.blocked = true;
                     self.blocked.push_back(id);
@@ -213,6 +246,32 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(s.clear(), 10);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn an_empty_end_of_stream_goes_out_even_on_a_window_below_zero() {
+        let mut w = SendWindows::new();
+        let mut s = w.stream();
+        let mut out = VecDeque::new();
+        assert_eq!(
+            w.send(StreamId::from(5), &mut s, data(5, 65_535, false), &mut out),
+            65_535
+        );
+        // SETTINGS lowered the initial window after the bytes were sent (RFC 9113 6.9.2).
+        let delta = w.set_initial(0) - 0;
+        s.grow(delta - 65_535).expect("in range");
+        assert_eq!(
+            w.send(StreamId::from(5), &mut s, data(5, 0, true), &mut out),
+            0
+        );
+        assert_eq!(out.len(), 2);
+        assert!(s.is_empty());
+        // Data does wait.
+        assert_eq!(
+            w.send(StreamId::from(5), &mut s, data(5, 1, true), &mut out),
+            0
+        );
+        assert!(!s.is_empty());
     }
 
     #[test]

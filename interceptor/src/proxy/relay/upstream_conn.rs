@@ -122,6 +122,8 @@ fn refuse_queued(link: &UpLink, why: Unprocessed) {
 struct UStream {
     client: ClientLink,
     client_id: StreamId,
+    /// The request's HEADERS until the stream starts.
+    head: Option<frame::Headers>,
     /// Request frames waiting for the endpoint's window.
     out: StreamOut,
     /// Its HEADERS went out (a stream past the endpoint's concurrency limit waits).
@@ -607,14 +609,13 @@ impl UpConn {
                     return;
                 }
                 let req_done = head.is_end_stream();
-                let mut out = self.send.stream();
-                out.push(head.into());
                 self.streams.insert(
                     id,
                     UStream {
                         client,
                         client_id,
-                        out,
+                        head: Some(head),
+                        out: self.send.stream(),
                         started: false,
                         req_done,
                         resp_done: false,
@@ -629,20 +630,22 @@ impl UpConn {
                 let id = d.stream_id();
                 let eos = d.is_end_stream();
                 if let Some(s) = self.streams.get_mut(&id) {
-                    s.out.push(d.into());
                     s.req_done |= eos;
                     if s.started {
-                        self.drain(id);
+                        self.send_frame(id, d.into());
+                    } else {
+                        s.out.push(d.into());
                     }
                 }
             }
             ToUpstream::Trailers(h) => {
                 let id = h.stream_id();
                 if let Some(s) = self.streams.get_mut(&id) {
-                    s.out.push(h.into());
                     s.req_done = true;
                     if s.started {
-                        self.drain(id);
+                        self.send_frame(id, h.into());
+                    } else {
+                        s.out.push(h.into());
                     }
                 }
             }
@@ -681,6 +684,9 @@ impl UpConn {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.started = true;
                 self.started += 1;
+                if let Some(head) = s.head.take() {
+                    self.out.push_back(head.into());
+                }
                 self.drain(id);
             }
         }
@@ -701,6 +707,16 @@ impl UpConn {
         }
     }
 
+    /// Sends a request frame of a started stream within the endpoint's windows (or queues
+    /// it behind the stream's waiting frames), and credits the client connection.
+    fn send_frame(&mut self, id: StreamId, f: Frame<Bytes>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = self.send.send(id, &mut s.out, f, &mut self.out);
+        self.sent(id, n);
+    }
+
     /// Moves what a stream may send to the write queue and credits the client connection.
     fn drain(&mut self, id: StreamId) {
         let Some(s) = self.streams.get_mut(&id) else {
@@ -711,6 +727,13 @@ impl UpConn {
             return;
         }
         let n = self.send.drain(id, &mut s.out, &mut self.out);
+        self.sent(id, n);
+    }
+
+    fn sent(&mut self, id: StreamId, n: u32) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         if n > 0 {
             let _ = s.client.push(ToClient::Credit(s.client_id, n));
         }
