@@ -449,7 +449,7 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
             complete = true;
             pushback = resp_body
                 .end_field(&GRPC_RETRY_PUSHBACK_MS)
-                .and_then(pushback_value)
+                .and_then(grpc::retry_pushback)
                 .or(header_pushback);
             let from_trailers = resp_body
                 .end_field(&GRPC_STATUS)
@@ -681,22 +681,15 @@ fn response_error(
     Attempt::Failed
 }
 
-/// `grpc-retry-pushback-ms` (in trailers, or the headers of a trailers-only response): how
-/// long the endpoint asks not to be sent more. A negative or malformed value means "do not
-/// retry" to a client, and nothing to the balancer.
 fn pushback_of(headers: &http::HeaderMap) -> Option<std::time::Duration> {
-    headers.get(GRPC_RETRY_PUSHBACK_MS).and_then(pushback_value)
-}
-
-fn pushback_value(v: &http::HeaderValue) -> Option<std::time::Duration> {
-    v.to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_millis)
+    headers
+        .get(GRPC_RETRY_PUSHBACK_MS)
+        .and_then(grpc::retry_pushback)
 }
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
-const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+const GRPC_RETRY_PUSHBACK_MS: HeaderName =
+    HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
 /// What the response's trailers are read for: the call's status and the endpoint's pushback.
 static END_FIELDS: [HeaderName; 2] = [GRPC_STATUS, GRPC_RETRY_PUSHBACK_MS];
 

@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 
 pub const GRPC_STATUS: &str = "grpc-status";
 pub const GRPC_MESSAGE: &str = "grpc-message";
+pub const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 
 /// gRPC status codes the proxy itself produces.
 pub const UNAVAILABLE: u32 = 14;
@@ -189,4 +190,14 @@ mod timeout_tests {
         );
         assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(1234)));
     }
+}
+
+/// `grpc-retry-pushback-ms` (in trailers, or the headers of a trailers-only response): how
+/// long the endpoint asks not to be sent more. A negative or malformed value means "do not
+/// retry" to a client, and nothing to the balancer.
+pub fn retry_pushback(v: &HeaderValue) -> Option<Duration> {
+    v.to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
 }

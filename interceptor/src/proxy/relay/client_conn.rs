@@ -35,6 +35,7 @@ const READ_BUDGET: usize = 128;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
 
 /// A cancel this close to the call's deadline counts as the deadline passing.
 const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
@@ -131,6 +132,8 @@ struct CStream {
     local: bool,
     /// The call's grpc-timeout, as an instant.
     deadline: Option<tokio::time::Instant>,
+    /// The endpoint's grpc-retry-pushback-ms, with a failing status.
+    pushback: Option<std::time::Duration>,
     /// The last turn anything moved on the stream (for the stream idle timeout).
     last_move: tokio::time::Instant,
     _active: ActiveStream,
@@ -642,6 +645,7 @@ where
             charge: false,
             local: false,
             deadline: None,
+            pushback: None,
             last_move: self.now,
             _active: self.service.stream_started(),
         };
@@ -887,6 +891,9 @@ where
             if s.grpc {
                 if let Some(v) = h.fields().get(&GRPC_STATUS) {
                     s.status = Some(Status::grpc(v.as_bytes()));
+                }
+                if let Some(p) = h.fields().get(&GRPC_RETRY_PUSHBACK_MS) {
+                    s.pushback = grpc::retry_pushback(p);
                 }
             }
             s.resp_done = true;
@@ -1159,19 +1166,29 @@ where
             Some(a) => {
                 let ep: &Arc<EndpointStats> = a.in_flight.stats();
                 m::request(&self.service, ep.requests(&self.service), status, elapsed);
-                self.settle(ep, status, complete && !s.local, s.charge);
+                self.settle(ep, status, complete && !s.local, s.charge, s.pushback);
             }
             None => m::request(&self.service, self.service.no_endpoint(), status, elapsed),
         }
         self.fit_window();
     }
 
-    fn settle(&self, ep: &Arc<EndpointStats>, status: Status, complete: bool, charge: bool) {
+    fn settle(
+        &self,
+        ep: &Arc<EndpointStats>,
+        status: Status,
+        complete: bool,
+        charge: bool,
+        pushback: Option<std::time::Duration>,
+    ) {
         let policy = self.inner.eject_policy();
         let max = self.inner.config.max_ejected_percent;
         if complete && status.is_endpoint_failure() {
             ep.observe_failure();
-            self.dest.record_failure(ep, &policy, max);
+            // Asked for a pause: taken out for it (within the ejection bound), else charged.
+            if !pushback.is_some_and(|d| self.dest.push_back(ep, max, d)) {
+                self.dest.record_failure(ep, &policy, max);
+            }
         } else if charge {
             self.dest.record_failure(ep, &policy, max);
         } else if complete {
