@@ -132,7 +132,7 @@ impl UpLink {
         if !self.accepting.load(Ordering::Acquire) {
             return None;
         }
-        let id = self.outbox.push_with(|ids| {
+        let queued = self.outbox.push_with(|ids| {
             if ids.next > u32::from(StreamId::MAX) {
                 return None;
             }
@@ -148,7 +148,12 @@ impl UpLink {
                 client_id,
             };
             Some((open, id))
-        })?;
+        });
+        let Some(id) = queued else {
+            // Gone, or out of stream ids: either way it takes no new stream.
+            self.accepting.store(false, Ordering::Release);
+            return None;
+        };
         self.active.fetch_add(1, Ordering::Relaxed);
         Some(id)
     }

@@ -33,6 +33,23 @@ use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFA
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;
 
+/// The PING of a graceful close, and how long the client has to answer it.
+const DRAIN_PING: [u8; 8] = *b"icp-bye!";
+const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a closed connection's last bytes from the client are waited for.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    No,
+    /// GOAWAY with the largest id and a PING sent.
+    Announced,
+    /// GOAWAY with the last stream taken sent: the connection ends with its last stream.
+    Final,
+    /// Our side closed; reading what the client still sends until it closes.
+    WriteClosed,
+}
+
 const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
@@ -180,11 +197,14 @@ struct ClientConn<T> {
     sweep: Pin<Box<tokio::time::Sleep>>,
     sweep_at: Option<tokio::time::Instant>,
     stream_idle_timeout: std::time::Duration,
-    /// GOAWAY sent: no new streams; the connection ends when the last one does.
-    draining: bool,
+    /// Where a graceful close is.
+    drain: Drain,
     /// A connection error: close once the GOAWAY is written.
     closing: Option<Reason>,
     resets: ResetRate,
+    /// The upstream connection last used per endpoint: while it is up and has room, a stream
+    /// takes it without asking the pool (a lock and a map lookup).
+    links: Vec<(SocketAddr, Arc<UpLink>)>,
 }
 
 /// Client cancels per second (rapid reset, CVE-2023-44487).
@@ -270,9 +290,10 @@ where
             shutdown: Box::pin(async move {
                 let _ = shutdown.wait_for(|v| *v).await;
             }),
-            draining: false,
+            drain: Drain::No,
             closing: None,
             resets,
+            links: Vec::new(),
         }
     }
 
@@ -281,13 +302,19 @@ where
         if self.sweep_at.is_some() && self.sweep.as_mut().poll(cx).is_ready() {
             self.sweep_streams(cx);
         }
-        if !self.draining && self.shutdown.as_mut().poll(cx).is_ready() {
+        if self.drain == Drain::No && self.shutdown.as_mut().poll(cx).is_ready() {
             tracing::debug!(dest = %self.dest.addr(), "draining client connection");
             self.drain();
         }
-        if !self.draining && !self.idle_timeout.is_zero() && self.idle.as_mut().poll(cx).is_ready()
-        {
-            self.check_idle(cx);
+        let timed = self.drain != Drain::No || !self.idle_timeout.is_zero();
+        if timed && self.idle.as_mut().poll(cx).is_ready() {
+            match self.drain {
+                Drain::No => self.check_idle(cx),
+                // The client never answered the PING: the GOAWAY with the last stream anyway.
+                Drain::Announced => self.final_goaway(),
+                Drain::Final => {}
+                Drain::WriteClosed => return Poll::Ready(Ok(())),
+            }
         }
         let mut read_all = self.closing.is_some();
         for _ in 0..READ_BUDGET {
@@ -295,6 +322,8 @@ where
                 break;
             }
             match Pin::new(&mut self.codec).poll_next(cx) {
+                // After our side closed, what the client still sends is read and dropped.
+                Poll::Ready(Some(_)) if self.drain == Drain::WriteClosed => {}
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f),
                 Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -326,8 +355,20 @@ where
             }
             return Poll::Pending;
         }
-        if self.draining && self.streams.is_empty() && flushed {
-            return Poll::Ready(Ok(()));
+        if self.drain == Drain::Final && self.streams.is_empty() && flushed {
+            match self.codec.shutdown(cx) {
+                Poll::Ready(Ok(())) => {
+                    // Closing now, with the client's last bytes unread, would reset the
+                    // connection: read until it closes too, for a little while.
+                    self.drain = Drain::WriteClosed;
+                    self.idle.as_mut().reset(self.now + CLOSE_LINGER);
+                    if self.idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {}
+            }
         }
         // Armed (or re-armed) during this turn: register it with this task.
         if self.sweep_at.is_some() && self.sweep.as_mut().poll(cx).is_ready() {
@@ -532,8 +573,25 @@ where
         }
     }
 
+    /// Starts a graceful close (RFC 9113 6.8): GOAWAY with the largest id and a PING. Streams
+    /// the client opens until it acknowledges the PING are still served; then GOAWAY with the
+    /// last one taken, so nothing the client sent in flight is refused.
     fn drain(&mut self) {
-        self.draining = true;
+        if self.drain != Drain::No {
+            return;
+        }
+        self.drain = Drain::Announced;
+        self.out
+            .push_back(frame::GoAway::new(StreamId::MAX, Reason::NO_ERROR).into());
+        self.out.push_back(frame::Ping::new(DRAIN_PING).into());
+        self.idle.as_mut().reset(self.now + DRAIN_PING_WAIT);
+    }
+
+    fn final_goaway(&mut self) {
+        if self.drain != Drain::Announced {
+            return;
+        }
+        self.drain = Drain::Final;
         self.out
             .push_back(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
     }
@@ -554,8 +612,9 @@ where
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.out
-                        .push_back(frame::Ping::pong(p.into_payload()).into());
+                    self.out.push_back(frame::Ping::pong(p.into_payload()).into());
+                } else if *p.payload() == DRAIN_PING {
+                    self.final_goaway();
                 }
             }
             // The client opens no more streams; those open finish, then it closes.
@@ -612,7 +671,7 @@ where
             return;
         }
         self.last_id = id;
-        if self.draining {
+        if matches!(self.drain, Drain::Final | Drain::WriteClosed) {
             self.out
                 .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
@@ -979,6 +1038,9 @@ where
             return;
         };
         let max_attempts = self.inner.config.max_attempts;
+        let per_connection = self.inner.config.streams_per_connection;
+        // Connections found closing under us cost no attempt, but are bounded all the same.
+        let mut closing_found = 0;
         loop {
             let Some(replay) = &s.replay else {
                 return;
@@ -999,7 +1061,24 @@ where
                 return;
             };
             s.attempts += 1;
-            let link = self.inner.relay.pick(&self.inner, &self.dest, &ep);
+            let link = match self
+                .links
+                .iter()
+                .find(|(addr, l)| {
+                    *addr == ep.addr()
+                        && l.is_accepting()
+                        && l.is_ready()
+                        && l.has_room(per_connection)
+                })
+            {
+                Some((_, l)) => l.clone(),
+                None => {
+                    let l = self.inner.relay.pick(&self.inner, &self.dest, &ep);
+                    self.links.retain(|(addr, old)| *addr != ep.addr() && old.is_accepting());
+                    self.links.push((ep.addr(), l.clone()));
+                    l
+                }
+            };
             let body_follows = !replay.body.is_empty();
             let eos_on_headers = replay.whole && !body_follows;
             let mut fields = replay.fields.clone();
@@ -1017,8 +1096,13 @@ where
                 &self.link,
                 id,
             ) else {
-                // Closing under us: the pool drops it on the next pick.
-                s.attempts -= 1;
+                // Closing under us: neither this connection's cache entry nor the pool (on its
+                // next pick) keeps it.
+                self.links.retain(|(_, l)| l.is_accepting());
+                closing_found += 1;
+                if closing_found <= max_attempts {
+                    s.attempts -= 1;
+                }
                 continue;
             };
             let n = replay.body.len();
