@@ -688,8 +688,7 @@ fn pushback_of(headers: &http::HeaderMap) -> Option<std::time::Duration> {
 }
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
-const GRPC_RETRY_PUSHBACK_MS: HeaderName =
-    HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
 /// What the response's trailers are read for: the call's status and the endpoint's pushback.
 static END_FIELDS: [HeaderName; 2] = [GRPC_STATUS, GRPC_RETRY_PUSHBACK_MS];
 

@@ -23,6 +23,7 @@ pub(crate) mod outbox;
 pub(crate) mod upstream_conn;
 pub(crate) mod upstreams;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -89,6 +90,14 @@ pub(crate) enum ToUpstream {
 
 /// Where upstream connections send a client connection's frames.
 pub(crate) type ClientLink = Arc<Outbox<ToClient>>;
+
+/// Which pool a connection belongs to: one per worker thread, Service port and endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub(crate) worker: usize,
+    pub(crate) dest: SocketAddr,
+    pub(crate) endpoint: SocketAddr,
+}
 
 /// A pooled connection to one endpoint, as the client connections see it.
 pub(crate) struct UpLink {

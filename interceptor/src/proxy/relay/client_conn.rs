@@ -612,7 +612,8 @@ where
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.out.push_back(frame::Ping::pong(p.into_payload()).into());
+                    self.out
+                        .push_back(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == DRAIN_PING {
                     self.final_goaway();
                 }
@@ -1061,20 +1062,14 @@ where
                 return;
             };
             s.attempts += 1;
-            let link = match self
-                .links
-                .iter()
-                .find(|(addr, l)| {
-                    *addr == ep.addr()
-                        && l.is_accepting()
-                        && l.is_ready()
-                        && l.has_room(per_connection)
-                })
-            {
+            let link = match self.links.iter().find(|(addr, l)| {
+                *addr == ep.addr() && l.is_accepting() && l.is_ready() && l.has_room(per_connection)
+            }) {
                 Some((_, l)) => l.clone(),
                 None => {
                     let l = self.inner.relay.pick(&self.inner, &self.dest, &ep);
-                    self.links.retain(|(addr, old)| *addr != ep.addr() && old.is_accepting());
+                    self.links
+                        .retain(|(addr, old)| *addr != ep.addr() && old.is_accepting());
                     self.links.push((ep.addr(), l.clone()));
                     l
                 }

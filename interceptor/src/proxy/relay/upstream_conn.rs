@@ -21,8 +21,7 @@ use super::super::metrics as m;
 use super::super::pool::is_local_error;
 use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
-use super::upstreams::Key;
-use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
+use super::{ClientLink, IdHash, Key, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
 
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;

@@ -8,14 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::super::destination::Destination;
 use super::super::endpoint_stats::EndpointStats;
 use super::super::{lock, workers, Shared};
-use super::{upstream_conn, UpLink};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Key {
-    worker: usize,
-    dest: SocketAddr,
-    endpoint: SocketAddr,
-}
+use super::{upstream_conn, Key, UpLink};
 
 #[derive(Default)]
 pub(crate) struct Upstreams {
