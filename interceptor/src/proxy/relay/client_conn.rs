@@ -164,6 +164,8 @@ struct ClientConn<T> {
     link: ClientLink,
     inbox: Vec<ToClient>,
     out: VecDeque<Frame<Bytes>>,
+    /// The codec refused a frame handed to it directly (`emit`): the connection ends.
+    codec_failed: bool,
     send: SendWindows,
     streams: HashMap<StreamId, CStream, IdHash>,
     /// Highest stream id the client opened.
@@ -270,6 +272,7 @@ where
             inbox: Vec::new(),
             out,
             send: SendWindows::new(),
+            codec_failed: false,
             streams: HashMap::default(),
             last_id: StreamId::zero(),
             conn_credit: 0,
@@ -381,7 +384,28 @@ where
     }
 
     /// Writes what is queued; true once all of it reached the socket.
+    /// Hands a frame to the codec at once when nothing is queued before it (one move less
+    /// per frame than the write queue, and frames are large), else queues it.
+    fn emit(&mut self, f: Frame<Bytes>) {
+        if self.out.is_empty() {
+            // A no-op waker: if the codec cannot take the frame now, it is queued, and the
+            // write at the end of the turn polls with the task's own waker.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(())) = self.codec.poll_ready(&mut cx) {
+                if let Err(error) = self.codec.buffer(f) {
+                    tracing::debug!(?error, "frame refused by the codec");
+                    self.codec_failed = true;
+                }
+                return;
+            }
+        }
+        self.out.push_back(f);
+    }
+
     fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, h2::Error> {
+        if self.codec_failed {
+            return Err(Reason::INTERNAL_ERROR.into());
+        }
         while let Some(f) = self.out.pop_front() {
             match self.codec.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
@@ -568,8 +592,7 @@ where
         {
             let credit = std::mem::take(&mut self.conn_credit);
             self.peer_window += credit as i64;
-            self.out
-                .push_back(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+            self.emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
     }
 
@@ -581,9 +604,8 @@ where
             return;
         }
         self.drain = Drain::Announced;
-        self.out
-            .push_back(frame::GoAway::new(StreamId::MAX, Reason::NO_ERROR).into());
-        self.out.push_back(frame::Ping::new(DRAIN_PING).into());
+        self.emit(frame::GoAway::new(StreamId::MAX, Reason::NO_ERROR).into());
+        self.emit(frame::Ping::new(DRAIN_PING).into());
         self.idle.as_mut().reset(self.now + DRAIN_PING_WAIT);
     }
 
@@ -592,14 +614,12 @@ where
             return;
         }
         self.drain = Drain::Final;
-        self.out
-            .push_back(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
+        self.emit(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
     }
 
     /// A connection error: GOAWAY, then close.
     fn fail(&mut self, reason: Reason) {
-        self.out
-            .push_back(frame::GoAway::new(self.last_id, reason).into());
+        self.emit(frame::GoAway::new(self.last_id, reason).into());
         self.closing = Some(reason);
     }
 
@@ -612,8 +632,7 @@ where
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.out
-                        .push_back(frame::Ping::pong(p.into_payload()).into());
+                    self.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == DRAIN_PING {
                     self.final_goaway();
                 }
@@ -635,7 +654,7 @@ where
                 if let Some(s) = self.streams.remove(&id) {
                     self.end_stream(id, s, Some(Status::RESET));
                 }
-                self.out.push_back(frame::Reset::new(id, reason).into());
+                self.emit(frame::Reset::new(id, reason).into());
                 Ok(())
             }
             h2::proto::Error::GoAway(_, reason, _) => {
@@ -673,13 +692,11 @@ where
         }
         self.last_id = id;
         if matches!(self.drain, Drain::Final | Drain::WriteClosed) {
-            self.out
-                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
         }
         if self.streams.len() >= self.inner.config.max_concurrent_streams as usize {
-            self.out
-                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
         }
         let eos = h.is_end_stream();
@@ -717,8 +734,7 @@ where
             return;
         }
         if !is_valid_request(&pseudo) {
-            self.out
-                .push_back(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
+            self.emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
             return;
         }
         s.deadline = grpc::grpc_timeout(&fields).map(|d| self.now + d);
@@ -863,7 +879,7 @@ where
         if let Some(size) = s.header_table_size() {
             self.codec.set_send_header_table_size(size as usize);
         }
-        self.out.push_back(frame::Settings::ack().into());
+        self.emit(frame::Settings::ack().into());
     }
 
     fn on_msg(&mut self, msg: ToClient) {
@@ -885,7 +901,7 @@ where
                     return;
                 };
                 s.out.clear();
-                self.out.push_back(frame::Reset::new(id, reason).into());
+                self.emit(frame::Reset::new(id, reason).into());
                 s.charge = charged_reset(reason);
                 self.end_stream(id, s, Some(Status::RESET));
             }
@@ -929,13 +945,15 @@ where
             let status = h.pseudo_mut().status;
             if status.is_some_and(|st| st.is_informational()) && !eos {
                 // 1xx: another HEADERS follows.
-                self.out.push_back(h.into());
+                self.emit(h.into());
                 return;
             }
             s.resp_started = true;
             s.replay = None;
             if let Some(a) = &s.attempt {
-                a.in_flight.stats().observe_rtt(a.sent_at.elapsed());
+                // The turn's clock: the response arrived this turn.
+                let rtt = self.now.into_std().saturating_duration_since(a.sent_at);
+                a.in_flight.stats().observe_rtt(rtt);
             }
             s.status = if s.grpc {
                 h.fields()
@@ -946,7 +964,7 @@ where
             };
             s.resp_done = eos;
             // Nothing of this stream can be waiting yet: its headers go first.
-            self.out.push_back(h.into());
+            self.emit(h.into());
         } else {
             if s.grpc {
                 if let Some(v) = h.fields().get(&GRPC_STATUS) {
@@ -976,8 +994,8 @@ where
         if !s.req_done {
             s.credit += give;
             if s.credit >= self.stream_window / 2 {
-                self.out
-                    .push_back(frame::WindowUpdate::new(id, std::mem::take(&mut s.credit)).into());
+                let credit = std::mem::take(&mut s.credit);
+                self.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }
     }
@@ -1020,8 +1038,7 @@ where
                 None => return,
             };
             s.out.clear();
-            self.out
-                .push_back(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             self.end_stream(id, s, Some(Status::RESET));
             return;
         }
@@ -1145,7 +1162,7 @@ where
             let left = s.received - s.credited;
             s.credited = s.received;
             self.conn_credit += left as u32;
-            self.out.push_back(head.into());
+            self.emit(head.into());
         } else if !s.resp_done && s.grpc {
             s.resp_done = true;
             let trailers = frame::Headers::trailers(id, grpc::status_trailers(code, msg));
@@ -1155,8 +1172,7 @@ where
                 Some(s) => s,
                 None => return,
             };
-            self.out
-                .push_back(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
+            self.emit(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
             self.end_stream(id, s, None);
             return;
         }
@@ -1172,7 +1188,7 @@ where
             a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
         }
         s.out.clear();
-        self.out.push_back(frame::Reset::new(id, reason).into());
+        self.emit(frame::Reset::new(id, reason).into());
         self.end_stream(id, s, Some(Status::RESET));
     }
 
@@ -1182,7 +1198,13 @@ where
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = self.send.send(id, &mut s.out, f, &mut self.out);
+        let n = match self.send.admit(&mut s.out, f) {
+            Some((f, n)) => {
+                self.emit(f);
+                n
+            }
+            None => self.send.drain(id, &mut s.out, &mut self.out),
+        };
         self.sent(id, n);
     }
 
@@ -1221,8 +1243,7 @@ where
         };
         if !s.req_done {
             // RFC 9113 8.1: the response is complete, the request body is not wanted.
-            self.out
-                .push_back(frame::Reset::new(id, Reason::NO_ERROR).into());
+            self.emit(frame::Reset::new(id, Reason::NO_ERROR).into());
             if let Some(a) = &s.attempt {
                 a.link.send(ToUpstream::Reset(a.id, Reason::NO_ERROR));
             }
@@ -1236,7 +1257,7 @@ where
         // `_id` names the stream in debugging sessions; the map entry is already gone.
         let left = s.received - s.credited;
         self.conn_credit += left as u32;
-        let now = tokio::time::Instant::now();
+        let now = self.now;
         self.last_end = now;
         let elapsed = now.into_std().saturating_duration_since(s.started);
         let status = cause.or(s.status).unwrap_or(Status::UNKNOWN);

@@ -75,16 +75,14 @@ impl SendWindows {
         self.blocked.pop_front()
     }
 
-    /// Sends `f` on stream `id`: straight to `out` when nothing of the stream waits and the
-    /// windows allow (the common case, which then touches no queue of the stream's), else
-    /// behind what waits. Returns the DATA bytes moved to `out`.
-    pub(crate) fn send(
+    /// Admits `f` to be sent now when nothing of its stream waits and the windows allow
+    /// (the common case, which then touches no queue of the stream's): returns it with its
+    /// DATA bytes, already counted. Otherwise queues it behind what waits (`drain` sends it).
+    pub(crate) fn admit(
         &mut self,
-        id: StreamId,
         s: &mut StreamOut,
         f: Frame<Bytes>,
-        out: &mut VecDeque<Frame<Bytes>>,
-    ) -> u32 {
+    ) -> Option<(Frame<Bytes>, u32)> {
         if s.queue.is_empty() {
             let len = match &f {
                 Frame::Data(d) => d.payload().len() as i64,
@@ -93,12 +91,29 @@ impl SendWindows {
             if len == 0 || len <= s.window.min(self.conn) {
                 s.window -= len;
                 self.conn -= len;
-                out.push_back(f);
-                return len as u32;
+                return Some((f, len as u32));
             }
         }
         s.push(f);
-        self.drain(id, s, out)
+        None
+    }
+
+    /// `admit`, then what may be sent goes to `out`. Returns the DATA bytes moved.
+    #[cfg(test)]
+    fn send(
+        &mut self,
+        id: StreamId,
+        s: &mut StreamOut,
+        f: Frame<Bytes>,
+        out: &mut VecDeque<Frame<Bytes>>,
+    ) -> u32 {
+        match self.admit(s, f) {
+            Some((f, n)) => {
+                out.push_back(f);
+                n
+            }
+            None => self.drain(id, s, out),
+        }
     }
 
     /// Moves what `s` may send now to `out`, in order. Returns the DATA bytes moved.

@@ -156,6 +156,8 @@ struct UpConn {
     link: Arc<UpLink>,
     inbox: Vec<ToUpstream>,
     out: VecDeque<Frame<Bytes>>,
+    /// The codec refused a frame handed to it directly (`emit`): the connection ends.
+    codec_failed: bool,
     send: SendWindows,
     streams: HashMap<StreamId, UStream, IdHash>,
     /// Streams queued past the endpoint's concurrency limit, in id order.
@@ -227,6 +229,7 @@ impl UpConn {
             inbox: Vec::new(),
             out,
             send: SendWindows::new(),
+            codec_failed: false,
             streams: HashMap::default(),
             waiting: VecDeque::new(),
             started: 0,
@@ -284,7 +287,7 @@ impl UpConn {
                 return Err(ConnError::Keepalive);
             }
             None if !self.keepalive_interval.is_zero() && now >= self.next_ping => {
-                self.out.push_back(frame::Ping::new(KEEPALIVE_PING).into());
+                self.emit(frame::Ping::new(KEEPALIVE_PING).into());
                 self.ping_sent = Some(now);
             }
             _ => {}
@@ -297,8 +300,7 @@ impl UpConn {
             tracing::debug!("closing an idle upstream connection");
             self.goaway = true;
             self.link.accepting.store(false, Ordering::Release);
-            self.out
-                .push_back(frame::GoAway::new(StreamId::zero(), Reason::NO_ERROR).into());
+            self.emit(frame::GoAway::new(StreamId::zero(), Reason::NO_ERROR).into());
         }
         Ok(())
     }
@@ -342,8 +344,7 @@ impl UpConn {
         if self.conn_credit > 0 && self.peer_window <= (self.conn_window / 2) as i64 {
             let credit = std::mem::take(&mut self.conn_credit);
             self.peer_window += credit as i64;
-            self.out
-                .push_back(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+            self.emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
         self.write(cx)?;
         if self.goaway && self.streams.is_empty() && self.out.is_empty() {
@@ -365,7 +366,28 @@ impl UpConn {
         Poll::Pending
     }
 
+    /// Hands a frame to the codec at once when nothing is queued before it (one move less
+    /// per frame than the write queue, and frames are large), else queues it.
+    fn emit(&mut self, f: Frame<Bytes>) {
+        if self.out.is_empty() {
+            // A no-op waker: if the codec cannot take the frame now, it is queued, and the
+            // write at the end of the turn polls with the task's own waker.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(())) = self.codec.poll_ready(&mut cx) {
+                if let Err(error) = self.codec.buffer(f) {
+                    tracing::debug!(?error, "frame refused by the codec");
+                    self.codec_failed = true;
+                }
+                return;
+            }
+        }
+        self.out.push_back(f);
+    }
+
     fn write(&mut self, cx: &mut Context<'_>) -> Result<(), ConnError> {
+        if self.codec_failed {
+            return Err(ConnError::Protocol(Reason::INTERNAL_ERROR.into()));
+        }
         while let Some(f) = self.out.pop_front() {
             match self.codec.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
@@ -406,8 +428,7 @@ impl UpConn {
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.out
-                        .push_back(frame::Ping::pong(p.into_payload()).into());
+                    self.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == KEEPALIVE_PING {
                     self.ping_sent = None;
                     self.next_ping = self.now + self.keepalive_interval;
@@ -416,8 +437,7 @@ impl UpConn {
             Frame::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
             Frame::PushPromise(_) => {
                 // Push was disabled in our SETTINGS.
-                self.out
-                    .push_back(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
+                self.emit(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
                 return Err(ConnError::Protocol(Reason::PROTOCOL_ERROR.into()));
             }
             Frame::Priority(_) => {}
@@ -428,8 +448,7 @@ impl UpConn {
     fn on_headers(&mut self, h: frame::Headers) {
         let id = h.stream_id();
         let Some(s) = self.streams.get_mut(&id) else {
-            self.out
-                .push_back(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
+            self.emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
             return;
         };
         if h.is_over_size() {
@@ -481,9 +500,7 @@ impl UpConn {
         let id = w.stream_id();
         if id.is_zero() {
             if self.send.grow_conn(w.size_increment()).is_err() {
-                self.out.push_back(
-                    frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into(),
-                );
+                self.emit(frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into());
                 return Err(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR.into()));
             }
             while let Some(id) = self.send.next_unblocked() {
@@ -543,7 +560,7 @@ impl UpConn {
             self.peer_max = max as usize;
             self.link.peer_max_streams.store(max, Ordering::Relaxed);
         }
-        self.out.push_back(frame::Settings::ack().into());
+        self.emit(frame::Settings::ack().into());
         self.start_waiting();
     }
 
@@ -578,13 +595,12 @@ impl UpConn {
                     self.reset(id, reason);
                     let _ = client.push(ToClient::BadResponse(client_id));
                 } else {
-                    self.out.push_back(frame::Reset::new(id, reason).into());
+                    self.emit(frame::Reset::new(id, reason).into());
                 }
                 Ok(())
             }
             h2::proto::Error::GoAway(_, reason, _) => {
-                self.out
-                    .push_back(frame::GoAway::new(StreamId::zero(), reason).into());
+                self.emit(frame::GoAway::new(StreamId::zero(), reason).into());
                 Err(ConnError::Protocol(reason.into()))
             }
             h2::proto::Error::Io(kind, msg) => Err(ConnError::Io(std::io::Error::new(
@@ -658,9 +674,8 @@ impl UpConn {
                     if !s.resp_done {
                         s.credit += n;
                         if s.credit >= self.stream_window / 2 {
-                            self.out.push_back(
-                                frame::WindowUpdate::new(id, std::mem::take(&mut s.credit)).into(),
-                            );
+                            let credit = std::mem::take(&mut s.credit);
+                            self.emit(frame::WindowUpdate::new(id, credit).into());
                         }
                     }
                 }
@@ -684,7 +699,7 @@ impl UpConn {
                 s.started = true;
                 self.started += 1;
                 if let Some(head) = s.head.take() {
-                    self.out.push_back(head.into());
+                    self.emit(head.into());
                 }
                 self.drain(id);
             }
@@ -712,7 +727,13 @@ impl UpConn {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = self.send.send(id, &mut s.out, f, &mut self.out);
+        let n = match self.send.admit(&mut s.out, f) {
+            Some((f, n)) => {
+                self.emit(f);
+                n
+            }
+            None => self.send.drain(id, &mut s.out, &mut self.out),
+        };
         self.sent(id, n);
     }
 
@@ -745,7 +766,7 @@ impl UpConn {
     fn reset(&mut self, id: StreamId, reason: Reason) {
         if let Some(s) = self.remove(id) {
             if s.started {
-                self.out.push_back(frame::Reset::new(id, reason).into());
+                self.emit(frame::Reset::new(id, reason).into());
             }
         }
     }
