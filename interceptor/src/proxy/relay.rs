@@ -22,6 +22,7 @@ pub(crate) mod flow;
 pub(crate) mod outbox;
 pub(crate) mod upstream_conn;
 pub(crate) mod upstreams;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};

@@ -28,6 +28,7 @@ use super::super::metrics::{
 use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW};
 use super::outbox::Outbox;
+use super::wire::Wire;
 use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
 
 /// Frames read per turn before the task yields to others on its worker.
@@ -160,12 +161,9 @@ struct ClientConn<T> {
     inner: Arc<Shared>,
     dest: Arc<Destination>,
     service: Arc<ServiceMetrics>,
-    codec: Codec<T, Bytes>,
+    wire: Wire<T>,
     link: ClientLink,
     inbox: Vec<ToClient>,
-    out: VecDeque<Frame<Bytes>>,
-    /// The codec refused a frame handed to it directly (`emit`): the connection ends.
-    codec_failed: bool,
     send: SendWindows,
     streams: HashMap<StreamId, CStream, IdHash>,
     /// Highest stream id the client opened.
@@ -267,12 +265,10 @@ where
             service: dest.metrics().clone(),
             inner,
             dest,
-            codec,
+            wire: Wire::new(codec, out),
             link: Arc::new(Outbox::new(())),
             inbox: Vec::new(),
-            out,
             send: SendWindows::new(),
-            codec_failed: false,
             streams: HashMap::default(),
             last_id: StreamId::zero(),
             conn_credit: 0,
@@ -324,7 +320,7 @@ where
             if self.closing.is_some() {
                 break;
             }
-            match Pin::new(&mut self.codec).poll_next(cx) {
+            match Pin::new(&mut self.wire.codec).poll_next(cx) {
                 // After our side closed, what the client still sends is read and dropped.
                 Poll::Ready(Some(_)) if self.drain == Drain::WriteClosed => {}
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f),
@@ -348,7 +344,10 @@ where
         }
         self.inbox = inbox;
         self.announce_conn_credit();
-        let flushed = self.write(cx)?;
+        let flushed = self
+            .wire
+            .write(cx)
+            .map_err(|e| h2::Error::from(h2::proto::Error::from(e)))?;
         if let Some(reason) = self.closing {
             if flushed {
                 return Poll::Ready(match reason {
@@ -359,7 +358,7 @@ where
             return Poll::Pending;
         }
         if self.drain == Drain::Final && self.streams.is_empty() && flushed {
-            match self.codec.shutdown(cx) {
+            match self.wire.codec.shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     // Closing now, with the client's last bytes unread, would reset the
                     // connection: read until it closes too, for a little while.
@@ -381,51 +380,6 @@ where
             cx.waker().wake_by_ref();
         }
         Poll::Pending
-    }
-
-    /// Writes what is queued; true once all of it reached the socket.
-    /// Hands a frame to the codec at once when nothing is queued before it (one move less
-    /// per frame than the write queue, and frames are large), else queues it.
-    fn emit(&mut self, f: Frame<Bytes>) {
-        if self.out.is_empty() {
-            // A no-op waker: if the codec cannot take the frame now, it is queued, and the
-            // write at the end of the turn polls with the task's own waker.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if let Poll::Ready(Ok(())) = self.codec.poll_ready(&mut cx) {
-                if let Err(error) = self.codec.buffer(f) {
-                    tracing::debug!(?error, "frame refused by the codec");
-                    self.codec_failed = true;
-                }
-                return;
-            }
-        }
-        self.out.push_back(f);
-    }
-
-    fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, h2::Error> {
-        if self.codec_failed {
-            return Err(Reason::INTERNAL_ERROR.into());
-        }
-        while let Some(f) = self.out.pop_front() {
-            match self.codec.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Err(e) = self.codec.buffer(f) {
-                        tracing::debug!(error = ?e, "frame refused by the codec");
-                        return Err(Reason::INTERNAL_ERROR.into());
-                    }
-                }
-                Poll::Ready(Err(e)) => return Err(h2::proto::Error::from(e).into()),
-                Poll::Pending => {
-                    self.out.push_front(f);
-                    return Ok(false);
-                }
-            }
-        }
-        match self.codec.flush(cx) {
-            Poll::Ready(Ok(())) => Ok(true),
-            Poll::Ready(Err(e)) => Err(h2::proto::Error::from(e).into()),
-            Poll::Pending => Ok(false),
-        }
     }
 
     /// Checked lazily: the timer is re-armed for the rest of the period while streams come
@@ -506,38 +460,28 @@ where
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if s.resp_started {
-            m::timeout(m::TimeoutKind::Deadline);
-            self.answer(
-                id,
-                grpc::DEADLINE_EXCEEDED,
-                StatusCode::GATEWAY_TIMEOUT,
-                "interceptor: deadline exceeded",
-            );
-            return;
-        }
-        let connecting = s.attempt.as_ref().is_some_and(|a| !a.link.is_ready());
-        if connecting {
+        let connecting = !s.resp_started && s.attempt.as_ref().is_some_and(|a| !a.link.is_ready());
+        let (kind, msg) = if connecting {
             // A connect queued behind others must not outlive the call; the connection
             // charges its endpoint itself if it fails.
-            m::timeout(m::TimeoutKind::DeadlineConnecting);
-            self.answer(
-                id,
-                grpc::DEADLINE_EXCEEDED,
-                StatusCode::GATEWAY_TIMEOUT,
+            (
+                m::TimeoutKind::DeadlineConnecting,
                 "interceptor: deadline exceeded while connecting to an endpoint",
-            );
-            return;
+            )
+        } else {
+            (m::TimeoutKind::Deadline, "interceptor: deadline exceeded")
+        };
+        if !s.resp_started && !connecting {
+            // An endpoint that had the whole request and did not answer in time is charged,
+            // so one that accepts and never answers gets ejected.
+            s.charge = s.req_done && s.attempt.is_some();
         }
-        // An endpoint that had the whole request and did not answer in time is charged, so
-        // one that accepts and never answers gets ejected.
-        s.charge = s.req_done && s.attempt.is_some();
-        m::timeout(m::TimeoutKind::Deadline);
+        m::timeout(kind);
         self.answer(
             id,
             grpc::DEADLINE_EXCEEDED,
             StatusCode::GATEWAY_TIMEOUT,
-            "interceptor: deadline exceeded",
+            msg,
         );
     }
 
@@ -592,7 +536,8 @@ where
         {
             let credit = std::mem::take(&mut self.conn_credit);
             self.peer_window += credit as i64;
-            self.emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+            self.wire
+                .emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
     }
 
@@ -604,8 +549,9 @@ where
             return;
         }
         self.drain = Drain::Announced;
-        self.emit(frame::GoAway::new(StreamId::MAX, Reason::NO_ERROR).into());
-        self.emit(frame::Ping::new(DRAIN_PING).into());
+        self.wire
+            .emit(frame::GoAway::new(StreamId::MAX, Reason::NO_ERROR).into());
+        self.wire.emit(frame::Ping::new(DRAIN_PING).into());
         self.idle.as_mut().reset(self.now + DRAIN_PING_WAIT);
     }
 
@@ -614,12 +560,14 @@ where
             return;
         }
         self.drain = Drain::Final;
-        self.emit(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
+        self.wire
+            .emit(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
     }
 
     /// A connection error: GOAWAY, then close.
     fn fail(&mut self, reason: Reason) {
-        self.emit(frame::GoAway::new(self.last_id, reason).into());
+        self.wire
+            .emit(frame::GoAway::new(self.last_id, reason).into());
         self.closing = Some(reason);
     }
 
@@ -632,7 +580,7 @@ where
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.emit(frame::Ping::pong(p.into_payload()).into());
+                    self.wire.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == DRAIN_PING {
                     self.final_goaway();
                 }
@@ -654,7 +602,7 @@ where
                 if let Some(s) = self.streams.remove(&id) {
                     self.end_stream(id, s, Some(Status::RESET));
                 }
-                self.emit(frame::Reset::new(id, reason).into());
+                self.wire.emit(frame::Reset::new(id, reason).into());
                 Ok(())
             }
             h2::proto::Error::GoAway(_, reason, _) => {
@@ -692,11 +640,13 @@ where
         }
         self.last_id = id;
         if matches!(self.drain, Drain::Final | Drain::WriteClosed) {
-            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
         }
         if self.streams.len() >= self.inner.config.max_concurrent_streams as usize {
-            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
         }
         let eos = h.is_end_stream();
@@ -734,7 +684,8 @@ where
             return;
         }
         if !is_valid_request(&pseudo) {
-            self.emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
             return;
         }
         s.deadline = grpc::grpc_timeout(&fields).map(|d| self.now + d);
@@ -874,12 +825,12 @@ where
             }
         }
         if let Some(size) = s.max_frame_size() {
-            self.codec.set_max_send_frame_size(size as usize);
+            self.wire.codec.set_max_send_frame_size(size as usize);
         }
         if let Some(size) = s.header_table_size() {
-            self.codec.set_send_header_table_size(size as usize);
+            self.wire.codec.set_send_header_table_size(size as usize);
         }
-        self.emit(frame::Settings::ack().into());
+        self.wire.emit(frame::Settings::ack().into());
     }
 
     fn on_msg(&mut self, msg: ToClient) {
@@ -901,7 +852,7 @@ where
                     return;
                 };
                 s.out.clear();
-                self.emit(frame::Reset::new(id, reason).into());
+                self.wire.emit(frame::Reset::new(id, reason).into());
                 s.charge = charged_reset(reason);
                 self.end_stream(id, s, Some(Status::RESET));
             }
@@ -945,7 +896,7 @@ where
             let status = h.pseudo_mut().status;
             if status.is_some_and(|st| st.is_informational()) && !eos {
                 // 1xx: another HEADERS follows.
-                self.emit(h.into());
+                self.wire.emit(h.into());
                 return;
             }
             s.resp_started = true;
@@ -964,7 +915,7 @@ where
             };
             s.resp_done = eos;
             // Nothing of this stream can be waiting yet: its headers go first.
-            self.emit(h.into());
+            self.wire.emit(h.into());
         } else {
             if s.grpc {
                 if let Some(v) = h.fields().get(&GRPC_STATUS) {
@@ -995,7 +946,7 @@ where
             s.credit += give;
             if s.credit >= self.stream_window / 2 {
                 let credit = std::mem::take(&mut s.credit);
-                self.emit(frame::WindowUpdate::new(id, credit).into());
+                self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }
     }
@@ -1038,7 +989,8 @@ where
                 None => return,
             };
             s.out.clear();
-            self.emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             self.end_stream(id, s, Some(Status::RESET));
             return;
         }
@@ -1162,7 +1114,7 @@ where
             let left = s.received - s.credited;
             s.credited = s.received;
             self.conn_credit += left as u32;
-            self.emit(head.into());
+            self.wire.emit(head.into());
         } else if !s.resp_done && s.grpc {
             s.resp_done = true;
             let trailers = frame::Headers::trailers(id, grpc::status_trailers(code, msg));
@@ -1172,7 +1124,8 @@ where
                 Some(s) => s,
                 None => return,
             };
-            self.emit(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
             self.end_stream(id, s, None);
             return;
         }
@@ -1188,7 +1141,7 @@ where
             a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
         }
         s.out.clear();
-        self.emit(frame::Reset::new(id, reason).into());
+        self.wire.emit(frame::Reset::new(id, reason).into());
         self.end_stream(id, s, Some(Status::RESET));
     }
 
@@ -1198,13 +1151,7 @@ where
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = match self.send.admit(&mut s.out, f) {
-            Some((f, n)) => {
-                self.emit(f);
-                n
-            }
-            None => self.send.drain(id, &mut s.out, &mut self.out),
-        };
+        let n = self.wire.send(&mut self.send, id, &mut s.out, f);
         self.sent(id, n);
     }
 
@@ -1213,7 +1160,7 @@ where
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = self.send.drain(id, &mut s.out, &mut self.out);
+        let n = self.send.drain(id, &mut s.out, &mut self.wire.out);
         self.sent(id, n);
     }
 
@@ -1243,7 +1190,8 @@ where
         };
         if !s.req_done {
             // RFC 9113 8.1: the response is complete, the request body is not wanted.
-            self.emit(frame::Reset::new(id, Reason::NO_ERROR).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::NO_ERROR).into());
             if let Some(a) = &s.attempt {
                 a.link.send(ToUpstream::Reset(a.id, Reason::NO_ERROR));
             }

@@ -273,7 +273,7 @@ mod tests {
             65_535
         );
         // SETTINGS lowered the initial window after the bytes were sent (RFC 9113 6.9.2).
-        let delta = w.set_initial(0) - 0;
+        let delta = w.set_initial(0);
         s.grow(delta - 65_535).expect("in range");
         assert_eq!(
             w.send(StreamId::from(5), &mut s, data(5, 0, true), &mut out),

@@ -21,6 +21,7 @@ use super::super::metrics as m;
 use super::super::pool::is_local_error;
 use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
+use super::wire::Wire;
 use super::{ClientLink, IdHash, Key, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
 
 /// Frames read per turn before the task yields to others on its worker.
@@ -150,14 +151,11 @@ pub(crate) enum ConnError {
 }
 
 struct UpConn {
-    codec: Codec<TcpStream, Bytes>,
+    wire: Wire<TcpStream>,
     shared: Arc<Shared>,
     key: Key,
     link: Arc<UpLink>,
     inbox: Vec<ToUpstream>,
-    out: VecDeque<Frame<Bytes>>,
-    /// The codec refused a frame handed to it directly (`emit`): the connection ends.
-    codec_failed: bool,
     send: SendWindows,
     streams: HashMap<StreamId, UStream, IdHash>,
     /// Streams queued past the endpoint's concurrency limit, in id order.
@@ -222,14 +220,12 @@ impl UpConn {
             );
         }
         Self {
-            codec,
+            wire: Wire::new(codec, out),
             shared: shared.clone(),
             key,
             link,
             inbox: Vec::new(),
-            out,
             send: SendWindows::new(),
-            codec_failed: false,
             streams: HashMap::default(),
             waiting: VecDeque::new(),
             started: 0,
@@ -287,7 +283,7 @@ impl UpConn {
                 return Err(ConnError::Keepalive);
             }
             None if !self.keepalive_interval.is_zero() && now >= self.next_ping => {
-                self.emit(frame::Ping::new(KEEPALIVE_PING).into());
+                self.wire.emit(frame::Ping::new(KEEPALIVE_PING).into());
                 self.ping_sent = Some(now);
             }
             _ => {}
@@ -300,7 +296,8 @@ impl UpConn {
             tracing::debug!("closing an idle upstream connection");
             self.goaway = true;
             self.link.accepting.store(false, Ordering::Release);
-            self.emit(frame::GoAway::new(StreamId::zero(), Reason::NO_ERROR).into());
+            self.wire
+                .emit(frame::GoAway::new(StreamId::zero(), Reason::NO_ERROR).into());
         }
         Ok(())
     }
@@ -312,12 +309,12 @@ impl UpConn {
         }
         let mut read_all = false;
         for _ in 0..READ_BUDGET {
-            match Pin::new(&mut self.codec).poll_next(cx) {
+            match Pin::new(&mut self.wire.codec).poll_next(cx) {
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f)?,
                 Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
                 Poll::Ready(None) => {
                     // Flush what can be: a GOAWAY answer, resets.
-                    let _ = self.write(cx);
+                    let _ = self.wire.write(cx);
                     return Poll::Ready(if self.streams.is_empty() {
                         Ok(())
                     } else {
@@ -344,10 +341,11 @@ impl UpConn {
         if self.conn_credit > 0 && self.peer_window <= (self.conn_window / 2) as i64 {
             let credit = std::mem::take(&mut self.conn_credit);
             self.peer_window += credit as i64;
-            self.emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
+            self.wire
+                .emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
-        self.write(cx)?;
-        if self.goaway && self.streams.is_empty() && self.out.is_empty() {
+        self.wire.write(cx)?;
+        if self.goaway && self.streams.is_empty() && self.wire.out.is_empty() {
             return Poll::Ready(Ok(()));
         }
         if let Some(due) = self.next_due() {
@@ -364,49 +362,6 @@ impl UpConn {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
-    }
-
-    /// Hands a frame to the codec at once when nothing is queued before it (one move less
-    /// per frame than the write queue, and frames are large), else queues it.
-    fn emit(&mut self, f: Frame<Bytes>) {
-        if self.out.is_empty() {
-            // A no-op waker: if the codec cannot take the frame now, it is queued, and the
-            // write at the end of the turn polls with the task's own waker.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if let Poll::Ready(Ok(())) = self.codec.poll_ready(&mut cx) {
-                if let Err(error) = self.codec.buffer(f) {
-                    tracing::debug!(?error, "frame refused by the codec");
-                    self.codec_failed = true;
-                }
-                return;
-            }
-        }
-        self.out.push_back(f);
-    }
-
-    fn write(&mut self, cx: &mut Context<'_>) -> Result<(), ConnError> {
-        if self.codec_failed {
-            return Err(ConnError::Protocol(Reason::INTERNAL_ERROR.into()));
-        }
-        while let Some(f) = self.out.pop_front() {
-            match self.codec.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Err(e) = self.codec.buffer(f) {
-                        tracing::debug!(error = ?e, "frame refused by the codec");
-                        return Err(ConnError::Protocol(Reason::INTERNAL_ERROR.into()));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Pending => {
-                    self.out.push_front(f);
-                    break;
-                }
-            }
-        }
-        match self.codec.flush(cx) {
-            Poll::Ready(Err(e)) => Err(e.into()),
-            _ => Ok(()),
-        }
     }
 
     fn on_frame(&mut self, f: Frame) -> Result<(), ConnError> {
@@ -428,7 +383,7 @@ impl UpConn {
             Frame::Settings(s) => self.on_settings(s),
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.emit(frame::Ping::pong(p.into_payload()).into());
+                    self.wire.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == KEEPALIVE_PING {
                     self.ping_sent = None;
                     self.next_ping = self.now + self.keepalive_interval;
@@ -437,7 +392,8 @@ impl UpConn {
             Frame::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
             Frame::PushPromise(_) => {
                 // Push was disabled in our SETTINGS.
-                self.emit(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
+                self.wire
+                    .emit(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
                 return Err(ConnError::Protocol(Reason::PROTOCOL_ERROR.into()));
             }
             Frame::Priority(_) => {}
@@ -448,7 +404,8 @@ impl UpConn {
     fn on_headers(&mut self, h: frame::Headers) {
         let id = h.stream_id();
         let Some(s) = self.streams.get_mut(&id) else {
-            self.emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
+            self.wire
+                .emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
             return;
         };
         if h.is_over_size() {
@@ -500,7 +457,8 @@ impl UpConn {
         let id = w.stream_id();
         if id.is_zero() {
             if self.send.grow_conn(w.size_increment()).is_err() {
-                self.emit(frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into());
+                self.wire
+                    .emit(frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into());
                 return Err(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR.into()));
             }
             while let Some(id) = self.send.next_unblocked() {
@@ -551,16 +509,16 @@ impl UpConn {
             }
         }
         if let Some(size) = s.max_frame_size() {
-            self.codec.set_max_send_frame_size(size as usize);
+            self.wire.codec.set_max_send_frame_size(size as usize);
         }
         if let Some(size) = s.header_table_size() {
-            self.codec.set_send_header_table_size(size as usize);
+            self.wire.codec.set_send_header_table_size(size as usize);
         }
         if let Some(max) = s.max_concurrent_streams() {
             self.peer_max = max as usize;
             self.link.peer_max_streams.store(max, Ordering::Relaxed);
         }
-        self.emit(frame::Settings::ack().into());
+        self.wire.emit(frame::Settings::ack().into());
         self.start_waiting();
     }
 
@@ -595,12 +553,13 @@ impl UpConn {
                     self.reset(id, reason);
                     let _ = client.push(ToClient::BadResponse(client_id));
                 } else {
-                    self.emit(frame::Reset::new(id, reason).into());
+                    self.wire.emit(frame::Reset::new(id, reason).into());
                 }
                 Ok(())
             }
             h2::proto::Error::GoAway(_, reason, _) => {
-                self.emit(frame::GoAway::new(StreamId::zero(), reason).into());
+                self.wire
+                    .emit(frame::GoAway::new(StreamId::zero(), reason).into());
                 Err(ConnError::Protocol(reason.into()))
             }
             h2::proto::Error::Io(kind, msg) => Err(ConnError::Io(std::io::Error::new(
@@ -675,7 +634,7 @@ impl UpConn {
                         s.credit += n;
                         if s.credit >= self.stream_window / 2 {
                             let credit = std::mem::take(&mut s.credit);
-                            self.emit(frame::WindowUpdate::new(id, credit).into());
+                            self.wire.emit(frame::WindowUpdate::new(id, credit).into());
                         }
                     }
                 }
@@ -699,7 +658,7 @@ impl UpConn {
                 s.started = true;
                 self.started += 1;
                 if let Some(head) = s.head.take() {
-                    self.emit(head.into());
+                    self.wire.emit(head.into());
                 }
                 self.drain(id);
             }
@@ -727,13 +686,7 @@ impl UpConn {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = match self.send.admit(&mut s.out, f) {
-            Some((f, n)) => {
-                self.emit(f);
-                n
-            }
-            None => self.send.drain(id, &mut s.out, &mut self.out),
-        };
+        let n = self.wire.send(&mut self.send, id, &mut s.out, f);
         self.sent(id, n);
     }
 
@@ -746,7 +699,7 @@ impl UpConn {
         if !s.started {
             return;
         }
-        let n = self.send.drain(id, &mut s.out, &mut self.out);
+        let n = self.send.drain(id, &mut s.out, &mut self.wire.out);
         self.sent(id, n);
     }
 
@@ -766,7 +719,7 @@ impl UpConn {
     fn reset(&mut self, id: StreamId, reason: Reason) {
         if let Some(s) = self.remove(id) {
             if s.started {
-                self.emit(frame::Reset::new(id, reason).into());
+                self.wire.emit(frame::Reset::new(id, reason).into());
             }
         }
     }
