@@ -600,7 +600,7 @@ where
                     self.last_id = id;
                 }
                 if let Some(s) = self.streams.remove(&id) {
-                    self.end_stream(id, s, Some(Status::RESET));
+                    self.end_stream(s, Some(Status::RESET));
                 }
                 self.wire.emit(frame::Reset::new(id, reason).into());
                 Ok(())
@@ -770,7 +770,7 @@ where
             s.local = true;
         }
         let done = s.resp_done && s.out.is_empty();
-        self.end_stream(id, s, if done { None } else { Some(Status::CANCELLED) });
+        self.end_stream(s, if done { None } else { Some(Status::CANCELLED) });
         if self.resets.exceeded() {
             tracing::warn!(dest = %self.dest.addr(), limit = self.resets.limit, "client cancels streams faster than the limit; closing its connection");
             m::abusive_connection(AbuseReason::RapidReset);
@@ -808,14 +808,8 @@ where
             return;
         }
         if let Some(size) = s.initial_window_size() {
-            let delta = self.send.set_initial(size);
-            let mut overflowed = Vec::new();
-            for (id, st) in self.streams.iter_mut() {
-                if st.out.grow(delta).is_err() {
-                    overflowed.push(*id);
-                }
-            }
-            if !overflowed.is_empty() {
+            let streams = self.streams.iter_mut().map(|(id, st)| (*id, &mut st.out));
+            if !self.send.resize(size, streams).is_empty() {
                 self.fail(Reason::FLOW_CONTROL_ERROR);
                 return;
             }
@@ -824,13 +818,7 @@ where
                 self.pump(id);
             }
         }
-        if let Some(size) = s.max_frame_size() {
-            self.wire.codec.set_max_send_frame_size(size as usize);
-        }
-        if let Some(size) = s.header_table_size() {
-            self.wire.codec.set_send_header_table_size(size as usize);
-        }
-        self.wire.emit(frame::Settings::ack().into());
+        self.wire.apply_settings(&s);
     }
 
     fn on_msg(&mut self, msg: ToClient) {
@@ -854,7 +842,7 @@ where
                 s.out.clear();
                 self.wire.emit(frame::Reset::new(id, reason).into());
                 s.charge = charged_reset(reason);
-                self.end_stream(id, s, Some(Status::RESET));
+                self.end_stream(s, Some(Status::RESET));
             }
             ToClient::Credit(id, n) => self.on_credit(id, n),
             ToClient::Unprocessed(id, why) => self.on_unprocessed(id, why),
@@ -991,7 +979,7 @@ where
             s.out.clear();
             self.wire
                 .emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
-            self.end_stream(id, s, Some(Status::RESET));
+            self.end_stream(s, Some(Status::RESET));
             return;
         }
         // Everything credited so far will be credited again by the next attempt.
@@ -1126,7 +1114,7 @@ where
             };
             self.wire
                 .emit(frame::Reset::new(id, Reason::INTERNAL_ERROR).into());
-            self.end_stream(id, s, None);
+            self.end_stream(s, None);
             return;
         }
         self.finish_if_done(id);
@@ -1142,7 +1130,7 @@ where
         }
         s.out.clear();
         self.wire.emit(frame::Reset::new(id, reason).into());
-        self.end_stream(id, s, Some(Status::RESET));
+        self.end_stream(s, Some(Status::RESET));
     }
 
     /// Sends a response frame within the client's windows (or queues it behind the stream's
@@ -1196,13 +1184,12 @@ where
                 a.link.send(ToUpstream::Reset(a.id, Reason::NO_ERROR));
             }
         }
-        self.end_stream(id, s, None);
+        self.end_stream(s, None);
     }
 
     /// Counts a stream that ended, tells the balancer what its endpoint did, and gives back
     /// the connection window its request body still held.
-    fn end_stream(&mut self, _id: StreamId, s: CStream, cause: Option<Status>) {
-        // `_id` names the stream in debugging sessions; the map entry is already gone.
+    fn end_stream(&mut self, s: CStream, cause: Option<Status>) {
         let left = s.received - s.credited;
         self.conn_credit += left as u32;
         let now = self.now;
@@ -1253,7 +1240,7 @@ where
                 if let Some(a) = &s.attempt {
                     a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
                 }
-                self.end_stream(id, s, Some(Status::CANCELLED));
+                self.end_stream(s, Some(Status::CANCELLED));
             }
         }
     }

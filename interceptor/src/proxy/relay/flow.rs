@@ -59,6 +59,19 @@ impl SendWindows {
         delta
     }
 
+    /// `set_initial`, applied to every open stream's window. Returns the streams whose window
+    /// went past the protocol's limit.
+    pub(crate) fn resize<'a>(
+        &mut self,
+        size: u32,
+        streams: impl Iterator<Item = (StreamId, &'a mut StreamOut)>,
+    ) -> Vec<StreamId> {
+        let delta = self.set_initial(size);
+        streams
+            .filter_map(|(id, s)| s.grow(delta).is_err().then_some(id))
+            .collect()
+    }
+
     pub(crate) fn grow_conn(&mut self, inc: u32) -> Result<(), WindowOverflow> {
         self.conn += inc as i64;
         if self.conn > MAX_WINDOW {

@@ -493,14 +493,8 @@ impl UpConn {
             self.link.ready.store(true, Ordering::Release);
         }
         if let Some(size) = s.initial_window_size() {
-            let delta = self.send.set_initial(size);
-            let mut overflowed = Vec::new();
-            for (id, st) in self.streams.iter_mut() {
-                if st.out.grow(delta).is_err() {
-                    overflowed.push(*id);
-                }
-            }
-            for id in overflowed {
+            let streams = self.streams.iter_mut().map(|(id, st)| (*id, &mut st.out));
+            for id in self.send.resize(size, streams) {
                 self.reset(id, Reason::FLOW_CONTROL_ERROR);
             }
             let ids: Vec<StreamId> = self.streams.keys().copied().collect();
@@ -508,17 +502,11 @@ impl UpConn {
                 self.drain(id);
             }
         }
-        if let Some(size) = s.max_frame_size() {
-            self.wire.codec.set_max_send_frame_size(size as usize);
-        }
-        if let Some(size) = s.header_table_size() {
-            self.wire.codec.set_send_header_table_size(size as usize);
-        }
         if let Some(max) = s.max_concurrent_streams() {
             self.peer_max = max as usize;
             self.link.peer_max_streams.store(max, Ordering::Relaxed);
         }
-        self.wire.emit(frame::Settings::ack().into());
+        self.wire.apply_settings(&s);
         self.start_waiting();
     }
 

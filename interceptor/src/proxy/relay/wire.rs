@@ -6,7 +6,7 @@ use std::io;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use h2::frame::{Frame, StreamId};
+use h2::frame::{self, Frame, StreamId};
 use h2::Codec;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -49,6 +49,17 @@ where
             }
         }
         self.out.push_back(f);
+    }
+
+    /// The peer's SETTINGS that concern the codec (frame size, HPACK table), and the ACK.
+    pub(crate) fn apply_settings(&mut self, s: &frame::Settings) {
+        if let Some(size) = s.max_frame_size() {
+            self.codec.set_max_send_frame_size(size as usize);
+        }
+        if let Some(size) = s.header_table_size() {
+            self.codec.set_send_header_table_size(size as usize);
+        }
+        self.emit(frame::Settings::ack().into());
     }
 
     /// Sends a frame of stream `id` within the peer's windows: at once when nothing of the
