@@ -155,7 +155,7 @@ mount --bind -o ro {bin} {w}/mnt/cargo-bin
 cd {w}/repo
 exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
   env -i HOME={w}/home PATH={w}/bin:/usr/bin:/bin RUSTUP_HOME={w}/mnt/rustup \
-  CARGO_HOME={w}/cargo CARGO_NET_OFFLINE=true LANG=C.UTF-8 \
+  CARGO_HOME={w}/cargo CARGO_NET_OFFLINE=true CARGO_INCREMENTAL=0 LANG=C.UTF-8 \
   timeout 1800 cargo test > {log} 2>&1",
         rustup = rustup_home.display(),
         bin = bin.display(),
@@ -172,9 +172,17 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     let tail: Vec<&str> = out.lines().rev().take(60).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let used = run("du", &["-sb", &s.display().to_string()]);
+    let used: u64 = used
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     note(&format!(
-        "plain cargo test as uid {NOBODY}: {status} in {:.0?}",
-        took
+        "plain cargo test as uid {NOBODY}: {status} in {:.0?}, {:.1} GiB on disk (NEEDED_BYTES {} GiB)",
+        took,
+        used as f64 / (1u64 << 30) as f64,
+        NEEDED_BYTES >> 30
     ));
     assert!(
         status.success(),
