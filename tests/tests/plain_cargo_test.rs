@@ -20,8 +20,9 @@ use interceptor_tests::*;
 
 const NOBODY: u32 = 65534;
 
-/// Free space this test's clone, registry copy and debug build take, with room to spare.
-const NEEDED_BYTES: u64 = 12 << 30;
+/// Free space this test's clone, registry copy and debug build take, with room to spare
+/// (measured 2026-12-07: 3.1 GiB, with line tables only and no incremental state).
+const NEEDED_BYTES: u64 = 5 << 30;
 
 /// The scratch storage and the empty directory it is mounted on for the build; both removed
 /// on drop, also when the test fails.
