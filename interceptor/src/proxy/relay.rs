@@ -18,6 +18,7 @@
 //! one turn leaves in one write.
 
 pub(crate) mod client_conn;
+pub(crate) mod encode;
 pub(crate) mod flow;
 pub(crate) mod outbox;
 pub(crate) mod upstream_conn;

@@ -316,8 +316,14 @@ where
             }
         }
         let mut read_all = self.closing.is_some();
+        let mut paused = false;
         for _ in 0..READ_BUDGET {
             if self.closing.is_some() {
+                break;
+            }
+            if self.wire.is_backed_up() {
+                // Read again once the socket took the backlog (woken by the write, or below).
+                (paused, read_all) = (true, true);
                 break;
             }
             match Pin::new(&mut self.wire.codec).poll_next(cx) {
@@ -348,6 +354,9 @@ where
             .wire
             .write(cx)
             .map_err(|e| h2::Error::from(h2::proto::Error::from(e)))?;
+        if paused && flushed {
+            cx.waker().wake_by_ref();
+        }
         if let Some(reason) = self.closing {
             if flushed {
                 return Poll::Ready(match reason {
@@ -358,7 +367,7 @@ where
             return Poll::Pending;
         }
         if self.drain == Drain::Final && self.streams.is_empty() && flushed {
-            match self.wire.codec.shutdown(cx) {
+            match self.wire.shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     // Closing now, with the client's last bytes unread, would reset the
                     // connection: read until it closes too, for a little while.

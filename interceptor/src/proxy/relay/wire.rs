@@ -1,22 +1,31 @@
-//! One connection's side of the socket: h2's codec, and the frames waiting for it to take
-//! them. Both kinds of connection task write through one of these.
+//! One connection's side of the socket: h2's codec reads and decodes its frames; what we send
+//! is encoded by `encode` and written to the socket here, past the codec (whose own write
+//! buffer is never touched). Both kinds of connection task go through one of these.
 
 use std::collections::VecDeque;
-use std::io;
-use std::task::{Context, Poll, Waker};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::frame::{self, Frame, StreamId};
 use h2::Codec;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::encode::{Encoder, MAX_IOVECS};
 use super::flow::{SendWindows, StreamOut};
+
+/// Past this many encoded bytes waiting for the socket, the connection's frames are not read
+/// (each read can add answers: PING and SETTINGS acknowledgements, resets): a peer that sends
+/// without reading holds at most this much of ours.
+const BACKLOG_LIMIT: usize = 1 << 20;
 
 pub(crate) struct Wire<T> {
     pub(crate) codec: Codec<T, Bytes>,
-    /// Frames the codec could not take yet, in order.
+    /// Frames `SendWindows::drain` released, encoded before anything sent after them.
     pub(crate) out: VecDeque<Frame<Bytes>>,
-    /// The codec refused a frame: the connection ends.
+    enc: Encoder,
+    /// A frame could not be encoded: the connection ends.
     failed: bool,
 }
 
@@ -26,38 +35,41 @@ where
 {
     /// `first` goes out before anything else (our SETTINGS).
     pub(crate) fn new(codec: Codec<T, Bytes>, first: VecDeque<Frame<Bytes>>) -> Self {
-        Self {
+        let mut wire = Self {
             codec,
             out: first,
+            enc: Encoder::new(),
             failed: false,
-        }
+        };
+        wire.encode_released();
+        wire
     }
 
-    /// Hands a frame to the codec at once when nothing is queued before it (one move less
-    /// per frame than the queue, and frames are large values), else queues it.
+    /// Encodes `f` behind everything sent before it; it reaches the socket with the next
+    /// `write`.
     pub(crate) fn emit(&mut self, f: Frame<Bytes>) {
-        if self.out.is_empty() {
-            // A no-op waker: if the codec cannot take the frame now, it is queued, and the
-            // write at the end of the turn polls with the task's own waker.
-            let mut cx = Context::from_waker(Waker::noop());
-            if let Poll::Ready(Ok(())) = self.codec.poll_ready(&mut cx) {
-                if let Err(error) = self.codec.buffer(f) {
-                    tracing::debug!(?error, "frame refused by the codec");
-                    self.failed = true;
-                }
-                return;
-            }
-        }
-        self.out.push_back(f);
+        self.encode_released();
+        self.encode(f);
     }
 
-    /// The peer's SETTINGS that concern the codec (frame size, HPACK table), and the ACK.
+    fn encode(&mut self, f: Frame<Bytes>) {
+        if self.enc.frame(f).is_err() {
+            tracing::debug!("a frame the relay never sends (PUSH_PROMISE or PRIORITY)");
+            self.failed = true;
+        }
+    }
+
+    fn encode_released(&mut self) {
+        while let Some(f) = self.out.pop_front() {
+            self.encode(f);
+        }
+    }
+
+    /// The peer's SETTINGS that concern what we send (frame size), and the ACK. Its header
+    /// table size needs nothing: our encoder keeps no table.
     pub(crate) fn apply_settings(&mut self, s: &frame::Settings) {
         if let Some(size) = s.max_frame_size() {
-            self.codec.set_max_send_frame_size(size as usize);
-        }
-        if let Some(size) = s.header_table_size() {
-            self.codec.set_send_header_table_size(size as usize);
+            self.enc.set_max_frame(size as usize);
         }
         self.emit(frame::Settings::ack().into());
     }
@@ -80,30 +92,42 @@ where
         }
     }
 
-    /// Writes what is queued; true once all of it reached the socket.
+    /// Nothing waits to be written.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.out.is_empty() && self.enc.pending() == 0
+    }
+
+    /// Reading more frames would only add to a backlog the peer is not taking.
+    pub(crate) fn is_backed_up(&self) -> bool {
+        self.enc.pending() > BACKLOG_LIMIT
+    }
+
+    /// Writes what is pending; true once all of it reached the socket.
     pub(crate) fn write(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        self.encode_released();
         if self.failed {
-            return Err(io::Error::other("a frame was refused by the HTTP/2 codec"));
+            return Err(io::Error::other("a frame the relay never sends"));
         }
-        while let Some(f) = self.out.pop_front() {
-            match self.codec.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Err(error) = self.codec.buffer(f) {
-                        tracing::debug!(?error, "frame refused by the codec");
-                        return Err(io::Error::other("a frame was refused by the HTTP/2 codec"));
-                    }
-                }
+        while self.enc.pending() > 0 {
+            let io = self.codec.get_mut();
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let used = self.enc.slices(&mut iov);
+            match Pin::new(io).poll_write_vectored(cx, &iov[..used]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => self.enc.advance(n),
                 Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => {
-                    self.out.push_front(f);
-                    return Ok(false);
-                }
+                Poll::Pending => return Ok(false),
             }
         }
-        match self.codec.flush(cx) {
+        match Pin::new(self.codec.get_mut()).poll_flush(cx) {
             Poll::Ready(Ok(())) => Ok(true),
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Ok(false),
         }
+    }
+
+    /// Closes the write side (after `write` returned true).
+    pub(crate) fn shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.codec.get_mut()).poll_shutdown(cx)
     }
 }

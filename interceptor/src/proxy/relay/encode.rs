@@ -1,0 +1,543 @@
+//! What the relay sends, turned into bytes: frame headers, and header blocks in HPACK.
+//!
+//! h2's codec still reads and decodes every connection; only the sending side is ours. Its
+//! HPACK encoder indexed every field in a dynamic table and Huffman-coded every string: a
+//! third of the relay's instructions per request went to encoding (callgrind, see
+//! docs/benchmarks.md). Here a field is a static-table index where RFC 7541's static table
+//! has it, else a literal that is never added to a table, and strings go out as they are, as
+//! HAProxy does. Peers decode that with no table work at all; the price is header bytes on
+//! the wire (a gRPC request head is about 100 bytes instead of about 20 after the first).
+//!
+//! The first header block on a connection starts with a dynamic table size update to 0, so
+//! the peer's decoder never expects one later, whatever SETTINGS_HEADER_TABLE_SIZE it sends.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use h2::frame::{self, Frame, Pseudo, StreamId};
+use http::HeaderMap;
+
+/// RFC 9113 4.2: the largest frame payload a peer must accept before SETTINGS say more.
+pub(crate) const DEFAULT_MAX_FRAME: usize = 16_384;
+
+/// DATA payloads at most this long are copied behind their frame header; longer ones go out
+/// as their own `Bytes` in a vectored write, without a copy.
+const COPY_AT_MOST: usize = 256;
+
+/// How many buffers one vectored write takes at most.
+pub(crate) const MAX_IOVECS: usize = 64;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// A connection's encoded bytes, waiting for its socket, in order.
+pub(crate) struct Encoder {
+    /// Bytes encoded since the last payload that went into `ready` as it is.
+    buf: BytesMut,
+    ready: VecDeque<Bytes>,
+    /// The peer's SETTINGS_MAX_FRAME_SIZE.
+    max_frame: usize,
+    /// The dynamic table size update (to 0) went out.
+    table_size_sent: bool,
+    /// Bytes in `buf` and `ready`.
+    pending: usize,
+}
+
+/// A frame the relay never sends (PUSH_PROMISE, PRIORITY).
+#[derive(Debug)]
+pub(crate) struct Unsendable;
+
+impl Encoder {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            ready: VecDeque::new(),
+            max_frame: DEFAULT_MAX_FRAME,
+            table_size_sent: false,
+            pending: 0,
+        }
+    }
+
+    pub(crate) fn set_max_frame(&mut self, size: usize) {
+        self.max_frame = size;
+    }
+
+    /// Bytes encoded and not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    pub(crate) fn frame(&mut self, f: Frame<Bytes>) -> Result<(), Unsendable> {
+        let before = self.buf.len();
+        match f {
+            Frame::Data(d) => {
+                self.data(d);
+                return Ok(());
+            }
+            Frame::Headers(h) => self.headers(h),
+            Frame::Settings(s) => s.encode(&mut self.buf),
+            Frame::WindowUpdate(w) => w.encode(&mut self.buf),
+            Frame::Reset(r) => r.encode(&mut self.buf),
+            Frame::Ping(p) => p.encode(&mut self.buf),
+            Frame::GoAway(g) => g.encode(&mut self.buf),
+            Frame::PushPromise(_) | Frame::Priority(_) => return Err(Unsendable),
+        }
+        self.pending += self.buf.len() - before;
+        Ok(())
+    }
+
+    fn data(&mut self, d: frame::Data<Bytes>) {
+        let id = d.stream_id();
+        let eos = d.is_end_stream();
+        let mut payload = d.into_payload();
+        // Frames are relayed at the size they arrived in, which our SETTINGS keep within
+        // what any peer accepts; split anyway rather than send one the peer must refuse.
+        while payload.len() > self.max_frame {
+            let part = payload.split_to(self.max_frame);
+            self.data_frame(id, false, part);
+        }
+        self.data_frame(id, eos, payload);
+    }
+
+    fn data_frame(&mut self, id: StreamId, eos: bool, payload: Bytes) {
+        let flags = if eos { END_STREAM } else { 0 };
+        head(&mut self.buf, payload.len(), DATA, flags, id);
+        self.pending += 9 + payload.len();
+        if payload.len() <= COPY_AT_MOST {
+            self.buf.extend_from_slice(&payload);
+        } else {
+            self.seal();
+            self.ready.push_back(payload);
+        }
+    }
+
+    fn headers(&mut self, h: frame::Headers) {
+        let id = h.stream_id();
+        let eos = h.is_end_stream();
+        let (pseudo, fields) = h.into_parts();
+        // The block is encoded after a frame header whose length is filled in once known.
+        let start = self.buf.len();
+        self.buf.put_bytes(0, 9);
+        if !self.table_size_sent {
+            self.table_size_sent = true;
+            int(&mut self.buf, 0x20, 5, 0);
+        }
+        block(&mut self.buf, &pseudo, &fields);
+        let len = self.buf.len() - start - 9;
+        let flags = if eos { END_STREAM } else { 0 };
+        if len <= self.max_frame {
+            set_head(&mut self.buf[start..], len, HEADERS, flags | END_HEADERS, id);
+            return;
+        }
+        // Too long for one frame: HEADERS, then CONTINUATION frames (RFC 9113 6.10).
+        let block = self.buf.split_off(start + 9).freeze();
+        self.buf.truncate(start);
+        let mut chunks = block.chunks(self.max_frame).peekable();
+        let mut kind = HEADERS;
+        let mut flags = flags;
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let end = if last { END_HEADERS } else { 0 };
+            head(&mut self.buf, chunk.len(), kind, flags | end, id);
+            self.buf.extend_from_slice(chunk);
+            kind = CONTINUATION;
+            flags = 0;
+        }
+    }
+
+    /// What `buf` holds goes behind everything ready, as one piece.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.ready.push_back(self.buf.split().freeze());
+        }
+    }
+
+    /// Points `iov` at the pending bytes, for one vectored write; returns how many it used.
+    pub(crate) fn slices<'a>(&'a mut self, iov: &mut [IoSlice<'a>; MAX_IOVECS]) -> usize {
+        self.seal();
+        let mut n = 0;
+        for (slot, b) in iov.iter_mut().zip(self.ready.iter()) {
+            *slot = IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+
+    /// `n` bytes of the pending ones were written.
+    pub(crate) fn advance(&mut self, mut n: usize) {
+        self.pending -= n;
+        while n > 0 {
+            let Some(front) = self.ready.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.ready.pop_front();
+        }
+    }
+}
+
+/// A frame header (RFC 9113 4.1).
+fn head(dst: &mut BytesMut, len: usize, kind: u8, flags: u8, id: StreamId) {
+    dst.reserve(9);
+    dst.put_uint(len as u64, 3);
+    dst.put_u8(kind);
+    dst.put_u8(flags);
+    dst.put_u32(u32::from(id));
+}
+
+fn set_head(dst: &mut [u8], len: usize, kind: u8, flags: u8, id: StreamId) {
+    dst[..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+    dst[3] = kind;
+    dst[4] = flags;
+    dst[5..9].copy_from_slice(&u32::from(id).to_be_bytes());
+}
+
+/// The header block: pseudo-header fields first (RFC 9113 8.3), then the others.
+fn block(dst: &mut BytesMut, pseudo: &Pseudo, fields: &HeaderMap) {
+    if let Some(m) = &pseudo.method {
+        match m.as_str() {
+            "GET" => indexed(dst, 2),
+            "POST" => indexed(dst, 3),
+            other => literal_indexed_name(dst, 2, other.as_bytes(), false),
+        }
+    }
+    if let Some(s) = &pseudo.scheme {
+        match &**s {
+            "http" => indexed(dst, 6),
+            "https" => indexed(dst, 7),
+            other => literal_indexed_name(dst, 6, other.as_bytes(), false),
+        }
+    }
+    if let Some(a) = &pseudo.authority {
+        literal_indexed_name(dst, 1, a.as_bytes(), false);
+    }
+    if let Some(p) = &pseudo.path {
+        match &**p {
+            "/" => indexed(dst, 4),
+            other => literal_indexed_name(dst, 4, other.as_bytes(), false),
+        }
+    }
+    if let Some(p) = &pseudo.protocol {
+        literal_new_name(dst, b":protocol", p.as_str().as_bytes(), false);
+    }
+    if let Some(s) = &pseudo.status {
+        match s.as_u16() {
+            200 => indexed(dst, 8),
+            204 => indexed(dst, 9),
+            206 => indexed(dst, 10),
+            304 => indexed(dst, 11),
+            400 => indexed(dst, 12),
+            404 => indexed(dst, 13),
+            500 => indexed(dst, 14),
+            _ => literal_indexed_name(dst, 8, s.as_str().as_bytes(), false),
+        }
+    }
+    for (name, value) in fields {
+        let sensitive = value.is_sensitive();
+        match static_name(name.as_str()) {
+            Some(i) => literal_indexed_name(dst, i, value.as_bytes(), sensitive),
+            None => literal_new_name(dst, name.as_str().as_bytes(), value.as_bytes(), sensitive),
+        }
+    }
+}
+
+/// An indexed header field (RFC 7541 6.1).
+fn indexed(dst: &mut BytesMut, index: usize) {
+    int(dst, 0x80, 7, index);
+}
+
+/// A literal field, never entered in a table (RFC 7541 6.2.2 and 6.2.3: a sensitive value
+/// is marked so that intermediaries never index it either).
+fn literal_indexed_name(dst: &mut BytesMut, index: usize, value: &[u8], sensitive: bool) {
+    int(dst, if sensitive { 0x10 } else { 0x00 }, 4, index);
+    string(dst, value);
+}
+
+fn literal_new_name(dst: &mut BytesMut, name: &[u8], value: &[u8], sensitive: bool) {
+    dst.put_u8(if sensitive { 0x10 } else { 0x00 });
+    string(dst, name);
+    string(dst, value);
+}
+
+/// A string literal, not Huffman-coded (RFC 7541 5.2).
+fn string(dst: &mut BytesMut, s: &[u8]) {
+    int(dst, 0x00, 7, s.len());
+    dst.extend_from_slice(s);
+}
+
+/// An integer with an N-bit prefix (RFC 7541 5.1); `flags` are the first byte's other bits.
+fn int(dst: &mut BytesMut, flags: u8, prefix_bits: u8, mut v: usize) {
+    let max = (1usize << prefix_bits) - 1;
+    if v < max {
+        dst.put_u8(flags | v as u8);
+        return;
+    }
+    dst.put_u8(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        dst.put_u8((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    dst.put_u8(v as u8);
+}
+
+/// The index of a field name in HPACK's static table (RFC 7541 Appendix A), for names that
+/// are not pseudo-header fields.
+fn static_name(name: &str) -> Option<usize> {
+    Some(match name {
+        "accept-charset" => 15,
+        "accept-encoding" => 16,
+        "accept-language" => 17,
+        "accept-ranges" => 18,
+        "accept" => 19,
+        "access-control-allow-origin" => 20,
+        "age" => 21,
+        "allow" => 22,
+        "authorization" => 23,
+        "cache-control" => 24,
+        "content-disposition" => 25,
+        "content-encoding" => 26,
+        "content-language" => 27,
+        "content-length" => 28,
+        "content-location" => 29,
+        "content-range" => 30,
+        "content-type" => 31,
+        "cookie" => 32,
+        "date" => 33,
+        "etag" => 34,
+        "expect" => 35,
+        "expires" => 36,
+        "from" => 37,
+        "host" => 38,
+        "if-match" => 39,
+        "if-modified-since" => 40,
+        "if-none-match" => 41,
+        "if-range" => 42,
+        "if-unmodified-since" => 43,
+        "last-modified" => 44,
+        "link" => 45,
+        "location" => 46,
+        "max-forwards" => 47,
+        "proxy-authenticate" => 48,
+        "proxy-authorization" => 49,
+        "range" => 50,
+        "referer" => 51,
+        "refresh" => 52,
+        "retry-after" => 53,
+        "server" => 54,
+        "set-cookie" => 55,
+        "strict-transport-security" => 56,
+        "transfer-encoding" => 57,
+        "user-agent" => 58,
+        "vary" => 59,
+        "via" => 60,
+        "www-authenticate" => 61,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Encoded here, decoded by h2's codec: a decoder that is not ours says the bytes are
+    //! right.
+    use super::*;
+    use futures_util::StreamExt;
+    use h2::Codec;
+    use http::{HeaderValue, Method, StatusCode};
+
+    /// Decodes what `enc` holds with h2's codec, as the peer would.
+    async fn decode(enc: &mut Encoder, max_frame: usize) -> Vec<Frame> {
+        let mut bytes = Vec::new();
+        while enc.pending() > 0 {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let used = enc.slices(&mut iov);
+            let before = bytes.len();
+            for s in &iov[..used] {
+                bytes.extend_from_slice(s);
+            }
+            let n = bytes.len() - before;
+            enc.advance(n);
+        }
+        assert_eq!(enc.pending(), 0);
+        let (mut ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::io::AsyncWriteExt::write_all(&mut ours, &bytes)
+            .await
+            .expect("write");
+        drop(ours);
+        let mut codec: Codec<_, Bytes> = Codec::with_max_recv_frame_size(theirs, max_frame);
+        let mut frames = Vec::new();
+        while let Some(f) = codec.next().await {
+            frames.push(f.expect("h2 decodes what we encoded"));
+        }
+        frames
+    }
+
+    fn id(n: u32) -> StreamId {
+        StreamId::from(n)
+    }
+
+    fn request(path: &str, fields: HeaderMap) -> frame::Headers {
+        let pseudo = Pseudo::request(
+            Method::POST,
+            format!("http://svc.ns:50051{path}").parse().expect("uri"),
+            None,
+        );
+        frame::Headers::new(id(1), pseudo, fields)
+    }
+
+    #[tokio::test]
+    async fn request_and_response_heads_decode_to_what_was_encoded() {
+        let mut fields = HeaderMap::new();
+        fields.insert("content-type", HeaderValue::from_static("application/grpc"));
+        fields.insert("te", HeaderValue::from_static("trailers"));
+        fields.append("x-many", HeaderValue::from_static("one"));
+        fields.append("x-many", HeaderValue::from_static("two"));
+        let mut secret = HeaderValue::from_static("Bearer t0ken");
+        secret.set_sensitive(true);
+        fields.insert("authorization", secret);
+        fields.insert("x-long", HeaderValue::from_str(&"v".repeat(300)).expect("value"));
+        let mut enc = Encoder::new();
+        enc.frame(request("/pkg.Svc/Call", fields.clone()).into())
+            .expect("encode");
+        let mut resp = frame::Headers::new(id(3), Pseudo::response(StatusCode::OK), HeaderMap::new());
+        resp.set_end_stream();
+        enc.frame(resp.into()).expect("encode");
+        let teapot = frame::Headers::new(id(5), Pseudo::response(StatusCode::IM_A_TEAPOT), HeaderMap::new());
+        enc.frame(teapot.into()).expect("encode");
+        let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
+        assert_eq!(frames.len(), 3);
+        let Frame::Headers(h) = &frames[0] else {
+            panic!("not HEADERS: {:?}", frames[0]);
+        };
+        assert_eq!(h.stream_id(), id(1));
+        assert!(!h.is_end_stream());
+        assert_eq!(h.fields(), &fields);
+        let (pseudo, _) = h.clone().into_parts();
+        assert_eq!(pseudo.method, Some(Method::POST));
+        assert_eq!(pseudo.path.as_ref().map(|p| p.as_str()), Some("/pkg.Svc/Call"));
+        assert_eq!(pseudo.authority.as_ref().map(|p| p.as_str()), Some("svc.ns:50051"));
+        assert_eq!(pseudo.scheme.as_ref().map(|p| p.as_str()), Some("http"));
+        let Frame::Headers(r) = &frames[1] else {
+            panic!("not HEADERS: {:?}", frames[1]);
+        };
+        assert!(r.is_end_stream());
+        assert_eq!(r.clone().into_parts().0.status, Some(StatusCode::OK));
+        let Frame::Headers(t) = &frames[2] else {
+            panic!("not HEADERS: {:?}", frames[2]);
+        };
+        assert_eq!(t.clone().into_parts().0.status, Some(StatusCode::IM_A_TEAPOT));
+    }
+
+    #[tokio::test]
+    async fn a_block_longer_than_a_frame_goes_on_in_continuation_frames() {
+        let mut fields = HeaderMap::new();
+        for i in 0..40 {
+            let name = http::HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).expect("name");
+            fields.insert(name, HeaderValue::from_str(&"a".repeat(1000)).expect("value"));
+        }
+        let mut enc = Encoder::new();
+        let mut h = request("/", fields.clone());
+        h.set_end_stream();
+        enc.frame(h.into()).expect("encode");
+        // 40 kB of fields: HEADERS and two CONTINUATION frames of at most 16 KiB.
+        let wire = enc.pending();
+        assert!(wire > 2 * DEFAULT_MAX_FRAME, "{wire}");
+        let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
+        assert_eq!(frames.len(), 1, "h2 joins the CONTINUATION frames into one HEADERS");
+        let Frame::Headers(h) = &frames[0] else {
+            panic!("not HEADERS");
+        };
+        assert!(h.is_end_stream());
+        assert_eq!(h.fields(), &fields);
+    }
+
+    #[tokio::test]
+    async fn data_is_copied_when_small_passed_on_when_large_and_split_to_the_frame_limit() {
+        let mut enc = Encoder::new();
+        enc.set_max_frame(DEFAULT_MAX_FRAME);
+        let small = Bytes::from_static(b"hello");
+        let large = Bytes::from(vec![7u8; 40_000]);
+        enc.frame(frame::Data::new(id(1), small.clone()).into()).expect("encode");
+        let mut last = frame::Data::new(id(1), large.clone());
+        last.set_end_stream(true);
+        enc.frame(last.into()).expect("encode");
+        assert_eq!(enc.pending(), 9 + 5 + 3 * 9 + 40_000);
+        let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
+        let mut got = Vec::new();
+        let mut ends = Vec::new();
+        for f in frames {
+            let Frame::Data(d) = f else {
+                panic!("not DATA: {f:?}");
+            };
+            assert!(d.payload().len() <= DEFAULT_MAX_FRAME);
+            ends.push(d.is_end_stream());
+            got.extend_from_slice(d.payload());
+        }
+        assert_eq!(ends, [false, false, false, true]);
+        assert_eq!(&got[..5], b"hello");
+        assert_eq!(&got[5..], &large[..]);
+    }
+
+    #[tokio::test]
+    async fn control_frames_and_partial_writes() {
+        let mut enc = Encoder::new();
+        let mut s = frame::Settings::default();
+        s.set_initial_window_size(Some(1 << 20));
+        enc.frame(s.into()).expect("encode");
+        enc.frame(frame::WindowUpdate::new(StreamId::zero(), 1000).into()).expect("encode");
+        enc.frame(frame::Reset::new(id(1), h2::Reason::CANCEL).into()).expect("encode");
+        enc.frame(frame::Ping::new([1; 8]).into()).expect("encode");
+        enc.frame(frame::GoAway::new(id(1), h2::Reason::NO_ERROR).into()).expect("encode");
+        enc.frame(frame::Data::new(id(3), Bytes::from(vec![1u8; 1000])).into()).expect("encode");
+        // A socket that takes a few bytes at a time.
+        let total = enc.pending();
+        let mut bytes = Vec::new();
+        while enc.pending() > 0 {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            enc.slices(&mut iov);
+            let first = iov[0].to_vec();
+            let n = first.len().min(7);
+            bytes.extend_from_slice(&first[..n]);
+            enc.advance(n);
+        }
+        assert_eq!(bytes.len(), total);
+        let mut again = Encoder::new();
+        for b in bytes.chunks(1) {
+            again.buf.extend_from_slice(b);
+            again.pending += 1;
+        }
+        let frames = decode(&mut again, DEFAULT_MAX_FRAME).await;
+        let kinds: Vec<&str> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Settings(_) => "settings",
+                Frame::WindowUpdate(_) => "window",
+                Frame::Reset(_) => "reset",
+                Frame::Ping(_) => "ping",
+                Frame::GoAway(_) => "goaway",
+                Frame::Data(_) => "data",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["settings", "window", "reset", "ping", "goaway", "data"]);
+    }
+
+    #[test]
+    fn integers_past_their_prefix_take_continuation_bytes() {
+        // RFC 7541 C.1.2: 1337 with a 5-bit prefix.
+        let mut b = BytesMut::new();
+        int(&mut b, 0, 5, 1337);
+        assert_eq!(&b[..], &[31, 154, 10]);
+        let mut b = BytesMut::new();
+        int(&mut b, 0x80, 7, 127);
+        assert_eq!(&b[..], &[0xff, 0]);
+    }
+}
