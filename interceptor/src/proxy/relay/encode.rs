@@ -414,26 +414,23 @@ mod tests {
         enc.frame(teapot.into()).expect("encode");
         let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
         assert_eq!(frames.len(), 3);
-        let Frame::Headers(h) = &frames[0] else {
-            panic!("not HEADERS: {:?}", frames[0]);
-        };
-        assert_eq!(h.stream_id(), id(1));
-        assert!(!h.is_end_stream());
-        assert_eq!(h.fields(), &fields);
-        let (pseudo, _) = h.clone().into_parts();
+        let mut heads = frames.into_iter().map(|f| match f {
+            Frame::Headers(h) => (h.stream_id(), h.is_end_stream(), h.into_parts()),
+            other => panic!("not HEADERS: {other:?}"),
+        });
+        let (sid, eos, (pseudo, got)) = heads.next().expect("request");
+        assert_eq!((sid, eos), (id(1), false));
+        assert_eq!(got, fields);
         assert_eq!(pseudo.method, Some(Method::POST));
-        assert_eq!(pseudo.path.as_ref().map(|p| p.as_str()), Some("/pkg.Svc/Call"));
-        assert_eq!(pseudo.authority.as_ref().map(|p| p.as_str()), Some("svc.ns:50051"));
-        assert_eq!(pseudo.scheme.as_ref().map(|p| p.as_str()), Some("http"));
-        let Frame::Headers(r) = &frames[1] else {
-            panic!("not HEADERS: {:?}", frames[1]);
-        };
-        assert!(r.is_end_stream());
-        assert_eq!(r.clone().into_parts().0.status, Some(StatusCode::OK));
-        let Frame::Headers(t) = &frames[2] else {
-            panic!("not HEADERS: {:?}", frames[2]);
-        };
-        assert_eq!(t.clone().into_parts().0.status, Some(StatusCode::IM_A_TEAPOT));
+        let text = |v: &Option<frame::BytesStr>| v.as_ref().map(|p| p.to_string());
+        assert_eq!(text(&pseudo.path).as_deref(), Some("/pkg.Svc/Call"));
+        assert_eq!(text(&pseudo.authority).as_deref(), Some("svc.ns:50051"));
+        assert_eq!(text(&pseudo.scheme).as_deref(), Some("http"));
+        let (_, eos, (pseudo, _)) = heads.next().expect("response");
+        assert!(eos);
+        assert_eq!(pseudo.status, Some(StatusCode::OK));
+        let (_, _, (pseudo, _)) = heads.next().expect("response");
+        assert_eq!(pseudo.status, Some(StatusCode::IM_A_TEAPOT));
     }
 
     #[tokio::test]
@@ -452,11 +449,11 @@ mod tests {
         assert!(wire > 2 * DEFAULT_MAX_FRAME, "{wire}");
         let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
         assert_eq!(frames.len(), 1, "h2 joins the CONTINUATION frames into one HEADERS");
-        let Frame::Headers(h) = &frames[0] else {
+        let Some(Frame::Headers(h)) = frames.into_iter().next() else {
             panic!("not HEADERS");
         };
         assert!(h.is_end_stream());
-        assert_eq!(h.fields(), &fields);
+        assert_eq!(h.into_fields(), fields);
     }
 
     #[tokio::test]
@@ -528,6 +525,25 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["settings", "window", "reset", "ping", "goaway", "data"]);
+    }
+
+    #[test]
+    fn a_sensitive_value_is_marked_never_indexed() {
+        let mut fields = HeaderMap::new();
+        let mut secret = HeaderValue::from_static("Bearer t0ken");
+        secret.set_sensitive(true);
+        fields.insert("authorization", secret);
+        fields.insert("x-plain", HeaderValue::from_static("v"));
+        let mut b = BytesMut::new();
+        block(&mut b, &Pseudo::default(), &fields);
+        // authorization is static index 23: 0x10 | 15, then 23 - 15; its value as it is.
+        let mut want = vec![0x1f, 8, 12];
+        want.extend_from_slice(b"Bearer t0ken");
+        // x-plain: a literal with a new name, without indexing.
+        want.extend_from_slice(&[0x00, 7]);
+        want.extend_from_slice(b"x-plain");
+        want.extend_from_slice(&[1, b'v']);
+        assert_eq!(&b[..], &want[..]);
     }
 
     #[test]
