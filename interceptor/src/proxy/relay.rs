@@ -53,8 +53,9 @@ pub(crate) enum ToClient {
     /// This many request body bytes went on to the endpoint: the client may send as many.
     Credit(StreamId, u32),
     /// The endpoint never saw the stream (the connection failed before it was sent, or a
-    /// GOAWAY put it past the last stream processed): it may go to another endpoint.
-    Unprocessed(StreamId, Unprocessed),
+    /// GOAWAY put it past the last stream processed): it may go to another endpoint. The
+    /// request head comes back with it.
+    Unprocessed(StreamId, Unprocessed, Option<RequestHead>),
     /// The connection to the endpoint broke with the stream on it.
     Broken(StreamId),
     /// The endpoint's response headers were malformed or over the size limit.
@@ -74,11 +75,22 @@ pub(crate) enum Unprocessed {
     Overflow,
 }
 
+/// A request's head, what a replay sends again. It goes with the stream to the upstream
+/// connection, which keeps it until the endpoint answers and hands it back if the endpoint
+/// never processed the stream: the client connection keeps no copy.
+pub(crate) struct RequestHead {
+    pub(crate) pseudo: Pseudo,
+    pub(crate) fields: http::HeaderMap,
+}
+
 /// What a client connection tells an upstream connection; stream ids are the upstream's.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum ToUpstream {
     Open {
-        head: frame::Headers,
+        id: StreamId,
+        head: RequestHead,
+        /// END_STREAM on the HEADERS.
+        eos: bool,
         client: ClientLink,
         client_id: StreamId,
     },
@@ -130,43 +142,44 @@ impl UpLink {
         }
     }
 
-    /// Queues a new stream's HEADERS; its upstream id, or `None` if the connection takes no
-    /// new streams.
+    /// Queues a new stream's HEADERS; its upstream id, or the head back if the connection
+    /// takes no new streams.
     pub(crate) fn open(
         &self,
-        pseudo: Pseudo,
-        fields: http::HeaderMap,
+        head: RequestHead,
         eos: bool,
         client: &ClientLink,
         client_id: StreamId,
-    ) -> Option<StreamId> {
+    ) -> Result<StreamId, RequestHead> {
         if !self.accepting.load(Ordering::Acquire) {
-            return None;
+            return Err(head);
         }
-        let queued = self.outbox.push_with(|ids| {
+        let queued = self.outbox.push_with(head, |ids, head| {
             if ids.next > u32::from(StreamId::MAX) {
-                return None;
+                return Err(head);
             }
             let id = StreamId::from(ids.next);
             ids.next += 2;
-            let mut head = frame::Headers::new(id, pseudo, fields);
-            if eos {
-                head.set_end_stream();
-            }
             let open = ToUpstream::Open {
+                id,
                 head,
+                eos,
                 client: client.clone(),
                 client_id,
             };
-            Some((open, id))
+            Ok((open, id))
         });
-        let Some(id) = queued else {
-            // Gone, or out of stream ids: either way it takes no new stream.
-            self.accepting.store(false, Ordering::Release);
-            return None;
-        };
-        self.active.fetch_add(1, Ordering::Relaxed);
-        Some(id)
+        match queued {
+            Ok(id) => {
+                self.active.fetch_add(1, Ordering::Relaxed);
+                Ok(id)
+            }
+            Err(head) => {
+                // Gone, or out of stream ids: either way it takes no new stream.
+                self.accepting.store(false, Ordering::Release);
+                Err(head)
+            }
+        }
     }
 
     /// Queues a frame of an open stream. Lost only if the connection is gone, and then its

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use h2::frame::{self, Frame, Pseudo, StreamId};
 use h2::{Codec, Reason};
-use http::{HeaderMap, HeaderName, Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 
@@ -29,7 +29,9 @@ use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW};
 use super::outbox::Outbox;
 use super::wire::Wire;
-use super::{ClientLink, IdHash, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
+use super::{
+    ClientLink, IdHash, RequestHead, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE,
+};
 
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;
@@ -97,23 +99,13 @@ where
 /// The request as first received, kept until the response starts so that a stream the
 /// endpoint never processed can go to another one.
 struct Replay {
-    pseudo: Pseudo,
-    fields: HeaderMap,
+    /// `None` while an attempt carries it (the upstream connection hands it back if the
+    /// endpoint never processed the stream).
+    head: Option<RequestHead>,
     body: Vec<Bytes>,
     bytes: usize,
     /// The request ended (END_STREAM received).
     whole: bool,
-}
-
-fn copy_pseudo(p: &Pseudo) -> Pseudo {
-    Pseudo {
-        method: p.method.clone(),
-        scheme: p.scheme.clone(),
-        authority: p.authority.clone(),
-        path: p.path.clone(),
-        protocol: p.protocol.clone(),
-        status: p.status,
-    }
 }
 
 /// The upstream stream currently carrying a client stream.
@@ -699,8 +691,7 @@ where
         }
         s.deadline = grpc::grpc_timeout(&fields).map(|d| self.now + d);
         s.replay = Some(Replay {
-            pseudo,
-            fields,
+            head: Some(RequestHead { pseudo, fields }),
             body: Vec::new(),
             bytes: 0,
             whole: eos,
@@ -854,7 +845,7 @@ where
                 self.end_stream(s, Some(Status::RESET));
             }
             ToClient::Credit(id, n) => self.on_credit(id, n),
-            ToClient::Unprocessed(id, why) => self.on_unprocessed(id, why),
+            ToClient::Unprocessed(id, why, head) => self.on_unprocessed(id, why, head),
             ToClient::Broken(id) => {
                 let Some(s) = self.streams.get_mut(&id) else {
                     return;
@@ -950,13 +941,16 @@ where
 
     /// The endpoint never saw the stream: another endpoint (or the same, anew) gets it while
     /// its request is still whole here.
-    fn on_unprocessed(&mut self, id: StreamId, why: Unprocessed) {
+    fn on_unprocessed(&mut self, id: StreamId, why: Unprocessed, head: Option<RequestHead>) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let Some(a) = s.attempt.take() else {
             return;
         };
+        if let (Some(r), Some(head)) = (s.replay.as_mut(), head) {
+            r.head = Some(head);
+        }
         let addr = a.in_flight.stats().addr();
         drop(a);
         match why {
@@ -979,8 +973,9 @@ where
             // Waited for room on a full connection: picked again, at no cost.
             Unprocessed::Overflow => s.attempts -= 1,
         }
-        if s.replay.is_none() {
-            // The body went on past what is kept: only the client can retry.
+        if s.replay.as_ref().is_none_or(|r| r.head.is_none()) {
+            // The body went on past what is kept (or trailers came): only the client can
+            // retry.
             let mut s = match self.streams.remove(&id) {
                 Some(s) => s,
                 None => return,
@@ -1009,9 +1004,10 @@ where
         // Connections found closing under us cost no attempt, but are bounded all the same.
         let mut closing_found = 0;
         loop {
-            let Some(replay) = &s.replay else {
+            let Some(replay) = &mut s.replay else {
                 return;
             };
+            debug_assert!(replay.head.is_some(), "an attempt is made with the head at hand");
             if s.attempts >= max_attempts {
                 m::unavailable(UnavailableReason::AttemptsExhausted);
                 let msg = format!(
@@ -1042,29 +1038,29 @@ where
             };
             let body_follows = !replay.body.is_empty();
             let eos_on_headers = replay.whole && !body_follows;
-            let mut fields = replay.fields.clone();
+            let Some(mut head) = replay.head.take() else {
+                return;
+            };
             if let Some(d) = s.deadline {
                 let left = d.saturating_duration_since(tokio::time::Instant::now());
-                fields.insert(
+                head.fields.insert(
                     GRPC_TIMEOUT,
                     grpc::encode_grpc_timeout(left.saturating_sub(DEADLINE_MARGIN)),
                 );
             }
-            let Some(up_id) = link.open(
-                copy_pseudo(&replay.pseudo),
-                fields,
-                eos_on_headers,
-                &self.link,
-                id,
-            ) else {
-                // Closing under us: neither this connection's cache entry nor the pool (on its
-                // next pick) keeps it.
-                self.links.retain(|(_, l)| l.is_accepting());
-                closing_found += 1;
-                if closing_found <= max_attempts {
-                    s.attempts -= 1;
+            let up_id = match link.open(head, eos_on_headers, &self.link, id) {
+                Ok(up_id) => up_id,
+                Err(head) => {
+                    replay.head = Some(head);
+                    // Closing under us: neither this connection's cache entry nor the pool
+                    // (on its next pick) keeps it.
+                    self.links.retain(|(_, l)| l.is_accepting());
+                    closing_found += 1;
+                    if closing_found <= max_attempts {
+                        s.attempts -= 1;
+                    }
+                    continue;
                 }
-                continue;
             };
             let n = replay.body.len();
             for (i, chunk) in replay.body.iter().enumerate() {

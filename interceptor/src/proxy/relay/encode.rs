@@ -78,7 +78,12 @@ impl Encoder {
                 self.data(d);
                 return Ok(());
             }
-            Frame::Headers(h) => self.headers(h),
+            Frame::Headers(h) => {
+                let (id, eos) = (h.stream_id(), h.is_end_stream());
+                let (pseudo, fields) = h.into_parts();
+                self.headers(id, eos, &pseudo, &fields);
+                return Ok(());
+            }
             Frame::Settings(s) => s.encode(&mut self.buf),
             Frame::WindowUpdate(w) => w.encode(&mut self.buf),
             Frame::Reset(r) => r.encode(&mut self.buf),
@@ -115,10 +120,14 @@ impl Encoder {
         }
     }
 
-    fn headers(&mut self, h: frame::Headers) {
-        let id = h.stream_id();
-        let eos = h.is_end_stream();
-        let (pseudo, fields) = h.into_parts();
+    /// A HEADERS frame (and CONTINUATION frames if the block needs them).
+    pub(crate) fn headers(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
+        let before = self.buf.len();
+        self.header_frames(id, eos, pseudo, fields);
+        self.pending += self.buf.len() - before;
+    }
+
+    fn header_frames(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
         // The block is encoded after a frame header whose length is filled in once known.
         let start = self.buf.len();
         self.buf.put_bytes(0, 9);
@@ -126,7 +135,7 @@ impl Encoder {
             self.table_size_sent = true;
             int(&mut self.buf, 0x20, 5, 0);
         }
-        block(&mut self.buf, &pseudo, &fields);
+        block(&mut self.buf, pseudo, fields);
         let len = self.buf.len() - start - 9;
         let flags = if eos { END_STREAM } else { 0 };
         if len <= self.max_frame {

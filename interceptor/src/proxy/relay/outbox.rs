@@ -51,22 +51,27 @@ impl<M, S> Outbox<M, S> {
         Ok(())
     }
 
-    /// Runs `f` on the shared state and, if it returns a message, queues it, all under one
-    /// lock. `None` if the owner is gone (`f` is not run).
-    pub(crate) fn push_with<R>(&self, f: impl FnOnce(&mut S) -> Option<(M, R)>) -> Option<R> {
+    /// Runs `f` on the shared state and `v` and, if it makes a message of them, queues it,
+    /// all under one lock. `v` comes back if the owner is gone (`f` is not run) or `f` gave
+    /// it back.
+    pub(crate) fn push_with<V, R>(
+        &self,
+        v: V,
+        f: impl FnOnce(&mut S, V) -> Result<(M, R), V>,
+    ) -> Result<R, V> {
         let (r, waker) = {
             let mut g = lock(&self.inner);
             if g.closed {
-                return None;
+                return Err(v);
             }
-            let (m, r) = f(&mut g.state)?;
+            let (m, r) = f(&mut g.state, v)?;
             g.items.push(m);
             (r, g.waker.take())
         };
         if let Some(w) = waker {
             w.wake();
         }
-        Some(r)
+        Ok(r)
     }
 
     /// Moves everything queued into `into` (which must be empty; its allocation is kept for

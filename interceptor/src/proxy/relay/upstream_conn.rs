@@ -22,7 +22,9 @@ use super::super::pool::is_local_error;
 use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
 use super::wire::Wire;
-use super::{ClientLink, IdHash, Key, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
+use super::{
+    ClientLink, IdHash, Key, RequestHead, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE,
+};
 
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;
@@ -110,10 +112,13 @@ async fn run(
 fn refuse_queued(link: &UpLink, why: Unprocessed) {
     for m in link.outbox.close() {
         if let ToUpstream::Open {
-            client, client_id, ..
+            head,
+            client,
+            client_id,
+            ..
         } = m
         {
-            let _ = client.push(ToClient::Unprocessed(client_id, why));
+            let _ = client.push(ToClient::Unprocessed(client_id, why, Some(head)));
         }
     }
 }
@@ -122,8 +127,11 @@ fn refuse_queued(link: &UpLink, why: Unprocessed) {
 struct UStream {
     client: ClientLink,
     client_id: StreamId,
-    /// The request's HEADERS until the stream starts.
-    head: Option<frame::Headers>,
+    /// The request's head: sent when the stream starts, and kept until the endpoint answers,
+    /// to go back to the client connection if the endpoint never processed the stream.
+    head: Option<RequestHead>,
+    /// END_STREAM on the HEADERS.
+    head_ends: bool,
     /// Request frames waiting for the endpoint's window.
     out: StreamOut,
     /// Its HEADERS went out (a stream past the endpoint's concurrency limit waits).
@@ -381,7 +389,7 @@ impl UpConn {
                 let id = r.stream_id();
                 if let Some(s) = self.remove(id) {
                     let msg = if r.reason() == Reason::REFUSED_STREAM {
-                        ToClient::Unprocessed(s.client_id, Unprocessed::Refused)
+                        ToClient::Unprocessed(s.client_id, Unprocessed::Refused, s.head)
                     } else {
                         ToClient::Reset(s.client_id, r.reason())
                     };
@@ -417,6 +425,8 @@ impl UpConn {
                 .emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
             return;
         };
+        // The endpoint processed it: no replay from here on.
+        s.head = None;
         if h.is_over_size() {
             let (client, client_id) = (s.client.clone(), s.client_id);
             self.reset(id, Reason::REFUSED_STREAM);
@@ -534,9 +544,11 @@ impl UpConn {
             .collect();
         for id in refused {
             if let Some(s) = self.remove(id) {
-                let _ = s
-                    .client
-                    .push(ToClient::Unprocessed(s.client_id, Unprocessed::Refused));
+                let _ = s.client.push(ToClient::Unprocessed(
+                    s.client_id,
+                    Unprocessed::Refused,
+                    s.head,
+                ));
             }
         }
     }
@@ -569,23 +581,29 @@ impl UpConn {
     fn on_msg(&mut self, m: ToUpstream) {
         match m {
             ToUpstream::Open {
+                id,
                 head,
+                eos,
                 client,
                 client_id,
             } => {
-                let id = head.stream_id();
                 if self.goaway {
                     self.link.active.fetch_sub(1, Ordering::Relaxed);
-                    let _ = client.push(ToClient::Unprocessed(client_id, Unprocessed::Closing));
+                    let _ = client.push(ToClient::Unprocessed(
+                        client_id,
+                        Unprocessed::Closing,
+                        Some(head),
+                    ));
                     return;
                 }
-                let req_done = head.is_end_stream();
+                let req_done = eos;
                 self.streams.insert(
                     id,
                     UStream {
                         client,
                         client_id,
                         head: Some(head),
+                        head_ends: eos,
                         out: self.send.stream(),
                         started: false,
                         req_done,
@@ -654,8 +672,8 @@ impl UpConn {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.started = true;
                 self.started += 1;
-                if let Some(head) = s.head.take() {
-                    self.wire.emit(head.into());
+                if let Some(head) = &s.head {
+                    self.wire.emit_head(id, s.head_ends, head);
                 }
                 self.drain(id);
             }
@@ -670,9 +688,11 @@ impl UpConn {
         }
         for id in std::mem::take(&mut self.waiting) {
             if let Some(s) = self.remove(id) {
-                let _ = s
-                    .client
-                    .push(ToClient::Unprocessed(s.client_id, Unprocessed::Overflow));
+                let _ = s.client.push(ToClient::Unprocessed(
+                    s.client_id,
+                    Unprocessed::Overflow,
+                    s.head,
+                ));
             }
         }
     }
@@ -748,7 +768,7 @@ impl UpConn {
                 let msg = if s.started && self.settings_seen {
                     ToClient::Broken(s.client_id)
                 } else {
-                    ToClient::Unprocessed(s.client_id, unsent)
+                    ToClient::Unprocessed(s.client_id, unsent, s.head)
                 };
                 let _ = s.client.push(msg);
             }

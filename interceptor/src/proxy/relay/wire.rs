@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::encode::{Encoder, MAX_IOVECS};
 use super::flow::{SendWindows, StreamOut};
+use super::RequestHead;
 
 /// Past this many encoded bytes waiting for the socket, the connection's frames are not read
 /// (each read can add answers: PING and SETTINGS acknowledgements, resets): a peer that sends
@@ -50,6 +51,12 @@ where
     pub(crate) fn emit(&mut self, f: Frame<Bytes>) {
         self.encode_released();
         self.encode(f);
+    }
+
+    /// A request's HEADERS, encoded from the head the stream keeps (for a replay).
+    pub(crate) fn emit_head(&mut self, id: StreamId, eos: bool, head: &RequestHead) {
+        self.encode_released();
+        self.enc.headers(id, eos, &head.pseudo, &head.fields);
     }
 
     fn encode(&mut self, f: Frame<Bytes>) {
