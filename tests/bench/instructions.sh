@@ -14,25 +14,12 @@
 # -p interceptor -p interceptor-tests --bins), valgrind, h2load, haproxy, taskset. Every load is
 # bounded by N and every process started here is stopped on exit.
 set -euo pipefail
-root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-bin=$root/target/release
+. "$(dirname "$0")/loopback-common.sh"
 n=${N:-20000} conns=${CONNS:-4} streams=${STREAMS:-32}
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-for f in "$bin/interceptor" "$bin/icp-pod"; do
-  [ -x "$f" ] || { echo "missing $f: cargo build --release -p interceptor -p interceptor-tests --bins" >&2; exit 1; }
-done
 for t in valgrind callgrind_control callgrind_annotate h2load taskset; do
   command -v "$t" >/dev/null || { echo "missing $t (valgrind, nghttp2-client, util-linux)" >&2; exit 1; }
 done
-printf '\x00\x00\x00\x00\x07bench!!' > "$work/body"
-ports=(19001 19002 19003 19004)
-for p in "${ports[@]}"; do
-  taskset -c 0 "$bin/icp-pod" h2serve --port "$p" >/dev/null 2>&1 & pids+=($!)
-done
-endpoints=$(printf '127.0.0.1:%s,' "${ports[@]}"); endpoints=${endpoints%,}
+start_backends 0
 load() { taskset -c 0 h2load "-c$conns" "-m$streams" -n "$1" -d "$work/body" \
   -H 'content-type: application/grpc' -H 'te: trailers' http://127.0.0.1:19000/bench.Bench/Call; }
 run() {
@@ -42,10 +29,7 @@ run() {
       cmd=("$bin/interceptor" proxy --listen 127.0.0.1:19000 --endpoints "$endpoints"
         --worker-threads 1 --h2-engine "$who") ;;
     haproxy)
-      { printf 'global\n  nbthread 1\n'; printf 'defaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
-        printf 'frontend f\n  bind 127.0.0.1:19000 proto h2\n  default_backend b\nbackend b\n  balance roundrobin\n  http-reuse always\n'
-        for p in "${ports[@]}"; do printf '  server s%s 127.0.0.1:%s proto h2\n' "$p" "$p"; done
-      } > "$work/haproxy.cfg"
+      haproxy_config "$work/haproxy.cfg" 1
       cmd=(haproxy -f "$work/haproxy.cfg" -db) ;;
     *) echo "unknown contender $who" >&2; return 1 ;;
   esac

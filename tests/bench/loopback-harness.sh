@@ -12,25 +12,11 @@
 # and h2load, haproxy, taskset (cargo xtask setup installs them). Every load is bounded by
 # SECS and every process started here is stopped on exit.
 set -euo pipefail
-root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-bin=$root/target/release
+. "$(dirname "$0")/loopback-common.sh"
 conns=${CONNS:-4} streams=${STREAMS:-32} secs=${SECS:-8} workers=${WORKERS:-1}
 load_cpu=0 proxy_cpu=1
 if [ "$workers" -gt 1 ]; then load_cpu=0,1 proxy_cpu=0,1; fi
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-for f in "$bin/interceptor" "$bin/icp-pod"; do
-  [ -x "$f" ] || { echo "missing $f: cargo build --release -p interceptor -p interceptor-tests --bins" >&2; exit 1; }
-done
-# A gRPC-shaped request: a 7-byte message behind the 5-byte length prefix.
-printf '\x00\x00\x00\x00\x07bench!!' > "$work/body"
-ports=(19001 19002 19003 19004)
-for p in "${ports[@]}"; do
-  taskset -c "$load_cpu" "$bin/icp-pod" h2serve --port "$p" >/dev/null 2>&1 & pids+=($!)
-done
-endpoints=$(printf '127.0.0.1:%s,' "${ports[@]}"); endpoints=${endpoints%,}
+start_backends "$load_cpu"
 load() { taskset -c "$load_cpu" h2load "-c$conns" "-m$streams" "-D$1" -d "$work/body" \
   -H 'content-type: application/grpc' -H 'te: trailers' http://127.0.0.1:19000/bench.Bench/Call; }
 run() {
@@ -40,10 +26,7 @@ run() {
       taskset -c "$proxy_cpu" "$bin/interceptor" proxy --listen 127.0.0.1:19000 --endpoints "$endpoints" \
         --worker-threads "$workers" --h2-engine "$who" >"$work/$who.log" 2>&1 & proxy=$! ;;
     haproxy)
-      { printf 'global\n  nbthread %s\n' "$workers"; printf 'defaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
-        printf 'frontend f\n  bind 127.0.0.1:19000 proto h2\n  default_backend b\nbackend b\n  balance roundrobin\n  http-reuse always\n'
-        for p in "${ports[@]}"; do printf '  server s%s 127.0.0.1:%s proto h2\n' "$p" "$p"; done
-      } > "$work/haproxy.cfg"
+      haproxy_config "$work/haproxy.cfg" "$workers"
       taskset -c "$proxy_cpu" haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & proxy=$! ;;
     *) echo "unknown contender $who" >&2; return 1 ;;
   esac
