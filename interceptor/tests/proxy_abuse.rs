@@ -515,6 +515,49 @@ async fn hpack_bomb_is_rejected_before_it_reaches_an_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pings_without_reading_is_no_longer_read() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let legit = Legit::start(p.addr).await;
+    let rss_before = rss_kib();
+    // Every PING asks for an answer that this client never reads. Were the proxy to read on,
+    // the answers would pile up in it without end; it stops reading instead, and the client's
+    // writes stall once the socket buffers between the two are full (a few MiB on loopback).
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (_r, mut w) = s.into_split();
+    w.write_all(H2_PREFACE).await.expect("preface");
+    w.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
+    let batch: Vec<u8> = (0..4096u64)
+        .flat_map(|i| frame(6, 0, 0, &i.to_be_bytes()))
+        .collect();
+    const CAP: usize = 256 << 20;
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let stalled = loop {
+        if sent >= CAP || started.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        match timeout(Duration::from_secs(2), w.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(e)) => panic!("the proxy closed the connection instead: {e}"),
+            Err(_) => break true,
+        }
+    };
+    let growth = rss_kib().saturating_sub(rss_before);
+    println!(
+        "PINGs written before the proxy stopped reading: {} MiB in {:?}; RSS growth {growth} KiB",
+        sent >> 20,
+        started.elapsed()
+    );
+    assert!(stalled, "the proxy read {} MiB of PINGs it could not answer", sent >> 20);
+    // The answers it holds (1 MiB) and what its socket buffers hold, not the flood.
+    assert!(growth < 32 * 1024, "RSS grew by {growth} KiB");
+    drop(w);
+    assert_unharmed(&legit.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_stall_only_their_own_streams() {
     let _serial = SERIAL.lock().await;
     let b = Backend::start([127, 0, 0, 2], "b2");

@@ -316,13 +316,7 @@ impl UpConn {
             self.on_timer()?;
         }
         let mut read_all = false;
-        let mut paused = false;
         for _ in 0..READ_BUDGET {
-            if self.wire.is_backed_up() {
-                // Read again once the socket took the backlog (woken by the write, or below).
-                (paused, read_all) = (true, true);
-                break;
-            }
             match Pin::new(&mut self.wire.codec).poll_next(cx) {
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f)?,
                 Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
@@ -358,10 +352,7 @@ impl UpConn {
             self.wire
                 .emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
-        let flushed = self.wire.write(cx)?;
-        if paused && flushed {
-            cx.waker().wake_by_ref();
-        }
+        self.wire.write(cx)?;
         if self.goaway && self.streams.is_empty() && self.wire.is_idle() {
             return Poll::Ready(Ok(()));
         }

@@ -16,9 +16,11 @@ use super::encode::{Encoder, MAX_IOVECS};
 use super::flow::{SendWindows, StreamOut};
 use super::RequestHead;
 
-/// Past this many encoded bytes waiting for the socket, the connection's frames are not read
-/// (each read can add answers: PING and SETTINGS acknowledgements, resets): a peer that sends
-/// without reading holds at most this much of ours.
+/// Past this many encoded bytes waiting for the socket, a client connection's frames are not
+/// read (each read can add answers: PING and SETTINGS acknowledgements, resets): a client that
+/// sends without reading holds at most about this much of ours. Everything waiting on a client
+/// connection is that client's. An upstream connection is not paused so: it carries many
+/// clients' streams, and what it queues is bounded by the endpoint's windows and streams.
 const BACKLOG_LIMIT: usize = 1 << 20;
 
 pub(crate) struct Wire<T> {
