@@ -550,7 +550,11 @@ async fn a_client_that_pings_without_reading_is_no_longer_read() {
         sent >> 20,
         started.elapsed()
     );
-    assert!(stalled, "the proxy read {} MiB of PINGs it could not answer", sent >> 20);
+    assert!(
+        stalled,
+        "the proxy read {} MiB of PINGs it could not answer",
+        sent >> 20
+    );
     // The answers it holds (1 MiB) and what its socket buffers hold, not the flood.
     assert!(growth < 32 * 1024, "RSS grew by {growth} KiB");
     drop(w);

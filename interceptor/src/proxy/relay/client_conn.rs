@@ -29,9 +29,7 @@ use super::super::Shared;
 use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW};
 use super::outbox::Outbox;
 use super::wire::Wire;
-use super::{
-    ClientLink, IdHash, RequestHead, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE,
-};
+use super::{ClientLink, IdHash, RequestHead, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE};
 
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;
@@ -1007,7 +1005,10 @@ where
             let Some(replay) = &mut s.replay else {
                 return;
             };
-            debug_assert!(replay.head.is_some(), "an attempt is made with the head at hand");
+            debug_assert!(
+                replay.head.is_some(),
+                "an attempt is made with the head at hand"
+            );
             if s.attempts >= max_attempts {
                 m::unavailable(UnavailableReason::AttemptsExhausted);
                 let msg = format!(

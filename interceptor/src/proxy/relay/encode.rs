@@ -140,7 +140,13 @@ impl Encoder {
         let len = self.buf.len() - start - 9;
         let flags = if eos { END_STREAM } else { 0 };
         if len <= self.max_frame {
-            set_head(&mut self.buf[start..], len, HEADERS, flags | END_HEADERS, id);
+            set_head(
+                &mut self.buf[start..],
+                len,
+                HEADERS,
+                flags | END_HEADERS,
+                id,
+            );
             return;
         }
         // Too long for one frame: HEADERS, then CONTINUATION frames (RFC 9113 6.10).
@@ -413,14 +419,22 @@ mod tests {
         let mut secret = HeaderValue::from_static("Bearer t0ken");
         secret.set_sensitive(true);
         fields.insert("authorization", secret);
-        fields.insert("x-long", HeaderValue::from_str(&"v".repeat(300)).expect("value"));
+        fields.insert(
+            "x-long",
+            HeaderValue::from_str(&"v".repeat(300)).expect("value"),
+        );
         let mut enc = Encoder::new();
         enc.frame(request("/pkg.Svc/Call", fields.clone()).into())
             .expect("encode");
-        let mut resp = frame::Headers::new(id(3), Pseudo::response(StatusCode::OK), HeaderMap::new());
+        let mut resp =
+            frame::Headers::new(id(3), Pseudo::response(StatusCode::OK), HeaderMap::new());
         resp.set_end_stream();
         enc.frame(resp.into()).expect("encode");
-        let teapot = frame::Headers::new(id(5), Pseudo::response(StatusCode::IM_A_TEAPOT), HeaderMap::new());
+        let teapot = frame::Headers::new(
+            id(5),
+            Pseudo::response(StatusCode::IM_A_TEAPOT),
+            HeaderMap::new(),
+        );
         enc.frame(teapot.into()).expect("encode");
         let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
         assert_eq!(frames.len(), 3);
@@ -447,8 +461,12 @@ mod tests {
     async fn a_block_longer_than_a_frame_goes_on_in_continuation_frames() {
         let mut fields = HeaderMap::new();
         for i in 0..40 {
-            let name = http::HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).expect("name");
-            fields.insert(name, HeaderValue::from_str(&"a".repeat(1000)).expect("value"));
+            let name =
+                http::HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).expect("name");
+            fields.insert(
+                name,
+                HeaderValue::from_str(&"a".repeat(1000)).expect("value"),
+            );
         }
         let mut enc = Encoder::new();
         let mut h = request("/", fields.clone());
@@ -458,7 +476,11 @@ mod tests {
         let wire = enc.pending();
         assert!(wire > 2 * DEFAULT_MAX_FRAME, "{wire}");
         let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
-        assert_eq!(frames.len(), 1, "h2 joins the CONTINUATION frames into one HEADERS");
+        assert_eq!(
+            frames.len(),
+            1,
+            "h2 joins the CONTINUATION frames into one HEADERS"
+        );
         let Some(Frame::Headers(h)) = frames.into_iter().next() else {
             panic!("not HEADERS");
         };
@@ -472,7 +494,8 @@ mod tests {
         enc.set_max_frame(DEFAULT_MAX_FRAME);
         let small = Bytes::from_static(b"hello");
         let large = Bytes::from(vec![7u8; 40_000]);
-        enc.frame(frame::Data::new(id(1), small.clone()).into()).expect("encode");
+        enc.frame(frame::Data::new(id(1), small.clone()).into())
+            .expect("encode");
         let mut last = frame::Data::new(id(1), large.clone());
         last.set_end_stream(true);
         enc.frame(last.into()).expect("encode");
@@ -499,11 +522,15 @@ mod tests {
         let mut s = frame::Settings::default();
         s.set_initial_window_size(Some(1 << 20));
         enc.frame(s.into()).expect("encode");
-        enc.frame(frame::WindowUpdate::new(StreamId::zero(), 1000).into()).expect("encode");
-        enc.frame(frame::Reset::new(id(1), h2::Reason::CANCEL).into()).expect("encode");
+        enc.frame(frame::WindowUpdate::new(StreamId::zero(), 1000).into())
+            .expect("encode");
+        enc.frame(frame::Reset::new(id(1), h2::Reason::CANCEL).into())
+            .expect("encode");
         enc.frame(frame::Ping::new([1; 8]).into()).expect("encode");
-        enc.frame(frame::GoAway::new(id(1), h2::Reason::NO_ERROR).into()).expect("encode");
-        enc.frame(frame::Data::new(id(3), Bytes::from(vec![1u8; 1000])).into()).expect("encode");
+        enc.frame(frame::GoAway::new(id(1), h2::Reason::NO_ERROR).into())
+            .expect("encode");
+        enc.frame(frame::Data::new(id(3), Bytes::from(vec![1u8; 1000])).into())
+            .expect("encode");
         // A socket that takes a few bytes at a time.
         let total = enc.pending();
         let mut bytes = Vec::new();
@@ -534,7 +561,10 @@ mod tests {
                 _ => "other",
             })
             .collect();
-        assert_eq!(kinds, ["settings", "window", "reset", "ping", "goaway", "data"]);
+        assert_eq!(
+            kinds,
+            ["settings", "window", "reset", "ping", "goaway", "data"]
+        );
     }
 
     #[test]
