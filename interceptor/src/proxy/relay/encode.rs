@@ -46,6 +46,9 @@ pub(crate) struct Encoder {
     table_size_sent: bool,
     /// Bytes in `buf` and `ready`.
     pending: usize,
+    /// Bytes of frames other than DATA encoded since nothing was last pending: answers
+    /// (PING and SETTINGS acknowledgements, resets, window updates) and header blocks.
+    answers: usize,
 }
 
 /// A frame the relay never sends (PUSH_PROMISE, PRIORITY).
@@ -60,6 +63,7 @@ impl Encoder {
             max_frame: DEFAULT_MAX_FRAME,
             table_size_sent: false,
             pending: 0,
+            answers: 0,
         }
     }
 
@@ -70,6 +74,12 @@ impl Encoder {
     /// Bytes encoded and not yet written.
     pub(crate) fn pending(&self) -> usize {
         self.pending
+    }
+
+    /// Bytes of frames other than DATA encoded since nothing was last pending. DATA is
+    /// bounded by the peer's windows; these are not, but by how fast the peer reads.
+    pub(crate) fn answers(&self) -> usize {
+        self.answers
     }
 
     pub(crate) fn frame(&mut self, f: Frame<Bytes>) -> Result<(), Unsendable> {
@@ -93,6 +103,7 @@ impl Encoder {
             Frame::PushPromise(_) | Frame::Priority(_) => return Err(Unsendable),
         }
         self.pending += self.buf.len() - before;
+        self.answers += self.buf.len() - before;
         Ok(())
     }
 
@@ -126,6 +137,7 @@ impl Encoder {
         let before = self.buf.len();
         self.header_frames(id, eos, pseudo, fields);
         self.pending += self.buf.len() - before;
+        self.answers += self.buf.len() - before;
     }
 
     fn header_frames(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
@@ -186,6 +198,9 @@ impl Encoder {
     /// `n` bytes of the pending ones were written.
     pub(crate) fn advance(&mut self, mut n: usize) {
         self.pending -= n;
+        if self.pending == 0 {
+            self.answers = 0;
+        }
         while n > 0 {
             let Some(front) = self.ready.front_mut() else {
                 return;
@@ -565,6 +580,24 @@ mod tests {
             kinds,
             ["settings", "window", "reset", "ping", "goaway", "data"]
         );
+    }
+
+    #[test]
+    fn answers_count_every_frame_but_data_until_everything_is_written() {
+        let mut enc = Encoder::new();
+        enc.frame(frame::Data::new(id(1), Bytes::from(vec![0u8; 4000])).into())
+            .expect("encode");
+        assert_eq!(enc.answers(), 0, "DATA is bounded by windows, not counted");
+        enc.frame(frame::Ping::pong([7; 8]).into()).expect("encode");
+        enc.frame(frame::Reset::new(id(3), h2::Reason::CANCEL).into())
+            .expect("encode");
+        assert_eq!(enc.answers(), 17 + 13);
+        // Part of the backlog written: the answers still wait.
+        enc.advance(100);
+        assert_eq!(enc.answers(), 30);
+        let rest = enc.pending();
+        enc.advance(rest);
+        assert_eq!(enc.answers(), 0);
     }
 
     #[test]

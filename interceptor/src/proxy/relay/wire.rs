@@ -16,11 +16,12 @@ use super::encode::{Encoder, MAX_IOVECS};
 use super::flow::{SendWindows, StreamOut};
 use super::RequestHead;
 
-/// Past this many encoded bytes waiting for the socket, a client connection's frames are not
-/// read (each read can add answers: PING and SETTINGS acknowledgements, resets): a client that
-/// sends without reading holds at most about this much of ours. Everything waiting on a client
-/// connection is that client's. An upstream connection is not paused so: it carries many
-/// clients' streams, and what it queues is bounded by the endpoint's windows and streams.
+/// Past this many bytes of answers (PING and SETTINGS acknowledgements, resets, header
+/// blocks) encoded while the socket never emptied, a client connection's frames are not read:
+/// a client that keeps asking without reading holds at most about this much of ours. DATA does
+/// not count: the client's own windows bound it, and a client reading a large response slowly
+/// must still be read. An upstream connection is not paused so: it carries many clients'
+/// streams, and a server that reads only after it wrote would deadlock with us.
 const BACKLOG_LIMIT: usize = 1 << 20;
 
 pub(crate) struct Wire<T> {
@@ -106,9 +107,9 @@ where
         self.out.is_empty() && self.enc.pending() == 0
     }
 
-    /// Reading more frames would only add to a backlog the peer is not taking.
+    /// Reading more frames would only add answers to a backlog the peer is not taking.
     pub(crate) fn is_backed_up(&self) -> bool {
-        self.enc.pending() > BACKLOG_LIMIT
+        self.enc.answers() > BACKLOG_LIMIT
     }
 
     /// Writes what is pending; true once all of it reached the socket.
