@@ -1,6 +1,7 @@
 //! The frame-level HTTP/2 relay (`--h2-engine relay`, experimental).
 //!
-//! h2's codec does the framing and HPACK on every connection; what h2's server and client
+//! h2's codec reads every connection (framing, HPACK decoding) and `encode` writes what we
+//! send (framing, HPACK from the static table and plain literals); what h2's server and client
 //! would add on top (a state machine per stream on each side, a task per stream, requests
 //! rebuilt as `http` types and queued again) is replaced by two kinds of task that pass frames
 //! to each other:

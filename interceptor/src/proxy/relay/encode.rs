@@ -1,8 +1,8 @@
 //! What the relay sends, turned into bytes: frame headers, and header blocks in HPACK.
 //!
 //! h2's codec still reads and decodes every connection; only the sending side is ours. Its
-//! HPACK encoder indexed every field in a dynamic table and Huffman-coded every string: a
-//! third of the relay's instructions per request went to encoding (callgrind, see
+//! HPACK encoder indexed every field in a dynamic table and Huffman-coded every string: 27% of
+//! the relay's user-space instructions per request went to encoding (callgrind, see
 //! docs/benchmarks.md). Here a field is a static-table index where RFC 7541's static table
 //! has it, else a literal that is never added to a table, and strings go out as they are, as
 //! HAProxy does. Peers decode that with no table work at all; the price is header bytes on
@@ -102,8 +102,7 @@ impl Encoder {
             Frame::GoAway(g) => g.encode(&mut self.buf),
             Frame::PushPromise(_) | Frame::Priority(_) => return Err(Unsendable),
         }
-        self.pending += self.buf.len() - before;
-        self.answers += self.buf.len() - before;
+        self.count_answer(before);
         Ok(())
     }
 
@@ -136,8 +135,14 @@ impl Encoder {
     pub(crate) fn headers(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
         let before = self.buf.len();
         self.header_frames(id, eos, pseudo, fields);
-        self.pending += self.buf.len() - before;
-        self.answers += self.buf.len() - before;
+        self.count_answer(before);
+    }
+
+    /// What `buf` grew by since `before` is pending, and counts as answers.
+    fn count_answer(&mut self, before: usize) {
+        let n = self.buf.len() - before;
+        self.pending += n;
+        self.answers += n;
     }
 
     fn header_frames(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
@@ -217,7 +222,6 @@ impl Encoder {
 
 /// A frame header (RFC 9113 4.1).
 fn head(dst: &mut BytesMut, len: usize, kind: u8, flags: u8, id: StreamId) {
-    dst.reserve(9);
     dst.put_uint(len as u64, 3);
     dst.put_u8(kind);
     dst.put_u8(flags);
