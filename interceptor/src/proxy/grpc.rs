@@ -20,7 +20,12 @@ pub const INTERNAL: u32 = 13;
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+}
+
+/// `is_grpc` on a content-type value.
+pub fn is_grpc_content_type(v: &[u8]) -> bool {
+    v.starts_with(b"application/grpc")
 }
 
 /// Removes connection-specific headers, which HTTP/2 forbids (RFC 9113 8.2.2). `te: trailers`
@@ -53,7 +58,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Parses `grpc-timeout` (`1*8DIGIT unit`, unit one of H M S m u n).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.as_bytes();
+    parse_grpc_timeout(headers.get("grpc-timeout")?.as_bytes())
+}
+
+/// `grpc_timeout` on the header's value.
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }
@@ -196,7 +205,12 @@ mod timeout_tests {
 /// long the endpoint asks not to be sent more. A negative or malformed value means "do not
 /// retry" to a client, and nothing to the balancer.
 pub fn retry_pushback(v: &HeaderValue) -> Option<Duration> {
-    v.to_str()
+    parse_retry_pushback(v.as_bytes())
+}
+
+/// `retry_pushback` on the header's value.
+pub fn parse_retry_pushback(v: &[u8]) -> Option<Duration> {
+    std::str::from_utf8(v)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)

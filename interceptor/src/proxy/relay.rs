@@ -20,8 +20,12 @@
 
 pub(crate) mod client_conn;
 pub(crate) mod encode;
+pub(crate) mod fields;
 pub(crate) mod flow;
+pub(crate) mod hpack;
+pub(crate) mod huffman;
 pub(crate) mod outbox;
+pub(crate) mod read;
 pub(crate) mod upstream_conn;
 pub(crate) mod upstreams;
 pub(crate) mod wire;
@@ -31,10 +35,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use h2::frame::{self, Pseudo, StreamId};
+use h2::frame::{self, StreamId};
 use h2::Reason;
 
 pub(crate) use client_conn::serve;
+use fields::{Block, HeaderList};
 use outbox::Outbox;
 
 /// The client connection preface (RFC 9113 3.4).
@@ -47,7 +52,7 @@ pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum ToClient {
     /// Response headers or trailers.
-    Headers(frame::Headers),
+    Headers(Block),
     Data(frame::Data<Bytes>),
     /// The endpoint reset the stream.
     Reset(StreamId, Reason),
@@ -79,10 +84,7 @@ pub(crate) enum Unprocessed {
 /// A request's head, what a replay sends again. It goes with the stream to the upstream
 /// connection, which keeps it until the endpoint answers and hands it back if the endpoint
 /// never processed the stream: the client connection keeps no copy.
-pub(crate) struct RequestHead {
-    pub(crate) pseudo: Pseudo,
-    pub(crate) fields: http::HeaderMap,
-}
+pub(crate) type RequestHead = HeaderList;
 
 /// What a client connection tells an upstream connection; stream ids are the upstream's.
 #[allow(clippy::large_enum_variant)]
@@ -97,7 +99,7 @@ pub(crate) enum ToUpstream {
     },
     Data(frame::Data<Bytes>),
     /// Request trailers.
-    Trailers(frame::Headers),
+    Trailers(Block),
     Reset(StreamId, Reason),
     /// This many response body bytes went on to the client.
     Credit(StreamId, u32),

@@ -2,7 +2,7 @@
 //! on a pooled connection to it, and its frames go there as they arrive; what comes back is
 //! written to the client, within the client's windows.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -10,11 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use futures_util::Stream;
-use h2::frame::{self, Frame, Pseudo, StreamId};
-use h2::{Codec, Reason};
-use http::{HeaderName, Method, StatusCode};
+use h2::frame::{self, StreamId};
+use h2::Reason;
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 
@@ -26,8 +24,10 @@ use super::super::metrics::{
     self as m, AbuseReason, ActiveStream, ServiceMetrics, Status, UnavailableReason,
 };
 use super::super::Shared;
-use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW};
+use super::fields::{Block, HeaderList};
+use super::flow::{Out, SendWindows, StreamOut, DEFAULT_WINDOW};
 use super::outbox::Outbox;
+use super::read::{In, ReadError};
 use super::wire::Wire;
 use super::{ClientLink, IdHash, RequestHead, ToClient, ToUpstream, UpLink, PREFACE};
 
@@ -53,9 +53,9 @@ enum Drain {
     WriteClosed,
 }
 
-const GRPC_STATUS: HeaderName = HeaderName::from_static(grpc::GRPC_STATUS);
-const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
-const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static(grpc::GRPC_RETRY_PUSHBACK_MS);
+const GRPC_STATUS: &[u8] = grpc::GRPC_STATUS.as_bytes();
+const GRPC_TIMEOUT: &[u8] = b"grpc-timeout";
+const GRPC_RETRY_PUSHBACK_MS: &[u8] = grpc::GRPC_RETRY_PUSHBACK_MS.as_bytes();
 
 /// A cancel this close to the call's deadline counts as the deadline passing.
 const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
@@ -102,7 +102,7 @@ struct Replay {
     /// `None` while an attempt carries it (the upstream connection hands it back if the
     /// endpoint never processed the stream).
     head: Option<RequestHead>,
-    body: Vec<Bytes>,
+    body: Vec<bytes::Bytes>,
     bytes: usize,
     /// The request ended (END_STREAM received).
     whole: bool,
@@ -229,18 +229,16 @@ where
         mut shutdown: watch::Receiver<bool>,
     ) -> Self {
         let cfg = &inner.config;
-        let mut codec = Codec::new(io);
-        codec.set_max_recv_header_list_size(cfg.max_header_list_bytes as usize);
+        let max_list = cfg.max_header_list_bytes as usize;
         let mut settings = frame::Settings::default();
         settings.set_initial_window_size(Some(cfg.stream_window));
         settings.set_max_concurrent_streams(Some(cfg.max_concurrent_streams));
         settings.set_max_header_list_size(Some(cfg.max_header_list_bytes));
-        let mut out = VecDeque::new();
-        out.push_back(settings.into());
+        let mut out = vec![settings.into()];
         let window = ClientWindow::new(cfg);
         let window_now = window.floor().max(DEFAULT_WINDOW);
         if window_now > DEFAULT_WINDOW {
-            out.push_back(
+            out.push(
                 frame::WindowUpdate::new(StreamId::zero(), window_now - DEFAULT_WINDOW).into(),
             );
         }
@@ -257,7 +255,7 @@ where
             service: dest.metrics().clone(),
             inner,
             dest,
-            wire: Wire::new(codec, out),
+            wire: Wire::new(io, max_list, out),
             link: Arc::new(Outbox::new(())),
             inbox: Vec::new(),
             send: SendWindows::new(),
@@ -318,11 +316,11 @@ where
                 (paused, read_all) = (true, true);
                 break;
             }
-            match Pin::new(&mut self.wire.codec).poll_next(cx) {
+            match self.wire.poll_frame(cx) {
                 // After our side closed, what the client still sends is read and dropped.
                 Poll::Ready(Some(_)) if self.drain == Drain::WriteClosed => {}
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f),
-                Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
+                Poll::Ready(Some(Err(e))) => self.on_read_error(e)?,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => {
                     read_all = true;
@@ -572,14 +570,14 @@ where
         self.closing = Some(reason);
     }
 
-    fn on_frame(&mut self, f: Frame) {
+    fn on_frame(&mut self, f: In) {
         match f {
-            Frame::Headers(h) => self.on_headers(h),
-            Frame::Data(d) => self.on_data(d),
-            Frame::Reset(r) => self.on_reset(r.stream_id(), r.reason()),
-            Frame::WindowUpdate(w) => self.on_window_update(w),
-            Frame::Settings(s) => self.on_settings(s),
-            Frame::Ping(p) => {
+            In::Headers { block, over_size } => self.on_headers(block, over_size),
+            In::Data(d) => self.on_data(d),
+            In::Reset(r) => self.on_reset(r.stream_id(), r.reason()),
+            In::WindowUpdate(w) => self.on_window_update(w),
+            In::Settings(s) => self.on_settings(s),
+            In::Ping(p) => {
                 if !p.is_ack() {
                     self.wire.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == DRAIN_PING {
@@ -587,15 +585,15 @@ where
                 }
             }
             // The client opens no more streams; those open finish, then it closes.
-            Frame::GoAway(_) => {}
-            Frame::PushPromise(_) => self.fail(Reason::PROTOCOL_ERROR),
-            Frame::Priority(_) => {}
+            In::GoAway(_) => {}
+            In::PushPromise => self.fail(Reason::PROTOCOL_ERROR),
+            In::Priority => {}
         }
     }
 
-    fn on_codec_error(&mut self, e: h2::proto::Error) -> Result<(), h2::Error> {
+    fn on_read_error(&mut self, e: ReadError) -> Result<(), h2::Error> {
         match e {
-            h2::proto::Error::Reset(id, reason, _) => {
+            ReadError::Stream(id, reason) => {
                 // A malformed request: that stream only.
                 if id > self.last_id {
                     self.last_id = id;
@@ -606,20 +604,20 @@ where
                 self.wire.emit(frame::Reset::new(id, reason).into());
                 Ok(())
             }
-            h2::proto::Error::GoAway(_, reason, _) => {
+            ReadError::Conn(reason) => {
                 tracing::debug!(dest = %self.dest.addr(), ?reason, "client broke the HTTP/2 protocol");
                 self.fail(reason);
                 Ok(())
             }
-            e @ h2::proto::Error::Io(..) => Err(e.into()),
+            ReadError::Io(e) => Err(h2::proto::Error::from(e).into()),
         }
     }
 
-    fn on_headers(&mut self, h: frame::Headers) {
-        let id = h.stream_id();
+    fn on_headers(&mut self, h: Block, over_size: bool) {
+        let id = h.id;
         if let Some(s) = self.streams.get_mut(&id) {
             // Request trailers.
-            if s.req_done || !h.is_end_stream() {
+            if s.req_done || !h.eos {
                 self.reset_stream(id, Reason::PROTOCOL_ERROR);
                 return;
             }
@@ -627,10 +625,7 @@ where
             // Not kept for a replay: a replayed stream would lack them.
             s.replay = None;
             if let Some(a) = &s.attempt {
-                a.link.send(ToUpstream::Trailers(frame::Headers::trailers(
-                    a.id,
-                    h.into_fields(),
-                )));
+                a.link.send(ToUpstream::Trailers(Block { id: a.id, ..h }));
             }
             return;
         }
@@ -650,10 +645,11 @@ where
                 .emit(frame::Reset::new(id, Reason::REFUSED_STREAM).into());
             return;
         }
-        let eos = h.is_end_stream();
-        let over_size = h.is_over_size();
-        let (pseudo, fields) = h.into_parts();
-        let grpc = grpc::is_grpc(&fields);
+        let eos = h.eos;
+        let fields = h.fields;
+        let grpc = fields
+            .get(b"content-type")
+            .is_some_and(grpc::is_grpc_content_type);
         let mut s = CStream {
             out: self.send.stream(),
             attempt: None,
@@ -684,14 +680,17 @@ where
             self.answer(id, 0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
             return;
         }
-        if !is_valid_request(&pseudo) {
+        if !is_valid_request(&fields) {
             self.wire
                 .emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
             return;
         }
-        s.deadline = grpc::grpc_timeout(&fields).map(|d| self.now + d);
+        s.deadline = fields
+            .get(GRPC_TIMEOUT)
+            .and_then(grpc::parse_grpc_timeout)
+            .map(|d| self.now + d);
         s.replay = Some(Replay {
-            head: Some(RequestHead { pseudo, fields }),
+            head: Some(fields),
             body: Vec::new(),
             bytes: 0,
             whole: eos,
@@ -704,7 +703,7 @@ where
         self.start_attempt(id);
     }
 
-    fn on_data(&mut self, d: frame::Data<Bytes>) {
+    fn on_data(&mut self, d: frame::Data<bytes::Bytes>) {
         let id = d.stream_id();
         let len = d.payload().len();
         self.peer_window -= len as i64;
@@ -873,18 +872,18 @@ where
         }
     }
 
-    fn on_response_headers(&mut self, mut h: frame::Headers) {
-        let id = h.stream_id();
+    fn on_response_headers(&mut self, h: Block) {
+        let id = h.id;
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let eos = h.is_end_stream();
+        let eos = h.eos;
         s.last_move = self.now;
         if !s.resp_started {
-            let status = h.pseudo_mut().status;
-            if status.is_some_and(|st| st.is_informational()) && !eos {
+            let status = h.fields.status();
+            if status.is_some_and(|st| (100..200).contains(&st)) && !eos {
                 // 1xx: another HEADERS follows.
-                self.wire.emit(h.into());
+                self.wire.emit_block(&h);
                 return;
             }
             s.resp_started = true;
@@ -895,22 +894,20 @@ where
                 a.in_flight.stats().observe_rtt(rtt);
             }
             s.status = if s.grpc {
-                h.fields()
-                    .get(&GRPC_STATUS)
-                    .map(|v| Status::grpc(v.as_bytes()))
+                h.fields.get(GRPC_STATUS).map(Status::grpc)
             } else {
-                status.map(|st| Status::http(st.as_u16()))
+                status.map(Status::http)
             };
             s.resp_done = eos;
             // Nothing of this stream can be waiting yet: its headers go first.
-            self.wire.emit(h.into());
+            self.wire.emit_block(&h);
         } else {
             if s.grpc {
-                if let Some(v) = h.fields().get(&GRPC_STATUS) {
-                    s.status = Some(Status::grpc(v.as_bytes()));
+                if let Some(v) = h.fields.get(GRPC_STATUS) {
+                    s.status = Some(Status::grpc(v));
                 }
-                if let Some(p) = h.fields().get(&GRPC_RETRY_PUSHBACK_MS) {
-                    s.pushback = grpc::retry_pushback(p);
+                if let Some(p) = h.fields.get(GRPC_RETRY_PUSHBACK_MS) {
+                    s.pushback = grpc::parse_retry_pushback(p);
                 }
             }
             s.resp_done = true;
@@ -954,7 +951,7 @@ where
 
     /// Sends a response frame within the client's windows (or queues it behind the stream's
     /// waiting frames); the bytes sent are credited to the endpoint.
-    fn send_frame(&mut self, id: StreamId, f: Frame<Bytes>) {
+    fn send_frame(&mut self, id: StreamId, f: Out) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -1023,14 +1020,16 @@ where
 
 /// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT
 /// (without :protocol).
-fn is_valid_request(p: &Pseudo) -> bool {
-    let Some(method) = &p.method else {
+fn is_valid_request(h: &HeaderList) -> bool {
+    let Some(method) = h.get(b":method") else {
         return false;
     };
-    if *method == Method::CONNECT && p.protocol.is_none() {
-        return p.authority.is_some() && p.scheme.is_none() && p.path.is_none();
+    if method == b"CONNECT" && h.get(b":protocol").is_none() {
+        return h.get(b":authority").is_some()
+            && h.get(b":scheme").is_none()
+            && h.get(b":path").is_none();
     }
-    p.scheme.is_some() && p.path.as_ref().is_some_and(|path| !path.is_empty())
+    h.get(b":scheme").is_some() && h.get(b":path").is_some_and(|path| !path.is_empty())
 }
 
 /// Whether a reset from the endpoint counts against it: NO_ERROR and CANCEL are a peer's

@@ -16,8 +16,9 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use h2::frame::{self, Frame, Pseudo, StreamId};
-use http::HeaderMap;
+use h2::frame::{self, Frame, StreamId};
+
+use super::fields::HeaderList;
 
 /// RFC 9113 4.2: the largest frame payload a peer must accept before SETTINGS say more.
 pub(crate) const DEFAULT_MAX_FRAME: usize = 16_384;
@@ -89,18 +90,15 @@ impl Encoder {
                 self.data(d);
                 return Ok(());
             }
-            Frame::Headers(h) => {
-                let (id, eos) = (h.stream_id(), h.is_end_stream());
-                let (pseudo, fields) = h.into_parts();
-                self.headers(id, eos, &pseudo, &fields);
-                return Ok(());
-            }
             Frame::Settings(s) => s.encode(&mut self.buf),
             Frame::WindowUpdate(w) => w.encode(&mut self.buf),
             Frame::Reset(r) => r.encode(&mut self.buf),
             Frame::Ping(p) => p.encode(&mut self.buf),
             Frame::GoAway(g) => g.encode(&mut self.buf),
-            Frame::PushPromise(_) | Frame::Priority(_) => return Err(Unsendable),
+            // Header blocks go through `headers`, from the relay's own `HeaderList`.
+            Frame::Headers(_) | Frame::PushPromise(_) | Frame::Priority(_) => {
+                return Err(Unsendable)
+            }
         }
         self.count_answer(before);
         Ok(())
@@ -132,9 +130,9 @@ impl Encoder {
     }
 
     /// A HEADERS frame (and CONTINUATION frames if the block needs them).
-    pub(crate) fn headers(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
+    pub(crate) fn headers(&mut self, id: StreamId, eos: bool, fields: &HeaderList) {
         let before = self.buf.len();
-        self.header_frames(id, eos, pseudo, fields);
+        self.header_frames(id, eos, fields);
         self.count_answer(before);
     }
 
@@ -145,7 +143,7 @@ impl Encoder {
         self.answers += n;
     }
 
-    fn header_frames(&mut self, id: StreamId, eos: bool, pseudo: &Pseudo, fields: &HeaderMap) {
+    fn header_frames(&mut self, id: StreamId, eos: bool, fields: &HeaderList) {
         // The block is encoded after a frame header whose length is filled in once known.
         let start = self.buf.len();
         self.buf.put_bytes(0, 9);
@@ -153,7 +151,7 @@ impl Encoder {
             self.table_size_sent = true;
             int(&mut self.buf, 0x20, 5, 0);
         }
-        block(&mut self.buf, pseudo, fields);
+        block(&mut self.buf, fields);
         let len = self.buf.len() - start - 9;
         let flags = if eos { END_STREAM } else { 0 };
         if len <= self.max_frame {
@@ -235,51 +233,16 @@ fn set_head(dst: &mut [u8], len: usize, kind: u8, flags: u8, id: StreamId) {
     dst[5..9].copy_from_slice(&u32::from(id).to_be_bytes());
 }
 
-/// The header block: pseudo-header fields first (RFC 9113 8.3), then the others.
-fn block(dst: &mut BytesMut, pseudo: &Pseudo, fields: &HeaderMap) {
-    if let Some(m) = &pseudo.method {
-        match m.as_str() {
-            "GET" => indexed(dst, 2),
-            "POST" => indexed(dst, 3),
-            other => literal_indexed_name(dst, 2, other.as_bytes(), false),
-        }
-    }
-    if let Some(s) = &pseudo.scheme {
-        match &**s {
-            "http" => indexed(dst, 6),
-            "https" => indexed(dst, 7),
-            other => literal_indexed_name(dst, 6, other.as_bytes(), false),
-        }
-    }
-    if let Some(a) = &pseudo.authority {
-        literal_indexed_name(dst, 1, a.as_bytes(), false);
-    }
-    if let Some(p) = &pseudo.path {
-        match &**p {
-            "/" => indexed(dst, 4),
-            other => literal_indexed_name(dst, 4, other.as_bytes(), false),
-        }
-    }
-    if let Some(p) = &pseudo.protocol {
-        literal_new_name(dst, b":protocol", p.as_str().as_bytes(), false);
-    }
-    if let Some(s) = &pseudo.status {
-        match s.as_u16() {
-            200 => indexed(dst, 8),
-            204 => indexed(dst, 9),
-            206 => indexed(dst, 10),
-            304 => indexed(dst, 11),
-            400 => indexed(dst, 12),
-            404 => indexed(dst, 13),
-            500 => indexed(dst, 14),
-            _ => literal_indexed_name(dst, 8, s.as_str().as_bytes(), false),
-        }
-    }
-    for (name, value) in fields {
-        let sensitive = value.is_sensitive();
-        match static_name(name.as_str()) {
-            Some(i) => literal_indexed_name(dst, i, value.as_bytes(), sensitive),
-            None => literal_new_name(dst, name.as_str().as_bytes(), value.as_bytes(), sensitive),
+/// The header block, its fields in the order they came (pseudo-header fields first, as the
+/// reader checked or the proxy built them).
+fn block(dst: &mut BytesMut, fields: &HeaderList) {
+    for f in fields.iter() {
+        if let Some(i) = f.static_index() {
+            indexed(dst, i as usize);
+        } else if f.name_index > 0 {
+            literal_indexed_name(dst, f.name_index as usize, f.value, f.sensitive);
+        } else {
+            literal_new_name(dst, f.name, f.value, f.sensitive);
         }
     }
 }
@@ -324,69 +287,15 @@ fn int(dst: &mut BytesMut, flags: u8, prefix_bits: u8, mut v: usize) {
     dst.put_u8(v as u8);
 }
 
-/// The index of a field name in HPACK's static table (RFC 7541 Appendix A), for names that
-/// are not pseudo-header fields.
-fn static_name(name: &str) -> Option<usize> {
-    Some(match name {
-        "accept-charset" => 15,
-        "accept-encoding" => 16,
-        "accept-language" => 17,
-        "accept-ranges" => 18,
-        "accept" => 19,
-        "access-control-allow-origin" => 20,
-        "age" => 21,
-        "allow" => 22,
-        "authorization" => 23,
-        "cache-control" => 24,
-        "content-disposition" => 25,
-        "content-encoding" => 26,
-        "content-language" => 27,
-        "content-length" => 28,
-        "content-location" => 29,
-        "content-range" => 30,
-        "content-type" => 31,
-        "cookie" => 32,
-        "date" => 33,
-        "etag" => 34,
-        "expect" => 35,
-        "expires" => 36,
-        "from" => 37,
-        "host" => 38,
-        "if-match" => 39,
-        "if-modified-since" => 40,
-        "if-none-match" => 41,
-        "if-range" => 42,
-        "if-unmodified-since" => 43,
-        "last-modified" => 44,
-        "link" => 45,
-        "location" => 46,
-        "max-forwards" => 47,
-        "proxy-authenticate" => 48,
-        "proxy-authorization" => 49,
-        "range" => 50,
-        "referer" => 51,
-        "refresh" => 52,
-        "retry-after" => 53,
-        "server" => 54,
-        "set-cookie" => 55,
-        "strict-transport-security" => 56,
-        "transfer-encoding" => 57,
-        "user-agent" => 58,
-        "vary" => 59,
-        "via" => 60,
-        "www-authenticate" => 61,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     //! Encoded here, decoded by h2's codec: a decoder that is not ours says the bytes are
     //! right.
     use super::*;
     use futures_util::StreamExt;
+    use h2::frame::Pseudo;
     use h2::Codec;
-    use http::{HeaderValue, Method, StatusCode};
+    use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
     /// Decodes what `enc` holds with h2's codec, as the peer would.
     async fn decode(enc: &mut Encoder, max_frame: usize) -> Vec<Frame> {
@@ -419,13 +328,16 @@ mod tests {
         StreamId::from(n)
     }
 
-    fn request(path: &str, fields: HeaderMap) -> frame::Headers {
-        let pseudo = Pseudo::request(
-            Method::POST,
-            format!("http://svc.ns:50051{path}").parse().expect("uri"),
-            None,
-        );
-        frame::Headers::new(id(1), pseudo, fields)
+    fn request(path: &str, fields: &HeaderMap) -> HeaderList {
+        let mut l = HeaderList::new();
+        l.push(b":method", b"POST", false);
+        l.push(b":scheme", b"http", false);
+        l.push(b":authority", b"svc.ns:50051", false);
+        l.push(b":path", path.as_bytes(), false);
+        for (n, v) in fields {
+            l.push(n.as_str().as_bytes(), v.as_bytes(), v.is_sensitive());
+        }
+        l
     }
 
     #[tokio::test]
@@ -443,18 +355,14 @@ mod tests {
             HeaderValue::from_str(&"v".repeat(300)).expect("value"),
         );
         let mut enc = Encoder::new();
-        enc.frame(request("/pkg.Svc/Call", fields.clone()).into())
-            .expect("encode");
-        let mut resp =
-            frame::Headers::new(id(3), Pseudo::response(StatusCode::OK), HeaderMap::new());
-        resp.set_end_stream();
-        enc.frame(resp.into()).expect("encode");
-        let teapot = frame::Headers::new(
-            id(5),
-            Pseudo::response(StatusCode::IM_A_TEAPOT),
-            HeaderMap::new(),
+        enc.headers(id(1), false, &request("/pkg.Svc/Call", &fields));
+        enc.headers(
+            id(3),
+            true,
+            &HeaderList::response(StatusCode::OK, &HeaderMap::new()),
         );
-        enc.frame(teapot.into()).expect("encode");
+        let teapot = HeaderList::response(StatusCode::IM_A_TEAPOT, &HeaderMap::new());
+        enc.headers(id(5), false, &teapot);
         let frames = decode(&mut enc, DEFAULT_MAX_FRAME).await;
         assert_eq!(frames.len(), 3);
         let mut heads = frames.into_iter().map(|f| match f {
@@ -488,9 +396,7 @@ mod tests {
             );
         }
         let mut enc = Encoder::new();
-        let mut h = request("/", fields.clone());
-        h.set_end_stream();
-        enc.frame(h.into()).expect("encode");
+        enc.headers(id(1), true, &request("/", &fields));
         // 40 kB of fields: HEADERS and two CONTINUATION frames of at most 16 KiB.
         let wire = enc.pending();
         assert!(wire > 2 * DEFAULT_MAX_FRAME, "{wire}");
@@ -612,7 +518,7 @@ mod tests {
         fields.insert("authorization", secret);
         fields.insert("x-plain", HeaderValue::from_static("v"));
         let mut b = BytesMut::new();
-        block(&mut b, &Pseudo::default(), &fields);
+        block(&mut b, &HeaderList::from_map(&fields));
         // authorization is static index 23: 0x10 | 15, then 23 - 15; its value as it is.
         let mut want = vec![0x1f, 8, 12];
         want.extend_from_slice(b"Bearer t0ken");

@@ -8,12 +8,33 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use h2::frame::{Data, Frame, StreamId};
+use h2::frame::{Data, StreamId};
+
+use super::fields::Block;
 
 /// RFC 9113 6.5.2: the initial window before SETTINGS say otherwise.
 pub(crate) const DEFAULT_WINDOW: u32 = 65_535;
 /// RFC 9113 6.9.1: a window never exceeds 2^31 - 1.
 pub(crate) const MAX_WINDOW: i64 = (1 << 31) - 1;
+
+/// A frame of a stream that may wait for window: DATA, or the header block behind it
+/// (trailers; response headers are never behind anything).
+pub(crate) enum Out {
+    Data(Data<Bytes>),
+    Headers(Block),
+}
+
+impl From<Data<Bytes>> for Out {
+    fn from(d: Data<Bytes>) -> Self {
+        Out::Data(d)
+    }
+}
+
+impl From<Block> for Out {
+    fn from(b: Block) -> Self {
+        Out::Headers(b)
+    }
+}
 
 /// The peer's windows on one connection.
 pub(crate) struct SendWindows {
@@ -26,7 +47,7 @@ pub(crate) struct SendWindows {
 /// What one stream may send and what waits to be sent.
 pub(crate) struct StreamOut {
     window: i64,
-    queue: VecDeque<Frame<Bytes>>,
+    queue: VecDeque<Out>,
     blocked: bool,
 }
 
@@ -91,14 +112,10 @@ impl SendWindows {
     /// Admits `f` to be sent now when nothing of its stream waits and the windows allow
     /// (the common case, which then touches no queue of the stream's): returns it with its
     /// DATA bytes, already counted. Otherwise queues it behind what waits (`drain` sends it).
-    pub(crate) fn admit(
-        &mut self,
-        s: &mut StreamOut,
-        f: Frame<Bytes>,
-    ) -> Option<(Frame<Bytes>, u32)> {
+    pub(crate) fn admit(&mut self, s: &mut StreamOut, f: Out) -> Option<(Out, u32)> {
         if s.queue.is_empty() {
             let len = match &f {
-                Frame::Data(d) => d.payload().len() as i64,
+                Out::Data(d) => d.payload().len() as i64,
                 _ => 0,
             };
             if len == 0 || len <= s.window.min(self.conn) {
@@ -113,13 +130,7 @@ impl SendWindows {
 
     /// `admit`, then what may be sent goes to `out`. Returns the DATA bytes moved.
     #[cfg(test)]
-    fn send(
-        &mut self,
-        id: StreamId,
-        s: &mut StreamOut,
-        f: Frame<Bytes>,
-        out: &mut VecDeque<Frame<Bytes>>,
-    ) -> u32 {
+    fn send(&mut self, id: StreamId, s: &mut StreamOut, f: Out, out: &mut VecDeque<Out>) -> u32 {
         match self.admit(s, f) {
             Some((f, n)) => {
                 out.push_back(f);
@@ -134,11 +145,11 @@ impl SendWindows {
         &mut self,
         id: StreamId,
         s: &mut StreamOut,
-        out: &mut VecDeque<Frame<Bytes>>,
+        out: &mut VecDeque<Out>,
     ) -> u32 {
         let mut sent = 0i64;
         while let Some(front) = s.queue.front_mut() {
-            let Frame::Data(d) = front else {
+            let Out::Data(d) = front else {
                 if let Some(f) = s.queue.pop_front() {
                     out.push_back(f);
                 }
@@ -182,7 +193,7 @@ impl SendWindows {
 
 impl StreamOut {
     /// Queues a frame of this stream (DATA, trailers, the end) behind those that wait.
-    pub(crate) fn push(&mut self, f: Frame<Bytes>) {
+    pub(crate) fn push(&mut self, f: Out) {
         self.queue.push_back(f);
     }
 
@@ -194,7 +205,7 @@ impl StreamOut {
     pub(crate) fn clear(&mut self) -> u32 {
         let mut n = 0;
         for f in self.queue.drain(..) {
-            if let Frame::Data(d) = f {
+            if let Out::Data(d) = f {
                 n += d.payload().len() as u32;
             }
         }
@@ -219,15 +230,15 @@ impl StreamOut {
 mod tests {
     use super::*;
 
-    fn data(id: u32, n: usize, eos: bool) -> Frame<Bytes> {
+    fn data(id: u32, n: usize, eos: bool) -> Out {
         let mut d = Data::new(StreamId::from(id), Bytes::from(vec![7u8; n]));
         d.set_end_stream(eos);
         d.into()
     }
 
-    fn data_len(f: &Frame<Bytes>) -> usize {
+    fn data_len(f: &Out) -> usize {
         match f {
-            Frame::Data(d) => d.payload().len(),
+            Out::Data(d) => d.payload().len(),
             _ => usize::MAX,
         }
     }
@@ -256,7 +267,7 @@ mod tests {
             70_000 - 65_535 - 100
         );
         assert!(s.is_empty());
-        let Frame::Data(last) = out.back().expect("sent") else {
+        let Out::Data(last) = out.back().expect("sent") else {
             panic!("not data")
         };
         assert!(last.is_end_stream(), "the end rides the last part");
@@ -269,7 +280,14 @@ mod tests {
         let mut s = w.stream();
         let mut out = VecDeque::new();
         s.push(data(3, 20, false));
-        s.push(h2::frame::Headers::trailers(StreamId::from(3), Default::default()).into());
+        s.push(
+            Block {
+                id: StreamId::from(3),
+                eos: true,
+                fields: Default::default(),
+            }
+            .into(),
+        );
         assert_eq!(w.drain(StreamId::from(3), &mut s, &mut out), 10);
         assert_eq!(out.len(), 1);
         assert_eq!(s.clear(), 10);

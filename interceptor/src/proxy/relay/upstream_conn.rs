@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::Stream;
-use h2::frame::{self, Frame, StreamId};
-use h2::{Codec, Reason};
+use h2::frame::{self, StreamId};
+use h2::Reason;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -20,7 +19,9 @@ use super::super::endpoint_stats::EndpointStats;
 use super::super::metrics as m;
 use super::super::pool::is_local_error;
 use super::super::Shared;
-use super::flow::{SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
+use super::fields::Block;
+use super::flow::{Out, SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
+use super::read::{In, ReadError};
 use super::wire::Wire;
 use super::{
     ClientLink, IdHash, Key, RequestHead, ToClient, ToUpstream, Unprocessed, UpLink, PREFACE,
@@ -207,14 +208,12 @@ impl UpConn {
         handshake_by: tokio::time::Instant,
     ) -> Self {
         let cfg = &shared.config;
-        let mut codec = Codec::new(io);
-        codec.set_max_recv_header_list_size(cfg.max_header_list_bytes as usize);
+        let max_list = cfg.max_header_list_bytes as usize;
         let mut settings = frame::Settings::default();
         settings.set_enable_push(false);
         settings.set_initial_window_size(Some(cfg.stream_window));
         settings.set_max_header_list_size(Some(cfg.max_header_list_bytes));
-        let mut out = VecDeque::new();
-        out.push_back(settings.into());
+        let mut out = vec![settings.into()];
         // Room for every stream it carries to hold a full stream window: a response is read
         // from the endpoint only as fast as its client takes it, so a client that stops
         // reading pins its stream's window, and must not pin the others'.
@@ -223,12 +222,12 @@ impl UpConn {
             .max(cfg.connection_window as u64)
             .clamp(DEFAULT_WINDOW as u64, MAX_WINDOW as u64) as u32;
         if conn_window > DEFAULT_WINDOW {
-            out.push_back(
+            out.push(
                 frame::WindowUpdate::new(StreamId::zero(), conn_window - DEFAULT_WINDOW).into(),
             );
         }
         Self {
-            wire: Wire::new(codec, out),
+            wire: Wire::new(io, max_list, out),
             shared: shared.clone(),
             key,
             link,
@@ -317,9 +316,9 @@ impl UpConn {
         }
         let mut read_all = false;
         for _ in 0..READ_BUDGET {
-            match Pin::new(&mut self.wire.codec).poll_next(cx) {
+            match self.wire.poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => self.on_frame(f)?,
-                Poll::Ready(Some(Err(e))) => self.on_codec_error(e)?,
+                Poll::Ready(Some(Err(e))) => self.on_read_error(e)?,
                 Poll::Ready(None) => {
                     // Flush what can be: a GOAWAY answer, resets.
                     let _ = self.wire.write(cx);
@@ -372,11 +371,11 @@ impl UpConn {
         Poll::Pending
     }
 
-    fn on_frame(&mut self, f: Frame) -> Result<(), ConnError> {
+    fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
         match f {
-            Frame::Headers(h) => self.on_headers(h),
-            Frame::Data(d) => self.on_data(d),
-            Frame::Reset(r) => {
+            In::Headers { block, over_size } => self.on_headers(block, over_size),
+            In::Data(d) => self.on_data(d),
+            In::Reset(r) => {
                 let id = r.stream_id();
                 if let Some(s) = self.remove(id) {
                     let msg = if r.reason() == Reason::REFUSED_STREAM {
@@ -387,9 +386,9 @@ impl UpConn {
                     let _ = s.client.push(msg);
                 }
             }
-            Frame::WindowUpdate(w) => self.on_window_update(w)?,
-            Frame::Settings(s) => self.on_settings(s),
-            Frame::Ping(p) => {
+            In::WindowUpdate(w) => self.on_window_update(w)?,
+            In::Settings(s) => self.on_settings(s),
+            In::Ping(p) => {
                 if !p.is_ack() {
                     self.wire.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == KEEPALIVE_PING {
@@ -397,20 +396,20 @@ impl UpConn {
                     self.next_ping = self.now + self.keepalive_interval;
                 }
             }
-            Frame::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
-            Frame::PushPromise(_) => {
+            In::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
+            In::PushPromise => {
                 // Push was disabled in our SETTINGS.
                 self.wire
                     .emit(frame::GoAway::new(StreamId::zero(), Reason::PROTOCOL_ERROR).into());
                 return Err(ConnError::Protocol(Reason::PROTOCOL_ERROR.into()));
             }
-            Frame::Priority(_) => {}
+            In::Priority => {}
         }
         Ok(())
     }
 
-    fn on_headers(&mut self, h: frame::Headers) {
-        let id = h.stream_id();
+    fn on_headers(&mut self, h: Block, over_size: bool) {
+        let id = h.id;
         let Some(s) = self.streams.get_mut(&id) else {
             self.wire
                 .emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
@@ -418,20 +417,19 @@ impl UpConn {
         };
         // The endpoint processed it: no replay from here on.
         s.head = None;
-        if h.is_over_size() {
+        if over_size {
             let (client, client_id) = (s.client.clone(), s.client_id);
             self.reset(id, Reason::REFUSED_STREAM);
             let _ = client.push(ToClient::BadResponse(client_id));
             return;
         }
-        let eos = h.is_end_stream();
-        let (pseudo, fields) = h.into_parts();
-        let mut head = frame::Headers::new(s.client_id, pseudo, fields);
-        if eos {
-            head.set_end_stream();
+        if h.eos {
             s.resp_done = true;
         }
-        let _ = s.client.push(ToClient::Headers(head));
+        let _ = s.client.push(ToClient::Headers(Block {
+            id: s.client_id,
+            ..h
+        }));
         if s.resp_done && s.req_done {
             self.remove(id);
         }
@@ -544,9 +542,9 @@ impl UpConn {
         }
     }
 
-    fn on_codec_error(&mut self, e: h2::proto::Error) -> Result<(), ConnError> {
+    fn on_read_error(&mut self, e: ReadError) -> Result<(), ConnError> {
         match e {
-            h2::proto::Error::Reset(id, reason, _) => {
+            ReadError::Stream(id, reason) => {
                 // One malformed response: that stream only.
                 if let Some(s) = self.streams.get(&id) {
                     let (client, client_id) = (s.client.clone(), s.client_id);
@@ -557,15 +555,12 @@ impl UpConn {
                 }
                 Ok(())
             }
-            h2::proto::Error::GoAway(_, reason, _) => {
+            ReadError::Conn(reason) => {
                 self.wire
                     .emit(frame::GoAway::new(StreamId::zero(), reason).into());
                 Err(ConnError::Protocol(reason.into()))
             }
-            h2::proto::Error::Io(kind, msg) => Err(ConnError::Io(std::io::Error::new(
-                kind,
-                msg.unwrap_or_default(),
-            ))),
+            ReadError::Io(e) => Err(ConnError::Io(e)),
         }
     }
 
@@ -619,7 +614,7 @@ impl UpConn {
                 }
             }
             ToUpstream::Trailers(h) => {
-                let id = h.stream_id();
+                let id = h.id;
                 if let Some(s) = self.streams.get_mut(&id) {
                     s.req_done = true;
                     if s.started {
@@ -664,7 +659,7 @@ impl UpConn {
                 s.started = true;
                 self.started += 1;
                 if let Some(head) = &s.head {
-                    self.wire.emit_head(id, s.head_ends, head);
+                    self.wire.emit_headers(id, s.head_ends, head);
                 }
                 self.drain(id);
             }
@@ -690,7 +685,7 @@ impl UpConn {
 
     /// Sends a request frame of a started stream within the endpoint's windows (or queues
     /// it behind the stream's waiting frames), and credits the client connection.
-    fn send_frame(&mut self, id: StreamId, f: Frame<Bytes>) {
+    fn send_frame(&mut self, id: StreamId, f: Out) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };

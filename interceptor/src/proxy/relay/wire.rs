@@ -1,6 +1,6 @@
-//! One connection's side of the socket: h2's codec reads and decodes its frames; what we send
-//! is encoded by `encode` and written to the socket here, past the codec (whose own write
-//! buffer is never touched). Both kinds of connection task go through one of these.
+//! One connection's side of the socket: `read` splits and decodes the frames the peer sends,
+//! `encode` turns ours into bytes, written here. Both kinds of connection task go through one
+//! of these.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -9,12 +9,12 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::frame::{self, Frame, StreamId};
-use h2::Codec;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::encode::{Encoder, MAX_IOVECS};
-use super::flow::{SendWindows, StreamOut};
-use super::RequestHead;
+use super::fields::{Block, HeaderList};
+use super::flow::{Out, SendWindows, StreamOut};
+use super::read::{In, ReadError, Reader};
 
 /// Past this many bytes of answers (PING and SETTINGS acknowledgements, resets, header
 /// blocks) encoded while the socket never emptied, a client connection's frames are not read:
@@ -25,9 +25,10 @@ use super::RequestHead;
 const BACKLOG_LIMIT: usize = 1 << 20;
 
 pub(crate) struct Wire<T> {
-    pub(crate) codec: Codec<T, Bytes>,
+    io: T,
+    reader: Reader,
     /// Frames `SendWindows::drain` released, encoded before anything sent after them.
-    pub(crate) out: VecDeque<Frame<Bytes>>,
+    pub(crate) out: VecDeque<Out>,
     enc: Encoder,
     /// A frame could not be encoded: the connection ends.
     failed: bool,
@@ -37,16 +38,28 @@ impl<T> Wire<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    /// `first` goes out before anything else (our SETTINGS).
-    pub(crate) fn new(codec: Codec<T, Bytes>, first: VecDeque<Frame<Bytes>>) -> Self {
+    /// `first` goes out before anything else (our SETTINGS); `max_list` is the header list
+    /// size our SETTINGS announce.
+    pub(crate) fn new(io: T, max_list: usize, first: Vec<Frame<Bytes>>) -> Self {
         let mut wire = Self {
-            codec,
-            out: first,
+            io,
+            reader: Reader::new(max_list),
+            out: VecDeque::new(),
             enc: Encoder::new(),
             failed: false,
         };
-        wire.encode_released();
+        for f in first {
+            wire.encode(f);
+        }
         wire
+    }
+
+    /// The next frame the peer sent.
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<In, ReadError>>> {
+        self.reader.poll_next(&mut self.io, cx)
     }
 
     /// Encodes `f` behind everything sent before it; it reaches the socket with the next
@@ -56,10 +69,21 @@ where
         self.encode(f);
     }
 
-    /// A request's HEADERS, encoded from the head the stream keeps (for a replay).
-    pub(crate) fn emit_head(&mut self, id: StreamId, eos: bool, head: &RequestHead) {
+    /// A HEADERS frame (with CONTINUATION frames if it needs them).
+    pub(crate) fn emit_headers(&mut self, id: StreamId, eos: bool, fields: &HeaderList) {
         self.encode_released();
-        self.enc.headers(id, eos, &head.pseudo, &head.fields);
+        self.enc.headers(id, eos, fields);
+    }
+
+    pub(crate) fn emit_block(&mut self, b: &Block) {
+        self.emit_headers(b.id, b.eos, &b.fields);
+    }
+
+    fn emit_out(&mut self, f: Out) {
+        match f {
+            Out::Data(d) => self.emit(d.into()),
+            Out::Headers(b) => self.emit_block(&b),
+        }
     }
 
     fn encode(&mut self, f: Frame<Bytes>) {
@@ -71,7 +95,10 @@ where
 
     fn encode_released(&mut self) {
         while let Some(f) = self.out.pop_front() {
-            self.encode(f);
+            match f {
+                Out::Data(d) => self.encode(d.into()),
+                Out::Headers(b) => self.enc.headers(b.id, b.eos, &b.fields),
+            }
         }
     }
 
@@ -91,11 +118,11 @@ where
         windows: &mut SendWindows,
         id: StreamId,
         s: &mut StreamOut,
-        f: Frame<Bytes>,
+        f: Out,
     ) -> u32 {
         match windows.admit(s, f) {
             Some((f, n)) => {
-                self.emit(f);
+                self.emit_out(f);
                 n
             }
             None => windows.drain(id, s, &mut self.out),
@@ -119,7 +146,7 @@ where
             return Err(io::Error::other("a frame the relay never sends"));
         }
         while self.enc.pending() > 0 {
-            let io = self.codec.get_mut();
+            let io = &mut self.io;
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let used = self.enc.slices(&mut iov);
             match Pin::new(io).poll_write_vectored(cx, &iov[..used]) {
@@ -129,7 +156,7 @@ where
                 Poll::Pending => return Ok(false),
             }
         }
-        match Pin::new(self.codec.get_mut()).poll_flush(cx) {
+        match Pin::new(&mut self.io).poll_flush(cx) {
             Poll::Ready(Ok(())) => Ok(true),
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Ok(false),
@@ -138,6 +165,6 @@ where
 
     /// Closes the write side (after `write` returned true).
     pub(crate) fn shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.codec.get_mut()).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

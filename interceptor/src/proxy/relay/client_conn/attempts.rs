@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use h2::frame::{self, Pseudo, StreamId};
+use h2::frame::{self, StreamId};
 use h2::Reason;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::super::super::endpoint_stats::EndpointStats;
 use super::super::super::grpc;
 use super::super::super::metrics::{self as m, ReplayReason, Status, UnavailableReason};
+use super::super::fields::{Block, HeaderList};
 use super::super::{RequestHead, ToUpstream, Unprocessed};
 use super::{Attempt, CStream, ClientConn, DEADLINE_MARGIN, GRPC_TIMEOUT};
 
@@ -131,10 +132,8 @@ where
             };
             if let Some(d) = s.deadline {
                 let left = d.saturating_duration_since(tokio::time::Instant::now());
-                head.fields.insert(
-                    GRPC_TIMEOUT,
-                    grpc::encode_grpc_timeout(left.saturating_sub(DEADLINE_MARGIN)),
-                );
+                let timeout = grpc::encode_grpc_timeout(left.saturating_sub(DEADLINE_MARGIN));
+                head.set(GRPC_TIMEOUT, timeout.as_bytes());
             }
             let up_id = match link.open(head, eos_on_headers, &self.link, id) {
                 Ok(up_id) => up_id,
@@ -189,16 +188,19 @@ where
             s.resp_started = true;
             s.resp_done = true;
             let (parts, ()) = grpc::local_response(s.grpc, code, http_status, msg).into_parts();
-            let mut head = frame::Headers::new(id, Pseudo::response(parts.status), parts.headers);
-            head.set_end_stream();
+            let head = HeaderList::response(parts.status, &parts.headers);
             // Data the client sent for this stream goes nowhere now.
             let left = s.received - s.credited;
             s.credited = s.received;
             self.conn_credit += left as u32;
-            self.wire.emit(head.into());
+            self.wire.emit_headers(id, true, &head);
         } else if !s.resp_done && s.grpc {
             s.resp_done = true;
-            let trailers = frame::Headers::trailers(id, grpc::status_trailers(code, msg));
+            let trailers = Block {
+                id,
+                eos: true,
+                fields: HeaderList::from_map(&grpc::status_trailers(code, msg)),
+            };
             self.send_frame(id, trailers.into());
         } else {
             let s = match self.streams.remove(&id) {

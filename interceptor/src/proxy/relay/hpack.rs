@@ -1,0 +1,458 @@
+//! HPACK decoding (RFC 7541) into a `HeaderList`: the names and values of a block, copied
+//! once into one buffer, each field with the static-table index of its name so that
+//! `encode` sends it on without looking the name up again.
+//!
+//! h2's decoder built a `HeaderMap` per block (a hashed insert and a checked `HeaderName`
+//! per field) and wrapped every value in its own `Bytes`; with framing, that was half of the
+//! relay's user-space instructions per request (callgrind, docs/benchmarks.md).
+
+use std::collections::VecDeque;
+
+use super::fields::HeaderList;
+use super::huffman;
+
+/// RFC 7541 Appendix A: the static table, index 1 first.
+#[rustfmt::skip]
+pub(crate) const STATIC: [(&[u8], &[u8]); 61] = [
+    (b":authority", b""), (b":method", b"GET"), (b":method", b"POST"), (b":path", b"/"),
+    (b":path", b"/index.html"), (b":scheme", b"http"), (b":scheme", b"https"),
+    (b":status", b"200"), (b":status", b"204"), (b":status", b"206"), (b":status", b"304"),
+    (b":status", b"400"), (b":status", b"404"), (b":status", b"500"),
+    (b"accept-charset", b""), (b"accept-encoding", b"gzip, deflate"),
+    (b"accept-language", b""), (b"accept-ranges", b""), (b"accept", b""),
+    (b"access-control-allow-origin", b""), (b"age", b""), (b"allow", b""),
+    (b"authorization", b""), (b"cache-control", b""), (b"content-disposition", b""),
+    (b"content-encoding", b""), (b"content-language", b""), (b"content-length", b""),
+    (b"content-location", b""), (b"content-range", b""), (b"content-type", b""),
+    (b"cookie", b""), (b"date", b""), (b"etag", b""), (b"expect", b""), (b"expires", b""),
+    (b"from", b""), (b"host", b""), (b"if-match", b""), (b"if-modified-since", b""),
+    (b"if-none-match", b""), (b"if-range", b""), (b"if-unmodified-since", b""),
+    (b"last-modified", b""), (b"link", b""), (b"location", b""), (b"max-forwards", b""),
+    (b"proxy-authenticate", b""), (b"proxy-authorization", b""), (b"range", b""),
+    (b"referer", b""), (b"refresh", b""), (b"retry-after", b""), (b"server", b""),
+    (b"set-cookie", b""), (b"strict-transport-security", b""), (b"transfer-encoding", b""),
+    (b"user-agent", b""), (b"vary", b""), (b"via", b""), (b"www-authenticate", b""),
+];
+
+/// The first static-table index with this name (0: none).
+pub(crate) fn static_name_index(name: &[u8]) -> u8 {
+    // The table is small and names rarely miss it once a connection's dynamic table holds
+    // them (their entries keep the index): a scan by length first is enough.
+    for (i, (n, _)) in STATIC.iter().enumerate() {
+        if n.len() == name.len() && *n == name {
+            return i as u8 + 1;
+        }
+    }
+    0
+}
+
+/// The static-table index of this exact field, for fields whose name is at `name_index`.
+pub(crate) fn static_field_index(name_index: u8, value: &[u8]) -> Option<u8> {
+    if name_index == 0 {
+        return None;
+    }
+    let name = STATIC[name_index as usize - 1].0;
+    STATIC[name_index as usize - 1..]
+        .iter()
+        .take_while(|(n, _)| *n == name)
+        .position(|(_, v)| *v == value)
+        .map(|i| name_index + i as u8)
+}
+
+/// RFC 7541 4.1: an entry's size is its name and value plus 32.
+const ENTRY_OVERHEAD: usize = 32;
+
+/// The header block cannot be decoded: a connection error (COMPRESSION_ERROR), since the
+/// table it shares with the peer is no longer known.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CompressionError(pub(crate) &'static str);
+
+struct Entry {
+    /// The name, then the value.
+    bytes: Box<[u8]>,
+    name_len: usize,
+    name_index: u8,
+}
+
+/// One connection's decoding side: the dynamic table the peer's encoder fills.
+pub(crate) struct Decoder {
+    /// Newest first (index 62).
+    table: VecDeque<Entry>,
+    size: usize,
+    /// The table's size now, as the peer last set it.
+    max_size: usize,
+    /// The most it may set (our SETTINGS_HEADER_TABLE_SIZE, the protocol's default).
+    limit: usize,
+}
+
+/// What decoding a block found besides its fields.
+pub(crate) struct Decoded {
+    /// The header list passed the size limit: the fields after that point were decoded (the
+    /// table must stay in step) but not kept.
+    pub(crate) over_size: bool,
+}
+
+impl Decoder {
+    pub(crate) fn new() -> Self {
+        Self {
+            table: VecDeque::new(),
+            size: 0,
+            max_size: 4096,
+            limit: 4096,
+        }
+    }
+
+    /// Decodes a whole header block into `out`, keeping fields while the list's size
+    /// (RFC 9113 6.5.2) stays within `max_list`.
+    pub(crate) fn decode(
+        &mut self,
+        src: &[u8],
+        max_list: usize,
+        out: &mut HeaderList,
+    ) -> Result<Decoded, CompressionError> {
+        let mut at = 0;
+        let mut list_size = 0usize;
+        let mut over_size = false;
+        let mut fields_seen = false;
+        while at < src.len() {
+            let b = src[at];
+            if b & 0x80 != 0 {
+                let index = int(src, &mut at, 7)?;
+                fields_seen = true;
+                let (name, value, name_index) = self.get(index)?;
+                list_size += name.len() + value.len() + ENTRY_OVERHEAD;
+                over_size |= list_size > max_list;
+                if !over_size {
+                    out.push_decoded(name, value, name_index, false);
+                }
+                continue;
+            }
+            if b & 0xe0 == 0x20 {
+                // Dynamic table size update: only before the block's first field.
+                if fields_seen {
+                    return Err(CompressionError("table size update after a field"));
+                }
+                let size = int(src, &mut at, 5)?;
+                if size > self.limit {
+                    return Err(CompressionError("table size update past the limit"));
+                }
+                self.max_size = size;
+                self.evict(0);
+                continue;
+            }
+            fields_seen = true;
+            let (prefix, indexing, sensitive) = match b & 0xf0 {
+                0x40..=0x70 => (6, true, false),
+                0x10 => (4, false, true),
+                _ => (4, false, false),
+            };
+            let name_ref = int(src, &mut at, prefix)?;
+            let mark = out.mark();
+            let name_index;
+            let name_len;
+            if name_ref == 0 {
+                name_len = string(src, &mut at, out.scratch())?;
+                name_index = static_name_index(&out.bytes_from(mark)[..name_len]);
+            } else {
+                let (name, _, idx) = self.get(name_ref)?;
+                name_len = name.len();
+                name_index = idx;
+                out.scratch().extend_from_slice(name);
+            }
+            let value_len = string(src, &mut at, out.scratch())?;
+            list_size += name_len + value_len + ENTRY_OVERHEAD;
+            over_size |= list_size > max_list;
+            if indexing {
+                let bytes: Box<[u8]> = out.bytes_from(mark).into();
+                self.insert(Entry {
+                    bytes,
+                    name_len,
+                    name_index,
+                });
+            }
+            if over_size {
+                out.truncate_to(mark);
+            } else {
+                out.commit(mark, name_len, value_len, name_index, sensitive);
+            }
+        }
+        Ok(Decoded { over_size })
+    }
+
+    /// Entry `index` (1-based, static first): name, value and the name's static index.
+    fn get(&self, index: usize) -> Result<(&[u8], &[u8], u8), CompressionError> {
+        if index == 0 {
+            return Err(CompressionError("index 0"));
+        }
+        if index <= STATIC.len() {
+            let (n, v) = STATIC[index - 1];
+            let name_index = static_name_index_of(index);
+            return Ok((n, v, name_index));
+        }
+        let e = self
+            .table
+            .get(index - STATIC.len() - 1)
+            .ok_or(CompressionError("index past the table"))?;
+        let (n, v) = e.bytes.split_at(e.name_len);
+        Ok((n, v, e.name_index))
+    }
+
+    fn insert(&mut self, e: Entry) {
+        let size = e.bytes.len() + ENTRY_OVERHEAD;
+        if size > self.max_size {
+            // RFC 7541 4.4: an entry larger than the table empties it and is not added.
+            self.table.clear();
+            self.size = 0;
+            return;
+        }
+        self.evict(size);
+        self.size += size;
+        self.table.push_front(e);
+    }
+
+    /// Evicts the oldest entries until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max_size {
+            let Some(old) = self.table.pop_back() else {
+                break;
+            };
+            self.size -= old.bytes.len() + ENTRY_OVERHEAD;
+        }
+    }
+}
+
+/// The first index of the name of static entry `index`: entries with equal names are
+/// adjacent, and the encoder refers to the name by its first.
+fn static_name_index_of(index: usize) -> u8 {
+    let name = STATIC[index - 1].0;
+    let mut i = index;
+    while i > 1 && STATIC[i - 2].0 == name {
+        i -= 1;
+    }
+    i as u8
+}
+
+/// An integer with an N-bit prefix (RFC 7541 5.1). Values past 2^28 are refused: nothing
+/// in a header block is that large.
+fn int(src: &[u8], at: &mut usize, prefix_bits: u8) -> Result<usize, CompressionError> {
+    let max = (1usize << prefix_bits) - 1;
+    let first = *src.get(*at).ok_or(CompressionError("integer cut short"))? as usize & max;
+    *at += 1;
+    if first < max {
+        return Ok(first);
+    }
+    let mut v = max;
+    let mut shift = 0;
+    loop {
+        let b = *src.get(*at).ok_or(CompressionError("integer cut short"))?;
+        *at += 1;
+        v += ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err(CompressionError("integer too large"));
+        }
+    }
+}
+
+/// A string literal (RFC 7541 5.2), appended to `dst`; returns its decoded length.
+fn string(src: &[u8], at: &mut usize, dst: &mut Vec<u8>) -> Result<usize, CompressionError> {
+    let huffman = src.get(*at).ok_or(CompressionError("string cut short"))? & 0x80 != 0;
+    let len = int(src, at, 7)?;
+    let end = at
+        .checked_add(len)
+        .filter(|&e| e <= src.len())
+        .ok_or(CompressionError("string cut short"))?;
+    let raw = &src[*at..end];
+    *at = end;
+    let before = dst.len();
+    if huffman {
+        huffman::decode(raw, dst).map_err(|_| CompressionError("bad Huffman code"))?;
+    } else {
+        dst.extend_from_slice(raw);
+    }
+    Ok(dst.len() - before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    fn fields(l: &HeaderList) -> Vec<(String, String)> {
+        l.iter()
+            .map(|f| {
+                (
+                    String::from_utf8_lossy(f.name).into_owned(),
+                    String::from_utf8_lossy(f.value).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn rfc_7541_c3_requests_without_huffman_share_one_table() {
+        let mut d = Decoder::new();
+        let mut l = HeaderList::new();
+        d.decode(
+            &hex("8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d"),
+            1 << 16,
+            &mut l,
+        )
+        .unwrap();
+        assert_eq!(
+            fields(&l),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com")
+            ])
+        );
+        let mut l = HeaderList::new();
+        d.decode(&hex("8286 84be 5808 6e6f 2d63 6163 6865"), 1 << 16, &mut l)
+            .unwrap();
+        assert_eq!(
+            fields(&l),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache")
+            ])
+        );
+        let mut l = HeaderList::new();
+        d.decode(
+            &hex("8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65"),
+            1 << 16,
+            &mut l,
+        )
+        .unwrap();
+        assert_eq!(
+            fields(&l),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value")
+            ])
+        );
+        assert_eq!(d.size, 164);
+        // Names keep their static index through the dynamic table; new names have none.
+        let idx: Vec<u8> = l.iter().map(|f| f.name_index).collect();
+        assert_eq!(idx, vec![2, 6, 4, 1, 0]);
+    }
+
+    #[test]
+    fn rfc_7541_c4_requests_with_huffman() {
+        let mut d = Decoder::new();
+        let mut l = HeaderList::new();
+        d.decode(
+            &hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"),
+            1 << 16,
+            &mut l,
+        )
+        .unwrap();
+        assert_eq!(
+            fields(&l)[3],
+            (":authority".into(), "www.example.com".into())
+        );
+        let mut l = HeaderList::new();
+        d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), 1 << 16, &mut l)
+            .unwrap();
+        assert_eq!(fields(&l)[4], ("cache-control".into(), "no-cache".into()));
+        let mut l = HeaderList::new();
+        d.decode(
+            &hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf"),
+            1 << 16,
+            &mut l,
+        )
+        .unwrap();
+        assert_eq!(fields(&l)[4], ("custom-key".into(), "custom-value".into()));
+    }
+
+    #[test]
+    fn rfc_7541_c5_responses_evict_from_a_small_table() {
+        let mut d = Decoder::new();
+        d.max_size = 256;
+        let blocks = [
+            "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+            "4803 3330 37c1 c0bf",
+        ];
+        for b in blocks {
+            let mut l = HeaderList::new();
+            d.decode(&hex(b), 1 << 16, &mut l).unwrap();
+        }
+        assert_eq!(d.size, 222);
+        assert_eq!(d.table.len(), 4);
+    }
+
+    #[test]
+    fn bad_blocks_are_compression_errors() {
+        let mut d = Decoder::new();
+        for (b, why) in [
+            ("80", "index 0"),
+            ("be", "index past the table"),
+            ("3fe2 1f", "table size update past the limit"),
+            ("82 20", "table size update after a field"),
+            ("41 8c f1e3", "string cut short"),
+            ("ff ff ff ff ff 0f", "integer too large"),
+            ("40 81 00 00", "bad Huffman code"),
+        ] {
+            let mut l = HeaderList::new();
+            assert_eq!(
+                d.decode(&hex(b), 1 << 16, &mut l).err(),
+                Some(CompressionError(why)),
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn past_the_list_limit_fields_are_dropped_but_the_table_kept() {
+        let mut d = Decoder::new();
+        let mut l = HeaderList::new();
+        // custom-key: custom-value, indexed, with a limit that only fits ":method: GET".
+        let r = d
+            .decode(
+                &hex("82 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65"),
+                50,
+                &mut l,
+            )
+            .unwrap();
+        assert!(r.over_size);
+        assert_eq!(fields(&l), pairs(&[(":method", "GET")]));
+        let mut l = HeaderList::new();
+        d.decode(&hex("be"), 1 << 16, &mut l).unwrap();
+        assert_eq!(fields(&l), pairs(&[("custom-key", "custom-value")]));
+    }
+
+    #[test]
+    fn static_indices() {
+        assert_eq!(static_name_index(b"content-type"), 31);
+        assert_eq!(static_name_index(b":status"), 8);
+        assert_eq!(static_name_index(b"x-custom"), 0);
+        assert_eq!(static_field_index(2, b"POST"), Some(3));
+        assert_eq!(static_field_index(8, b"404"), Some(13));
+        assert_eq!(static_field_index(8, b"201"), None);
+        assert_eq!(static_field_index(16, b"gzip, deflate"), Some(16));
+        assert_eq!(static_name_index_of(14), 8);
+    }
+}
