@@ -26,6 +26,7 @@ pub(crate) mod hpack;
 pub(crate) mod huffman;
 pub(crate) mod outbox;
 pub(crate) mod read;
+pub(crate) mod static_table;
 pub(crate) mod upstream_conn;
 pub(crate) mod upstreams;
 pub(crate) mod wire;

@@ -293,7 +293,6 @@ mod tests {
     //! right.
     use super::*;
     use futures_util::StreamExt;
-    use h2::frame::Pseudo;
     use h2::Codec;
     use http::{HeaderMap, HeaderValue, Method, StatusCode};
 

@@ -5,7 +5,7 @@
 use h2::frame::StreamId;
 use http::{HeaderMap, StatusCode};
 
-use super::hpack::{static_field_index, static_name_index};
+use super::static_table::{static_field_index, static_name_index};
 
 #[derive(Clone, Copy)]
 struct Field {
@@ -141,7 +141,11 @@ impl HeaderList {
         self.fields.iter().map(|f| self.field(f))
     }
 
-    #[cfg(test)]
+    pub(crate) fn reserve(&mut self, bytes: usize, fields: usize) {
+        self.bytes.reserve(bytes);
+        self.fields.reserve(fields);
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.fields.len()
     }
@@ -171,6 +175,50 @@ impl HeaderList {
         });
         self.push(name, value, false);
     }
+}
+
+/// RFC 9113 8.2 and 8.3: why a field makes a message malformed, if it does. The order of
+/// pseudo-header fields is a matter of the block, checked by the reader.
+pub(crate) fn field_error(name: &[u8], value: &[u8]) -> Option<&'static str> {
+    if name.first() == Some(&b':') {
+        match name {
+            b":method" => {
+                if value.is_empty() || !value.iter().all(|&b| is_token(b)) {
+                    return Some("bad :method");
+                }
+            }
+            b":status" => {
+                if value.len() != 3 || !value.iter().all(u8::is_ascii_digit) || value[0] == b'0' {
+                    return Some("bad :status");
+                }
+            }
+            b":scheme" | b":authority" | b":path" | b":protocol" => {}
+            _ => return Some("unknown pseudo-header field"),
+        }
+    } else {
+        if name.is_empty() || !name.iter().all(|&b| is_token(b) && !b.is_ascii_uppercase()) {
+            return Some("bad field name");
+        }
+        match name {
+            b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding"
+            | b"upgrade" => return Some("connection-specific field"),
+            b"te" if value != b"trailers" => return Some("te other than trailers"),
+            _ => {}
+        }
+    }
+    // RFC 9110 5.5: no control characters but tab, and no DEL.
+    if !value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+    {
+        return Some("bad field value");
+    }
+    None
+}
+
+/// RFC 9110 5.6.2 tchar.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]

@@ -8,56 +8,9 @@
 
 use std::collections::VecDeque;
 
-use super::fields::HeaderList;
+use super::fields::{field_error, HeaderList};
 use super::huffman;
-
-/// RFC 7541 Appendix A: the static table, index 1 first.
-#[rustfmt::skip]
-pub(crate) const STATIC: [(&[u8], &[u8]); 61] = [
-    (b":authority", b""), (b":method", b"GET"), (b":method", b"POST"), (b":path", b"/"),
-    (b":path", b"/index.html"), (b":scheme", b"http"), (b":scheme", b"https"),
-    (b":status", b"200"), (b":status", b"204"), (b":status", b"206"), (b":status", b"304"),
-    (b":status", b"400"), (b":status", b"404"), (b":status", b"500"),
-    (b"accept-charset", b""), (b"accept-encoding", b"gzip, deflate"),
-    (b"accept-language", b""), (b"accept-ranges", b""), (b"accept", b""),
-    (b"access-control-allow-origin", b""), (b"age", b""), (b"allow", b""),
-    (b"authorization", b""), (b"cache-control", b""), (b"content-disposition", b""),
-    (b"content-encoding", b""), (b"content-language", b""), (b"content-length", b""),
-    (b"content-location", b""), (b"content-range", b""), (b"content-type", b""),
-    (b"cookie", b""), (b"date", b""), (b"etag", b""), (b"expect", b""), (b"expires", b""),
-    (b"from", b""), (b"host", b""), (b"if-match", b""), (b"if-modified-since", b""),
-    (b"if-none-match", b""), (b"if-range", b""), (b"if-unmodified-since", b""),
-    (b"last-modified", b""), (b"link", b""), (b"location", b""), (b"max-forwards", b""),
-    (b"proxy-authenticate", b""), (b"proxy-authorization", b""), (b"range", b""),
-    (b"referer", b""), (b"refresh", b""), (b"retry-after", b""), (b"server", b""),
-    (b"set-cookie", b""), (b"strict-transport-security", b""), (b"transfer-encoding", b""),
-    (b"user-agent", b""), (b"vary", b""), (b"via", b""), (b"www-authenticate", b""),
-];
-
-/// The first static-table index with this name (0: none).
-pub(crate) fn static_name_index(name: &[u8]) -> u8 {
-    // The table is small and names rarely miss it once a connection's dynamic table holds
-    // them (their entries keep the index): a scan by length first is enough.
-    for (i, (n, _)) in STATIC.iter().enumerate() {
-        if n.len() == name.len() && *n == name {
-            return i as u8 + 1;
-        }
-    }
-    0
-}
-
-/// The static-table index of this exact field, for fields whose name is at `name_index`.
-pub(crate) fn static_field_index(name_index: u8, value: &[u8]) -> Option<u8> {
-    if name_index == 0 {
-        return None;
-    }
-    let name = STATIC[name_index as usize - 1].0;
-    STATIC[name_index as usize - 1..]
-        .iter()
-        .take_while(|(n, _)| *n == name)
-        .position(|(_, v)| *v == value)
-        .map(|i| name_index + i as u8)
-}
+use super::static_table::{static_name_index, static_name_index_of, STATIC};
 
 /// RFC 7541 4.1: an entry's size is its name and value plus 32.
 const ENTRY_OVERHEAD: usize = 32;
@@ -72,6 +25,9 @@ struct Entry {
     bytes: Box<[u8]>,
     name_len: usize,
     name_index: u8,
+    /// Why the field is malformed in a message (RFC 9113 8.2), found once when it was
+    /// decoded: every block that refers to it is malformed too.
+    error: Option<&'static str>,
 }
 
 /// One connection's decoding side: the dynamic table the peer's encoder fills.
@@ -83,6 +39,9 @@ pub(crate) struct Decoder {
     max_size: usize,
     /// The most it may set (our SETTINGS_HEADER_TABLE_SIZE, the protocol's default).
     limit: usize,
+    /// The last block's decoded size: the next list is allocated at that size at once.
+    last_bytes: usize,
+    last_fields: usize,
 }
 
 /// What decoding a block found besides its fields.
@@ -90,6 +49,9 @@ pub(crate) struct Decoded {
     /// The header list passed the size limit: the fields after that point were decoded (the
     /// table must stay in step) but not kept.
     pub(crate) over_size: bool,
+    /// Why the block is malformed (RFC 9113 8.2: a field no message may carry); the
+    /// order of pseudo-header fields is checked by the reader.
+    pub(crate) malformed: Option<&'static str>,
 }
 
 impl Decoder {
@@ -99,6 +61,8 @@ impl Decoder {
             size: 0,
             max_size: 4096,
             limit: 4096,
+            last_bytes: 0,
+            last_fields: 0,
         }
     }
 
@@ -113,13 +77,16 @@ impl Decoder {
         let mut at = 0;
         let mut list_size = 0usize;
         let mut over_size = false;
+        let mut malformed = None;
         let mut fields_seen = false;
+        out.reserve(self.last_bytes, self.last_fields);
         while at < src.len() {
             let b = src[at];
             if b & 0x80 != 0 {
                 let index = int(src, &mut at, 7)?;
                 fields_seen = true;
-                let (name, value, name_index) = self.get(index)?;
+                let (name, value, name_index, error) = self.get(index)?;
+                malformed = malformed.or(error);
                 list_size += name.len() + value.len() + ENTRY_OVERHEAD;
                 over_size |= list_size > max_list;
                 if !over_size {
@@ -154,7 +121,7 @@ impl Decoder {
                 name_len = string(src, &mut at, out.scratch())?;
                 name_index = static_name_index(&out.bytes_from(mark)[..name_len]);
             } else {
-                let (name, _, idx) = self.get(name_ref)?;
+                let (name, _, idx, _) = self.get(name_ref)?;
                 name_len = name.len();
                 name_index = idx;
                 out.scratch().extend_from_slice(name);
@@ -162,12 +129,16 @@ impl Decoder {
             let value_len = string(src, &mut at, out.scratch())?;
             list_size += name_len + value_len + ENTRY_OVERHEAD;
             over_size |= list_size > max_list;
+            let (name, value) = out.bytes_from(mark).split_at(name_len);
+            let error = field_error(name, value);
+            malformed = malformed.or(error);
             if indexing {
                 let bytes: Box<[u8]> = out.bytes_from(mark).into();
                 self.insert(Entry {
                     bytes,
                     name_len,
                     name_index,
+                    error,
                 });
             }
             if over_size {
@@ -176,25 +147,35 @@ impl Decoder {
                 out.commit(mark, name_len, value_len, name_index, sensitive);
             }
         }
-        Ok(Decoded { over_size })
+        self.last_bytes = out.mark();
+        self.last_fields = out.len();
+        Ok(Decoded {
+            over_size,
+            malformed,
+        })
     }
 
-    /// Entry `index` (1-based, static first): name, value and the name's static index.
-    fn get(&self, index: usize) -> Result<(&[u8], &[u8], u8), CompressionError> {
+    /// Entry `index` (1-based, static first): name, value, the name's static index, and
+    /// what makes the field malformed.
+    #[allow(clippy::type_complexity)]
+    fn get(
+        &self,
+        index: usize,
+    ) -> Result<(&[u8], &[u8], u8, Option<&'static str>), CompressionError> {
         if index == 0 {
             return Err(CompressionError("index 0"));
         }
         if index <= STATIC.len() {
             let (n, v) = STATIC[index - 1];
             let name_index = static_name_index_of(index);
-            return Ok((n, v, name_index));
+            return Ok((n, v, name_index, None));
         }
         let e = self
             .table
             .get(index - STATIC.len() - 1)
             .ok_or(CompressionError("index past the table"))?;
         let (n, v) = e.bytes.split_at(e.name_len);
-        Ok((n, v, e.name_index))
+        Ok((n, v, e.name_index, e.error))
     }
 
     fn insert(&mut self, e: Entry) {
@@ -219,17 +200,6 @@ impl Decoder {
             self.size -= old.bytes.len() + ENTRY_OVERHEAD;
         }
     }
-}
-
-/// The first index of the name of static entry `index`: entries with equal names are
-/// adjacent, and the encoder refers to the name by its first.
-fn static_name_index_of(index: usize) -> u8 {
-    let name = STATIC[index - 1].0;
-    let mut i = index;
-    while i > 1 && STATIC[i - 2].0 == name {
-        i -= 1;
-    }
-    i as u8
 }
 
 /// An integer with an N-bit prefix (RFC 7541 5.1). Values past 2^28 are refused: nothing
@@ -314,7 +284,7 @@ mod tests {
             1 << 16,
             &mut l,
         )
-        .unwrap();
+        .expect("decodes");
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -326,7 +296,7 @@ mod tests {
         );
         let mut l = HeaderList::new();
         d.decode(&hex("8286 84be 5808 6e6f 2d63 6163 6865"), 1 << 16, &mut l)
-            .unwrap();
+            .expect("decodes");
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -343,7 +313,7 @@ mod tests {
             1 << 16,
             &mut l,
         )
-        .unwrap();
+        .expect("decodes");
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -369,14 +339,14 @@ mod tests {
             1 << 16,
             &mut l,
         )
-        .unwrap();
+        .expect("decodes");
         assert_eq!(
             fields(&l)[3],
             (":authority".into(), "www.example.com".into())
         );
         let mut l = HeaderList::new();
         d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), 1 << 16, &mut l)
-            .unwrap();
+            .expect("decodes");
         assert_eq!(fields(&l)[4], ("cache-control".into(), "no-cache".into()));
         let mut l = HeaderList::new();
         d.decode(
@@ -384,7 +354,7 @@ mod tests {
             1 << 16,
             &mut l,
         )
-        .unwrap();
+        .expect("decodes");
         assert_eq!(fields(&l)[4], ("custom-key".into(), "custom-value".into()));
     }
 
@@ -398,7 +368,7 @@ mod tests {
         ];
         for b in blocks {
             let mut l = HeaderList::new();
-            d.decode(&hex(b), 1 << 16, &mut l).unwrap();
+            d.decode(&hex(b), 1 << 16, &mut l).expect("decodes");
         }
         assert_eq!(d.size, 222);
         assert_eq!(d.table.len(), 4);
@@ -436,23 +406,11 @@ mod tests {
                 50,
                 &mut l,
             )
-            .unwrap();
+            .expect("decodes");
         assert!(r.over_size);
         assert_eq!(fields(&l), pairs(&[(":method", "GET")]));
         let mut l = HeaderList::new();
-        d.decode(&hex("be"), 1 << 16, &mut l).unwrap();
+        d.decode(&hex("be"), 1 << 16, &mut l).expect("decodes");
         assert_eq!(fields(&l), pairs(&[("custom-key", "custom-value")]));
-    }
-
-    #[test]
-    fn static_indices() {
-        assert_eq!(static_name_index(b"content-type"), 31);
-        assert_eq!(static_name_index(b":status"), 8);
-        assert_eq!(static_name_index(b"x-custom"), 0);
-        assert_eq!(static_field_index(2, b"POST"), Some(3));
-        assert_eq!(static_field_index(8, b"404"), Some(13));
-        assert_eq!(static_field_index(8, b"201"), None);
-        assert_eq!(static_field_index(16, b"gzip, deflate"), Some(16));
-        assert_eq!(static_name_index_of(14), 8);
     }
 }

@@ -40,6 +40,9 @@ struct Tables {
     first: [u32; MAX_LEN + 1],
     offset: [u16; MAX_LEN + 1],
     limit: [u64; MAX_LEN + 1],
+    /// By the next 8 bits: the symbol and its length when its code is at most 8 bits long
+    /// (most of what headers hold), else length 0.
+    short: [(u8, u8); 256],
 }
 
 const TABLES: Tables = build();
@@ -50,6 +53,7 @@ const fn build() -> Tables {
         first: [0; MAX_LEN + 1],
         offset: [0; MAX_LEN + 1],
         limit: [0; MAX_LEN + 1],
+        short: [(0, 0); 256],
     };
     let mut n = 0;
     let mut code: u64 = 0;
@@ -69,6 +73,20 @@ const fn build() -> Tables {
         t.limit[len] = code << (32 - len);
         code <<= 1;
         len += 1;
+    }
+    let mut b = 0;
+    while b < 256 {
+        let window = (b as u64) << 24;
+        let mut len = 5;
+        while len <= 8 && window >= t.limit[len] {
+            len += 1;
+        }
+        if len <= 8 {
+            let code = (window >> (32 - len)) as u32;
+            let sym = t.sorted[(t.offset[len] as u32 + (code - t.first[len])) as usize];
+            t.short[b] = (sym as u8, len as u8);
+        }
+        b += 1;
     }
     t
 }
@@ -106,7 +124,14 @@ pub(crate) fn decode(src: &[u8], dst: &mut Vec<u8>) -> Result<(), BadHuffman> {
             // No code shorter than 30 bits is all ones: this is padding.
             return Ok(());
         }
-        let mut len = 5;
+        let (sym, short) = t.short[(window >> 24) as usize];
+        if short > 0 && short as u32 <= bits {
+            dst.push(sym);
+            acc <<= short;
+            bits -= short as u32;
+            continue;
+        }
+        let mut len = 9;
         while window >= t.limit[len] {
             len += 1;
             if len > MAX_LEN {
@@ -148,29 +173,35 @@ mod tests {
     fn rfc_7541_appendix_c_examples_decode() {
         // C.4.1 to C.4.3 and C.6.1.
         assert_eq!(
-            decoded("f1e3 c2e5 f23a 6ba0 ab90 f4ff").unwrap(),
+            decoded("f1e3 c2e5 f23a 6ba0 ab90 f4ff").expect("decodes"),
             b"www.example.com"
         );
-        assert_eq!(decoded("a8eb 1064 9cbf").unwrap(), b"no-cache");
-        assert_eq!(decoded("25a8 49e9 5ba9 7d7f").unwrap(), b"custom-key");
-        assert_eq!(decoded("25a8 49e9 5bb8 e8b4 bf").unwrap(), b"custom-value");
-        assert_eq!(decoded("6402").unwrap(), b"302");
-        assert_eq!(decoded("aec3 771a 4b").unwrap(), b"private");
+        assert_eq!(decoded("a8eb 1064 9cbf").expect("decodes"), b"no-cache");
         assert_eq!(
-            decoded("d07a be94 1054 d444 a820 0595 040b 8166 e082 a62d 1bff").unwrap(),
+            decoded("25a8 49e9 5ba9 7d7f").expect("decodes"),
+            b"custom-key"
+        );
+        assert_eq!(
+            decoded("25a8 49e9 5bb8 e8b4 bf").expect("decodes"),
+            b"custom-value"
+        );
+        assert_eq!(decoded("6402").expect("decodes"), b"302");
+        assert_eq!(decoded("aec3 771a 4b").expect("decodes"), b"private");
+        assert_eq!(
+            decoded("d07a be94 1054 d444 a820 0595 040b 8166 e082 a62d 1bff").expect("decodes"),
             b"Mon, 21 Oct 2013 20:13:21 GMT"
         );
         assert_eq!(
-            decoded("9d29 ad17 1863 c78f 0b97 c8e9 ae82 ae43 d3").unwrap(),
+            decoded("9d29 ad17 1863 c78f 0b97 c8e9 ae82 ae43 d3").expect("decodes"),
             b"https://www.example.com"
         );
-        assert_eq!(decoded("").unwrap(), b"");
+        assert_eq!(decoded("").expect("decodes"), b"");
     }
 
     #[test]
     fn bad_padding_and_eos_are_refused() {
         // "0" is 00000 (5 bits): padded with ones it is 0x07; with zeros it is not valid.
-        assert_eq!(decoded("07").unwrap(), b"0");
+        assert_eq!(decoded("07").expect("decodes"), b"0");
         assert_eq!(decoded("00"), Err(BadHuffman));
         // A whole byte of padding after a code that ends on a byte boundary.
         assert_eq!(decoded("a8eb 1064 9cbf ff"), Err(BadHuffman));
@@ -196,13 +227,12 @@ mod tests {
             codes[s] = (code, len);
         }
         let mut bits: Vec<bool> = Vec::new();
-        for s in 0..256 {
-            let (c, len) = codes[s];
+        for &(c, len) in &codes[..256] {
             for i in (0..len).rev() {
                 bits.push(c >> i & 1 == 1);
             }
         }
-        while bits.len() % 8 != 0 {
+        while !bits.len().is_multiple_of(8) {
             bits.push(true);
         }
         let bytes: Vec<u8> = bits
