@@ -1,10 +1,10 @@
-//! The frame-level HTTP/2 relay (`--h2-engine relay`, experimental).
+//! The frame-level HTTP/2 relay (`--h2-engine relay`, the default).
 //!
-//! h2's codec reads every connection (framing, HPACK decoding) and `encode` writes what we
-//! send (framing, HPACK from the static table and plain literals); what h2's server and client
-//! would add on top (a state machine per stream on each side, a task per stream, requests
-//! rebuilt as `http` types and queued again) is replaced by two kinds of task that pass frames
-//! to each other:
+//! `read` splits and decodes what every connection sends (framing, HPACK decoding into
+//! `fields::HeaderList`) and `encode` writes what we send (framing, HPACK from the static
+//! table and plain literals); what h2's server and client would add on top (a state machine
+//! per stream on each side, a task per stream, requests rebuilt as `http` types and queued
+//! again) is replaced by two kinds of task that pass frames to each other:
 //!
 //! ```text
 //! client_conn   one per client connection: reads its frames, maps each stream to a stream

@@ -1,8 +1,7 @@
 //! What the relay sends, turned into bytes: frame headers, and header blocks in HPACK.
 //!
-//! h2's codec still reads and decodes every connection; only the sending side is ours. Its
-//! HPACK encoder indexed every field in a dynamic table and Huffman-coded every string: 27% of
-//! the relay's user-space instructions per request went to encoding (callgrind, see
+//! h2's HPACK encoder indexed every field in a dynamic table and Huffman-coded every string:
+//! 27% of the relay's user-space instructions per request went to encoding (callgrind, see
 //! docs/benchmarks.md). Here a field is a static-table index where RFC 7541's static table
 //! has it, else a literal that is never added to a table, and strings go out as they are, as
 //! HAProxy does. Peers decode that with no table work at all; the price is header bytes on
