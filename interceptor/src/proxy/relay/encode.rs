@@ -18,6 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::frame::{self, Frame, StreamId};
 
 use super::fields::HeaderList;
+use super::read::{CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS};
 
 /// RFC 9113 4.2: the largest frame payload a peer must accept before SETTINGS say more.
 pub(crate) const DEFAULT_MAX_FRAME: usize = 16_384;
@@ -28,12 +29,6 @@ const COPY_AT_MOST: usize = 256;
 
 /// How many buffers one vectored write takes at most.
 pub(crate) const MAX_IOVECS: usize = 64;
-
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
 
 /// A connection's encoded bytes, waiting for its socket, in order.
 pub(crate) struct Encoder {

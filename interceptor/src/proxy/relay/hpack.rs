@@ -248,15 +248,8 @@ fn string(src: &[u8], at: &mut usize, dst: &mut Vec<u8>) -> Result<usize, Compre
 
 #[cfg(test)]
 mod tests {
+    use super::super::huffman::tests::hex;
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-            .collect()
-    }
 
     fn fields(l: &HeaderList) -> Vec<(String, String)> {
         l.iter()

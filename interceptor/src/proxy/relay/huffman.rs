@@ -153,10 +153,11 @@ pub(crate) fn decode(src: &[u8], dst: &mut Vec<u8>) -> Result<(), BadHuffman> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
+    /// Bytes from hex digits (spaces ignored), as RFC 7541's examples print them.
+    pub(crate) fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len())
             .step_by(2)

@@ -27,8 +27,9 @@ const READ_SIZE: usize = 8 * 1024;
 
 const HEAD_LEN: usize = 9;
 
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
+/// Frame types and flags (RFC 9113 6), shared with `encode`.
+pub(crate) const DATA: u8 = 0x0;
+pub(crate) const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -36,10 +37,10 @@ const PUSH_PROMISE: u8 = 0x5;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
+pub(crate) const CONTINUATION: u8 = 0x9;
 
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub(crate) const END_STREAM: u8 = 0x1;
+pub(crate) const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY_FLAG: u8 = 0x20;
 
