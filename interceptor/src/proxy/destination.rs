@@ -245,12 +245,13 @@ impl Destination {
         ep: &EndpointStats,
         policy: &EjectPolicy,
         max_percent: u32,
+        why: &'static str,
     ) -> bool {
         let _deciding = match self.ejecting.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        ep.record_failure(policy, || self.may_eject(ep, max_percent))
+        ep.record_failure(policy, why, || self.may_eject(ep, max_percent))
     }
 
     /// The endpoint asked for a pause (grpc-retry-pushback-ms): out of rotation for `d`, within

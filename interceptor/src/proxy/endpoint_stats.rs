@@ -201,7 +201,13 @@ impl EndpointStats {
     /// Records a failure the endpoint is to blame for; returns true when this ejected it.
     /// `may_eject` is asked only when the failure count reaches the policy's threshold: the
     /// destination answers whether ejecting one more of its endpoints stays within bounds.
-    pub fn record_failure(&self, policy: &EjectPolicy, may_eject: impl FnOnce() -> bool) -> bool {
+    /// `why`: what the last failure was, for the log line an ejection writes.
+    pub fn record_failure(
+        &self,
+        policy: &EjectPolicy,
+        why: &'static str,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < policy.after_failures || self.is_ejected() {
             return false;
@@ -211,7 +217,7 @@ impl EndpointStats {
             // endpoint, and must not leave it one straggler away from ejection.
             self.consecutive_failures.store(0, Ordering::Relaxed);
             m::ejection_suppressed(&self.label);
-            tracing::debug!(endpoint = %self.addr, failures = n, "endpoint keeps failing but is not ejected: its peers fail too, or enough of them are ejected already");
+            tracing::debug!(endpoint = %self.addr, failures = n, last_failure = why, "endpoint keeps failing but is not ejected: its peers fail too, or enough of them are ejected already");
             return false;
         }
         let times = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
@@ -226,7 +232,7 @@ impl EndpointStats {
         // Back from ejection it must answer again before it vouches for its peers.
         self.proven.store(false, Ordering::Relaxed);
         m::ejection(&self.label);
-        tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected after repeated failures while its peers succeed");
+        tracing::warn!(endpoint = %self.addr, backoff_ms = backoff.as_millis() as u64, failures = n, last_failure = why, "endpoint ejected after repeated failures while its peers succeed");
         true
     }
 }
@@ -275,11 +281,14 @@ mod tests {
             base: Duration::from_millis(50),
             max: Duration::from_secs(1),
         };
-        assert!(!s.record_failure(&p, || true));
-        assert!(!s.record_failure(&p, || false), "the destination said no");
+        assert!(!s.record_failure(&p, "test", || true));
+        assert!(
+            !s.record_failure(&p, "test", || false),
+            "the destination said no"
+        );
         // ...and the count starts again.
-        assert!(!s.record_failure(&p, || true));
-        assert!(s.record_failure(&p, || true));
+        assert!(!s.record_failure(&p, "test", || true));
+        assert!(s.record_failure(&p, "test", || true));
         assert!(s.is_ejected());
         std::thread::sleep(Duration::from_millis(80));
         assert!(!s.is_ejected());

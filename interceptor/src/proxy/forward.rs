@@ -193,12 +193,17 @@ pub(crate) fn forward(
                     tried.push(ep.addr());
                 }
                 Attempt::Failed => {
-                    dest.record_failure(&ep, &policy, max_ejected);
+                    dest.record_failure(&ep, &policy, max_ejected, "the request failed");
                     return;
                 }
                 Attempt::PushedBack(d) => {
                     if !dest.push_back(&ep, max_ejected, d) {
-                        dest.record_failure(&ep, &policy, max_ejected);
+                        dest.record_failure(
+                            &ep,
+                            &policy,
+                            max_ejected,
+                            "the endpoint failed the request",
+                        );
                     }
                     return;
                 }
@@ -243,7 +248,7 @@ async fn connect(
         move |error: &PoolError| {
             if !error.is_local() {
                 m::connect_failure(&ep.label());
-                dest.record_failure(&ep, &policy, max_ejected);
+                dest.record_failure(&ep, &policy, max_ejected, "connecting failed");
             }
         }
     };

@@ -159,7 +159,8 @@ pub(crate) async fn reach(
             Err(error) => {
                 tracing::debug!(dest = %dest.addr(), %error, "connect failed; trying another endpoint");
                 m::connect_failure(&ep.label());
-                dest.record_failure(&ep, &policy, inner.config.max_ejected_percent);
+                let max = inner.config.max_ejected_percent;
+                dest.record_failure(&ep, &policy, max, "connecting failed");
                 tried.push(ep.addr());
             }
         }
@@ -253,14 +254,16 @@ pub(crate) async fn forward_request(
                     // A fresh connection that closes unanswered is the endpoint's failure; a
                     // reused one may just have met the endpoint's keep-alive timeout.
                     if !conn.reused {
-                        dest.record_failure(&ep, &policy, max_ejected);
+                        let why = "a fresh connection closed unanswered";
+                        dest.record_failure(&ep, &policy, max_ejected, why);
                     }
                     pending = Some(rebuild(copy));
                 }
                 _ => {
                     tracing::debug!(endpoint = %ep.addr(), %error, "upstream HTTP/1.1 request failed after it was sent");
                     m::unavailable(UnavailableReason::ConnectionFailed);
-                    dest.record_failure(&ep, &policy, max_ejected);
+                    let why = "the connection failed after the request was sent";
+                    dest.record_failure(&ep, &policy, max_ejected, why);
                     return ctx.local(
                         StatusCode::BAD_GATEWAY,
                         "interceptor: connection to the endpoint failed",
@@ -359,6 +362,7 @@ impl End {
                         &self.ep,
                         &self.inner.eject_policy(),
                         self.inner.config.max_ejected_percent,
+                        self.status.failure_reason(),
                     );
                 } else {
                     self.ep.record_success();

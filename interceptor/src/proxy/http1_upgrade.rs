@@ -70,7 +70,8 @@ pub(crate) async fn tunnel(
         Err(error) => {
             tracing::debug!(endpoint = %ep.addr(), %error, "upgrade request failed");
             m::unavailable(UnavailableReason::ConnectionFailed);
-            dest.record_failure(&ep, &policy, max_ejected);
+            let why = "the upgrade request failed";
+            dest.record_failure(&ep, &policy, max_ejected, why);
             return ctx.local(
                 StatusCode::BAD_GATEWAY,
                 "interceptor: connection to the endpoint failed",

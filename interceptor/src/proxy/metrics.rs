@@ -271,6 +271,17 @@ impl Status {
         matches!(self.0, 8 | 13 | 14 | 22)
     }
 
+    /// What an endpoint failure says, for the ejection log line.
+    pub(crate) fn failure_reason(self) -> &'static str {
+        match self.0 {
+            8 => "the endpoint answered RESOURCE_EXHAUSTED",
+            13 => "the endpoint answered INTERNAL",
+            14 => "the endpoint answered UNAVAILABLE",
+            22 => "the endpoint answered HTTP 5xx",
+            _ => "the endpoint's answer",
+        }
+    }
+
     pub(crate) fn label(self) -> &'static str {
         match self.0 {
             CANCELLED => "cancelled",

@@ -50,7 +50,13 @@ pub(crate) async fn relay(inner: &Shared, dest: &Destination, client: TcpStream,
             }
         }
         m::connect_failure(&ep.label());
-        dest.record_failure(&ep, &inner.eject_policy(), inner.config.max_ejected_percent);
+        let why = "connecting failed";
+        dest.record_failure(
+            &ep,
+            &inner.eject_policy(),
+            inner.config.max_ejected_percent,
+            why,
+        );
         tried.push(ep.addr());
         if tried.len() >= inner.config.max_attempts {
             service.opaque(OpaqueOutcome::ConnectFailed);

@@ -137,7 +137,7 @@ struct CStream {
     credit: u32,
     started: Instant,
     /// The endpoint answered in a way that counts against it.
-    charge: bool,
+    charge: Option<&'static str>,
     /// Answered here, not by the endpoint: its status says nothing of the endpoint.
     local: bool,
     /// The call's grpc-timeout, as an instant.
@@ -473,7 +473,7 @@ where
         if !s.resp_started && !connecting {
             // An endpoint that had the whole request and did not answer in time is charged,
             // so one that accepts and never answers gets ejected.
-            s.charge = s.req_done && s.attempt.is_some();
+            s.charge = (s.req_done && s.attempt.is_some()).then_some("no answer by the deadline");
         }
         m::timeout(kind);
         self.answer(
@@ -666,7 +666,7 @@ where
             absorb: 0,
             credit: 0,
             started: self.now.into_std(),
-            charge: false,
+            charge: None,
             local: false,
             deadline: None,
             pushback: None,
@@ -765,7 +765,7 @@ where
             && s.req_done
             && s.deadline.is_some_and(|d| self.now + DEADLINE_SLACK >= d)
         {
-            s.charge = true;
+            s.charge = Some("no answer by the client's deadline");
             s.local = true;
         }
         let done = s.resp_done && s.out.is_empty();
@@ -840,7 +840,7 @@ where
                 };
                 s.out.clear();
                 self.wire.emit(frame::Reset::new(id, reason).into());
-                s.charge = charged_reset(reason);
+                s.charge = charged_reset(reason).then_some("the endpoint reset the stream");
                 self.end_stream(s, Some(Status::RESET));
             }
             ToClient::Credit(id, n) => self.on_credit(id, n),
@@ -849,7 +849,7 @@ where
                 let Some(s) = self.streams.get_mut(&id) else {
                     return;
                 };
-                s.charge = true;
+                s.charge = Some("the connection broke with the stream on it");
                 m::unavailable(UnavailableReason::ConnectionFailed);
                 self.answer(
                     id,

@@ -76,7 +76,8 @@ async fn run(
             // is not charged: under load the failure may be this proxy's own slowness.
             if !local && !growth {
                 m::connect_failure(&ep.label());
-                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent);
+                let why = "connecting failed or timed out";
+                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent, why);
             }
             link.accepting.store(false, Ordering::Release);
             refuse_queued(link, Unprocessed::ConnectFailed);
@@ -96,7 +97,8 @@ async fn run(
             tracing::debug!(endpoint = %addr, growth, "the endpoint did not complete the HTTP/2 handshake in time");
             if !growth {
                 m::connect_failure(&label);
-                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent);
+                let why = "no HTTP/2 handshake in time";
+                dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent, why);
             }
             // Without the endpoint's SETTINGS nothing was processed.
             conn.fail_streams(Unprocessed::ConnectFailed);

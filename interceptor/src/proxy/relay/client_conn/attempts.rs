@@ -241,7 +241,7 @@ where
         ep: &Arc<EndpointStats>,
         status: Status,
         complete: bool,
-        charge: bool,
+        charge: Option<&'static str>,
         pushback: Option<std::time::Duration>,
     ) {
         let policy = self.inner.eject_policy();
@@ -250,10 +250,11 @@ where
             ep.observe_failure();
             // Asked for a pause: taken out for it (within the ejection bound), else charged.
             if !pushback.is_some_and(|d| self.dest.push_back(ep, max, d)) {
-                self.dest.record_failure(ep, &policy, max);
+                self.dest
+                    .record_failure(ep, &policy, max, status.failure_reason());
             }
-        } else if charge {
-            self.dest.record_failure(ep, &policy, max);
+        } else if let Some(why) = charge {
+            self.dest.record_failure(ep, &policy, max, why);
         } else if complete {
             ep.record_success();
         }
