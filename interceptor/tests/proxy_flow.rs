@@ -290,3 +290,156 @@ async fn streams_beyond_an_upstream_goaway_are_replayed() {
         "the draining backend answered its processed streams"
     );
 }
+
+/// Padding counts against the flow-control windows like payload (RFC 9113 6.1) but goes
+/// nowhere: the proxy must give its window back, on the connection and on the stream. A
+/// client that pads its request body and keeps to its windows must not stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_request_data_gives_its_window_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let cfg = ProxyConfig {
+        stream_window: 65_535,
+        connection_window: 65_535,
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(cfg, &[b.addr]).await;
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (mut r, mut w) = s.into_split();
+    // Frames the proxy sends, as (type, flags, stream, payload), read in the background.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, u8, u32, Vec<u8>)>();
+    tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        while r.read_exact(&mut head).await.is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if r.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if tx.send((head[3], head[4], id, payload)).is_err() {
+                return;
+            }
+        }
+    });
+    // The client takes any response: the largest windows.
+    let mut hello = interceptor::proxy::detect::H2_PREFACE.to_vec();
+    hello.extend(frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    hello.extend(frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    let mut block = request_pseudo();
+    hpack_int(&mut block, 4, 0, 31);
+    hpack_str(&mut block, b"application/grpc");
+    block.push(0x00);
+    hpack_str(&mut block, b"te");
+    hpack_str(&mut block, b"trailers");
+    hello.extend(frame(HEADERS, END_HEADERS, 1, &block));
+    w.write_all(&hello).await.expect("request head");
+    // A gRPC message in DATA frames of 256 bytes, each padded with 255 more (and the length
+    // byte): 400 KB of window for 200 KB of body, six times the windows the proxy grants.
+    const CHUNK: usize = 256;
+    const FRAME: i64 = 1 + CHUNK as i64 + 255;
+    let msg: Vec<u8> = (0..800 * CHUNK - 5).map(|i| (i % 251) as u8).collect();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let chunks: Vec<&[u8]> = body.chunks(CHUNK).collect();
+    #[derive(Default)]
+    struct Seen {
+        conn_window: i64,
+        stream_window: i64,
+        echoed: usize,
+        ended: bool,
+    }
+    fn on_frame(seen: &mut Seen, (kind, flags, id, payload): (u8, u8, u32, Vec<u8>)) {
+        match kind {
+            8 => {
+                let n = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let n = (n & 0x7fff_ffff) as i64;
+                if id == 0 {
+                    seen.conn_window += n;
+                } else {
+                    seen.stream_window += n;
+                }
+            }
+            0 if id == 1 => seen.echoed += payload.len(),
+            1 if id == 1 && flags & END_STREAM != 0 => seen.ended = true,
+            7 | 3 => panic!("the proxy ended the stream or connection: type {kind} {payload:?}"),
+            _ => {}
+        }
+    }
+    let mut seen = Seen {
+        conn_window: 65_535,
+        stream_window: 65_535,
+        ..Seen::default()
+    };
+    let mut sent = 0;
+    while sent < chunks.len() {
+        if seen.conn_window < FRAME || seen.stream_window < FRAME {
+            let f = timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "stalled after {sent} of {} frames: windows {} / {}",
+                        chunks.len(),
+                        seen.conn_window,
+                        seen.stream_window
+                    )
+                })
+                .expect("proxy still connected");
+            on_frame(&mut seen, f);
+            continue;
+        }
+        let mut payload = vec![255u8];
+        payload.extend_from_slice(chunks[sent]);
+        payload.resize(FRAME as usize, 0);
+        sent += 1;
+        let flags = 0x8 | if sent == chunks.len() { END_STREAM } else { 0 };
+        w.write_all(&frame(0, flags, 1, &payload))
+            .await
+            .expect("data");
+        seen.conn_window -= FRAME;
+        seen.stream_window -= FRAME;
+    }
+    while !seen.ended {
+        let f = timeout(LIMIT, rx.recv())
+            .await
+            .expect("response in time")
+            .expect("proxy still connected");
+        on_frame(&mut seen, f);
+    }
+    let echoed = seen.echoed;
+    println!("{sent} padded frames sent, {echoed} bytes echoed");
+    assert_eq!(echoed, body.len(), "the message came back whole");
+}
+
+/// A client that sends past the windows it was granted is stopped (RFC 9113 6.9.1): what it
+/// sends beyond would pile up in the proxy for an endpoint that reads at its own pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_past_the_granted_window_is_a_flow_control_error() {
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let cfg = ProxyConfig {
+        stream_window: 65_535,
+        connection_window: 65_535,
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(cfg, &[b.addr]).await;
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(3)).await;
+    let mut bytes = frame(HEADERS, END_HEADERS, 1, &request_pseudo());
+    // 16 frames of 16 KiB: four times the stream's window, sent without waiting for any.
+    for _ in 0..16 {
+        bytes.extend(frame(0, 0, 1, &[7u8; 16_384]));
+    }
+    use tokio::io::AsyncWriteExt;
+    let _ = w.write_all(&bytes).await;
+    let frames = reader.await.expect("reader");
+    let code = |p: &[u8], at: usize| u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    let reset = frames
+        .iter()
+        .any(|f| f.0 == 3 && f.1 == 1 && code(&f.2, 0) == 3);
+    let goaway = frames.iter().any(|f| f.0 == 7 && code(&f.2, 4) == 3);
+    assert!(
+        reset || goaway,
+        "RST_STREAM or GOAWAY with FLOW_CONTROL_ERROR expected: {:?}",
+        frames.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>()
+    );
+}

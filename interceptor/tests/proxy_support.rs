@@ -16,6 +16,7 @@ use bytes::{Buf, BufMut, Bytes};
 use interceptor::proxy::config::ProxyConfig;
 use interceptor::proxy::connector::TcpConnector;
 use interceptor::proxy::Proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -652,4 +653,92 @@ pub fn rss_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+// Raw HTTP/2, for what no client library sends: bad frames, padding, unfinished blocks.
+
+pub fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub const HEADERS: u8 = 1;
+pub const CONTINUATION: u8 = 9;
+pub const END_STREAM: u8 = 1;
+pub const END_HEADERS: u8 = 4;
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 5.1) after the flag bits `first`.
+pub fn hpack_int(out: &mut Vec<u8>, n: u8, first: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A plain (not Huffman) HPACK string.
+pub fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 7, 0, s.len());
+    out.extend_from_slice(s);
+}
+
+/// :method POST, :scheme http, :path /test.Echo/Unary, :authority svc.test, from the static
+/// table and literals that are not indexed.
+pub fn request_pseudo() -> Vec<u8> {
+    let mut b = vec![0x83, 0x86];
+    hpack_int(&mut b, 4, 0, 4);
+    hpack_str(&mut b, b"/test.Echo/Unary");
+    hpack_int(&mut b, 4, 0, 1);
+    hpack_str(&mut b, b"svc.test");
+    b
+}
+
+/// A frame as `raw_conn` read it: type, stream id, payload, flags.
+pub type RawFrame = (u8, u32, Vec<u8>, u8);
+
+/// Opens a raw HTTP/2 connection (preface and empty SETTINGS) and reads whatever the proxy
+/// sends in the background; returns the writer and the frames read once the proxy closes or
+/// `read_for` passes.
+pub async fn raw_conn(
+    addr: SocketAddr,
+    read_for: Duration,
+) -> (
+    tokio::net::tcp::OwnedWriteHalf,
+    tokio::task::JoinHandle<Vec<RawFrame>>,
+) {
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect proxy");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(interceptor::proxy::detect::H2_PREFACE)
+        .await
+        .expect("preface");
+    w.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(read_for, r.read_to_end(&mut got)).await;
+        let mut frames = Vec::new();
+        let mut rest = &got[..];
+        while rest.len() >= 9 {
+            let len = ((rest[0] as usize) << 16) | ((rest[1] as usize) << 8) | rest[2] as usize;
+            if rest.len() < 9 + len {
+                break;
+            }
+            let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            frames.push((rest[3], id, rest[9..9 + len].to_vec(), rest[4]));
+            rest = &rest[9 + len..];
+        }
+        frames
+    });
+    (w, reader)
 }

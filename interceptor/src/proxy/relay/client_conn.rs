@@ -135,6 +135,9 @@ struct CStream {
     absorb: u64,
     /// Stream-level credit not yet announced.
     credit: u32,
+    /// What the client may still send on the stream: our initial window and the credit
+    /// announced, less what it sent.
+    recv_window: i64,
     started: Instant,
     /// The endpoint answered in a way that counts against it.
     charge: Option<&'static str>,
@@ -573,7 +576,7 @@ where
     fn on_frame(&mut self, f: In) {
         match f {
             In::Headers { block, over_size } => self.on_headers(block, over_size),
-            In::Data(d) => self.on_data(d),
+            In::Data { data, padding } => self.on_data(data, padding),
             In::Reset(r) => self.on_reset(r.stream_id(), r.reason()),
             In::WindowUpdate(w) => self.on_window_update(w),
             In::Settings(s) => self.on_settings(s),
@@ -665,6 +668,7 @@ where
             credited: 0,
             absorb: 0,
             credit: 0,
+            recv_window: self.stream_window as i64,
             started: self.now.into_std(),
             charge: None,
             local: false,
@@ -703,10 +707,19 @@ where
         self.start_attempt(id);
     }
 
-    fn on_data(&mut self, d: frame::Data<bytes::Bytes>) {
+    fn on_data(&mut self, d: frame::Data<bytes::Bytes>, padding: u32) {
         let id = d.stream_id();
         let len = d.payload().len();
-        self.peer_window -= len as i64;
+        self.peer_window -= len as i64 + padding as i64;
+        if self.peer_window < 0 {
+            // Past the window we granted (RFC 9113 6.9.1): what it sends beyond would pile up
+            // here for an endpoint that does not read.
+            tracing::debug!(dest = %self.dest.addr(), "client sent past the connection window");
+            self.fail(Reason::FLOW_CONTROL_ERROR);
+            return;
+        }
+        // Padding goes nowhere: its window is given back at once.
+        self.conn_credit += padding;
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream already ended here: give the bytes back to the connection.
             self.conn_credit += len as u32;
@@ -720,8 +733,22 @@ where
             self.reset_stream(id, Reason::STREAM_CLOSED);
             return;
         }
+        s.recv_window -= len as i64 + padding as i64;
+        if s.recv_window < 0 {
+            self.conn_credit += len as u32;
+            self.reset_stream(id, Reason::FLOW_CONTROL_ERROR);
+            return;
+        }
         let eos = d.is_end_stream();
         let payload = d.into_payload();
+        if padding > 0 && !eos {
+            s.credit += padding;
+            if s.credit >= self.stream_window / 2 {
+                let credit = std::mem::take(&mut s.credit);
+                s.recv_window += credit as i64;
+                self.wire.emit(frame::WindowUpdate::new(id, credit).into());
+            }
+        }
         s.last_move = self.now;
         s.received += len as u64;
         s.req_done = eos;
@@ -931,6 +958,7 @@ where
             s.credit += give;
             if s.credit >= self.stream_window / 2 {
                 let credit = std::mem::take(&mut s.credit);
+                s.recv_window += credit as i64;
                 self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }

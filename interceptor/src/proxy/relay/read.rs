@@ -52,7 +52,12 @@ pub(crate) enum In {
         /// dropped (a request gets 431, as from h2's server).
         over_size: bool,
     },
-    Data(frame::Data<bytes::Bytes>),
+    Data {
+        data: frame::Data<bytes::Bytes>,
+        /// The padding stripped (with its length byte): it counts against the flow-control
+        /// windows like the payload (RFC 9113 6.1), and is given back at once.
+        padding: u32,
+    },
     Reset(frame::Reset),
     WindowUpdate(frame::WindowUpdate),
     Settings(frame::Settings),
@@ -206,12 +211,14 @@ impl Reader {
                     return Err(ReadError::Conn(Reason::PROTOCOL_ERROR));
                 }
                 f.advance(HEAD_LEN);
+                let len = f.len();
                 if flags & PADDED != 0 {
                     strip_padding(&mut f)?;
                 }
-                let mut d = frame::Data::new(id, f.freeze());
-                d.set_end_stream(flags & END_STREAM != 0);
-                In::Data(d)
+                let padding = (len - f.len()) as u32;
+                let mut data = frame::Data::new(id, f.freeze());
+                data.set_end_stream(flags & END_STREAM != 0);
+                In::Data { data, padding }
             }
             HEADERS => return self.headers(id, flags, f),
             CONTINUATION => return self.continuation(id, flags, &f[HEAD_LEN..]),
@@ -434,10 +441,11 @@ mod tests {
             };
             assert!(!over_size && !block.eos);
             assert_eq!(block.fields.get(b":authority"), Some(&b"a.b"[..]));
-            let Ok(In::Data(d)) = &got[1] else {
+            let Ok(In::Data { data: d, padding }) = &got[1] else {
                 panic!("data second")
             };
             assert_eq!(&d.payload()[..], b"hi");
+            assert_eq!(*padding, 3, "the length byte and two bytes of padding");
             assert!(d.is_end_stream());
             assert!(matches!(&got[2], Ok(In::Ping(p)) if p.payload() == b"12345678"));
         }

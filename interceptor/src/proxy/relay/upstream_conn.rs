@@ -376,7 +376,7 @@ impl UpConn {
     fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
         match f {
             In::Headers { block, over_size } => self.on_headers(block, over_size),
-            In::Data(d) => self.on_data(d),
+            In::Data { data, padding } => self.on_data(data, padding)?,
             In::Reset(r) => {
                 let id = r.stream_id();
                 if let Some(s) = self.remove(id) {
@@ -437,22 +437,37 @@ impl UpConn {
         }
     }
 
-    fn on_data(&mut self, d: frame::Data<Bytes>) {
+    fn on_data(&mut self, d: frame::Data<Bytes>, padding: u32) -> Result<(), ConnError> {
         let id = d.stream_id();
         let len = d.payload().len() as u32;
-        self.peer_window -= len as i64;
+        self.peer_window -= (len + padding) as i64;
+        if self.peer_window < 0 {
+            // Past the window we granted: what it sends beyond would pile up here.
+            self.wire
+                .emit(frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into());
+            return Err(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR.into()));
+        }
+        // Padding goes nowhere: its window is given back at once.
+        self.conn_credit += padding;
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream already ended here: nobody will pass these bytes on.
             self.conn_credit += len;
-            return;
+            return Ok(());
         };
         let eos = d.is_end_stream();
+        if padding > 0 && !eos {
+            s.credit += padding;
+            if s.credit >= self.stream_window / 2 {
+                let credit = std::mem::take(&mut s.credit);
+                self.wire.emit(frame::WindowUpdate::new(id, credit).into());
+            }
+        }
         let mut fwd = frame::Data::new(s.client_id, d.into_payload());
         fwd.set_end_stream(eos);
         if s.client.push(ToClient::Data(fwd)).is_err() {
             self.conn_credit += len;
             self.reset(id, Reason::CANCEL);
-            return;
+            return Ok(());
         }
         s.unacked += len;
         if eos {
@@ -461,6 +476,7 @@ impl UpConn {
                 self.remove(id);
             }
         }
+        Ok(())
     }
 
     fn on_window_update(&mut self, w: frame::WindowUpdate) -> Result<(), ConnError> {
