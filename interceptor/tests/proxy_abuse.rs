@@ -28,17 +28,10 @@ async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let _ = timeout(LIMIT, s.read_to_end(&mut got))
         .await
         .expect("proxy closed the connection");
-    let mut frames = Vec::new();
-    let mut rest = &got[..];
-    while rest.len() >= 9 {
-        let len = ((rest[0] as usize) << 16) | ((rest[1] as usize) << 8) | rest[2] as usize;
-        if rest.len() < 9 + len {
-            break;
-        }
-        frames.push((rest[3], rest[9..9 + len].to_vec()));
-        rest = &rest[9 + len..];
-    }
-    frames
+    parse_frames(&got)
+        .into_iter()
+        .map(|(kind, _, payload, _)| (kind, payload))
+        .collect()
 }
 
 fn goaway_code(frames: &[(u8, Vec<u8>)]) -> Option<u32> {

@@ -298,12 +298,7 @@ async fn streams_beyond_an_upstream_goaway_are_replayed() {
 async fn padded_request_data_gives_its_window_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start([127, 0, 0, 2], "b2");
-    let cfg = ProxyConfig {
-        stream_window: 65_535,
-        connection_window: 65_535,
-        ..ProxyConfig::default()
-    };
-    let p = start_proxy(cfg, &[b.addr]).await;
+    let p = small_window_proxy(b.addr).await;
     let s = TcpStream::connect(p.addr).await.expect("connect proxy");
     let (mut r, mut w) = s.into_split();
     // Frames the proxy sends, as (type, flags, stream, payload), read in the background.
@@ -417,12 +412,7 @@ async fn padded_request_data_gives_its_window_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_past_the_granted_window_is_a_flow_control_error() {
     let b = Backend::start([127, 0, 0, 2], "b2");
-    let cfg = ProxyConfig {
-        stream_window: 65_535,
-        connection_window: 65_535,
-        ..ProxyConfig::default()
-    };
-    let p = start_proxy(cfg, &[b.addr]).await;
+    let p = small_window_proxy(b.addr).await;
     let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(3)).await;
     let mut bytes = frame(HEADERS, END_HEADERS, 1, &request_pseudo());
     // 16 frames of 16 KiB: four times the stream's window, sent without waiting for any.

@@ -727,18 +727,34 @@ pub async fn raw_conn(
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         let _ = tokio::time::timeout(read_for, r.read_to_end(&mut got)).await;
-        let mut frames = Vec::new();
-        let mut rest = &got[..];
-        while rest.len() >= 9 {
-            let len = ((rest[0] as usize) << 16) | ((rest[1] as usize) << 8) | rest[2] as usize;
-            if rest.len() < 9 + len {
-                break;
-            }
-            let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
-            frames.push((rest[3], id, rest[9..9 + len].to_vec(), rest[4]));
-            rest = &rest[9 + len..];
-        }
-        frames
+        parse_frames(&got)
     });
     (w, reader)
+}
+
+/// The whole frames in `bytes`.
+pub fn parse_frames(bytes: &[u8]) -> Vec<RawFrame> {
+    let mut frames = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = ((rest[0] as usize) << 16) | ((rest[1] as usize) << 8) | rest[2] as usize;
+        if rest.len() < 9 + len {
+            break;
+        }
+        let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+        frames.push((rest[3], id, rest[9..9 + len].to_vec(), rest[4]));
+        rest = &rest[9 + len..];
+    }
+    frames
+}
+
+/// A proxy in front of `backend` granting the protocol's smallest windows, 64 KiB less one on
+/// a stream and on the connection, so that a test's client reaches them soon.
+pub async fn small_window_proxy(backend: SocketAddr) -> ProxyUnderTest {
+    let cfg = ProxyConfig {
+        stream_window: 65_535,
+        connection_window: 65_535,
+        ..ProxyConfig::default()
+    };
+    start_proxy(cfg, &[backend]).await
 }
