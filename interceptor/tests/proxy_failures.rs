@@ -1246,3 +1246,67 @@ async fn slow_handshakes_of_extra_connections_stall_no_stream_and_eject_nothing(
         "a 100 ms call took {slowest:?}: it waited for a handshake"
     );
 }
+
+/// A connection that breaks with several calls on it is one failure of its endpoint, not one
+/// per call: counted per call, one event (a backend restart, or its server closing the
+/// connection for a burst of resets that one client's cancels made) ejected a healthy endpoint
+/// at once, three calls being three failures in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_connection_is_one_failure_however_many_calls_it_carried() {
+    let mut backends: Vec<Backend> = (2..=4)
+        .map(|i| Backend::start([127, 0, 2, i], &format!("h{i}")))
+        .collect();
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = start_proxy(ProxyConfig::default(), &addrs).await;
+    let mut c = client(p.addr).await;
+    // Every endpoint answers first: ejection needs peers that are known to succeed.
+    for _ in 0..30 {
+        unary(&mut c, request(Bytes::from_static(b"warm"), &[]))
+            .await
+            .expect("warm-up call");
+    }
+    assert!(
+        backends.iter().all(|b| b.calls() > 0),
+        "every endpoint answered"
+    );
+    let before = backends[0].calls();
+    // 30 calls that hang, spread over the three endpoints, about ten on each connection.
+    let calls: Vec<_> = (0..30)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { hang(&mut c, request(Bytes::from_static(b"x"), &[])).await })
+        })
+        .collect();
+    let on_first = async {
+        while backends[0].calls() < before + 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    timeout(LIMIT, on_first)
+        .await
+        .expect("the first endpoint took some of the calls");
+    let carried = backends[0].calls() - before;
+    // Its process dies: its one connection breaks with every call on it.
+    backends[0].kill();
+    // Ejection lasts a second: watched while the calls fail.
+    let settled = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut out = 0;
+    while tokio::time::Instant::now() < settled {
+        out = out.max(ejected(&p, &[addrs[0]]));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut failed = 0;
+    for call in calls {
+        // The calls on live endpoints still hang: only those that ended are counted.
+        if let Ok(r) = tokio::time::timeout_at(settled, call).await {
+            let st = r
+                .expect("task")
+                .expect_err("a hanging call ends only by failing");
+            assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+            failed += 1;
+        }
+    }
+    println!("{carried} calls on the killed endpoint, {failed} failed; ejected: {out}");
+    assert_eq!(failed, carried, "exactly its calls failed");
+    assert_eq!(out, 0, "one broken connection ejected its endpoint");
+}

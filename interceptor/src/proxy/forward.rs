@@ -349,7 +349,10 @@ async fn try_endpoint(
         return Attempt::Done;
     };
     timers.idle.progress();
-    let end = relay_response(ctx, ep.addr(), body, &mut up, started, &mut timers).await;
+    let mut end = relay_response(ctx, ep.addr(), body, &mut up, started, &mut timers).await;
+    if end.broke && !lease.first_to_break() {
+        end.charge = false;
+    }
     drop(lease);
     drop(in_flight);
     settle(ctx, &ep, reqs, end)
@@ -447,6 +450,7 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
         header_pushback,
     } = started;
     let mut charge = false;
+    let mut broke = false;
     let mut complete = false;
     let mut pushback = None;
     let status = loop {
@@ -506,6 +510,7 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
                     tracing::debug!(%endpoint, error = %e, "upstream connection failed during the response");
                     end_with_status(ctx, &mut client_tx, grpc::UNAVAILABLE, "interceptor: connection to the endpoint failed");
                     charge = true;
+                    broke = true;
                     break Status::grpc_code(grpc::UNAVAILABLE);
                 }
             },
@@ -532,6 +537,7 @@ async fn relay_response<D: std::future::Future<Output = ()>>(
         status,
         complete,
         charge,
+        broke,
         pushback,
     }
 }
@@ -543,6 +549,8 @@ struct Ended {
     complete: bool,
     /// The endpoint broke the stream (a charged reset, a broken connection).
     charge: bool,
+    /// Its connection broke: charged by the first stream it cut only.
+    broke: bool,
     /// grpc-retry-pushback-ms of the response.
     pushback: Option<std::time::Duration>,
 }
@@ -683,7 +691,11 @@ fn response_error(
         "interceptor: connection to the endpoint failed",
         reqs,
     );
-    Attempt::Failed
+    if lease.first_to_break() {
+        Attempt::Failed
+    } else {
+        Attempt::Done
+    }
 }
 
 fn pushback_of(headers: &http::HeaderMap) -> Option<std::time::Duration> {

@@ -153,6 +153,9 @@ struct Conn {
     // the connection could never close when the pool lets go of it.
     closed: Arc<AtomicBool>,
     last_used_ms: AtomicU64,
+    /// Its endpoint was charged for the connection breaking: once, however many streams
+    /// the break cut.
+    break_charged: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -197,6 +200,12 @@ impl Lease {
     /// Takes the connection out of rotation (it refused new streams or went away).
     pub fn retire(&self) {
         self.conn.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// The connection broke under this stream: true for the first stream to say so, whose
+    /// attempt charges the endpoint (one break is one failure).
+    pub fn first_to_break(&self) -> bool {
+        !self.conn.break_charged.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -459,6 +468,7 @@ impl Pool {
             active: AtomicUsize::new(0),
             closed,
             last_used_ms: AtomicU64::new(now_ms()),
+            break_charged: AtomicBool::new(false),
         }))
     }
 

@@ -873,10 +873,11 @@ where
             ToClient::Credit(id, n) => self.on_credit(id, n),
             ToClient::Unprocessed(id, why, head) => self.on_unprocessed(id, why, head),
             ToClient::Broken(id) => {
-                let Some(s) = self.streams.get_mut(&id) else {
+                if !self.streams.contains_key(&id) {
                     return;
-                };
-                s.charge = Some("the connection broke with the stream on it");
+                }
+                // Not charged here: the upstream connection charged its endpoint once for the
+                // break, however many streams it carried.
                 m::unavailable(UnavailableReason::ConnectionFailed);
                 self.answer(
                     id,

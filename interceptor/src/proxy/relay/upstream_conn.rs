@@ -107,7 +107,14 @@ async fn run(
         }
         Err(error) => tracing::debug!(endpoint = %addr, %error, "upstream connection failed"),
     }
-    conn.fail_streams(Unprocessed::Closing);
+    // One break is one failure of the endpoint, however many streams it cut: charged per
+    // stream, a connection carrying a few calls would eject a healthy endpoint at once (three
+    // in a row) for one event, e.g. its server closing the connection for a burst of resets
+    // that one client's cancels made.
+    if conn.fail_streams(Unprocessed::Closing) > 0 {
+        let why = "the connection broke with streams on it";
+        dest.record_failure(ep, &shared.eject_policy(), cfg.max_ejected_percent, why);
+    }
     refuse_queued(link, Unprocessed::Closing);
 }
 
@@ -765,11 +772,15 @@ impl UpConn {
 
     /// The connection ended: every stream on it is told; those never sent (or all, when the
     /// handshake never completed) as `unsent`.
-    fn fail_streams(&mut self, unsent: Unprocessed) {
+    /// The connection is gone: streams the endpoint had are broken, the others go back to be
+    /// sent elsewhere. Returns how many were broken.
+    fn fail_streams(&mut self, unsent: Unprocessed) -> usize {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        let mut broken = 0;
         for id in ids {
             if let Some(s) = self.remove(id) {
                 let msg = if s.started && self.settings_seen {
+                    broken += 1;
                     ToClient::Broken(s.client_id)
                 } else {
                     ToClient::Unprocessed(s.client_id, unsent, s.head)
@@ -777,5 +788,6 @@ impl UpConn {
                 let _ = s.client.push(msg);
             }
         }
+        broken
     }
 }
