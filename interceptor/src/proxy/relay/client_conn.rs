@@ -38,6 +38,9 @@ const READ_BUDGET: usize = 128;
 
 /// The PING of a graceful close, and how long the client has to answer it.
 const DRAIN_PING: [u8; 8] = *b"icp-bye!";
+/// The PING after the final GOAWAY: once answered, the client has read the GOAWAY, and opens
+/// no stream the connection could no longer refuse.
+const FINAL_PING: [u8; 8] = *b"icp-end!";
 const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a closed connection's last bytes from the client are waited for.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -194,6 +197,8 @@ struct ClientConn<T> {
     stream_idle_timeout: std::time::Duration,
     /// Where a graceful close is.
     drain: Drain,
+    /// The client answered the PING sent after the final GOAWAY (or did not in time).
+    final_seen: bool,
     /// A connection error: close once the GOAWAY is written.
     closing: Option<Reason>,
     resets: ResetRate,
@@ -283,6 +288,7 @@ where
                 let _ = shutdown.wait_for(|v| *v).await;
             }),
             drain: Drain::No,
+            final_seen: false,
             closing: None,
             resets,
             links: Vec::new(),
@@ -304,7 +310,8 @@ where
                 Drain::No => self.check_idle(cx),
                 // The client never answered the PING: the GOAWAY with the last stream anyway.
                 Drain::Announced => self.final_goaway(),
-                Drain::Final => {}
+                // The client never answered the second PING: close anyway.
+                Drain::Final => self.final_seen = true,
                 Drain::WriteClosed => return Poll::Ready(Ok(())),
             }
         }
@@ -359,7 +366,9 @@ where
             }
             return Poll::Pending;
         }
-        if self.drain == Drain::Final && self.streams.is_empty() && flushed {
+        // Not before the client read the final GOAWAY: a stream it opened until then is refused
+        // (REFUSED_STREAM, safe to retry), which a closed write side could not do.
+        if self.drain == Drain::Final && self.final_seen && self.streams.is_empty() && flushed {
             match self.wire.shutdown(cx) {
                 Poll::Ready(Ok(())) => {
                     // Closing now, with the client's last bytes unread, would reset the
@@ -564,6 +573,8 @@ where
         self.drain = Drain::Final;
         self.wire
             .emit(frame::GoAway::new(self.last_id, Reason::NO_ERROR).into());
+        self.wire.emit(frame::Ping::new(FINAL_PING).into());
+        self.idle.as_mut().reset(self.now + DRAIN_PING_WAIT);
     }
 
     /// A connection error: GOAWAY, then close.
@@ -585,6 +596,8 @@ where
                     self.wire.emit(frame::Ping::pong(p.into_payload()).into());
                 } else if *p.payload() == DRAIN_PING {
                     self.final_goaway();
+                } else if *p.payload() == FINAL_PING {
+                    self.final_seen = true;
                 }
             }
             // The client opens no more streams; those open finish, then it closes.
