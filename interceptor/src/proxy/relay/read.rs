@@ -98,6 +98,9 @@ pub(crate) struct Reader {
     /// the connection is told to go away.
     max_block: usize,
     partial: Option<Partial>,
+    /// A connection error was returned: what follows is read and dropped, and the end of the
+    /// stream is `None` (a connection that is closing reads until the peer closes).
+    failed: bool,
 }
 
 impl Reader {
@@ -112,6 +115,7 @@ impl Reader {
             // and bounds what a block that never ends can hold.
             max_block: max_list.saturating_mul(2).max(MAX_FRAME),
             partial: None,
+            failed: false,
         }
     }
 
@@ -121,7 +125,23 @@ impl Reader {
         io: &mut T,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<In, ReadError>>> {
+        let r = self.poll_frame(io, cx);
+        if let Poll::Ready(Some(Err(ReadError::Conn(_) | ReadError::Io(_)))) = &r {
+            self.failed = true;
+            self.partial = None;
+        }
+        r
+    }
+
+    fn poll_frame<T: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut T,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<In, ReadError>>> {
         loop {
+            if self.failed {
+                self.buf.clear();
+            }
             let want = match self.next_frame_len() {
                 Ok(Some(len)) => {
                     let f = self.buf.split_to(HEAD_LEN + len);
@@ -147,7 +167,9 @@ impl Reader {
             };
             match n {
                 Ok(0) => {
-                    return Poll::Ready(if self.buf.is_empty() && self.partial.is_none() {
+                    let clean = self.buf.is_empty() && self.partial.is_none();
+                    self.buf.clear();
+                    return Poll::Ready(if clean || self.failed {
                         None
                     } else {
                         Some(Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())))
@@ -546,6 +568,27 @@ mod tests {
             got.last(),
             Some(Err(ReadError::Conn(Reason::ENHANCE_YOUR_CALM)))
         ));
+    }
+
+    #[tokio::test]
+    async fn after_a_connection_error_the_rest_is_dropped_until_the_peer_closes() {
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        let mut bytes = vec![0, 0x40, 1, DATA, 0, 0, 0, 0, 1];
+        bytes.extend(frame(PING, 0, 0, b"12345678"));
+        bytes.extend_from_slice(&[0, 0, 8, PING]);
+        tokio::io::AsyncWriteExt::write_all(&mut tx, &bytes)
+            .await
+            .expect("write");
+        drop(tx);
+        let mut r = Reader::new(1 << 16);
+        let first = std::future::poll_fn(|cx| r.poll_next(&mut rx, cx)).await;
+        assert!(matches!(
+            first,
+            Some(Err(ReadError::Conn(Reason::FRAME_SIZE_ERROR)))
+        ));
+        // Neither the same error again nor frames after it, and the close ends the stream.
+        let next = std::future::poll_fn(|cx| r.poll_next(&mut rx, cx)).await;
+        assert!(next.is_none());
     }
 
     #[tokio::test]
