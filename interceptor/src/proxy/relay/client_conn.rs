@@ -142,7 +142,7 @@ struct CStream {
     /// announced, less what it sent.
     recv_window: i64,
     started: Instant,
-    /// The endpoint answered in a way that counts against it.
+    /// The endpoint answered in a way that counts against it, and how (for the ejection log).
     charge: Option<&'static str>,
     /// Answered here, not by the endpoint: its status says nothing of the endpoint.
     local: bool,
