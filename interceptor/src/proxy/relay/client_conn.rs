@@ -155,6 +155,20 @@ struct CStream {
     _active: ActiveStream,
 }
 
+impl CStream {
+    /// Adds `n` to the stream's unannounced credit; once that reaches `at`, returns it to be
+    /// announced (WINDOW_UPDATE), counted in what the client may send.
+    fn add_credit(&mut self, n: u32, at: u32) -> Option<u32> {
+        self.credit += n;
+        if n == 0 || self.credit < at {
+            return None;
+        }
+        let credit = std::mem::take(&mut self.credit);
+        self.recv_window += credit as i64;
+        Some(credit)
+    }
+}
+
 struct ClientConn<T> {
     inner: Arc<Shared>,
     dest: Arc<Destination>,
@@ -754,11 +768,8 @@ where
         }
         let eos = d.is_end_stream();
         let payload = d.into_payload();
-        if padding > 0 && !eos {
-            s.credit += padding;
-            if s.credit >= self.stream_window / 2 {
-                let credit = std::mem::take(&mut s.credit);
-                s.recv_window += credit as i64;
+        if !eos {
+            if let Some(credit) = s.add_credit(padding, self.stream_window / 2) {
                 self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }
@@ -969,10 +980,7 @@ where
         s.credited += give as u64;
         self.conn_credit += give;
         if !s.req_done {
-            s.credit += give;
-            if s.credit >= self.stream_window / 2 {
-                let credit = std::mem::take(&mut s.credit);
-                s.recv_window += credit as i64;
+            if let Some(credit) = s.add_credit(give, self.stream_window / 2) {
                 self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }

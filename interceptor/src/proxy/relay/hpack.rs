@@ -262,6 +262,13 @@ mod tests {
             .collect()
     }
 
+    /// A block that must decode (within a 64 KiB list).
+    fn block(d: &mut Decoder, hex_block: &str) -> HeaderList {
+        let mut l = HeaderList::new();
+        d.decode(&hex(hex_block), 1 << 16, &mut l).expect("decodes");
+        l
+    }
+
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
         p.iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -271,13 +278,7 @@ mod tests {
     #[test]
     fn rfc_7541_c3_requests_without_huffman_share_one_table() {
         let mut d = Decoder::new();
-        let mut l = HeaderList::new();
-        d.decode(
-            &hex("8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d"),
-            1 << 16,
-            &mut l,
-        )
-        .expect("decodes");
+        let l = block(&mut d, "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d");
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -287,9 +288,7 @@ mod tests {
                 (":authority", "www.example.com")
             ])
         );
-        let mut l = HeaderList::new();
-        d.decode(&hex("8286 84be 5808 6e6f 2d63 6163 6865"), 1 << 16, &mut l)
-            .expect("decodes");
+        let l = block(&mut d, "8286 84be 5808 6e6f 2d63 6163 6865");
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -300,13 +299,10 @@ mod tests {
                 ("cache-control", "no-cache")
             ])
         );
-        let mut l = HeaderList::new();
-        d.decode(
-            &hex("8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65"),
-            1 << 16,
-            &mut l,
-        )
-        .expect("decodes");
+        let l = block(
+            &mut d,
+            "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+        );
         assert_eq!(
             fields(&l),
             pairs(&[
@@ -326,28 +322,17 @@ mod tests {
     #[test]
     fn rfc_7541_c4_requests_with_huffman() {
         let mut d = Decoder::new();
-        let mut l = HeaderList::new();
-        d.decode(
-            &hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"),
-            1 << 16,
-            &mut l,
-        )
-        .expect("decodes");
+        let l = block(&mut d, "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff");
         assert_eq!(
             fields(&l)[3],
             (":authority".into(), "www.example.com".into())
         );
-        let mut l = HeaderList::new();
-        d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), 1 << 16, &mut l)
-            .expect("decodes");
+        let l = block(&mut d, "8286 84be 5886 a8eb 1064 9cbf");
         assert_eq!(fields(&l)[4], ("cache-control".into(), "no-cache".into()));
-        let mut l = HeaderList::new();
-        d.decode(
-            &hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf"),
-            1 << 16,
-            &mut l,
-        )
-        .expect("decodes");
+        let l = block(
+            &mut d,
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+        );
         assert_eq!(fields(&l)[4], ("custom-key".into(), "custom-value".into()));
     }
 
@@ -402,8 +387,7 @@ mod tests {
             .expect("decodes");
         assert!(r.over_size);
         assert_eq!(fields(&l), pairs(&[(":method", "GET")]));
-        let mut l = HeaderList::new();
-        d.decode(&hex("be"), 1 << 16, &mut l).expect("decodes");
+        let l = block(&mut d, "be");
         assert_eq!(fields(&l), pairs(&[("custom-key", "custom-value")]));
     }
 }

@@ -154,6 +154,18 @@ struct UStream {
     credit: u32,
 }
 
+impl UStream {
+    /// Adds `n` to the stream's unannounced credit; once that reaches `at`, returns it to be
+    /// announced (WINDOW_UPDATE).
+    fn add_credit(&mut self, n: u32, at: u32) -> Option<u32> {
+        self.credit += n;
+        if n == 0 || self.credit < at {
+            return None;
+        }
+        Some(std::mem::take(&mut self.credit))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConnError {
     #[error("{0}")]
@@ -462,10 +474,8 @@ impl UpConn {
             return Ok(());
         };
         let eos = d.is_end_stream();
-        if padding > 0 && !eos {
-            s.credit += padding;
-            if s.credit >= self.stream_window / 2 {
-                let credit = std::mem::take(&mut s.credit);
+        if !eos {
+            if let Some(credit) = s.add_credit(padding, self.stream_window / 2) {
                 self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
         }
@@ -657,9 +667,7 @@ impl UpConn {
                     s.unacked = s.unacked.saturating_sub(n);
                     self.conn_credit += n;
                     if !s.resp_done {
-                        s.credit += n;
-                        if s.credit >= self.stream_window / 2 {
-                            let credit = std::mem::take(&mut s.credit);
+                        if let Some(credit) = s.add_credit(n, self.stream_window / 2) {
                             self.wire.emit(frame::WindowUpdate::new(id, credit).into());
                         }
                     }
