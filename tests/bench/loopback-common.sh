@@ -20,7 +20,7 @@ endpoints=$(printf '127.0.0.1:%s,' "${ports[@]}"); endpoints=${endpoints%,}
 start_backends() {
   local p
   for p in "${ports[@]}"; do
-    taskset -c "$1" "$bin/icp-pod" h2serve --port "$p" >/dev/null 2>&1 & pids+=($!)
+    taskset -c "$1" "$bin/icp-pod" h2serve --port "$p" ${BACKEND_STACK:+--stack "$BACKEND_STACK"} >/dev/null 2>&1 & pids+=($!)
   done
 }
 

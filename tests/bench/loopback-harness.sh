@@ -6,7 +6,8 @@
 #
 #   tests/bench/loopback-harness.sh [CONTENDER...]   CONTENDER: relay | streams | haproxy
 #   env: CONNS (4), STREAMS (32), SECS (8), PERF=1 (perf record -g on the proxy),
-#        WORKERS (1; with more, proxy, client and backends share both CPUs: no pinning)
+#        WORKERS (1; with more, proxy, client and backends share both CPUs: no pinning),
+#        BACKEND_STACK=h2 (the backends on h2's high-level server instead of frame level)
 #
 # Needs release builds (cargo build --release -p interceptor -p interceptor-tests --bins)
 # and h2load, haproxy, taskset (cargo xtask setup installs them). Every load is bounded by

@@ -2,7 +2,9 @@
 //! accounting from /proc, h2load output parsing, and the chart.
 
 pub mod chart;
+pub mod h2serve;
 pub mod load;
+pub mod open_loop;
 
 use std::path::Path;
 

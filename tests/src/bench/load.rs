@@ -1,15 +1,13 @@
 //! The benchmark's own HTTP/2 client (tokio + h2), run inside the client pod. Three modes:
 //! - `probe`: one stream at a time (closed loop), the single-stream latency;
-//! - `rate`: open loop at a fixed rate. Send times come from a schedule (a pacer thread), and
-//!   latency is measured from the intended send time, so a stalled server cannot hide its
-//!   stall by slowing the client down (coordinated omission);
+//! - `rate`: open loop at a fixed rate (`open_loop`: frame level, one thread; latency from each
+//!   request's due time, so a stalled server cannot hide its stall: no coordinated omission);
 //! - `idle`: opens N connections, one request each, then holds them idle (RSS per connection).
 //!
 //! Every response must be 200 with `grpc-status: 0` in the trailers; anything else is an error.
 //! Prints one JSON line (`LoadResult`).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,9 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const REQUEST_BODY: &[u8] = b"\0\0\0\0\x05hello";
 
 /// How long a client waits for its contender to accept connections.
-const CONNECT_RETRY: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_secs(10);
 /// Requests still outstanding this long after the schedule ends count as errors.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LoadResult {
@@ -100,6 +98,14 @@ impl LoadArgs {
 /// Entry point of `bench load ...` (inside the pod): runs and prints the JSON result.
 pub fn main(args: &[String]) {
     let args = LoadArgs::parse(args);
+    if args.mode == "rate" {
+        let result = super::open_loop::run(&args);
+        println!(
+            "{}",
+            serde_json::to_string(&result).expect("serialise the result")
+        );
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -107,7 +113,6 @@ pub fn main(args: &[String]) {
     let result = runtime.block_on(async {
         match args.mode.as_str() {
             "probe" => probe(&args).await,
-            "rate" => rate(&args).await,
             "idle" => idle(&args).await,
             other => panic!("load: unknown mode {other}"),
         }
@@ -119,7 +124,7 @@ pub fn main(args: &[String]) {
 }
 
 #[derive(Debug)]
-struct Failure(String);
+pub(crate) struct Failure(pub(crate) String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
@@ -196,16 +201,16 @@ async fn call(send: SendRequest<Bytes>, authority: &str) -> Result<(), Failure> 
 }
 
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     ok: u64,
-    errors: u64,
-    first_error: Option<String>,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
     latencies_ns: Vec<u64>,
-    last_done: Option<Instant>,
+    pub(crate) last_done: Option<Instant>,
 }
 
 impl Tally {
-    fn record(&mut self, outcome: Result<(), Failure>, latency: Option<Duration>) {
+    pub(crate) fn record(&mut self, outcome: Result<(), Failure>, latency: Option<Duration>) {
         match outcome {
             Ok(()) => {
                 self.ok += 1;
@@ -221,7 +226,7 @@ impl Tally {
         }
     }
 
-    fn finish(mut self, sent: u64, window: Duration) -> LoadResult {
+    pub(crate) fn finish(mut self, sent: u64, window: Duration) -> LoadResult {
         self.latencies_ns.sort_unstable();
         let n = self.latencies_ns.len();
         let pct = |p: f64| -> f64 {
@@ -287,72 +292,6 @@ async fn probe(args: &LoadArgs) -> LoadResult {
         }
     }
     tally.finish(args.count + warm, window)
-}
-
-/// Open loop at `rate` requests/s for `warmup + duration`, request i intended at
-/// start + i/rate; latency from that intended time.
-async fn rate(args: &LoadArgs) -> LoadResult {
-    let conns = match connect_all(args).await {
-        Ok(c) => c,
-        Err(e) => return connect_failed(e),
-    };
-    let total = ((args.warmup + args.duration).as_secs_f64() * args.rate) as u64;
-    let interval = Duration::from_secs_f64(1.0 / args.rate);
-    let start = Instant::now() + Duration::from_millis(20);
-    let measure_from = start + args.warmup;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-    // The pacer: a plain thread with fine timer slack, so sends are not batched on tokio's
-    // millisecond timer wheel.
-    let pacer = std::thread::spawn(move || {
-        // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
-        for i in 0..total {
-            let due = start + interval.mul_f64(i as f64);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            if tx.send((i, due)).is_err() {
-                break;
-            }
-        }
-    });
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut sent = 0;
-    while let Some((i, due)) = rx.recv().await {
-        let (send, authority) = conns[(i as usize) % conns.len()].clone();
-        let tally = tally.clone();
-        sent += 1;
-        tasks.spawn(async move {
-            let outcome = call(send, &authority).await;
-            let latency = (due >= measure_from).then(|| due.elapsed());
-            tally.lock().expect("tally").record(outcome, latency);
-        });
-        // Reap finished tasks so the set stays small.
-        while tasks.try_join_next().is_some() {}
-    }
-    let _ = pacer.join();
-    let drained = tokio::time::timeout(DRAIN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
-    // A server that fell behind finishes late: rate over the time it really took.
-    let window = tally
-        .last_done
-        .map(|t| t.saturating_duration_since(measure_from))
-        .unwrap_or_default()
-        .max(args.duration);
-    if drained.is_err() {
-        let left = tasks.len() as u64;
-        tally.errors += left;
-        tally.first_error.get_or_insert(format!(
-            "{left} requests unanswered {DRAIN_GRACE:?} after the schedule ended"
-        ));
-        tasks.abort_all();
-    }
-    tally.finish(sent, window)
 }
 
 /// Opens `conns` connections (one request each), prints `READY <ok>` and holds them idle for

@@ -62,7 +62,12 @@ fn main() {
             flag("--cpu").map(|c| c.parse().expect("--cpu N")),
         ),
         Some("sink") => sink(num("--port", 0) as u16),
-        Some("h2serve") => h2serve(num("--port", 0) as u16),
+        Some("h2serve") => h2serve(
+            num("--port", 0) as u16,
+            // `--stack h2`: h2's high-level server (a task per stream), the backend the
+            // benchmark used before its frame-level one; kept to reproduce the comparison.
+            flag("--stack").as_deref() == Some("h2"),
+        ),
         Some("greet-server") => interceptor_tests::greet::serve(
             &flag("--name").expect("--name"),
             flag("--host")
@@ -421,10 +426,11 @@ fn connect_bench(to: SocketAddr, count: usize, cpu: Option<usize>) {
     println!("{count} {median} {p99} {mean}");
 }
 
-/// A gRPC-shaped HTTP/2 backend: answers every request (200, a small body, `grpc-status: 0`
+/// A gRPC-shaped HTTP/2 backend (interceptor_tests::bench::h2serve, or h2's high-level server
+/// with `high_level`): answers every request (200, a small body, `grpc-status: 0`
 /// trailers). On SIGUSR1 it prints `stats <served> <unix us of the first request, 0 if none>`
 /// and goes on (the benchmark polls it); on SIGTERM it prints `served <N>` and exits.
-fn h2serve(port: u16) {
+fn h2serve(port: u16, high_level: bool) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -437,11 +443,19 @@ fn h2serve(port: u16) {
             .expect("bind h2 backend");
         let served = Arc::new(AtomicU64::new(0));
         let first = Arc::new(AtomicU64::new(0));
-        tokio::spawn(interceptor_tests::serve_grpc_stamped(
-            listener,
-            served.clone(),
-            first.clone(),
-        ));
+        if high_level {
+            tokio::spawn(interceptor_tests::serve_grpc_stamped(
+                listener,
+                served.clone(),
+                first.clone(),
+            ));
+        } else {
+            tokio::spawn(interceptor_tests::bench::h2serve::serve(
+                listener,
+                served.clone(),
+                first.clone(),
+            ));
+        }
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
         println!("READY");
