@@ -330,6 +330,16 @@ pub struct LimitArgs {
         default_value_t = 300_000
     )]
     pub stream_idle_timeout_ms: u64,
+    /// PING an upstream connection that carries streams and has heard nothing from its
+    /// endpoint for this long, in milliseconds (0: never); unanswered within 10 s, the
+    /// connection is closed. Below 300000 (5 min), grpc-go servers with their default keepalive
+    /// policy close the connection with GOAWAY "too_many_pings".
+    #[arg(
+        long,
+        env = "INTERCEPTOR_UPSTREAM_KEEPALIVE_MS",
+        default_value_t = 300_000
+    )]
+    pub upstream_keepalive_ms: u64,
     /// Largest request or response header list taken, in bytes; bigger requests get 431.
     #[arg(
         long,
@@ -369,6 +379,7 @@ impl LimitArgs {
     pub fn apply(&self, config: ProxyConfig) -> ProxyConfig {
         ProxyConfig {
             stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
+            keepalive_interval: Duration::from_millis(self.upstream_keepalive_ms),
             max_header_list_bytes: self.max_header_list_bytes,
             max_client_connections: self.max_client_connections,
             h2_engine: match self.h2_engine {

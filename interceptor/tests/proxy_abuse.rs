@@ -728,3 +728,63 @@ async fn idle_client_connection_gets_goaway() {
     assert!(ended.is_ok(), "a graceful GOAWAY, not an error: {ended:?}");
     assert!(idle_from.elapsed() < Duration::from_millis(1500));
 }
+
+/// h2 endpoints (tonic, hyper) close a connection with GOAWAY "too_many_data_frames" once it
+/// has brought them 100 empty DATA frames without END_STREAM, counted over the connection's
+/// life. The upstream connection is shared by every client of the endpoint, so the empty
+/// frames of two clients (60 each, each under any per-connection limit of its own) must not
+/// reach it: a call of a third client waiting there would be cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_frames_of_clients_do_not_reach_the_shared_upstream_connection() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    // A call that stays open on the upstream connection until the test ends it.
+    let mut waiter = client(p.addr).await;
+    let waiting =
+        tokio::spawn(
+            async move { hang(&mut waiter, request(Bytes::from_static(b"wait"), &[])).await },
+        );
+    let until = Instant::now() + LIMIT;
+    while b.state.hang_started.lock().expect("lock").is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the waiting call never reached the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let legit = Legit::start(p.addr).await;
+    let mut abusers = Vec::new();
+    for _ in 0..2 {
+        let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(2)).await;
+        let mut burst = Vec::new();
+        let mut block = request_pseudo();
+        hpack_int(&mut block, 4, 0, 31);
+        hpack_str(&mut block, b"application/grpc");
+        burst.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        for _ in 0..60 {
+            burst.extend(frame(0, 0, 1, &[]));
+        }
+        burst.extend(frame(0, END_STREAM, 1, b"\0\0\0\0\x03abc"));
+        w.write_all(&burst).await.expect("the abuser's frames");
+        abusers.push((w, reader));
+    }
+    for (w, reader) in abusers {
+        let frames = reader.await.expect("abuser reader");
+        drop(w);
+        let answered = frames
+            .iter()
+            .any(|(ty, id, _, flags)| *ty == HEADERS && *id == 1 && flags & END_STREAM != 0);
+        let goaway = frames.iter().find(|f| f.0 == 7).map(|f| f.2.clone());
+        // The relay drops the empty frames and answers; h2's server (the streams engine) may
+        // send its own GOAWAY to the abuser. Either way only the abuser is affected.
+        println!("abuser: answered {answered}, GOAWAY {goaway:?}");
+    }
+    assert!(
+        !waiting.is_finished(),
+        "the call waiting on the shared upstream connection ended: {:?}",
+        waiting.await
+    );
+    waiting.abort();
+    assert_unharmed(&legit.stop().await);
+}

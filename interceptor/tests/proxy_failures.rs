@@ -1310,3 +1310,177 @@ async fn one_broken_connection_is_one_failure_however_many_calls_it_carried() {
     assert_eq!(failed, carried, "exactly its calls failed");
     assert_eq!(out, 0, "one broken connection ejected its endpoint");
 }
+
+// ---- keepalive PINGs only where they tell something ------------------------------------------
+
+/// An HTTP/2 endpoint at frame level that answers SETTINGS and PINGs, never answers a request,
+/// counts the requests, resets and PINGs it receives and, while `chatty` is set, sends a PING
+/// of its own every 100 ms (so the connection keeps hearing from it).
+struct PingCountingBackend {
+    addr: SocketAddr,
+    /// HEADERS, RST_STREAM and PING frames received.
+    requests: Arc<AtomicUsize>,
+    resets: Arc<AtomicUsize>,
+    pings: Arc<AtomicUsize>,
+    chatty: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PingCountingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PingCountingBackend {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let pings = Arc::new(AtomicUsize::new(0));
+        let chatty = Arc::new(AtomicBool::new(true));
+        let (q, r, p, c) = (
+            requests.clone(),
+            resets.clone(),
+            pings.clone(),
+            chatty.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                return;
+            }
+            let _ = s.write_all(&frame(4, 0, 0, &[])).await;
+            let mut buf = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                let mut chunk = [0u8; 4096];
+                tokio::select! {
+                    n = s.read(&mut chunk) => {
+                        let Ok(n @ 1..) = n else { return };
+                        buf.extend_from_slice(&chunk[..n]);
+                        let frames = parse_frames(&buf);
+                        let used: usize = frames.iter().map(|f| 9 + f.2.len()).sum();
+                        buf.drain(..used);
+                        for (ty, _, payload, flags) in frames {
+                            let reply = match (ty, flags & 1) {
+                                (1, _) => {
+                                    q.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                (3, _) => {
+                                    r.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                (4, 0) => frame(4, 1, 0, &[]),
+                                (6, 0) => {
+                                    p.fetch_add(1, Ordering::Relaxed);
+                                    frame(6, 1, 0, &payload)
+                                }
+                                _ => continue,
+                            };
+                            if s.write_all(&reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if c.load(Ordering::Relaxed)
+                            && s.write_all(&frame(6, 0, 0, b"backend!")).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        PingCountingBackend {
+            addr,
+            requests,
+            resets,
+            pings,
+            chatty,
+            task,
+        }
+    }
+}
+
+/// grpc-go servers close a connection with GOAWAY "too_many_pings" when PINGs come more often
+/// than every 5 minutes while they send nothing, or on a connection without streams. So the
+/// relay PINGs only a connection that carries streams and has heard nothing for the keepalive
+/// interval: the one case where a PING tells something (a black-holed endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pings_only_a_quiet_connection_that_carries_streams() {
+    use interceptor::proxy::config::H2Engine;
+    assert!(
+        ProxyConfig::default().keepalive_interval >= Duration::from_secs(300),
+        "the default keepalive interval stays within grpc-go's default enforcement (5 min)"
+    );
+    let backend = PingCountingBackend::start().await;
+    let p = start_proxy(
+        ProxyConfig {
+            // The streams engine PINGs every pooled connection on the interval.
+            h2_engine: H2Engine::Relay,
+            keepalive_interval: Duration::from_millis(300),
+            keepalive_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+        &[backend.addr],
+    )
+    .await;
+    let mut c = client(p.addr).await;
+    let call = tokio::spawn(async move {
+        let _ = hang(&mut c, request(Bytes::from_static(b"wait"), &[])).await;
+        c
+    });
+    let until = Instant::now() + Duration::from_secs(5);
+    while backend.requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < until,
+            "the call never reached the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A stream is open and the endpoint keeps talking: nothing to find out.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let busy = backend.pings.load(Ordering::Relaxed);
+    assert_eq!(
+        busy, 0,
+        "PINGs on a connection that hears from its endpoint"
+    );
+
+    // The endpoint falls silent with the stream open: PINGs, one interval apart at most.
+    backend.chatty.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = backend.pings.load(Ordering::Relaxed);
+    assert!(
+        quiet >= 2,
+        "a silent connection with a stream open got {quiet} PINGs in 1.5 s at a 300 ms interval"
+    );
+
+    // The call ends (the client gives up): a connection without streams is not PINGed.
+    call.abort();
+    let _ = call.await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while backend.resets.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < until,
+            "the cancelled call was never reset upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before_idle = backend.pings.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let idle = backend.pings.load(Ordering::Relaxed) - before_idle;
+    assert!(
+        idle <= 1,
+        "{idle} PINGs on a connection without streams (one may have been on its way)"
+    );
+    println!("keepalive PINGs: busy {busy}, quiet {quiet}, idle {idle}");
+}

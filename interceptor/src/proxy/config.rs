@@ -69,7 +69,9 @@ pub struct ProxyConfig {
     pub max_connections_per_endpoint: usize,
     /// Idle pooled connections are closed after this long.
     pub idle_timeout: Duration,
-    /// A PING on every pooled upstream connection this often (zero: off)...
+    /// A PING on an upstream connection that carries streams and has heard nothing from its
+    /// endpoint for this long (zero: off; the `streams` engine PINGs every pooled connection
+    /// this often)...
     pub keepalive_interval: Duration,
     /// ...and a connection whose PING is not answered within this is closed: a black-holed
     /// endpoint (node gone, conntrack lost) would otherwise hold new streams until they time out.
@@ -134,7 +136,9 @@ impl Default for ProxyConfig {
             streams_per_connection: 100,
             max_connections_per_endpoint: 4,
             idle_timeout: Duration::from_secs(60),
-            keepalive_interval: Duration::from_secs(20),
+            // grpc-go servers close connections PINGed more often than this by default
+            // (keepalive EnforcementPolicy.MinTime, GOAWAY "too_many_pings").
+            keepalive_interval: Duration::from_secs(300),
             keepalive_timeout: Duration::from_secs(10),
             replay_buffer_bytes: 64 * 1024,
             max_attempts: 3,

@@ -788,6 +788,12 @@ where
                 r.whole = eos;
             }
         }
+        if len == 0 && !eos {
+            // Carries nothing, and h2 endpoints (tonic, hyper) close a connection once it has
+            // brought them 100 of these: on a shared upstream connection, one client's empty
+            // frames would end every client's calls there.
+            return;
+        }
         match &s.attempt {
             Some(a) => {
                 let mut fwd = frame::Data::new(a.id, payload);

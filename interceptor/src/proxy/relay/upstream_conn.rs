@@ -209,8 +209,13 @@ struct UpConn {
     timer_at: tokio::time::Instant,
     keepalive_interval: std::time::Duration,
     keepalive_timeout: std::time::Duration,
+    /// When the timer next looks at whether a keepalive PING is due. It is moved only when the
+    /// timer fires, so reading a frame costs no timer reset.
     next_ping: tokio::time::Instant,
     ping_sent: Option<tokio::time::Instant>,
+    /// When a frame last came from the endpoint: a connection that hears from its endpoint is
+    /// alive and is not PINGed.
+    last_read: tokio::time::Instant,
     idle_timeout: std::time::Duration,
     /// When the last stream ended (the connection has none since).
     idle_since: tokio::time::Instant,
@@ -271,6 +276,7 @@ impl UpConn {
             keepalive_timeout: cfg.keepalive_timeout,
             next_ping: handshake_by,
             ping_sent: None,
+            last_read: handshake_by,
             idle_timeout: cfg.idle_timeout,
             idle_since: handshake_by,
             now: handshake_by,
@@ -311,8 +317,22 @@ impl UpConn {
                 return Err(ConnError::Keepalive);
             }
             None if !self.keepalive_interval.is_zero() && now >= self.next_ping => {
-                self.wire.emit(frame::Ping::new(KEEPALIVE_PING).into());
-                self.ping_sent = Some(now);
+                // Only a connection that carries streams and has been silent for the whole
+                // interval is PINGed. grpc-go servers count PINGs that come sooner than 5
+                // minutes after the previous one, or on a connection without streams, and
+                // close the connection with GOAWAY "too_many_pings" at the third: PINGing
+                // busy or idle connections would get them closed for nothing.
+                let quiet_until = self.last_read + self.keepalive_interval;
+                if !self.streams.is_empty() && now >= quiet_until {
+                    self.wire.emit(frame::Ping::new(KEEPALIVE_PING).into());
+                    self.ping_sent = Some(now);
+                } else {
+                    self.next_ping = if quiet_until > now {
+                        quiet_until
+                    } else {
+                        now + self.keepalive_interval
+                    };
+                }
             }
             _ => {}
         }
@@ -338,7 +358,10 @@ impl UpConn {
         let mut read_all = false;
         for _ in 0..READ_BUDGET {
             match self.wire.poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => self.on_frame(f)?,
+                Poll::Ready(Some(Ok(f))) => {
+                    self.last_read = self.now;
+                    self.on_frame(f)?
+                }
                 Poll::Ready(Some(Err(e))) => self.on_read_error(e)?,
                 Poll::Ready(None) => {
                     // Flush what can be: a GOAWAY answer, resets.
@@ -478,6 +501,11 @@ impl UpConn {
             if let Some(credit) = s.add_credit(padding, self.stream_window / 2) {
                 self.wire.emit(frame::WindowUpdate::new(id, credit).into());
             }
+        }
+        if len == 0 && !eos {
+            // Carries nothing, and an h2 client closes its connection once it has brought it
+            // 100 of these: one endpoint's empty frames would end the client's calls to others.
+            return Ok(());
         }
         let mut fwd = frame::Data::new(s.client_id, d.into_payload());
         fwd.set_end_stream(eos);
