@@ -788,3 +788,73 @@ async fn empty_data_frames_of_clients_do_not_reach_the_shared_upstream_connectio
     waiting.abort();
     assert_unharmed(&legit.stop().await);
 }
+
+/// A request whose DATA does not add up to its content-length is malformed (RFC 9113 8.1.1):
+/// reset here with PROTOCOL_ERROR, not passed on. Passed on, the endpoint would reset it, and
+/// a reset from the endpoint counts against it: one client could get healthy endpoints
+/// ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_contradicts_its_content_length_is_reset_here_and_not_charged() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start([127, 0, 0, 2], "b2");
+    let p = start_proxy(ProxyConfig::default(), &[b.addr]).await;
+    let head = |content_length: &[u8]| {
+        let mut block = request_pseudo();
+        hpack_int(&mut block, 4, 0, 31);
+        hpack_str(&mut block, b"application/grpc");
+        hpack_int(&mut block, 4, 0, 28);
+        hpack_str(&mut block, content_length);
+        block
+    };
+    let msg: &[u8] = b"\0\0\0\0\x05hello";
+    // More DATA than announced, less DATA than announced, a value that is not a number, and
+    // END_STREAM on HEADERS with a length.
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(1)).await;
+    let mut burst = Vec::new();
+    burst.extend(frame(HEADERS, END_HEADERS, 1, &head(b"3")));
+    burst.extend(frame(0, END_STREAM, 1, msg));
+    burst.extend(frame(HEADERS, END_HEADERS, 3, &head(b"30")));
+    burst.extend(frame(0, END_STREAM, 3, msg));
+    burst.extend(frame(HEADERS, END_HEADERS, 5, &head(b"1x")));
+    burst.extend(frame(0, END_STREAM, 5, msg));
+    burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 7, &head(b"4")));
+    w.write_all(&burst).await.expect("the requests");
+    let frames = reader.await.expect("reader");
+    drop(w);
+    let reset = |frames: &[RawFrame], id: u32| {
+        frames
+            .iter()
+            .find(|f| f.0 == 3 && f.1 == id)
+            .map(|f| u32::from_be_bytes([f.2[0], f.2[1], f.2[2], f.2[3]]))
+    };
+    for id in [1, 3, 5, 7] {
+        assert_eq!(
+            reset(&frames, id),
+            Some(1),
+            "stream {id}: RST_STREAM PROTOCOL_ERROR"
+        );
+    }
+    let stats = p.proxy.endpoints(p.addr).destination().stats(b.addr);
+    assert_eq!(
+        stats.map(|s| s.consecutive_failures()).unwrap_or(0),
+        0,
+        "the endpoint was charged for requests that were malformed"
+    );
+    // A body that matches its content-length, in two frames, is answered.
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(1)).await;
+    let mut burst = Vec::new();
+    burst.extend(frame(HEADERS, END_HEADERS, 1, &head(b"10")));
+    burst.extend(frame(0, 0, 1, &msg[..4]));
+    burst.extend(frame(0, END_STREAM, 1, &msg[4..]));
+    w.write_all(&burst).await.expect("the request");
+    let frames = reader.await.expect("reader");
+    drop(w);
+    assert!(
+        frames
+            .iter()
+            .any(|(ty, id, _, flags)| *ty == HEADERS && *id == 1 && flags & END_STREAM != 0),
+        "the request whose body matches its content-length is answered: {:?}",
+        frames.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>()
+    );
+    assert_eq!(reset(&frames, 1), None);
+}

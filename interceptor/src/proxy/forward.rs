@@ -119,6 +119,7 @@ enum Attempt {
     PushedBack(std::time::Duration),
 }
 
+#[allow(clippy::manual_async_fn)] // why: see the comment on the async block below
 pub(crate) fn forward(
     inner: Arc<Shared>,
     dest: Arc<Destination>,

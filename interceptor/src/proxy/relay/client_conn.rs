@@ -133,6 +133,8 @@ struct CStream {
     status: Option<Status>,
     /// Request body bytes received, and credited back to the client so far.
     received: u64,
+    /// The request's content-length: its DATA must add up to it (RFC 9113 8.1.1).
+    content_length: Option<u64>,
     credited: u64,
     /// Credit the next attempt will give for bytes already credited by an earlier one.
     absorb: u64,
@@ -647,7 +649,7 @@ where
         let id = h.id;
         if let Some(s) = self.streams.get_mut(&id) {
             // Request trailers.
-            if s.req_done || !h.eos {
+            if s.req_done || !h.eos || s.content_length.is_some_and(|n| n != s.received) {
                 self.reset_stream(id, Reason::PROTOCOL_ERROR);
                 return;
             }
@@ -692,6 +694,7 @@ where
             resp_done: false,
             status: None,
             received: 0,
+            content_length: None,
             credited: 0,
             absorb: 0,
             credit: 0,
@@ -711,7 +714,16 @@ where
             self.answer(id, 0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
             return;
         }
-        if !is_valid_request(&fields) {
+        s.content_length = match fields.get(b"content-length").map(parse_content_length) {
+            None => None,
+            Some(Some(n)) => Some(n),
+            Some(None) => {
+                self.wire
+                    .emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
+                return;
+            }
+        };
+        if !is_valid_request(&fields) || (eos && s.content_length.is_some_and(|n| n != 0)) {
             self.wire
                 .emit(frame::Reset::new(id, Reason::PROTOCOL_ERROR).into());
             return;
@@ -767,6 +779,16 @@ where
             return;
         }
         let eos = d.is_end_stream();
+        let total = s.received + len as u64;
+        if s.content_length
+            .is_some_and(|n| total > n || (eos && total != n))
+        {
+            // A malformed request is not passed on (RFC 9113 8.1.1). The endpoint would reset
+            // it, and that reset would count against a healthy endpoint.
+            self.conn_credit += len as u32;
+            self.reset_stream(id, Reason::PROTOCOL_ERROR);
+            return;
+        }
         let payload = d.into_payload();
         if !eos {
             if let Some(credit) = s.add_credit(padding, self.stream_window / 2) {
@@ -1076,6 +1098,14 @@ where
 
 /// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT
 /// (without :protocol).
+/// A content-length value: digits only (RFC 9110 8.6), no list, no sign, no overflow.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 fn is_valid_request(h: &HeaderList) -> bool {
     let Some(method) = h.get(b":method") else {
         return false;
