@@ -858,3 +858,72 @@ async fn a_body_that_contradicts_its_content_length_is_reset_here_and_not_charge
     );
     assert_eq!(reset(&frames, 1), None);
 }
+
+/// h2 endpoints keep a per-connection budget for small DATA frames their application has not
+/// read yet, and close the connection with GOAWAY ENHANCE_YOUR_CALM once it is spent (about
+/// 130 one-byte frames). The upstream connection carries other clients' calls: a flood of tiny
+/// frames from one client, read in one turn, must reach the endpoint joined (the relay; not
+/// done by the streams engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tiny_data_frames_reaches_the_endpoint_joined() {
+    let _serial = SERIAL.lock().await;
+    // An h2 endpoint whose application never reads request bodies.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = listener.local_addr().expect("addr");
+    let server = tokio::spawn(interceptor_test_support::h2_backend::serve_default(
+        listener,
+        |request, respond| async move {
+            let _unread = (request, respond);
+            std::future::pending::<()>().await
+        },
+    ));
+    let p = start_proxy(
+        ProxyConfig {
+            // The streams engine passes each DATA frame on as h2 hands it over (not joined).
+            h2_engine: interceptor::proxy::config::H2Engine::Relay,
+            ..ProxyConfig::default()
+        },
+        &[endpoint],
+    )
+    .await;
+    // Another client's call, open on the upstream connection.
+    let s = TcpStream::connect(p.addr).await.expect("connect proxy");
+    let (send, conn) = h2::client::handshake(s).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut send = send.ready().await.expect("ready");
+    let victim = http::Request::builder()
+        .method("POST")
+        .uri("http://svc.test/test.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("request");
+    let (victim, mut victim_body) = send.send_request(victim, false).expect("send");
+    victim_body
+        .send_data(Bytes::from_static(b"\0\0\0\0\x05hello"), false)
+        .expect("victim data");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 400 one-byte DATA frames in one write.
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(1)).await;
+    let mut block = request_pseudo();
+    hpack_int(&mut block, 4, 0, 31);
+    hpack_str(&mut block, b"application/grpc");
+    let mut burst = frame(HEADERS, END_HEADERS, 1, &block);
+    for i in 0..400u32 {
+        burst.extend(frame(0, 0, 1, &[i as u8]));
+    }
+    w.write_all(&burst).await.expect("the flood");
+    let frames = reader.await.expect("reader");
+    drop(w);
+    let ended = frames
+        .iter()
+        .find(|f| f.0 == 7 || f.0 == 3)
+        .map(|f| (f.0, f.2.clone()));
+    println!("flooding client got: {ended:?}");
+    match timeout(Duration::from_millis(500), victim).await {
+        Err(_) => {}
+        Ok(r) => panic!("the other client's call ended: {r:?}"),
+    }
+    server.abort();
+}

@@ -19,6 +19,7 @@
 //! one turn leaves in one write.
 
 pub(crate) mod client_conn;
+pub(crate) mod coalesce;
 pub(crate) mod encode;
 pub(crate) mod fields;
 pub(crate) mod flow;

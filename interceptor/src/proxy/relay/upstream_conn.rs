@@ -384,6 +384,7 @@ impl UpConn {
             if inbox.is_empty() {
                 break;
             }
+            super::coalesce::small_data(&mut inbox);
             for m in inbox.drain(..) {
                 self.on_msg(m);
             }
