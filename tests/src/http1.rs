@@ -92,7 +92,7 @@ pub fn python_client_count(pod: &Pod, url: &str, count: u64) -> PythonRun {
     let last = stdout
         .lines()
         .filter_map(greet::parse_tally)
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("no TALLY from the python client: {stdout}"));
     let connections = stdout
         .lines()
@@ -102,7 +102,7 @@ pub fn python_client_count(pod: &Pod, url: &str, count: u64) -> PythonRun {
     let last_error = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("LAST_ERROR "))
-        .last()
+        .next_back()
         .map(str::to_string);
     PythonRun {
         last,

@@ -185,14 +185,9 @@ impl Conn {
                         "peer's initial stream window is smaller than the answer (unsupported)",
                     ));
                 }
-                if let Some(size) = s.header_table_size() {
-                    self.codec.set_send_header_table_size(size as usize);
-                }
-                self.out.push_back(frame::Settings::ack().into());
+                ack_settings(&mut self.codec, &mut self.out, &s);
             }
-            Frame::Ping(p) if !p.is_ack() => {
-                self.out.push_back(frame::Ping::pong(*p.payload()).into());
-            }
+            Frame::Ping(p) if !p.is_ack() => pong(&mut self.out, &p),
             Frame::WindowUpdate(w) if w.stream_id().is_zero() => {
                 self.send_window += i64::from(w.size_increment());
                 while self.send_window >= MESSAGE.len() as i64 {
@@ -234,4 +229,22 @@ impl Conn {
         trailers.set_end_stream();
         self.out.push_back(trailers.into());
     }
+}
+
+/// What any HTTP/2 peer owes a SETTINGS frame (shared with the open-loop client): the peer's
+/// header table size applied to our HPACK encoder, and the acknowledgement.
+pub(crate) fn ack_settings<T>(
+    codec: &mut Codec<T, Bytes>,
+    out: &mut VecDeque<Frame<Bytes>>,
+    s: &frame::Settings,
+) {
+    if let Some(size) = s.header_table_size() {
+        codec.set_send_header_table_size(size as usize);
+    }
+    out.push_back(frame::Settings::ack().into());
+}
+
+/// A PING's answer.
+pub(crate) fn pong(out: &mut VecDeque<Frame<Bytes>>, p: &frame::Ping) {
+    out.push_back(frame::Ping::pong(*p.payload()).into());
 }

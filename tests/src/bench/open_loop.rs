@@ -439,14 +439,9 @@ impl Conn {
                 if let Some(n) = s.max_concurrent_streams() {
                     self.max_streams = n as usize;
                 }
-                if let Some(size) = s.header_table_size() {
-                    self.codec.set_send_header_table_size(size as usize);
-                }
-                self.out.push_back(frame::Settings::ack().into());
+                super::h2serve::ack_settings(&mut self.codec, &mut self.out, &s);
             }
-            Frame::Ping(p) if !p.is_ack() => {
-                self.out.push_back(frame::Ping::pong(*p.payload()).into());
-            }
+            Frame::Ping(p) if !p.is_ack() => super::h2serve::pong(&mut self.out, &p),
             Frame::WindowUpdate(w) if w.stream_id().is_zero() => {
                 self.send_window += i64::from(w.size_increment());
             }
