@@ -33,25 +33,37 @@ use reconcile::Reconciler;
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     tracing::info!(config = %serde_json::to_string(&args).unwrap_or_default(), "starting");
-    runtime(args.worker_threads)?.block_on(run_agent(args))
+    warn_if_busy_poll_unused(args.busy_poll_us, &args.limits);
+    runtime(args.worker_threads, args.busy_poll_us)?.block_on(run_agent(args))
 }
 
 /// The proxy worker threads (`workers`, default one per CPU) serve the client connections;
 /// this runtime, one thread, runs the rest: listeners' accept loops, discovery, the admin
-/// endpoint.
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+/// endpoint. `busy_poll_us` > 0 keeps each worker polling that long after its last read.
+fn runtime(workers: Option<usize>, busy_poll_us: u64) -> anyhow::Result<tokio::runtime::Runtime> {
     let n = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    crate::proxy::workers::start(n).context("starting the proxy worker threads")?;
+    crate::proxy::workers::start(n, std::time::Duration::from_micros(busy_poll_us))
+        .context("starting the proxy worker threads")?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .thread_name("interceptor")
         .build()
         .context("starting the async runtime")
+}
+
+/// Busy polling follows the relay's reads: on the streams engine it would never start.
+fn warn_if_busy_poll_unused(busy_poll_us: u64, limits: &crate::cli::LimitArgs) {
+    if busy_poll_us > 0 && limits.h2_engine == crate::cli::H2EngineArg::Streams {
+        tracing::warn!(
+            busy_poll_us,
+            "--busy-poll-us has no effect with --h2-engine streams: only the relay engine busy polls"
+        );
+    }
 }
 
 /// Flags that contradict each other fail before anything is touched.
@@ -368,5 +380,6 @@ fn apply_static(args: &RunArgs, agent: &mut Agent, datapath: &mut Datapath) -> a
 /// `interceptor proxy`: the demultiplexer on its own (no BPF, no cluster).
 pub fn standalone_proxy(args: crate::cli::ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting standalone proxy");
-    runtime(args.worker_threads)?.block_on(standalone::run(args))
+    warn_if_busy_poll_unused(args.busy_poll_us, &args.limits);
+    runtime(args.worker_threads, args.busy_poll_us)?.block_on(standalone::run(args))
 }

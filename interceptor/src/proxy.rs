@@ -29,6 +29,7 @@
 
 pub mod balancer;
 pub mod body_pump;
+pub(crate) mod busy_poll;
 pub mod config;
 pub mod conn_guard;
 pub mod connector;

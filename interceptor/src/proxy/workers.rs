@@ -16,6 +16,7 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -37,9 +38,10 @@ pub fn current_index() -> usize {
     INDEX.with(|i| i.get())
 }
 
-/// Starts `n` workers for the rest of the process. Fails if called twice or a thread cannot
-/// be started.
-pub fn start(n: usize) -> io::Result<()> {
+/// Starts `n` workers for the rest of the process, each busy polling for `busy_poll` after
+/// its last read (zero: never; see `busy_poll`). Fails if called twice or a thread cannot be
+/// started.
+pub fn start(n: usize, busy_poll: Duration) -> io::Result<()> {
     let n = n.max(1);
     let mut handles = Vec::with_capacity(n);
     for i in 1..=n {
@@ -60,7 +62,12 @@ pub fn start(n: usize) -> io::Result<()> {
                 };
                 let _ = tx.send(Ok(rt.handle().clone()));
                 // Runs the worker's tasks until the process exits.
-                rt.block_on(std::future::pending::<()>());
+                rt.block_on(async move {
+                    if !busy_poll.is_zero() {
+                        tokio::spawn(super::busy_poll::spin(busy_poll));
+                    }
+                    std::future::pending::<()>().await
+                });
             })?;
         let handle = rx
             .recv()
@@ -73,7 +80,11 @@ pub fn start(n: usize) -> io::Result<()> {
             next: AtomicUsize::new(0),
         })
         .map_err(|_| io::Error::other("proxy workers started twice"))?;
-    tracing::info!(workers = n, "proxy worker threads started");
+    tracing::info!(
+        workers = n,
+        busy_poll_us = busy_poll.as_micros() as u64,
+        "proxy worker threads started"
+    );
     Ok(())
 }
 

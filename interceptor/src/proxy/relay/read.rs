@@ -175,7 +175,7 @@ impl Reader {
                         Some(Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())))
                     });
                 }
-                Ok(_) => {}
+                Ok(_) => crate::proxy::busy_poll::read_done(),
                 Err(e) => return Poll::Ready(Some(Err(ReadError::Io(e)))),
             }
         }
