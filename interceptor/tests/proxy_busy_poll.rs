@@ -5,28 +5,11 @@
 #[path = "proxy_support.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::*;
-use tokio::net::TcpStream;
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -73,11 +56,7 @@ async fn after_calls(backend: &Backend, busy_poll_us: u64) -> (f64, f64) {
             .expect("start interceptor proxy"),
     );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listen));
-    let up = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < up, "the proxy did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(addr).await;
     let mut c = client(addr).await;
     for i in 0..20 {
         let r = unary(&mut c, request(Bytes::from(format!("call {i}")), &[]))

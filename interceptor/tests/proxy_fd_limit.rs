@@ -7,8 +7,8 @@ mod support;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use interceptor::proxy::detect::H2_PREFACE;
 use support::*;
@@ -17,22 +17,6 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 const NOFILE: u64 = 256;
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 async fn metrics_text(admin: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", admin))
@@ -88,11 +72,7 @@ async fn low_fd_limit_caps_connections_and_ejects_nothing() {
     }
     let mut proxy = Running(cmd.spawn().expect("start interceptor proxy"));
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listen));
-    let up = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < up, "the proxy did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(addr).await;
     let legit = Legit::start(addr).await;
 
     // Twice the descriptors the proxy has, each a client that stays connected.

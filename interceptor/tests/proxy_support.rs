@@ -758,3 +758,34 @@ pub async fn small_window_proxy(backend: SocketAddr) -> ProxyUnderTest {
     };
     start_proxy(cfg, &[backend]).await
 }
+
+/// A child process (the real `interceptor proxy` binary), killed and reaped on drop, also when
+/// the test fails.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free on 127.0.0.1 when asked.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits up to 10 s for a process started by the test to listen on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let up = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            Instant::now() < up,
+            "the proxy did not start listening on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
