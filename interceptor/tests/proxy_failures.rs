@@ -1486,3 +1486,121 @@ async fn keepalive_pings_only_a_quiet_connection_that_carries_streams() {
     );
     println!("keepalive PINGs: busy {busy}, quiet {quiet}, idle {idle}");
 }
+
+/// An HTTP/2 endpoint at frame level that answers each request by its body with a 5-byte
+/// body: `short` announces a content-length of 10, `long` one of 3, anything else 5. A
+/// request without a body (a HEAD) gets a content-length of 5 and no body.
+async fn endpoint_with_content_lengths() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if s.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(&frame(4, 0, 0, &[])).await;
+                let (mut buf, mut bodies) = (Vec::new(), HashMap::<u32, Vec<u8>>::new());
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    let frames = parse_frames(&buf);
+                    buf.drain(..frames.iter().map(|f| 9 + f.2.len()).sum::<usize>());
+                    let mut out = Vec::new();
+                    for (ty, id, payload, flags) in frames {
+                        match ty {
+                            4 if flags & 1 == 0 => out.extend(frame(4, 1, 0, &[])),
+                            6 if flags & 1 == 0 => out.extend(frame(6, 1, 0, &payload)),
+                            HEADERS if flags & END_STREAM != 0 => {
+                                let mut head = vec![0x88];
+                                hpack_int(&mut head, 4, 0, 28);
+                                hpack_str(&mut head, b"5");
+                                out.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &head));
+                            }
+                            0 => {
+                                let body = bodies.entry(id).or_default();
+                                body.extend_from_slice(&payload);
+                                if flags & END_STREAM == 0 {
+                                    continue;
+                                }
+                                let announced: &[u8] = match body.as_slice() {
+                                    b"short" => b"10",
+                                    b"long" => b"3",
+                                    _ => b"5",
+                                };
+                                // :status 200, then content-length as a literal.
+                                let mut head = vec![0x88];
+                                hpack_int(&mut head, 4, 0, 28);
+                                hpack_str(&mut head, announced);
+                                out.extend(frame(HEADERS, END_HEADERS, id, &head));
+                                out.extend(frame(0, END_STREAM, id, b"hello"));
+                            }
+                            _ => {}
+                        }
+                    }
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A response whose DATA does not add up to its content-length is malformed (RFC 9113 8.1.1)
+/// and must not be passed on: the client's stream ends with a reset, not with a body cut
+/// short or run long that it would take for whole. A HEAD response announces a length it
+/// does not send, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_contradicts_its_content_length_ends_in_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let b = endpoint_with_content_lengths().await;
+    let p = start_proxy(ProxyConfig::default(), &[b]).await;
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(1)).await;
+    let mut burst = Vec::new();
+    for (id, body) in [(1u32, &b"short"[..]), (3, b"long"), (5, b"fine")] {
+        burst.extend(frame(HEADERS, END_HEADERS, id, &request_pseudo()));
+        burst.extend(frame(0, END_STREAM, id, body));
+    }
+    let mut head_request = Vec::new();
+    hpack_int(&mut head_request, 4, 0, 2);
+    hpack_str(&mut head_request, b"HEAD");
+    head_request.extend_from_slice(&request_pseudo()[1..]);
+    burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 7, &head_request));
+    w.write_all(&burst).await.expect("the requests");
+    let frames = reader.await.expect("reader");
+    drop(w);
+    let seen: Vec<(u8, u32, u8)> = frames.iter().map(|f| (f.0, f.1, f.3)).collect();
+    let reset = |id: u32| frames.iter().any(|f| f.0 == 3 && f.1 == id);
+    let body = |id: u32| -> Vec<u8> {
+        frames
+            .iter()
+            .filter(|f| f.0 == 0 && f.1 == id)
+            .flat_map(|f| f.2.clone())
+            .collect()
+    };
+    let ended = |id: u32| {
+        frames
+            .iter()
+            .any(|f| f.1 == id && f.0 <= 1 && f.3 & END_STREAM != 0)
+    };
+    for id in [1, 3] {
+        assert!(
+            reset(id) && !ended(id),
+            "stream {id}: a reset and no END_STREAM; frames (type, stream, flags): {seen:?}"
+        );
+        assert!(
+            body(id).len() < 5,
+            "stream {id}: the body went on whole: {seen:?}"
+        );
+    }
+    assert_eq!(body(5), b"hello", "the well-formed response: {seen:?}");
+    assert!(ended(5) && !reset(5), "the well-formed response: {seen:?}");
+    assert!(
+        ended(7) && !reset(7) && body(7).is_empty(),
+        "the response to HEAD: {seen:?}"
+    );
+}

@@ -66,7 +66,8 @@ pub(crate) enum ToClient {
     Unprocessed(StreamId, Unprocessed, Option<RequestHead>),
     /// The connection to the endpoint broke with the stream on it.
     Broken(StreamId),
-    /// The endpoint's response headers were malformed or over the size limit.
+    /// The endpoint's response was malformed (its headers, or DATA that contradicts its
+    /// content-length) or its headers over the size limit.
     BadResponse(StreamId),
 }
 

@@ -714,7 +714,10 @@ where
             self.answer(id, 0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
             return;
         }
-        s.content_length = match fields.get(b"content-length").map(parse_content_length) {
+        s.content_length = match fields
+            .get(b"content-length")
+            .map(super::fields::parse_content_length)
+        {
             None => None,
             Some(Some(n)) => Some(n),
             Some(None) => {
@@ -946,7 +949,7 @@ where
                     id,
                     grpc::INTERNAL,
                     StatusCode::BAD_GATEWAY,
-                    "interceptor: the endpoint's response headers were malformed or too large",
+                    "interceptor: the endpoint's response was malformed or its headers too large",
                 );
             }
         }
@@ -1098,14 +1101,6 @@ where
 
 /// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT
 /// (without :protocol).
-/// A content-length value: digits only (RFC 9110 8.6), no list, no sign, no overflow.
-fn parse_content_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
 fn is_valid_request(h: &HeaderList) -> bool {
     let Some(method) = h.get(b":method") else {
         return false;

@@ -221,6 +221,14 @@ fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A content-length value: digits only (RFC 9110 8.6), no list, no sign, no overflow.
+pub(crate) fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +257,22 @@ mod tests {
         l.set(b"x-custom", b"2");
         assert_eq!(l.get(b"x-custom"), Some(&b"2"[..]));
         assert_eq!(l.len(), 4);
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"1024"), Some(1024));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"1,1",
+            b" 1",
+            b"1x",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "{:?}", bad);
+        }
     }
 }

@@ -152,6 +152,13 @@ struct UStream {
     unacked: u32,
     /// Response bytes credited back and not yet announced to the endpoint.
     credit: u32,
+    /// A HEAD request: its response's content-length describes a body that is not sent.
+    head_request: bool,
+    /// The final (non-1xx) response headers arrived: HEADERS after them are trailers.
+    resp_head: bool,
+    /// The response's content-length where it binds the DATA, and the DATA bytes so far.
+    resp_length: Option<u64>,
+    resp_received: u64,
 }
 
 impl UStream {
@@ -468,6 +475,10 @@ impl UpConn {
             let _ = client.push(ToClient::BadResponse(client_id));
             return;
         }
+        if !response_length_holds(s, &h) {
+            self.malformed_response(id);
+            return;
+        }
         if h.eos {
             s.resp_done = true;
         }
@@ -506,6 +517,14 @@ impl UpConn {
         if len == 0 && !eos {
             // Carries nothing, and an h2 client closes its connection once it has brought it
             // 100 of these: one endpoint's empty frames would end the client's calls to others.
+            return Ok(());
+        }
+        s.resp_received += len as u64;
+        if s.resp_length
+            .is_some_and(|n| s.resp_received > n || (eos && s.resp_received != n))
+        {
+            self.conn_credit += len;
+            self.malformed_response(id);
             return Ok(());
         }
         let mut fwd = frame::Data::new(s.client_id, d.into_payload());
@@ -606,6 +625,19 @@ impl UpConn {
         }
     }
 
+    /// A response that is malformed beyond its headers' syntax (RFC 9113 8.1.1): it goes no
+    /// further, and the client's stream ends with an error rather than a body cut short or
+    /// run long.
+    fn malformed_response(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        let (client, client_id) = (s.client.clone(), s.client_id);
+        tracing::debug!(endpoint = %self.key.endpoint, "response contradicts its content-length");
+        self.reset(id, Reason::PROTOCOL_ERROR);
+        let _ = client.push(ToClient::BadResponse(client_id));
+    }
+
     fn on_read_error(&mut self, e: ReadError) -> Result<(), ConnError> {
         match e {
             ReadError::Stream(id, reason) => {
@@ -647,6 +679,7 @@ impl UpConn {
                     return;
                 }
                 let req_done = eos;
+                let head_request = head.get(b":method") == Some(&b"HEAD"[..]);
                 self.streams.insert(
                     id,
                     UStream {
@@ -660,6 +693,10 @@ impl UpConn {
                         resp_done: false,
                         unacked: 0,
                         credit: 0,
+                        head_request,
+                        resp_head: false,
+                        resp_length: None,
+                        resp_received: 0,
                     },
                 );
                 self.waiting.push_back(id);
@@ -827,4 +864,32 @@ impl UpConn {
         }
         broken
     }
+}
+
+/// Whether a response HEADERS block keeps to the content-length (RFC 9113 8.1.1, RFC 9110
+/// 8.6): the final head's value must be a number, and a head or trailers that end the stream
+/// must end it with as many DATA bytes as announced. Responses to HEAD and 204 or 304
+/// responses announce a length without a body. Records the length on the stream.
+fn response_length_holds(s: &mut UStream, h: &Block) -> bool {
+    if s.resp_head {
+        // Trailers.
+        return !h.eos || s.resp_length.is_none_or(|n| n == s.resp_received);
+    }
+    let status = h.fields.status();
+    if matches!(status, Some(100..=199)) {
+        // Informational: the final head is still to come.
+        return true;
+    }
+    s.resp_head = true;
+    let Some(v) = h.fields.get(b"content-length") else {
+        return true;
+    };
+    let Some(n) = super::fields::parse_content_length(v) else {
+        return false;
+    };
+    if s.head_request || matches!(status, Some(204 | 304)) {
+        return true;
+    }
+    s.resp_length = Some(n);
+    !h.eos || n == 0
 }
