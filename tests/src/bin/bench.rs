@@ -818,6 +818,10 @@ struct Machine {
     h2load: String,
     loadavg: String,
     loadavg_end: String,
+    /// Share of all CPUs' time spent busy in the second before the run: other work that
+    /// would disturb it. (The load average lags: it stays high for minutes after the release
+    /// build that precedes every run, while the CPUs are already idle.)
+    busy_at_start: Option<f64>,
 }
 
 fn saturate(topo: &Topology, plan: &Plan, run: &Running, conns: usize, streams: usize) -> Sat {
@@ -1475,7 +1479,29 @@ fn machine() -> Machine {
             .trim()
             .to_string(),
         loadavg_end: String::new(),
+        busy_at_start: cpu_busy_share(Duration::from_secs(1)),
     }
+}
+
+/// Share of all CPUs' time spent busy (not idle or waiting for I/O) over `window`, from
+/// /proc/stat.
+fn cpu_busy_share(window: Duration) -> Option<f64> {
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().sum(), idle))
+    };
+    let (t0, i0) = sample()?;
+    sleep(window);
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(1.0 - i1.saturating_sub(i0) as f64 / total as f64)
 }
 
 fn main() {
@@ -1625,12 +1651,7 @@ fn main() {
     report.busy_poll = busy_poll;
     report.http1 = http1_rows;
     report.ejections = ejections_logged(&logs);
-    report.loadavg_start = machine_info
-        .loadavg
-        .split(' ')
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0.0);
+    report.busy_at_start = machine_info.busy_at_start;
     machine_info.loadavg_end = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .trim()
@@ -1748,7 +1769,7 @@ struct Report {
     rr_fairness: Option<Fairness>,
     busy_poll: Vec<BusyPollRun>,
     http1: Vec<bench_http1::Row>,
-    loadavg_start: f64,
+    busy_at_start: Option<f64>,
     rates: BTreeMap<&'static str, f64>,
     rate_names: Vec<&'static str>,
     reps: Vec<BTreeMap<Kind, ContenderRun>>,
@@ -1777,7 +1798,7 @@ impl Report {
             rr_fairness: None,
             busy_poll: Vec::new(),
             http1: Vec::new(),
-            loadavg_start: 0.0,
+            busy_at_start: None,
             rates,
             rate_names: plan.rates.clone(),
             reps,
@@ -1909,10 +1930,10 @@ impl Report {
                 "new_endpoint_first_request_ms: the new endpoint got no request within 2 s".into(),
             );
         }
-        if self.loadavg_start > 1.0 {
+        if let Some(busy) = self.busy_at_start.filter(|b| *b > 0.2) {
             notes.push(format!(
-                "other work was running on the machine: load average {:.2} at start (this benchmark alone keeps it under 1 between runs); expect noise",
-                self.loadavg_start
+                "other work was running on the machine: the CPUs were {:.0}% busy in the second before the run; expect noise",
+                busy * 100.0
             ));
         }
         let drift = self.s0_drift();
@@ -2088,7 +2109,7 @@ impl Report {
         let s0_sat = self.sat_best(Kind::S0);
         let mut t = String::new();
         t.push_str(&format!(
-            "Run {stamp} ({} mode, {} repetitions, medians), {:.0} s. Machine: {}, {} CPUs, kernel {}; {}; {}; {}. Load average (1/5/15 min) at start {}, at end {}.\n\n",
+            "Run {stamp} ({} mode, {} repetitions, medians), {:.0} s. Machine: {}, {} CPUs, kernel {}; {}; {}; {}. Load average (1/5/15 min) at start {}, at end {}; CPUs {} busy in the second before the run.\n\n",
             if self.quick { "quick" } else { "full" },
             self.reps.len(),
             self.elapsed.as_secs_f64(),
@@ -2100,6 +2121,9 @@ impl Report {
             machine.h2load,
             machine.loadavg.split(' ').take(3).collect::<Vec<_>>().join(" "),
             machine.loadavg_end.split(' ').take(3).collect::<Vec<_>>().join(" "),
+            machine
+                .busy_at_start
+                .map_or("?".into(), |b| format!("{:.0}%", b * 100.0)),
         ));
         t.push_str("Throughput and CPU (h2load; the proxy alone on CPU 1, client and backends on CPU 0):\n\n");
         t.push_str("| contender | rps -c4 -m32 | rps -c16 -m100 | best / S0 | proxy CPU busy | proxy CPU us/req | errors |\n|---|---:|---:|---:|---:|---:|---:|\n");
