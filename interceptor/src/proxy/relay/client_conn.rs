@@ -24,7 +24,7 @@ use super::super::metrics::{
     self as m, AbuseReason, ActiveStream, ServiceMetrics, Status, UnavailableReason,
 };
 use super::super::Shared;
-use super::fields::{Block, HeaderList};
+use super::fields::{contradicts_length, parse_content_length, Block, HeaderList};
 use super::flow::{Out, SendWindows, StreamOut, DEFAULT_WINDOW};
 use super::outbox::Outbox;
 use super::read::{In, ReadError};
@@ -649,7 +649,7 @@ where
         let id = h.id;
         if let Some(s) = self.streams.get_mut(&id) {
             // Request trailers.
-            if s.req_done || !h.eos || s.content_length.is_some_and(|n| n != s.received) {
+            if s.req_done || !h.eos || contradicts_length(s.content_length, s.received, true) {
                 self.reset_stream(id, Reason::PROTOCOL_ERROR);
                 return;
             }
@@ -714,10 +714,7 @@ where
             self.answer(id, 0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
             return;
         }
-        s.content_length = match fields
-            .get(b"content-length")
-            .map(super::fields::parse_content_length)
-        {
+        s.content_length = match fields.get(b"content-length").map(parse_content_length) {
             None => None,
             Some(Some(n)) => Some(n),
             Some(None) => {
@@ -783,9 +780,7 @@ where
         }
         let eos = d.is_end_stream();
         let total = s.received + len as u64;
-        if s.content_length
-            .is_some_and(|n| total > n || (eos && total != n))
-        {
+        if contradicts_length(s.content_length, total, eos) {
             // A malformed request is not passed on (RFC 9113 8.1.1). The endpoint would reset
             // it, and that reset would count against a healthy endpoint.
             self.conn_credit += len as u32;

@@ -229,6 +229,12 @@ pub(crate) fn parse_content_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// Whether `so_far` DATA bytes contradict an announced content-length (RFC 9113 8.1.1): more
+/// than announced, or, where the message `ends` here, fewer.
+pub(crate) fn contradicts_length(announced: Option<u64>, so_far: u64, ends: bool) -> bool {
+    announced.is_some_and(|n| so_far > n || (ends && so_far != n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

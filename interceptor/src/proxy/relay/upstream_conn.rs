@@ -19,7 +19,7 @@ use super::super::endpoint_stats::EndpointStats;
 use super::super::metrics as m;
 use super::super::pool::is_local_error;
 use super::super::Shared;
-use super::fields::Block;
+use super::fields::{contradicts_length, parse_content_length, Block};
 use super::flow::{Out, SendWindows, StreamOut, DEFAULT_WINDOW, MAX_WINDOW};
 use super::read::{In, ReadError};
 use super::wire::Wire;
@@ -470,13 +470,12 @@ impl UpConn {
         // The endpoint processed it: no replay from here on.
         s.head = None;
         if over_size {
-            let (client, client_id) = (s.client.clone(), s.client_id);
-            self.reset(id, Reason::REFUSED_STREAM);
-            let _ = client.push(ToClient::BadResponse(client_id));
+            self.bad_response(id, Reason::REFUSED_STREAM);
             return;
         }
         if !response_length_holds(s, &h) {
-            self.malformed_response(id);
+            tracing::debug!(endpoint = %self.key.endpoint, "response head contradicts its content-length");
+            self.bad_response(id, Reason::PROTOCOL_ERROR);
             return;
         }
         if h.eos {
@@ -520,11 +519,10 @@ impl UpConn {
             return Ok(());
         }
         s.resp_received += len as u64;
-        if s.resp_length
-            .is_some_and(|n| s.resp_received > n || (eos && s.resp_received != n))
-        {
+        if contradicts_length(s.resp_length, s.resp_received, eos) {
+            tracing::debug!(endpoint = %self.key.endpoint, "response DATA contradicts its content-length");
             self.conn_credit += len;
-            self.malformed_response(id);
+            self.bad_response(id, Reason::PROTOCOL_ERROR);
             return Ok(());
         }
         let mut fwd = frame::Data::new(s.client_id, d.into_payload());
@@ -625,28 +623,25 @@ impl UpConn {
         }
     }
 
-    /// A response that is malformed beyond its headers' syntax (RFC 9113 8.1.1): it goes no
-    /// further, and the client's stream ends with an error rather than a body cut short or
-    /// run long.
-    fn malformed_response(&mut self, id: StreamId) {
+    /// The endpoint's response on `id` goes no further (malformed, RFC 9113 8.1.1, or its
+    /// head over the size limit): the endpoint's stream is reset with `reason` and the
+    /// client's call ends with an error rather than a response cut short or run long. False
+    /// if no such stream is open.
+    fn bad_response(&mut self, id: StreamId, reason: Reason) -> bool {
         let Some(s) = self.streams.get(&id) else {
-            return;
+            return false;
         };
         let (client, client_id) = (s.client.clone(), s.client_id);
-        tracing::debug!(endpoint = %self.key.endpoint, "response contradicts its content-length");
-        self.reset(id, Reason::PROTOCOL_ERROR);
+        self.reset(id, reason);
         let _ = client.push(ToClient::BadResponse(client_id));
+        true
     }
 
     fn on_read_error(&mut self, e: ReadError) -> Result<(), ConnError> {
         match e {
             ReadError::Stream(id, reason) => {
                 // One malformed response: that stream only.
-                if let Some(s) = self.streams.get(&id) {
-                    let (client, client_id) = (s.client.clone(), s.client_id);
-                    self.reset(id, reason);
-                    let _ = client.push(ToClient::BadResponse(client_id));
-                } else {
+                if !self.bad_response(id, reason) {
                     self.wire.emit(frame::Reset::new(id, reason).into());
                 }
                 Ok(())
@@ -873,7 +868,7 @@ impl UpConn {
 fn response_length_holds(s: &mut UStream, h: &Block) -> bool {
     if s.resp_head {
         // Trailers.
-        return !h.eos || s.resp_length.is_none_or(|n| n == s.resp_received);
+        return !h.eos || !contradicts_length(s.resp_length, s.resp_received, true);
     }
     let status = h.fields.status();
     if matches!(status, Some(100..=199)) {
@@ -884,7 +879,7 @@ fn response_length_holds(s: &mut UStream, h: &Block) -> bool {
     let Some(v) = h.fields.get(b"content-length") else {
         return true;
     };
-    let Some(n) = super::fields::parse_content_length(v) else {
+    let Some(n) = parse_content_length(v) else {
         return false;
     };
     if s.head_request || matches!(status, Some(204 | 304)) {
