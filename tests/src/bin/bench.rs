@@ -903,6 +903,20 @@ fn probe_args(run: &Running, count: u64) -> LoadArgs {
     }
 }
 
+/// An open-loop run at `rate` for the plan's rate window, on the contender's connections.
+fn rate_args(targets: Vec<SocketAddr>, kind: Kind, rate: f64, plan: &Plan) -> LoadArgs {
+    LoadArgs {
+        mode: "rate".into(),
+        targets,
+        conns: rate_conns(kind),
+        count: 0,
+        rate,
+        duration: plan.rate_duration,
+        warmup: plan.rate_warmup,
+        hold: Duration::ZERO,
+    }
+}
+
 fn rate_conns(kind: Kind) -> usize {
     match kind {
         Kind::S1x1 => 1,
@@ -1015,16 +1029,7 @@ fn run_rates(
     let mut out = Vec::new();
     for name in &plan.rates {
         let rate = rates.get(name).copied().unwrap_or(1000.0).max(100.0);
-        let args = LoadArgs {
-            mode: "rate".into(),
-            targets: run.target.clone(),
-            conns: rate_conns(kind),
-            count: 0,
-            rate,
-            duration: plan.rate_duration,
-            warmup: plan.rate_warmup,
-            hold: Duration::ZERO,
-        };
+        let args = rate_args(run.target.clone(), kind, rate, plan);
         let r = topo.load(&args, load_timeout(&args));
         eprintln!(
             "  rate {name} {rate:.0}/s: p50 {:.0} us p99 {:.0} us p99.9 {:.0} us, achieved {:.0}/s, errors {}",
@@ -1060,7 +1065,7 @@ const BUSY_POLL_US: &str = "200";
 #[derive(Debug, Clone, serde::Serialize)]
 struct BusyPollRun {
     id: &'static str,
-    setting: &'static str,
+    setting: String,
     probe: LoadResult,
     low_rate: f64,
     low: LoadResult,
@@ -1073,16 +1078,13 @@ fn busy_polling(
     plan: &Plan,
     rates: &BTreeMap<&'static str, f64>,
 ) -> Vec<BusyPollRun> {
-    let setups: [(Kind, &'static str, Vec<&str>); 2] = [
-        (Kind::Haproxy, "busy-polling", vec!["busy-polling"]),
-        (
-            Kind::IcpDirect,
-            "--busy-poll-us 200",
-            vec!["--busy-poll-us", BUSY_POLL_US],
-        ),
+    let setups: [(Kind, Vec<&str>); 2] = [
+        (Kind::Haproxy, vec!["busy-polling"]),
+        (Kind::IcpDirect, vec!["--busy-poll-us", BUSY_POLL_US]),
     ];
     let mut out = Vec::new();
-    for (kind, setting, extra) in setups {
+    for (kind, extra) in setups {
+        let setting = extra.join(" ");
         eprintln!("[{}] {} with {setting} (info)", now_hms(), kind.label());
         let run = topo.start_with(kind, &extra);
         let _ = topo.load(&probe_args(&run, 300), Duration::from_secs(60));
@@ -1091,16 +1093,7 @@ fn busy_polling(
             Duration::from_secs(120),
         );
         let low_rate = rates.get("low").copied().unwrap_or(1000.0).max(100.0);
-        let args = LoadArgs {
-            mode: "rate".into(),
-            targets: run.target.clone(),
-            conns: rate_conns(kind),
-            count: 0,
-            rate: low_rate,
-            duration: plan.rate_duration,
-            warmup: plan.rate_warmup,
-            hold: Duration::ZERO,
-        };
+        let args = rate_args(run.target.clone(), kind, low_rate, plan);
         let (t0, c0) = (Instant::now(), run.pid().map(bench::cpu_micros));
         let low = topo.load(&args, load_timeout(&args));
         let (t1, c1) = (Instant::now(), run.pid().map(bench::cpu_micros));
