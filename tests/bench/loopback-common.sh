@@ -6,8 +6,19 @@ root=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
 bin=$root/target/release
 work=$(mktemp -d)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns halt_poll_found=
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"
+  if [ -n "$halt_poll_found" ]; then echo "$halt_poll_found" > "$halt_poll"; fi
+}
 trap cleanup EXIT
+# HALT_POLL_NS=NS: the guest's halt polling (KVM guests, cpuidle haltpoll) at NS for this run;
+# the value found is put back on exit. The kernel's default is 200000; 0 turns it off.
+if [ -n "${HALT_POLL_NS:-}" ]; then
+  [ -w "$halt_poll" ] || { echo "HALT_POLL_NS: $halt_poll is not writable (not a KVM guest with the haltpoll driver, or not root)" >&2; exit 1; }
+  halt_poll_found=$(cat "$halt_poll")
+  echo "$HALT_POLL_NS" > "$halt_poll"
+fi
 for f in "$bin/interceptor" "$bin/icp-pod"; do
   [ -x "$f" ] || { echo "missing $f: cargo build --release -p interceptor -p interceptor-tests --bins" >&2; exit 1; }
 done

@@ -8,6 +8,7 @@
 #   tests/bench/loopback-harness.sh [CONTENDER...]   CONTENDER: relay | streams | haproxy | direct
 #   env: CONNS (4), STREAMS (32), SECS (8), PERF=1 (perf record -g on the proxy),
 #        BUSY_POLL=US (interceptor --busy-poll-us US, HAProxy `busy-polling`),
+#        HALT_POLL_NS=NS (the guest's halt polling for the run: a machine setting, put back on exit),
 #        WORKERS (1; with more, proxy, client and backends share both CPUs: no pinning),
 #        BACKEND_STACK=h2 (the backends on h2's high-level server instead of frame level)
 #

@@ -2,6 +2,7 @@
 //! accounting from /proc, h2load output parsing, and the chart.
 
 pub mod chart;
+pub mod guest_idle;
 pub mod h2serve;
 pub mod load;
 pub mod open_loop;
