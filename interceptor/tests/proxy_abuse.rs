@@ -862,8 +862,8 @@ async fn a_body_that_contradicts_its_content_length_is_reset_here_and_not_charge
 /// h2 endpoints keep a per-connection budget for small DATA frames their application has not
 /// read yet, and close the connection with GOAWAY ENHANCE_YOUR_CALM once it is spent (about
 /// 130 one-byte frames). The upstream connection carries other clients' calls: a flood of tiny
-/// frames from one client, read in one turn, must reach the endpoint joined (the relay; not
-/// done by the streams engine).
+/// frames from one client, read in one turn, must reach the endpoint joined (both engines: the
+/// relay in relay/coalesce.rs, the streams engine in body_pump.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_tiny_data_frames_reaches_the_endpoint_joined() {
     let _serial = SERIAL.lock().await;
@@ -879,15 +879,7 @@ async fn a_flood_of_tiny_data_frames_reaches_the_endpoint_joined() {
             std::future::pending::<()>().await
         },
     ));
-    let p = start_proxy(
-        ProxyConfig {
-            // The streams engine passes each DATA frame on as h2 hands it over (not joined).
-            h2_engine: interceptor::proxy::config::H2Engine::Relay,
-            ..ProxyConfig::default()
-        },
-        &[endpoint],
-    )
-    .await;
+    let p = start_proxy(ProxyConfig::default(), &[endpoint]).await;
     // Another client's call, open on the upstream connection.
     let s = TcpStream::connect(p.addr).await.expect("connect proxy");
     let (send, conn) = h2::client::handshake(s).await.expect("handshake");

@@ -12,7 +12,7 @@
 use std::future::poll_fn;
 use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -40,8 +40,9 @@ enum Source {
 /// Bytes read but not yet sent.
 struct Pending {
     chunk: Bytes,
-    /// Their window is still to be released to the source.
-    release: bool,
+    /// How many of them still have their window to be released to the source (the ones the
+    /// replay log did not take).
+    unreleased: usize,
     /// Nothing follows them (no trailers): the last part carries END_STREAM, so a body
     /// costs no empty DATA frame of its own.
     last: bool,
@@ -51,6 +52,8 @@ pub struct Pump {
     recv: RecvStream,
     source: Source,
     pending: Option<Pending>,
+    /// A chunk read while joining small ones that was too big to join: the next one to take.
+    held: Option<Bytes>,
     /// Bytes of a chunk handed to h2 before the sink had window for them (`send_pending`),
     /// whose receive window is released once it has.
     owed: usize,
@@ -79,6 +82,7 @@ impl Pump {
             recv,
             source: if ended { Source::Ended } else { Source::Data },
             pending: None,
+            held: None,
             owed: 0,
             sent_end: false,
             log: Vec::new(),
@@ -144,7 +148,7 @@ impl Pump {
                     Event::Data(chunk) => {
                         self.pending = Some(Pending {
                             chunk,
-                            release: false,
+                            unreleased: 0,
                             last: false,
                         })
                     }
@@ -153,7 +157,10 @@ impl Pump {
             } else {
                 // The end of the DATA and the trailers after it in one step: whatever ends the
                 // stream is usually there already.
-                if self.source == Source::Data {
+                if let Some(b) = self.held.take() {
+                    self.take(b).map_err(PumpError::Recv)?;
+                    self.join_small().await.map_err(PumpError::Recv)?;
+                } else if self.source == Source::Data {
                     // Watch the sink for a reset while waiting: a peer that gives up must
                     // not wait for the other side's next byte to be noticed.
                     let next = poll_fn(|cx| {
@@ -166,7 +173,10 @@ impl Pump {
                     match next {
                         Err(Ok(reason)) => return Err(PumpError::Send(Some(reason), None)),
                         Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
-                        Ok(Some(Ok(b))) => self.take(b).map_err(PumpError::Recv)?,
+                        Ok(Some(Ok(b))) => {
+                            self.take(b).map_err(PumpError::Recv)?;
+                            self.join_small().await.map_err(PumpError::Recv)?;
+                        }
                         Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
                         Ok(None) => self.source = Source::Trailers,
                     }
@@ -213,10 +223,73 @@ impl Pump {
         }
         self.pending = Some(Pending {
             chunk: b,
-            release: !logged,
+            unreleased: if logged { 0 } else { len },
             last,
         });
         Ok(())
+    }
+
+    /// Joins to a small pending chunk the small chunks that are already there to read, so a
+    /// burst of tiny DATA frames leaves as one frame. Why: h2 endpoints close a connection
+    /// whose unread small frames exceed a budget (GOAWAY ENHANCE_YOUR_CALM), and an upstream
+    /// connection carries other clients' calls (the relay does the same, relay/coalesce.rs).
+    /// Never waits: it takes only what h2 has buffered.
+    async fn join_small(&mut self) -> Result<(), h2::Error> {
+        let first = match self.pending.as_ref() {
+            Some(p) if !p.last && p.chunk.len() < SMALL => p.chunk.clone(),
+            _ => return Ok(()),
+        };
+        let mut joined: Option<BytesMut> = None;
+        let (mut unreleased, mut last) = (0, false);
+        let result = loop {
+            if last || self.source != Source::Data {
+                break Ok(());
+            }
+            let b = match poll_fn(|cx| Poll::Ready(self.recv.poll_data(cx))).await {
+                Poll::Pending => break Ok(()),
+                Poll::Ready(None) => {
+                    self.source = Source::Trailers;
+                    break Ok(());
+                }
+                Poll::Ready(Some(Err(e))) => break Err(e),
+                Poll::Ready(Some(Ok(b))) => b,
+            };
+            if b.is_empty() {
+                // An empty frame: END_STREAM, if it had it, is the next poll's None.
+                continue;
+            }
+            let so_far = joined.as_ref().map_or(first.len(), BytesMut::len);
+            if b.len() >= SMALL || so_far + b.len() > MAX_JOINED {
+                self.held = Some(b);
+                break Ok(());
+            }
+            let len = b.len();
+            if self.record(Event::Data(b.clone()), len) {
+                if let Err(e) = self.recv.flow_control().release_capacity(len) {
+                    break Err(e);
+                }
+            } else {
+                unreleased += len;
+            }
+            if self.recv.is_end_stream() {
+                last = true;
+                self.source = Source::Ended;
+                self.record(Event::End(None), 0);
+            }
+            joined
+                .get_or_insert_with(|| {
+                    let mut buf = BytesMut::with_capacity(4 * SMALL);
+                    buf.extend_from_slice(&first);
+                    buf
+                })
+                .extend_from_slice(&b);
+        };
+        if let (Some(buf), Some(p)) = (joined, self.pending.as_mut()) {
+            p.chunk = buf.freeze();
+            p.unreleased += unreleased;
+            p.last = last;
+        }
+        result
     }
 
     /// Appends to the replay log; returns false (and stops logging) when over the limit.
@@ -293,19 +366,21 @@ impl Pump {
             return Ok(());
         };
         let part = p.chunk.split_to(cap);
-        let (release, end) = (p.release, p.chunk.is_empty() && p.last);
+        let release = p.unreleased.min(cap);
+        p.unreleased -= release;
+        let end = p.chunk.is_empty() && p.last;
         if p.chunk.is_empty() {
             self.pending = None;
         }
         tx.send_data(part, end)
             .map_err(|e| PumpError::Send(e.reason(), Some(e)))?;
-        if release {
+        if release > 0 {
             if ahead {
-                self.owed = cap;
+                self.owed = release;
             } else {
                 self.recv
                     .flow_control()
-                    .release_capacity(cap)
+                    .release_capacity(release)
                     .map_err(PumpError::Recv)?;
             }
         }
@@ -328,3 +403,128 @@ impl Pump {
 
 /// The largest chunk sent before its stream has send window (one default-sized frame).
 const AHEAD_OF_WINDOW: usize = 16 * 1024;
+
+/// Chunks under this many bytes are joined to a small chunk before them (h2's threshold for
+/// the small-frame budget).
+const SMALL: usize = 256;
+/// A joined chunk stays within one default-sized frame.
+const MAX_JOINED: usize = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    /// An h2 connection over an in-memory pipe: the client's request handle and the server's
+    /// side of the first request.
+    async fn pair() -> (
+        h2::client::SendRequest<Bytes>,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let (client, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let server = h2::server::handshake(s).await.expect("server handshake");
+        (client, server)
+    }
+
+    fn post() -> Request<()> {
+        Request::post("http://test/pump").body(()).expect("request")
+    }
+
+    /// `count` frames of `size` bytes sent in one go reach the pump's sink in fewer, joined
+    /// frames, with every byte in order, END_STREAM at the end, and the flow control intact:
+    /// the body is larger than the 64 KiB windows, so it only gets through if every joined
+    /// byte's window is given back.
+    async fn through_pump(count: usize, size: usize, replay_limit: usize) -> (usize, Vec<u8>) {
+        let (src_client, mut src_server) = pair().await;
+        let (dst_client, mut dst_server) = pair().await;
+        let sender = tokio::spawn(async move {
+            let mut client = src_client.ready().await.expect("ready");
+            let (_resp, mut tx) = client.send_request(post(), false).expect("send");
+            for i in 0..count {
+                tx.send_data(Bytes::from(vec![(i % 251) as u8; size]), false)
+                    .expect("data");
+            }
+            tx.send_data(Bytes::new(), true).expect("end");
+            // Keep the request's connection alive until the body is through.
+            std::future::pending::<()>().await
+        });
+        let (req, _respond) = src_server
+            .accept()
+            .await
+            .expect("a request")
+            .expect("accepted");
+        tokio::spawn(async move { while src_server.accept().await.is_some() {} });
+        let mut dst = dst_client.ready().await.expect("ready");
+        let (_resp, mut sink) = dst.send_request(post(), false).expect("send");
+        let receiver = tokio::spawn(async move {
+            let (req, _respond) = dst_server
+                .accept()
+                .await
+                .expect("a request")
+                .expect("accepted");
+            tokio::spawn(async move { while dst_server.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let (mut frames, mut bytes) = (0, Vec::new());
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("data");
+                body.flow_control()
+                    .release_capacity(chunk.len())
+                    .expect("release");
+                if !chunk.is_empty() {
+                    frames += 1;
+                    bytes.extend_from_slice(&chunk);
+                }
+            }
+            (frames, bytes)
+        });
+        let mut pump = Pump::with_replay(req.into_body(), replay_limit);
+        let drive = async {
+            while !pump.done() {
+                pump.step(&mut sink).await.expect("step");
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), drive)
+            .await
+            .expect("the body got through (flow control released)");
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), receiver)
+            .await
+            .expect("the sink saw END_STREAM")
+            .expect("receiver");
+        sender.abort();
+        out
+    }
+
+    fn expected(count: usize, size: usize) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| std::iter::repeat_n((i % 251) as u8, size))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_are_joined_and_their_window_given_back() {
+        // 600 x 200 bytes: 117 KiB, past both 64 KiB windows.
+        let (frames, bytes) = through_pump(600, 200, 0).await;
+        assert_eq!(bytes, expected(600, 200));
+        assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
+    }
+
+    #[tokio::test]
+    async fn joining_keeps_the_replay_log_and_its_window_accounting() {
+        // The replay log takes the first 20 KiB (released at once), the rest is released as
+        // it is sent: both kinds end up in joined chunks.
+        let (frames, bytes) = through_pump(600, 200, 20 * 1024).await;
+        assert_eq!(bytes, expected(600, 200));
+        assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
+    }
+
+    #[tokio::test]
+    async fn large_frames_pass_unjoined() {
+        let (frames, bytes) = through_pump(20, 4096, 0).await;
+        assert_eq!(bytes, expected(20, 4096));
+        assert!(frames >= 20, "{frames} frames for 20 large ones");
+    }
+}
