@@ -209,6 +209,19 @@ impl Pump {
         if b.is_empty() {
             return Ok(());
         }
+        let (unreleased, last) = self.account(&b)?;
+        self.pending = Some(Pending {
+            chunk: b,
+            unreleased,
+            last,
+        });
+        Ok(())
+    }
+
+    /// Logs a chunk just read (when replayable) and settles its window: released at once if
+    /// the log took it. Returns the bytes whose window is still owed to the source, and
+    /// whether the chunk ended the stream.
+    fn account(&mut self, b: &Bytes) -> Result<(usize, bool), h2::Error> {
         let len = b.len();
         let logged = self.record(Event::Data(b.clone()), len);
         if logged {
@@ -221,12 +234,7 @@ impl Pump {
             self.source = Source::Ended;
             self.record(Event::End(None), 0);
         }
-        self.pending = Some(Pending {
-            chunk: b,
-            unreleased: if logged { 0 } else { len },
-            last,
-        });
-        Ok(())
+        Ok((if logged { 0 } else { len }, last))
     }
 
     /// Joins to a small pending chunk the small chunks that are already there to read, so a
@@ -263,18 +271,12 @@ impl Pump {
                 self.held = Some(b);
                 break Ok(());
             }
-            let len = b.len();
-            if self.record(Event::Data(b.clone()), len) {
-                if let Err(e) = self.recv.flow_control().release_capacity(len) {
-                    break Err(e);
+            match self.account(&b) {
+                Ok((owed, ended)) => {
+                    unreleased += owed;
+                    last = ended;
                 }
-            } else {
-                unreleased += len;
-            }
-            if self.recv.is_end_stream() {
-                last = true;
-                self.source = Source::Ended;
-                self.record(Event::End(None), 0);
+                Err(e) => break Err(e),
             }
             joined
                 .get_or_insert_with(|| {

@@ -95,3 +95,45 @@ impl Drop for HaltPollOverride {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(driver: Option<&str>, ns: Option<u64>) -> IdleSetup {
+        IdleSetup {
+            driver: driver.map(str::to_string),
+            halt_poll_ns: ns,
+        }
+    }
+
+    #[test]
+    fn the_rows_run_only_on_a_haltpoll_guest_that_polls_less_than_the_default() {
+        assert_eq!(setup(Some("haltpoll"), Some(0)).why_not_raisable(), None);
+        assert_eq!(
+            setup(Some("haltpoll"), Some(50_000)).why_not_raisable(),
+            None
+        );
+        let already = setup(Some("haltpoll"), Some(KERNEL_DEFAULT_NS)).why_not_raisable();
+        assert!(already.is_some_and(|w| w.contains("already 200000")));
+        let bare = setup(Some("intel_idle"), None).why_not_raisable();
+        assert!(bare.is_some_and(|w| w.contains("intel_idle, not haltpoll")));
+        let none = setup(None, None).why_not_raisable();
+        assert!(none.is_some_and(|w| w.contains("absent")));
+        let unreadable = setup(Some("haltpoll"), None).why_not_raisable();
+        assert!(unreadable.is_some_and(|w| w.contains("not readable")));
+    }
+
+    #[test]
+    fn the_header_says_how_idle_cpus_wait() {
+        assert_eq!(
+            setup(Some("haltpoll"), Some(0)).describe(),
+            "cpuidle haltpoll, guest_halt_poll_ns 0 (kernel default 200000)"
+        );
+        assert_eq!(
+            setup(Some("acpi_idle"), None).describe(),
+            "cpuidle acpi_idle"
+        );
+        assert_eq!(setup(None, None).describe(), "no cpuidle driver");
+    }
+}

@@ -1148,23 +1148,19 @@ struct HaltPolling {
 /// Runs the halt-polling rows with `guest_halt_poll_ns` at the kernel's default, and puts the
 /// machine's own value back afterwards.
 fn halt_polling(topo: &Topology, plan: &Plan, rates: &BTreeMap<&'static str, f64>) -> HaltPolling {
-    if let Some(why) = guest_idle::IdleSetup::read().why_not_raisable() {
+    let skip = |why: String| {
         eprintln!("[{}] halt-polling rows not run: {why}", now_hms());
-        return HaltPolling {
+        HaltPolling {
             skipped: Some(why),
             runs: Vec::new(),
-        };
+        }
+    };
+    if let Some(why) = guest_idle::IdleSetup::read().why_not_raisable() {
+        return skip(why);
     }
     let _polling = match guest_idle::HaltPollOverride::set(guest_idle::KERNEL_DEFAULT_NS) {
         Ok(o) => o,
-        Err(e) => {
-            let why = format!("could not set guest_halt_poll_ns: {e}");
-            eprintln!("[{}] halt-polling rows not run: {why}", now_hms());
-            return HaltPolling {
-                skipped: Some(why),
-                runs: Vec::new(),
-            };
-        }
+        Err(e) => return skip(format!("could not set guest_halt_poll_ns: {e}")),
     };
     let setting = format!("guest_halt_poll_ns {}", guest_idle::KERNEL_DEFAULT_NS);
     let runs = [Kind::S0, Kind::Haproxy, Kind::IcpDirect]
