@@ -10,7 +10,7 @@
 //! stream the endpoint refused can be sent again elsewhere.
 
 use std::future::poll_fn;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -146,6 +146,7 @@ impl Pump {
                 self.cursor += 1;
                 match ev {
                     Event::Data(chunk) => {
+                        let chunk = self.join_logged(chunk);
                         self.pending = Some(Pending {
                             chunk,
                             unreleased: 0,
@@ -159,7 +160,9 @@ impl Pump {
                 // stream is usually there already.
                 if let Some(b) = self.held.take() {
                     self.take(b).map_err(PumpError::Recv)?;
-                    self.join_small().await.map_err(PumpError::Recv)?;
+                    poll_fn(|cx| Poll::Ready(self.join_small(cx)))
+                        .await
+                        .map_err(PumpError::Recv)?;
                 } else if self.source == Source::Data {
                     // Watch the sink for a reset while waiting: a peer that gives up must
                     // not wait for the other side's next byte to be noticed.
@@ -175,7 +178,9 @@ impl Pump {
                         Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
                         Ok(Some(Ok(b))) => {
                             self.take(b).map_err(PumpError::Recv)?;
-                            self.join_small().await.map_err(PumpError::Recv)?;
+                            poll_fn(|cx| Poll::Ready(self.join_small(cx)))
+                                .await
+                                .map_err(PumpError::Recv)?;
                         }
                         Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
                         Ok(None) => self.source = Source::Trailers,
@@ -241,19 +246,22 @@ impl Pump {
     /// burst of tiny DATA frames leaves as one frame. Why: h2 endpoints close a connection
     /// whose unread small frames exceed a budget (GOAWAY ENHANCE_YOUR_CALM), and an upstream
     /// connection carries other clients' calls (the relay does the same, relay/coalesce.rs).
-    /// Never waits: it takes only what h2 has buffered.
-    async fn join_small(&mut self) -> Result<(), h2::Error> {
-        let first = match self.pending.as_ref() {
-            Some(p) if !p.last && p.chunk.len() < SMALL => p.chunk.clone(),
-            _ => return Ok(()),
+    /// Never waits: it takes only what h2 has buffered (`cx` only registers the task). Not
+    /// async, so nothing can stop it between reading a chunk and joining it.
+    fn join_small(&mut self, cx: &mut Context<'_>) -> Result<(), h2::Error> {
+        let Some(first) = self.pending.as_ref() else {
+            return Ok(());
         };
-        let mut joined: Option<BytesMut> = None;
+        if first.last || first.chunk.len() >= SMALL {
+            return Ok(());
+        }
+        let mut joined = Joined::new(first.chunk.clone());
         let (mut unreleased, mut last) = (0, false);
         let result = loop {
             if last || self.source != Source::Data {
                 break Ok(());
             }
-            let b = match poll_fn(|cx| Poll::Ready(self.recv.poll_data(cx))).await {
+            let b = match self.recv.poll_data(cx) {
                 Poll::Pending => break Ok(()),
                 Poll::Ready(None) => {
                     self.source = Source::Trailers;
@@ -266,32 +274,39 @@ impl Pump {
                 // An empty frame: END_STREAM, if it had it, is the next poll's None.
                 continue;
             }
-            let so_far = joined.as_ref().map_or(first.len(), BytesMut::len);
-            if b.len() >= SMALL || so_far + b.len() > MAX_JOINED {
+            if !joined.fits(&b) {
                 self.held = Some(b);
                 break Ok(());
             }
             match self.account(&b) {
-                Ok((owed, ended)) => {
-                    unreleased += owed;
-                    last = ended;
-                }
+                Ok((owed, ended)) => (unreleased, last) = (unreleased + owed, ended),
                 Err(e) => break Err(e),
             }
-            joined
-                .get_or_insert_with(|| {
-                    let mut buf = BytesMut::with_capacity(4 * SMALL);
-                    buf.extend_from_slice(&first);
-                    buf
-                })
-                .extend_from_slice(&b);
+            joined.push(&b);
         };
-        if let (Some(buf), Some(p)) = (joined, self.pending.as_mut()) {
-            p.chunk = buf.freeze();
+        if let Some(p) = self.pending.as_mut() {
+            p.chunk = joined.into_bytes();
             p.unreleased += unreleased;
             p.last = last;
         }
         result
+    }
+
+    /// On replay, the small chunks the log holds in a row go as one, as they were joined the
+    /// first time.
+    fn join_logged(&mut self, chunk: Bytes) -> Bytes {
+        if chunk.len() >= SMALL {
+            return chunk;
+        }
+        let mut joined = Joined::new(chunk);
+        while let Some(Event::Data(b)) = self.log.get(self.cursor) {
+            if !joined.fits(b) {
+                break;
+            }
+            joined.push(b);
+            self.cursor += 1;
+        }
+        joined.into_bytes()
     }
 
     /// Appends to the replay log; returns false (and stops logging) when over the limit.
@@ -367,9 +382,11 @@ impl Pump {
         let Some(p) = self.pending.as_mut() else {
             return Ok(());
         };
-        let part = p.chunk.split_to(cap);
-        let release = p.unreleased.min(cap);
+        // The bytes whose window is owed are the chunk's tail (joining puts what the replay
+        // log took first): release those of them that go now.
+        let release = cap.saturating_sub(p.chunk.len() - p.unreleased);
         p.unreleased -= release;
+        let part = p.chunk.split_to(cap);
         let end = p.chunk.is_empty() && p.last;
         if p.chunk.is_empty() {
             self.pending = None;
@@ -406,6 +423,42 @@ impl Pump {
 /// The largest chunk sent before its stream has send window (one default-sized frame).
 const AHEAD_OF_WINDOW: usize = 16 * 1024;
 
+/// A small chunk and the small chunks joined to it. Copies only once something is joined.
+struct Joined {
+    first: Bytes,
+    buf: Option<BytesMut>,
+}
+
+impl Joined {
+    fn new(first: Bytes) -> Self {
+        Self { first, buf: None }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    /// Whether `b` may join: small, and the whole stays within `MAX_JOINED`.
+    fn fits(&self, b: &Bytes) -> bool {
+        b.len() < SMALL && self.len() + b.len() <= MAX_JOINED
+    }
+
+    fn push(&mut self, b: &Bytes) {
+        let first = &self.first;
+        self.buf
+            .get_or_insert_with(|| {
+                let mut buf = BytesMut::with_capacity(4 * SMALL);
+                buf.extend_from_slice(first);
+                buf
+            })
+            .extend_from_slice(b);
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self.buf.map_or(self.first, BytesMut::freeze)
+    }
+}
+
 /// Chunks under this many bytes are joined to a small chunk before them (h2's threshold for
 /// the small-frame budget).
 const SMALL: usize = 256;
@@ -414,12 +467,17 @@ const MAX_JOINED: usize = 16 * 1024;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use http::Request;
+    use tokio::task::JoinHandle;
 
-    /// An h2 connection over an in-memory pipe: the client's request handle and the server's
-    /// side of the first request.
-    async fn pair() -> (
+    /// An h2 connection over an in-memory pipe: the client's request handle and the server,
+    /// whose small-DATA-frame budget is h2's default unless `budget` says otherwise.
+    async fn pair(
+        budget: Option<usize>,
+    ) -> (
         h2::client::SendRequest<Bytes>,
         h2::server::Connection<tokio::io::DuplexStream, Bytes>,
     ) {
@@ -428,7 +486,11 @@ mod tests {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let server = h2::server::handshake(s).await.expect("server handshake");
+        let mut builder = h2::server::Builder::new();
+        if let Some(b) = budget {
+            builder.data_frame_budget(b);
+        }
+        let server = builder.handshake(s).await.expect("server handshake");
         (client, server)
     }
 
@@ -436,39 +498,37 @@ mod tests {
         Request::post("http://test/pump").body(()).expect("request")
     }
 
-    /// `count` frames of `size` bytes sent in one go reach the pump's sink in fewer, joined
-    /// frames, with every byte in order, END_STREAM at the end, and the flow control intact:
-    /// the body is larger than the 64 KiB windows, so it only gets through if every joined
-    /// byte's window is given back.
-    async fn through_pump(count: usize, size: usize, replay_limit: usize) -> (usize, Vec<u8>) {
-        let (src_client, mut src_server) = pair().await;
-        let (dst_client, mut dst_server) = pair().await;
-        let sender = tokio::spawn(async move {
-            let mut client = src_client.ready().await.expect("ready");
+    /// A request body sent as `sizes.len()` DATA frames in one go, as the pump's source.
+    async fn source(sizes: Vec<usize>) -> RecvStream {
+        // The flood arrives before the pump reads: the source's own budget must not be what
+        // ends it (the sink, standing for the endpoint, keeps h2's default).
+        let (client, mut server) = pair(Some(1 << 20)).await;
+        tokio::spawn(async move {
+            let mut client = client.ready().await.expect("ready");
             let (_resp, mut tx) = client.send_request(post(), false).expect("send");
-            for i in 0..count {
+            for (i, size) in sizes.into_iter().enumerate() {
                 tx.send_data(Bytes::from(vec![(i % 251) as u8; size]), false)
                     .expect("data");
             }
             tx.send_data(Bytes::new(), true).expect("end");
-            // Keep the request's connection alive until the body is through.
+            // Keep the connection up until the test ends.
             std::future::pending::<()>().await
         });
-        let (req, _respond) = src_server
-            .accept()
-            .await
-            .expect("a request")
-            .expect("accepted");
-        tokio::spawn(async move { while src_server.accept().await.is_some() {} });
-        let mut dst = dst_client.ready().await.expect("ready");
-        let (_resp, mut sink) = dst.send_request(post(), false).expect("send");
-        let receiver = tokio::spawn(async move {
-            let (req, _respond) = dst_server
-                .accept()
-                .await
-                .expect("a request")
-                .expect("accepted");
-            tokio::spawn(async move { while dst_server.accept().await.is_some() {} });
+        let (req, _respond) = server.accept().await.expect("a request").expect("accepted");
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        req.into_body()
+    }
+
+    /// A stream to a fresh h2 server: what the pump sends to, and a task that returns the
+    /// non-empty DATA frames and bytes that arrived (reading gives the window back).
+    async fn sink() -> (SendStream<Bytes>, JoinHandle<(usize, Vec<u8>)>) {
+        let (client, mut server) = pair(None).await;
+        let mut client = client.ready().await.expect("ready");
+        let (_resp, tx) = client.send_request(post(), false).expect("send");
+        let seen = tokio::spawn(async move {
+            let _client = client;
+            let (req, _respond) = server.accept().await.expect("a request").expect("accepted");
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
             let mut body = req.into_body();
             let (mut frames, mut bytes) = (0, Vec::new());
             while let Some(chunk) = body.data().await {
@@ -483,34 +543,42 @@ mod tests {
             }
             (frames, bytes)
         });
-        let mut pump = Pump::with_replay(req.into_body(), replay_limit);
-        let drive = async {
-            while !pump.done() {
-                pump.step(&mut sink).await.expect("step");
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), drive)
-            .await
-            .expect("the body got through (flow control released)");
-        let out = tokio::time::timeout(std::time::Duration::from_secs(10), receiver)
-            .await
-            .expect("the sink saw END_STREAM")
-            .expect("receiver");
-        sender.abort();
-        out
+        (tx, seen)
     }
 
-    fn expected(count: usize, size: usize) -> Vec<u8> {
-        (0..count)
-            .flat_map(|i| std::iter::repeat_n((i % 251) as u8, size))
+    /// Pumps everything to a new sink; the body is larger than the 64 KiB windows, so it only
+    /// gets through if every byte's window is given back.
+    async fn pump_to_new_sink(pump: &mut Pump) -> (usize, Vec<u8>) {
+        let (mut tx, seen) = sink().await;
+        let drive = async {
+            while !pump.done() {
+                pump.step(&mut tx).await.expect("step");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), drive)
+            .await
+            .expect("the body got through (flow control released)");
+        tokio::time::timeout(Duration::from_secs(10), seen)
+            .await
+            .expect("the sink saw END_STREAM")
+            .expect("sink")
+    }
+
+    fn expected(sizes: &[usize]) -> Vec<u8> {
+        sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &size)| std::iter::repeat_n((i % 251) as u8, size))
             .collect()
     }
 
     #[tokio::test]
     async fn tiny_frames_are_joined_and_their_window_given_back() {
         // 600 x 200 bytes: 117 KiB, past both 64 KiB windows.
-        let (frames, bytes) = through_pump(600, 200, 0).await;
-        assert_eq!(bytes, expected(600, 200));
+        let sizes = vec![200; 600];
+        let mut pump = Pump::new(source(sizes.clone()).await);
+        let (frames, bytes) = pump_to_new_sink(&mut pump).await;
+        assert_eq!(bytes, expected(&sizes));
         assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
     }
 
@@ -518,15 +586,37 @@ mod tests {
     async fn joining_keeps_the_replay_log_and_its_window_accounting() {
         // The replay log takes the first 20 KiB (released at once), the rest is released as
         // it is sent: both kinds end up in joined chunks.
-        let (frames, bytes) = through_pump(600, 200, 20 * 1024).await;
-        assert_eq!(bytes, expected(600, 200));
+        let sizes = vec![200; 600];
+        let mut pump = Pump::with_replay(source(sizes.clone()).await, 20 * 1024);
+        let (frames, bytes) = pump_to_new_sink(&mut pump).await;
+        assert_eq!(bytes, expected(&sizes));
         assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
     }
 
     #[tokio::test]
-    async fn large_frames_pass_unjoined() {
-        let (frames, bytes) = through_pump(20, 4096, 0).await;
-        assert_eq!(bytes, expected(20, 4096));
-        assert!(frames >= 20, "{frames} frames for 20 large ones");
+    async fn a_replay_sends_the_logged_tiny_frames_joined() {
+        let sizes = vec![100; 300];
+        let mut pump = Pump::with_replay(source(sizes.clone()).await, 64 * 1024);
+        let (_, first) = pump_to_new_sink(&mut pump).await;
+        assert!(pump.can_replay(), "30 KB fits the replay log");
+        pump.rewind();
+        let (frames, again) = pump_to_new_sink(&mut pump).await;
+        assert_eq!(first, expected(&sizes));
+        assert_eq!(again, first);
+        assert!(
+            frames < 300 / 4,
+            "{frames} frames for 300 small ones replayed"
+        );
+    }
+
+    #[tokio::test]
+    async fn large_frames_pass_unjoined_and_keep_their_order_after_a_small_one() {
+        // A small chunk, then large ones: the first large one is read while joining and held.
+        let mut sizes = vec![10];
+        sizes.extend([4096; 20]);
+        let mut pump = Pump::new(source(sizes.clone()).await);
+        let (frames, bytes) = pump_to_new_sink(&mut pump).await;
+        assert_eq!(bytes, expected(&sizes));
+        assert!(frames > 20, "{frames} frames for 21");
     }
 }
