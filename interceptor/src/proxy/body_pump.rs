@@ -159,10 +159,7 @@ impl Pump {
                 // The end of the DATA and the trailers after it in one step: whatever ends the
                 // stream is usually there already.
                 if let Some(b) = self.held.take() {
-                    self.take(b).map_err(PumpError::Recv)?;
-                    poll_fn(|cx| Poll::Ready(self.join_small(cx)))
-                        .await
-                        .map_err(PumpError::Recv)?;
+                    self.take_joined(b).await.map_err(PumpError::Recv)?;
                 } else if self.source == Source::Data {
                     // Watch the sink for a reset while waiting: a peer that gives up must
                     // not wait for the other side's next byte to be noticed.
@@ -176,12 +173,7 @@ impl Pump {
                     match next {
                         Err(Ok(reason)) => return Err(PumpError::Send(Some(reason), None)),
                         Err(Err(e)) => return Err(PumpError::Send(e.reason(), Some(e))),
-                        Ok(Some(Ok(b))) => {
-                            self.take(b).map_err(PumpError::Recv)?;
-                            poll_fn(|cx| Poll::Ready(self.join_small(cx)))
-                                .await
-                                .map_err(PumpError::Recv)?;
-                        }
+                        Ok(Some(Ok(b))) => self.take_joined(b).await.map_err(PumpError::Recv)?,
                         Ok(Some(Err(e))) => return Err(PumpError::Recv(e)),
                         Ok(None) => self.source = Source::Trailers,
                     }
@@ -208,6 +200,12 @@ impl Pump {
             }
         }
         self.send_pending(tx).await
+    }
+
+    /// Takes a chunk read from the source, with the small ones already there behind it.
+    async fn take_joined(&mut self, b: Bytes) -> Result<(), h2::Error> {
+        self.take(b)?;
+        poll_fn(|cx| Poll::Ready(self.join_small(cx))).await
     }
 
     fn take(&mut self, b: Bytes) -> Result<(), h2::Error> {
