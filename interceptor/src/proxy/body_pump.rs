@@ -570,25 +570,26 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn tiny_frames_are_joined_and_their_window_given_back() {
-        // 600 x 200 bytes: 117 KiB, past both 64 KiB windows.
+    /// 600 x 200 bytes (117 KiB, past both 64 KiB windows) through a pump with a replay log of
+    /// `replay_limit` bytes: every byte arrives, in order, in joined frames.
+    async fn six_hundred_small_frames_arrive_joined(replay_limit: usize) {
         let sizes = vec![200; 600];
-        let mut pump = Pump::new(source(sizes.clone()).await);
+        let mut pump = Pump::with_replay(source(sizes.clone()).await, replay_limit);
         let (frames, bytes) = pump_to_new_sink(&mut pump).await;
         assert_eq!(bytes, expected(&sizes));
         assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
     }
 
     #[tokio::test]
+    async fn tiny_frames_are_joined_and_their_window_given_back() {
+        six_hundred_small_frames_arrive_joined(0).await;
+    }
+
+    #[tokio::test]
     async fn joining_keeps_the_replay_log_and_its_window_accounting() {
         // The replay log takes the first 20 KiB (released at once), the rest is released as
         // it is sent: both kinds end up in joined chunks.
-        let sizes = vec![200; 600];
-        let mut pump = Pump::with_replay(source(sizes.clone()).await, 20 * 1024);
-        let (frames, bytes) = pump_to_new_sink(&mut pump).await;
-        assert_eq!(bytes, expected(&sizes));
-        assert!(frames < 600 / 4, "{frames} frames for 600 small ones");
+        six_hundred_small_frames_arrive_joined(20 * 1024).await;
     }
 
     #[tokio::test]

@@ -2206,7 +2206,7 @@ impl Report {
     }
 
     /// The halt-polling info rows beside the same contenders as the machine was found.
-    fn halt_poll_markdown(&self, machine: &Machine) -> String {
+    fn halt_poll_markdown(&self, machine: &Machine, s: &Summary) -> String {
         let as_found = machine
             .idle
             .halt_poll_ns
@@ -2249,7 +2249,6 @@ impl Report {
                 on.map_or("-".into(), |r| r.errors().to_string()),
             ));
         }
-        let s = self.summary();
         let f2 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         t.push_str(&format!(
             "\nAdded single-stream latency, S4 vs HAProxy, with halt polling: {} (as found: {}).\n",
@@ -2350,7 +2349,8 @@ impl Report {
         if !self.busy_poll.is_empty() {
             t.push_str(&self.busy_poll_markdown());
         }
-        t.push_str(&self.halt_poll_markdown(machine));
+        let s = self.summary();
+        t.push_str(&self.halt_poll_markdown(machine, &s));
         t.push_str("\nBalance with ONE client connection (h2load -c1 -m10, counts per backend) and memory:\n\n");
         t.push_str("| contender | Jain | max/mean | RSS idle MiB | RSS per 1k idle conns MiB |\n|---|---:|---:|---:|---:|\n");
         for k in ALL[1..].iter().copied().filter(|&k| k != Kind::S1x2) {
@@ -2369,7 +2369,6 @@ impl Report {
             f3(self.rr_fairness.as_ref().map(|f| f.jain)),
             f2(self.rr_fairness.as_ref().map(|f| f.max_over_mean)),
         ));
-        let s = self.summary();
         // An added p99 is only meaningful when S0 itself ran clean at that rate.
         let s0_p99 = |name: &str| self.rate(Kind::S0, name, |r| r.p99_us);
         let latency_check = |value: Option<f64>, name: &str| -> &'static str {
