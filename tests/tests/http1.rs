@@ -188,7 +188,9 @@ fn one_keep_alive_pool_is_balanced_per_request_next_to_a_grpc_channel() {
     assert_eq!(rest.last.errors, 0, "{:?}", rest.last_error);
     drop((grpc, rest));
 
-    // h2load in HTTP/1.1 mode: 4 keep-alive connections, 4000 requests.
+    // h2load in HTTP/1.1 mode: 4 keep-alive connections, 4000 requests. The killed python
+    // client's last request is counted when the agent notices it, so wait for that first.
+    agent.wait_requests_settled(&["service=\"web\""], Duration::from_secs(10));
     let before = requests_by_endpoint(&agent, "web", "http1");
     let out = w.c.client.spawn_program(
         std::path::Path::new("h2load"),
