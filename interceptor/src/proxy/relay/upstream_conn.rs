@@ -30,6 +30,9 @@ use super::{
 /// Frames read per turn before the task yields to others on its worker.
 const READ_BUDGET: usize = 128;
 
+/// After a failed write, how long what the endpoint sent before it closed may take to be read.
+const LAST_WORDS_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     dest: Arc<Destination>,
@@ -227,6 +230,10 @@ struct UpConn {
     /// When the last stream ended (the connection has none since).
     idle_since: tokio::time::Instant,
     now: tokio::time::Instant,
+    /// A write failed: only what the endpoint sent before is read, then the connection ends.
+    write_failed: Option<std::io::Error>,
+    /// Frames read after that.
+    last_words: usize,
 }
 
 /// Our keepalive PING's payload.
@@ -287,6 +294,8 @@ impl UpConn {
             idle_timeout: cfg.idle_timeout,
             idle_since: handshake_by,
             now: handshake_by,
+            write_failed: None,
+            last_words: 0,
         }
     }
 
@@ -358,6 +367,9 @@ impl UpConn {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        if self.write_failed.is_some() {
+            return self.poll_last_words(cx);
+        }
         self.now = tokio::time::Instant::now();
         if self.timer.as_mut().poll(cx).is_ready() {
             self.on_timer()?;
@@ -403,7 +415,13 @@ impl UpConn {
             self.wire
                 .emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
-        self.wire.write(cx)?;
+        if let Err(e) = self.wire.write(cx) {
+            self.write_failed = Some(e);
+            self.link.accepting.store(false, Ordering::Release);
+            self.timer_at = self.now + LAST_WORDS_WAIT;
+            self.timer.as_mut().reset(self.timer_at);
+            return self.poll_last_words(cx);
+        }
         if self.goaway && self.streams.is_empty() && self.wire.is_idle() {
             return Poll::Ready(Ok(()));
         }
@@ -421,6 +439,33 @@ impl UpConn {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// Writing failed: the endpoint may have closed the connection right after a GOAWAY (a
+    /// server does, e.g., for a burst of resets), and a write that crossed its close fails
+    /// before the GOAWAY is read. What it sent before closing is still in the socket's receive
+    /// queue: read to its end, the GOAWAY sends the streams it never processed elsewhere
+    /// rather than failing them, and responses that arrived whole are delivered. Then the
+    /// connection ends with the write's error.
+    fn poll_last_words(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        loop {
+            match self.wire.poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    self.last_words += 1;
+                    if self.on_frame(f).is_err() {
+                        break;
+                    }
+                }
+                Poll::Ready(Some(Err(_)) | None) => break,
+                // A peer that reset the connection makes the socket readable at once; the
+                // timer bounds the wait for one that did not.
+                Poll::Pending if self.timer.as_mut().poll(cx).is_pending() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        let e = self.write_failed.take().expect("only after a failed write");
+        tracing::debug!(endpoint = %self.key.endpoint, error = %e, frames = self.last_words, goaway = self.goaway, "writing to the endpoint failed; read what it sent before");
+        Poll::Ready(Err(e.into()))
     }
 
     fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
