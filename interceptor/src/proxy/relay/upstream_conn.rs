@@ -493,7 +493,7 @@ impl UpConn {
                     self.next_ping = self.now + self.keepalive_interval;
                 }
             }
-            In::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason()),
+            In::GoAway(g) => self.on_goaway(g.last_stream_id(), g.reason(), g.debug_data()),
             In::PushPromise => {
                 // Push was disabled in our SETTINGS.
                 self.wire
@@ -645,9 +645,11 @@ impl UpConn {
     }
 
     /// GOAWAY: streams past `last` were not processed and may go elsewhere; the rest finish.
-    fn on_goaway(&mut self, last: StreamId, reason: Reason) {
+    fn on_goaway(&mut self, last: StreamId, reason: Reason, debug_data: &[u8]) {
         if reason != Reason::NO_ERROR {
-            tracing::debug!(?reason, "endpoint sent GOAWAY with an error");
+            // The debug data names the server's cause, e.g. h2's "too_many_resets".
+            let said = String::from_utf8_lossy(&debug_data[..debug_data.len().min(128)]);
+            tracing::debug!(endpoint = %self.key.endpoint, ?reason, %said, last_stream = u32::from(last), streams = self.streams.len(), "endpoint sent GOAWAY with an error");
         }
         self.goaway = true;
         self.link.accepting.store(false, Ordering::Release);
