@@ -172,6 +172,11 @@ pub(crate) fn forward(
                     // most endpoints refusing, a call still finds the one that answers.
                     if dest.any_usable(&tried) {
                         attempt -= 1;
+                    } else if dest.pick(&tried).is_none() {
+                        // Every endpoint failed to connect once: they are tried again, within
+                        // the attempts left (one endpoint that closed a connection it had
+                        // just accepted is likely to take the next), as the relay does.
+                        tried.clear();
                     }
                     continue;
                 }
