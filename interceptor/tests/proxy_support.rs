@@ -288,6 +288,22 @@ impl Backend {
 
     /// Like `start`, advertising SETTINGS_MAX_CONCURRENT_STREAMS = `max_streams`.
     pub fn start_with(ip: [u8; 4], name: &str, max_streams: Option<u32>) -> Backend {
+        Self::spawn(ip, name, max_streams, None)
+    }
+
+    /// Like `start`, without h2's defence against streams reset before they were accepted
+    /// (it closes the connection at 20): for tests of what the proxy itself does in a storm.
+    #[allow(dead_code)]
+    pub fn start_tolerating_resets(ip: [u8; 4], name: &str) -> Backend {
+        Self::spawn(ip, name, None, Some(usize::MAX))
+    }
+
+    fn spawn(
+        ip: [u8; 4],
+        name: &str,
+        max_streams: Option<u32>,
+        pending_accept_resets: Option<usize>,
+    ) -> Backend {
         assert_eq!(ip[0], 127, "tests only use 127.0.0.0/8");
         let listener =
             std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind backend");
@@ -314,6 +330,7 @@ impl Backend {
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 let serve = tonic::transport::Server::builder()
                     .max_concurrent_streams(max_streams)
+                    .http2_max_pending_accept_reset_streams(pending_accept_resets)
                     .add_service(svc)
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = graceful_rx.await;
