@@ -1605,77 +1605,12 @@ async fn a_response_that_contradicts_its_content_length_ends_in_a_reset() {
     );
 }
 
-/// An endpoint whose first connection answers the handshake with a burst that ends in GOAWAY
-/// (last stream 0: nothing processed) and closes at once, with the proxy's bytes unread, so
-/// the kernel resets the connection; later connections are served by h2. The burst is longer
-/// than the relay reads in one turn, so the relay's next write meets the reset before the
-/// GOAWAY was read: what a server closing its connection for a burst of resets looks like.
-async fn closes_right_after_its_goaway(ip: [u8; 4]) -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = TcpListener::bind(SocketAddr::from((ip, 0)))
-        .await
-        .expect("bind endpoint");
-    let addr = l.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let frame = |ty: u8, flags: u8, payload: &[u8]| {
-        let n = payload.len();
-        let mut f = vec![
-            (n >> 16) as u8,
-            (n >> 8) as u8,
-            n as u8,
-            ty,
-            flags,
-            0,
-            0,
-            0,
-            0,
-        ];
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut burst = frame(4, 0, &[]);
-    for _ in 0..300 {
-        // Unsolicited PING acks: read and ignored.
-        burst.extend(frame(6, 1, b"whatever"));
-    }
-    let enhance_your_calm = 0xb_u32;
-    let goaway: Vec<u8> = 0u32
-        .to_be_bytes()
-        .into_iter()
-        .chain(enhance_your_calm.to_be_bytes())
-        .collect();
-    burst.extend(frame(7, 0, &goaway));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            if count.fetch_add(1, Ordering::SeqCst) > 0 {
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(s).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        tokio::spawn(h2_backend::answer_grpc_ok(req, respond));
-                    }
-                });
-                continue;
-            }
-            let mut first = [0u8; 1];
-            if s.read_exact(&mut first).await.is_err() {
-                continue;
-            }
-            let _ = s.write_all(&burst).await;
-            drop(s);
-        }
-    });
-    (addr, accepted)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_endpoint_never_processed_is_replayed_though_writing_failed_first() {
     // On the relay, the write that fails carries the call's HEADERS. The streams engine waits
     // for a PING answer before it uses a connection, so there the first connection is a
     // failed handshake that the call never went on: it is tried again all the same.
-    let (addr, accepted) = closes_right_after_its_goaway([127, 0, 3, 2]).await;
+    let (addr, accepted) = goaway_endpoint([127, 0, 3, 2], AfterGoaway::Reset).await;
     let p = start_proxy(ProxyConfig::default(), &[addr]).await;
     let mut c = client(p.addr).await;
     let r = timeout(LIMIT, unary(&mut c, request(Bytes::from_static(b"x"), &[])))

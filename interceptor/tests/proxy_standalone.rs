@@ -105,6 +105,19 @@ impl Recorder for TestRecorder {
     }
 }
 
+/// The process's recorder, installed by whichever test comes first.
+fn test_recorder() -> TestRecorder {
+    static RECORDER: std::sync::OnceLock<TestRecorder> = std::sync::OnceLock::new();
+    RECORDER
+        .get_or_init(|| {
+            let rec = TestRecorder::default();
+            metrics::set_global_recorder(rec.clone()).expect("install the test recorder");
+            interceptor::proxy::metrics::describe();
+            rec
+        })
+        .clone()
+}
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -156,9 +169,7 @@ fn arguments_parse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_file_reload_drain_and_metrics() {
-    let rec = TestRecorder::default();
-    metrics::set_global_recorder(rec.clone()).expect("install the test recorder");
-    interceptor::proxy::metrics::describe();
+    let rec = test_recorder();
 
     let b2 = Backend::start([127, 0, 0, 2], "b2");
     let b3 = Backend::start([127, 0, 0, 3], "b3");
@@ -283,4 +294,45 @@ async fn endpoints_file_reload_drain_and_metrics() {
             b2.addr
         ))
         .is_some());
+}
+
+/// An endpoint that closes a connection in self-defence (GOAWAY ENHANCE_YOUR_CALM, as h2 does
+/// for streams reset before it accepted them) shows in
+/// `interceptor_upstream_goaways_total{endpoint,reason}`: what an operator looks at when calls
+/// fail with "connection to the endpoint failed". Both engines. The endpoint drains after its
+/// GOAWAY: one that resets the connection at once can make the streams engine's h2 fail on
+/// its write before it read the GOAWAY, and then it is not counted there (the relay reads
+/// it, `proxy_failures.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_goaway_with_an_error_is_counted_by_endpoint_and_code() {
+    let rec = test_recorder();
+    let (addr, _accepted) = goaway_endpoint([127, 0, 3, 4], AfterGoaway::Drain).await;
+    let p = start_proxy(interceptor::proxy::config::ProxyConfig::default(), &[addr]).await;
+    let mut c = client(p.addr).await;
+    let r = timeout(
+        Duration::from_secs(10),
+        unary(&mut c, request(Bytes::from_static(b"x"), &[])),
+    )
+    .await
+    .expect("the call ends in time");
+    r.expect("the call goes on the endpoint's next connection");
+    let key =
+        format!("interceptor_upstream_goaways_total{{endpoint={addr},reason=enhance_your_calm}}");
+    // Counted by the connection's own task, which may finish after the call did.
+    let counted = timeout(Duration::from_secs(5), async {
+        while rec.value(&key).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let names: Vec<String> = rec
+        .names()
+        .into_iter()
+        .filter(|n| n.contains("goaways"))
+        .collect();
+    assert!(
+        counted.is_ok(),
+        "{key} not recorded; goaway series: {names:?}"
+    );
+    assert_eq!(rec.value(&key), Some(1), "{names:?}");
 }

@@ -806,3 +806,86 @@ pub async fn wait_listening(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---- an endpoint that answers its first connection with GOAWAY ------------------------------
+
+/// How `goaway_endpoint` ends its first connection after the GOAWAY.
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AfterGoaway {
+    /// Closes at once with the proxy's bytes unread, so the kernel resets the connection: the
+    /// proxy's next write fails before it read the GOAWAY.
+    Reset,
+    /// Reads until the proxy closes, as a server that flushed its GOAWAY and drains does.
+    Drain,
+}
+
+/// An endpoint whose first connection answers the handshake with a burst that ends in GOAWAY
+/// ENHANCE_YOUR_CALM (last stream 0: nothing processed), what a server closing its connection
+/// for a burst of resets sends; later connections are served by h2. The burst is longer than
+/// the relay reads in one turn, so with `AfterGoaway::Reset` the relay's next write meets the
+/// reset before the GOAWAY was read. Returns the address and the connections accepted.
+#[allow(dead_code)]
+pub async fn goaway_endpoint(ip: [u8; 4], after: AfterGoaway) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind endpoint");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let frame = |ty: u8, flags: u8, payload: &[u8]| {
+        let n = payload.len();
+        let mut f = vec![
+            (n >> 16) as u8,
+            (n >> 8) as u8,
+            n as u8,
+            ty,
+            flags,
+            0,
+            0,
+            0,
+            0,
+        ];
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut burst = frame(4, 0, &[]);
+    for _ in 0..300 {
+        // Unsolicited PING acks: read and ignored.
+        burst.extend(frame(6, 1, b"whatever"));
+    }
+    let enhance_your_calm = 0xb_u32;
+    let goaway: Vec<u8> = 0u32
+        .to_be_bytes()
+        .into_iter()
+        .chain(enhance_your_calm.to_be_bytes())
+        .collect();
+    burst.extend(frame(7, 0, &goaway));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(h2_backend::answer_grpc_ok(req, respond));
+                    }
+                });
+                continue;
+            }
+            let mut first = [0u8; 1];
+            if s.read_exact(&mut first).await.is_err() {
+                continue;
+            }
+            let _ = s.write_all(&burst).await;
+            if after == AfterGoaway::Drain {
+                let mut rest = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+            }
+            drop(s);
+        }
+    });
+    (addr, accepted)
+}

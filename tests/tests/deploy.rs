@@ -514,6 +514,7 @@ fn the_monitoring_overlay_fits_the_daemonset_and_the_agent_accepts_it() {
         interceptor::proxy::metrics::REQUESTS,
         interceptor::proxy::metrics::ACTIVE_STREAMS,
         interceptor::proxy::metrics::OPAQUE_BYTES,
+        interceptor::proxy::metrics::UPSTREAM_GOAWAYS,
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(name)),

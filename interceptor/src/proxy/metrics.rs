@@ -15,6 +15,7 @@ pub const REQUEST_DURATION: &str = "interceptor_request_duration_seconds";
 pub const ACTIVE_STREAMS: &str = "interceptor_active_streams";
 pub const UPSTREAM_CONNECTIONS: &str = "interceptor_upstream_connections";
 pub const UPSTREAM_CONNECT_FAILURES: &str = "interceptor_upstream_connect_failures_total";
+pub const UPSTREAM_GOAWAYS: &str = "interceptor_upstream_goaways_total";
 pub const REPLAYS: &str = "interceptor_replays_total";
 pub const EJECTIONS: &str = "interceptor_ejections_total";
 pub const DETECTIONS: &str = "interceptor_detections_total";
@@ -59,6 +60,11 @@ pub fn describe() {
         UPSTREAM_CONNECT_FAILURES,
         Unit::Count,
         "Failed connects (TCP, or the HTTP/2 or HTTP/1.1 handshake) to endpoints"
+    );
+    describe_counter!(
+        UPSTREAM_GOAWAYS,
+        Unit::Count,
+        "Upstream connections an endpoint closed with GOAWAY and an error code, by endpoint and code (enhance_your_calm: the server defended itself, e.g. against streams reset before it accepted them)"
     );
     describe_counter!(
         REPLAYS,
@@ -454,6 +460,33 @@ pub(crate) fn upstream_connections_of(endpoint: &Arc<str>, protocol: RequestProt
 
 pub(crate) fn connect_failure(endpoint: &Arc<str>) {
     counter!(UPSTREAM_CONNECT_FAILURES, "endpoint" => endpoint.clone()).increment(1);
+}
+
+/// An endpoint closed an upstream connection with GOAWAY and an error code.
+pub(crate) fn upstream_goaway(endpoint: &Arc<str>, reason: h2::Reason) {
+    counter!(UPSTREAM_GOAWAYS, "endpoint" => endpoint.clone(), "reason" => goaway_label(reason))
+        .increment(1);
+}
+
+/// RFC 9113 section 7's error codes, as label values.
+fn goaway_label(reason: h2::Reason) -> &'static str {
+    match u32::from(reason) {
+        0x0 => "no_error",
+        0x1 => "protocol_error",
+        0x2 => "internal_error",
+        0x3 => "flow_control_error",
+        0x4 => "settings_timeout",
+        0x5 => "stream_closed",
+        0x6 => "frame_size_error",
+        0x7 => "refused_stream",
+        0x8 => "cancel",
+        0x9 => "compression_error",
+        0xa => "connect_error",
+        0xb => "enhance_your_calm",
+        0xc => "inadequate_security",
+        0xd => "http_1_1_required",
+        _ => "unknown",
+    }
 }
 
 pub(crate) fn replay(reason: ReplayReason) {

@@ -428,9 +428,14 @@ impl Pool {
         m::upstream_connections(&label, 1.0);
         let driver = tokio::spawn(async move {
             // Runs also when keepalive aborts this task.
-            let _closed = MarkClosed(task_closed, label);
+            let _closed = MarkClosed(task_closed, label.clone());
             if let Err(error) = connection.await {
                 tracing::debug!(endpoint = %addr, %error, "upstream connection ended with an error");
+                if error.is_go_away() && error.is_remote() {
+                    if let Some(reason) = error.reason().filter(|r| *r != h2::Reason::NO_ERROR) {
+                        m::upstream_goaway(&label, reason);
+                    }
+                }
             }
         });
         // One PING round trip: the peer's SETTINGS precede its PING ack, so afterwards

@@ -88,8 +88,8 @@ async fn run(
         }
     };
     let handshake_by = started + cfg.connect_timeout;
-    let mut conn = UpConn::new(shared, link.clone(), key, io, handshake_by);
     let label = ep.label();
+    let mut conn = UpConn::new(shared, link.clone(), key, label.clone(), io, handshake_by);
     m::upstream_connections(&label, 1.0);
     let end = poll_fn(|cx| conn.poll(cx)).await;
     m::upstream_connections(&label, -1.0);
@@ -194,6 +194,8 @@ struct UpConn {
     wire: Wire<TcpStream>,
     shared: Arc<Shared>,
     key: Key,
+    /// The endpoint's metrics label.
+    label: Arc<str>,
     link: Arc<UpLink>,
     inbox: Vec<ToUpstream>,
     send: SendWindows,
@@ -244,6 +246,7 @@ impl UpConn {
         shared: &Arc<Shared>,
         link: Arc<UpLink>,
         key: Key,
+        label: Arc<str>,
         io: TcpStream,
         handshake_by: tokio::time::Instant,
     ) -> Self {
@@ -270,6 +273,7 @@ impl UpConn {
             wire: Wire::new(io, max_list, out),
             shared: shared.clone(),
             key,
+            label,
             link,
             inbox: Vec::new(),
             send: SendWindows::new(),
@@ -650,6 +654,9 @@ impl UpConn {
             // The debug data names the server's cause, e.g. h2's "too_many_resets".
             let said = String::from_utf8_lossy(&debug_data[..debug_data.len().min(128)]);
             tracing::debug!(endpoint = %self.key.endpoint, ?reason, %said, last_stream = u32::from(last), streams = self.streams.len(), "endpoint sent GOAWAY with an error");
+            if !self.goaway {
+                m::upstream_goaway(&self.label, reason);
+            }
         }
         self.goaway = true;
         self.link.accepting.store(false, Ordering::Release);
