@@ -1623,3 +1623,28 @@ async fn a_call_the_endpoint_never_processed_is_replayed_though_writing_failed_f
     assert_eq!(r.into_inner(), Bytes::from_static(b"ok"));
     assert_eq!(connections, 2, "replayed on a second connection");
 }
+
+/// A connection that fails while a call waits for the endpoint's SETTINGS: the call never
+/// left, so it goes on another connection. The endpoint sends 300 PINGs, more than the relay
+/// reads in one turn, so the relay's answers meet the reset; its SETTINGS come after them
+/// and are read only then, when no stream may start any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_settings_on_a_connection_that_fails_is_replayed() {
+    let mut burst = Vec::new();
+    for _ in 0..300 {
+        burst.extend(raw_frame(6, 0, b"pingping"));
+    }
+    burst.extend(raw_frame(4, 0, &[]));
+    let (addr, accepted) = first_connection_says([127, 0, 3, 5], burst, AfterGoaway::Reset).await;
+    let p = start_proxy(ProxyConfig::default(), &[addr]).await;
+    let mut c = client(p.addr).await;
+    let r = timeout(LIMIT, unary(&mut c, request(Bytes::from_static(b"x"), &[])))
+        .await
+        .expect("the call ends in time");
+    let connections = accepted.load(Ordering::SeqCst);
+    let r = r.unwrap_or_else(|s| {
+        panic!("the call failed ({s:?}) after {connections} connection(s) to the endpoint")
+    });
+    assert_eq!(r.into_inner(), Bytes::from_static(b"ok"));
+    assert_eq!(connections, 2, "replayed on a second connection");
+}

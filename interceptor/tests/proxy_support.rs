@@ -827,31 +827,10 @@ pub enum AfterGoaway {
 /// reset before the GOAWAY was read. Returns the address and the connections accepted.
 #[allow(dead_code)]
 pub async fn goaway_endpoint(ip: [u8; 4], after: AfterGoaway) -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0)))
-        .await
-        .expect("bind endpoint");
-    let addr = l.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let frame = |ty: u8, flags: u8, payload: &[u8]| {
-        let n = payload.len();
-        let mut f = vec![
-            (n >> 16) as u8,
-            (n >> 8) as u8,
-            n as u8,
-            ty,
-            flags,
-            0,
-            0,
-            0,
-            0,
-        ];
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut burst = frame(4, 0, &[]);
+    let mut burst = raw_frame(4, 0, &[]);
     for _ in 0..300 {
         // Unsolicited PING acks: read and ignored.
-        burst.extend(frame(6, 1, b"whatever"));
+        burst.extend(raw_frame(6, 1, b"whatever"));
     }
     let enhance_your_calm = 0xb_u32;
     let goaway: Vec<u8> = 0u32
@@ -859,7 +838,43 @@ pub async fn goaway_endpoint(ip: [u8; 4], after: AfterGoaway) -> (SocketAddr, Ar
         .into_iter()
         .chain(enhance_your_calm.to_be_bytes())
         .collect();
-    burst.extend(frame(7, 0, &goaway));
+    burst.extend(raw_frame(7, 0, &goaway));
+    first_connection_says(ip, burst, after).await
+}
+
+/// One HTTP/2 frame on stream 0.
+#[allow(dead_code)]
+pub fn raw_frame(ty: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![
+        (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+        ty,
+        flags,
+        0,
+        0,
+        0,
+        0,
+    ];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An endpoint whose first connection gets `burst` once the proxy's preface arrives, and is
+/// then closed as `after` says; later connections are served by h2. Returns the address and
+/// the connections accepted.
+#[allow(dead_code)]
+pub async fn first_connection_says(
+    ip: [u8; 4],
+    burst: Vec<u8>,
+    after: AfterGoaway,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0)))
+        .await
+        .expect("bind endpoint");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

@@ -236,6 +236,10 @@ struct UpConn {
     write_failed: Option<std::io::Error>,
     /// Frames read after that.
     last_words: usize,
+    /// The connection is failing: no more stream starts.
+    ending: bool,
+    /// An error GOAWAY from the endpoint was counted.
+    goaway_counted: bool,
 }
 
 /// Our keepalive PING's payload.
@@ -300,6 +304,8 @@ impl UpConn {
             now: handshake_by,
             write_failed: None,
             last_words: 0,
+            ending: false,
+            goaway_counted: false,
         }
     }
 
@@ -421,6 +427,7 @@ impl UpConn {
         }
         if let Err(e) = self.wire.write(cx) {
             self.write_failed = Some(e);
+            self.ending = true;
             self.link.accepting.store(false, Ordering::Release);
             self.timer_at = self.now + LAST_WORDS_WAIT;
             self.timer.as_mut().reset(self.timer_at);
@@ -452,21 +459,30 @@ impl UpConn {
     /// rather than failing them, and responses that arrived whole are delivered. Then the
     /// connection ends with the write's error.
     fn poll_last_words(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
-        loop {
+        for _ in 0..READ_BUDGET {
             match self.wire.poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => {
                     self.last_words += 1;
                     if self.on_frame(f).is_err() {
-                        break;
+                        return self.end_last_words();
                     }
                 }
-                Poll::Ready(Some(Err(_)) | None) => break,
+                // One malformed response ends that stream only; what follows is still read.
+                Poll::Ready(Some(Err(e @ ReadError::Stream(..)))) => {
+                    let _ = self.on_read_error(e);
+                }
+                Poll::Ready(Some(Err(_)) | None) => return self.end_last_words(),
                 // A peer that reset the connection makes the socket readable at once; the
                 // timer bounds the wait for one that did not.
                 Poll::Pending if self.timer.as_mut().poll(cx).is_pending() => return Poll::Pending,
-                Poll::Pending => break,
+                Poll::Pending => return self.end_last_words(),
             }
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn end_last_words(&mut self) -> Poll<Result<(), ConnError>> {
         let e = self.write_failed.take().expect("only after a failed write");
         tracing::debug!(endpoint = %self.key.endpoint, error = %e, frames = self.last_words, goaway = self.goaway, "writing to the endpoint failed; read what it sent before");
         Poll::Ready(Err(e.into()))
@@ -654,7 +670,8 @@ impl UpConn {
             // The debug data names the server's cause, e.g. h2's "too_many_resets".
             let said = String::from_utf8_lossy(&debug_data[..debug_data.len().min(128)]);
             tracing::debug!(endpoint = %self.key.endpoint, ?reason, %said, last_stream = u32::from(last), streams = self.streams.len(), "endpoint sent GOAWAY with an error");
-            if !self.goaway {
+            if !self.goaway_counted {
+                self.goaway_counted = true;
                 m::upstream_goaway(&self.label, reason);
             }
         }
@@ -795,8 +812,10 @@ impl UpConn {
     /// the rest go back to be picked again while the pool may open another connection.
     fn start_waiting(&mut self) {
         // Not before the endpoint's SETTINGS: its concurrency limit is not known until then,
-        // and streams past it would be refused.
-        if !self.settings_seen {
+        // and streams past it would be refused. Nor once the connection is ending: a stream
+        // started then never reaches the endpoint, and would be failed as broken instead of
+        // going elsewhere.
+        if !self.settings_seen || self.ending {
             return;
         }
         while self.started < self.peer_max {
@@ -898,6 +917,7 @@ impl UpConn {
     /// The connection is gone: streams the endpoint had are broken, the others go back to be
     /// sent elsewhere. Returns how many were broken.
     fn fail_streams(&mut self, unsent: Unprocessed) -> usize {
+        self.ending = true;
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         let mut broken = 0;
         for id in ids {
