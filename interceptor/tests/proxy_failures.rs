@@ -1605,12 +1605,9 @@ async fn a_response_that_contradicts_its_content_length_ends_in_a_reset() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_the_endpoint_never_processed_is_replayed_though_writing_failed_first() {
-    // On the relay, the write that fails carries the call's HEADERS. The streams engine waits
-    // for a PING answer before it uses a connection, so there the first connection is a
-    // failed handshake that the call never went on: it is tried again all the same.
-    let (addr, accepted) = goaway_endpoint([127, 0, 3, 2], AfterGoaway::Reset).await;
+/// One call through a proxy to `addr`, whose first connection fails: it must succeed on the
+/// endpoint's second connection.
+async fn one_call_goes_on_the_second_connection(addr: SocketAddr, accepted: &AtomicUsize) {
     let p = start_proxy(ProxyConfig::default(), &[addr]).await;
     let mut c = client(p.addr).await;
     let r = timeout(LIMIT, unary(&mut c, request(Bytes::from_static(b"x"), &[])))
@@ -1622,6 +1619,15 @@ async fn a_call_the_endpoint_never_processed_is_replayed_though_writing_failed_f
     });
     assert_eq!(r.into_inner(), Bytes::from_static(b"ok"));
     assert_eq!(connections, 2, "replayed on a second connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_endpoint_never_processed_is_replayed_though_writing_failed_first() {
+    // On the relay, the write that fails carries the call's HEADERS. The streams engine waits
+    // for a PING answer before it uses a connection, so there the first connection is a
+    // failed handshake that the call never went on: it is tried again all the same.
+    let (addr, accepted) = goaway_endpoint([127, 0, 3, 2], AfterGoaway::Reset).await;
+    one_call_goes_on_the_second_connection(addr, &accepted).await;
 }
 
 /// A connection that fails while a call waits for the endpoint's SETTINGS: the call never
@@ -1636,15 +1642,5 @@ async fn a_call_waiting_for_settings_on_a_connection_that_fails_is_replayed() {
     }
     burst.extend(raw_frame(4, 0, &[]));
     let (addr, accepted) = first_connection_says([127, 0, 3, 5], burst, AfterGoaway::Reset).await;
-    let p = start_proxy(ProxyConfig::default(), &[addr]).await;
-    let mut c = client(p.addr).await;
-    let r = timeout(LIMIT, unary(&mut c, request(Bytes::from_static(b"x"), &[])))
-        .await
-        .expect("the call ends in time");
-    let connections = accepted.load(Ordering::SeqCst);
-    let r = r.unwrap_or_else(|s| {
-        panic!("the call failed ({s:?}) after {connections} connection(s) to the endpoint")
-    });
-    assert_eq!(r.into_inner(), Bytes::from_static(b"ok"));
-    assert_eq!(connections, 2, "replayed on a second connection");
+    one_call_goes_on_the_second_connection(addr, &accepted).await;
 }
