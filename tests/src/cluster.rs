@@ -420,18 +420,11 @@ impl GreetCluster {
     }
 
     pub fn client_slice(&self) -> String {
-        self.client
-            .pod_cgroup
-            .as_ref()
-            .expect("kubelet-style pod")
-            .path
-            .display()
-            .to_string()
+        pod_slice(&self.client)
     }
 
     pub fn client_hooked(&self) -> bool {
-        let progs = bpftool_json(&["cgroup", "show", &self.client_slice()]);
-        progs.to_string().contains("icp_connect4")
+        pod_hooked(&self.client)
     }
 
     pub fn kernel_action(&self) -> Option<interceptor::bpf::ServiceAction> {
@@ -607,4 +600,21 @@ pub fn share_line(counts: &BTreeMap<String, u64>) -> String {
         .map(|(p, n)| format!("{p}={n} ({:.0}%)", 100.0 * *n as f64 / total.max(1) as f64))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The pod-level cgroup of a kubelet-style pod, where the hooks attach.
+pub fn pod_slice(pod: &Pod) -> String {
+    pod.pod_cgroup
+        .as_ref()
+        .expect("kubelet-style pod")
+        .path
+        .display()
+        .to_string()
+}
+
+/// Whether the connect hook is attached to `pod`'s cgroup.
+pub fn pod_hooked(pod: &Pod) -> bool {
+    bpftool_json(&["cgroup", "show", &pod_slice(pod)])
+        .to_string()
+        .contains("icp_connect4")
 }

@@ -308,27 +308,31 @@ impl AgentProcess {
         by
     }
 
+    /// The sum of the agent's `name` series whose labels contain every one of `labels` (e.g.
+    /// `reason="rapid_reset"`), from its /metrics.
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
+        let (code, metrics) = self.admin_get("/metrics");
+        assert_eq!(code, 200);
+        let series = format!("{name}{{");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&series))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Waits (bounded) until nothing is in flight for the series matching `labels`
     /// (`interceptor_active_streams` sums to 0) and `interceptor_requests_total` stays put
     /// across two reads: a client killed mid-request is counted when the agent notices, which
     /// may be after the next phase's "before" snapshot.
     pub fn wait_requests_settled(&self, labels: &[&str], timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let active = || -> f64 {
-            let (code, metrics) = self.admin_get("/metrics");
-            assert_eq!(code, 200);
-            metrics
-                .lines()
-                .filter(|l| l.starts_with("interceptor_active_streams{"))
-                .filter(|l| labels.iter().all(|want| l.contains(want)))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
         let mut last = self.requests_by_endpoint(labels);
         loop {
             std::thread::sleep(Duration::from_millis(250));
             let now = self.requests_by_endpoint(labels);
-            let in_flight = active();
+            let in_flight = self.metric_sum("interceptor_active_streams", labels);
             if in_flight == 0.0 && now == last {
                 return;
             }

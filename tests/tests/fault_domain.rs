@@ -23,38 +23,18 @@ fn one_pods_rapid_reset_storm_fails_no_call_of_another_pod() {
     docs.push(cluster::pod(cluster::NS, &storm_pod, STORM_POD, &[]));
     cluster::write_manifests(&c.manifests, &docs);
     let agent = c.start_agent();
-    let storm_slice = storm_pod
-        .pod_cgroup
-        .as_ref()
-        .expect("kubelet-style pod")
-        .path
-        .display()
-        .to_string();
     effect(Instant::now(), "both client pods hooked", || {
-        c.client_hooked()
-            && bpftool_json(&["cgroup", "show", &storm_slice])
-                .to_string()
-                .contains("icp_connect4")
+        c.client_hooked() && cluster::pod_hooked(&storm_pod)
     });
 
     let mut calls = c.client_run(8);
     let before = calls.window(Duration::from_millis(500));
     assert_eq!(before.len(), 2, "both endpoints answer: {before:?}");
 
-    // The sum of a counter's series whose labels contain `label`.
-    let counter = |agent: &AgentProcess, name: &str, label: &str| -> f64 {
-        let (_, metrics) = agent.admin_get("/metrics");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     let abusive = |agent: &AgentProcess| {
-        counter(
-            agent,
+        agent.metric_sum(
             "interceptor_abusive_connections_total",
-            "reason=\"rapid_reset\"",
+            &["reason=\"rapid_reset\""],
         )
     };
     let abusive_before = abusive(&agent);
@@ -96,10 +76,9 @@ fn one_pods_rapid_reset_storm_fails_no_call_of_another_pod() {
     );
     // What makes the storm a threat to others: the endpoints closed connections that carried
     // its streams. Had those connections carried the other pod's calls too, they were cut.
-    let closed_by_endpoints = counter(
-        &agent,
+    let closed_by_endpoints = agent.metric_sum(
         "interceptor_upstream_goaways_total",
-        "reason=\"enhance_your_calm\"",
+        &["reason=\"enhance_your_calm\""],
     );
     note(&format!(
         "upstream connections the endpoints closed for too many resets: {closed_by_endpoints}"
