@@ -16,8 +16,9 @@ pub enum BalancerKind {
 /// Which HTTP/2 implementation serves client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum H2Engine {
-    /// The frame-level relay (`relay`): h2's codec for reading frames and HPACK, our own
-    /// encoder for sending them, frames passed from one connection to the other with the stream mapping and flow control done here.
+    /// The frame-level relay (`relay`): framing and HPACK our own (h2's `frame` types parse
+    /// the control frames), frames passed from one connection to the other with the stream
+    /// mapping and flow control done here.
     Relay,
     /// h2's server and client: a task per stream, each stream a request rebuilt as `http`
     /// types and sent again (`h2_server`, `forward`). About 1.6x the relay's CPU per request;
