@@ -32,6 +32,9 @@ pub(crate) mod upstream_conn;
 pub(crate) mod upstreams;
 pub(crate) mod wire;
 
+#[cfg(test)]
+mod against_h2;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;

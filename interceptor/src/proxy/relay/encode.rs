@@ -231,7 +231,9 @@ fn set_head(dst: &mut [u8], len: usize, kind: u8, flags: u8, id: StreamId) {
 /// reader checked or the proxy built them).
 fn block(dst: &mut BytesMut, fields: &HeaderList) {
     for f in fields.iter() {
-        if let Some(i) = f.static_index() {
+        // A field that came never-indexed leaves the same way (RFC 7541 6.2.3), even where
+        // the static table has it whole (`authorization` with an empty value).
+        if let Some(i) = f.static_index().filter(|_| !f.sensitive) {
             indexed(dst, i as usize);
         } else if f.name_index > 0 {
             literal_indexed_name(dst, f.name_index as usize, f.value, f.sensitive);
@@ -520,6 +522,14 @@ mod tests {
         want.extend_from_slice(b"x-plain");
         want.extend_from_slice(&[1, b'v']);
         assert_eq!(&b[..], &want[..]);
+        // The static table holds `authorization` with an empty value whole; sensitive, it
+        // is still a never-indexed literal, not that index.
+        let mut l = HeaderList::new();
+        l.push(b"authorization", b"", true);
+        l.push(b"authorization", b"", false);
+        let mut b = BytesMut::new();
+        block(&mut b, &l);
+        assert_eq!(&b[..], &[0x1f, 8, 0, 0x80 | 23]);
     }
 
     #[test]

@@ -390,4 +390,77 @@ mod tests {
         let l = block(&mut d, "be");
         assert_eq!(fields(&l), pairs(&[("custom-key", "custom-value")]));
     }
+
+    /// Blocks built from random representations (indexed, literal with and without
+    /// indexing, size updates, Huffman flags over random bytes), some cut or flipped: each
+    /// decodes or is a compression error, and the table's accounting holds either way.
+    #[test]
+    fn random_blocks_decode_or_fail_and_the_table_keeps_its_size() {
+        let mut state = 0x243f_6a88_85a3_08d3u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut decoded, mut failed) = (0, 0);
+        let mut d = Decoder::new();
+        for _ in 0..30_000 {
+            let mut block = Vec::new();
+            if next() % 8 == 0 {
+                block.push(0x20 | (next() % 32) as u8);
+            }
+            for _ in 0..next() % 6 {
+                match next() % 4 {
+                    0 => block.push(0x80 | (1 + next() % 70) as u8),
+                    kind => {
+                        block.push(match kind {
+                            1 => 0x40,
+                            2 => 0x00,
+                            _ => 0x10,
+                        });
+                        for _ in 0..2 {
+                            let len = (next() % 40) as usize;
+                            let huffman = next() % 3 == 0;
+                            block.push(if huffman { 0x80 } else { 0 } | len as u8);
+                            block.extend((0..len).map(|_| match next() % 4 {
+                                0 => next() as u8,
+                                _ => b'a' + (next() % 26) as u8,
+                            }));
+                        }
+                    }
+                }
+            }
+            match next() % 10 {
+                0 if !block.is_empty() => block.truncate((next() as usize) % block.len()),
+                1 if !block.is_empty() => {
+                    let at = (next() as usize) % block.len();
+                    block[at] ^= 1 << (next() % 8);
+                }
+                _ => {}
+            }
+            let mut l = HeaderList::new();
+            match d.decode(&block, 256, &mut l) {
+                Ok(_) => decoded += 1,
+                Err(_) => {
+                    failed += 1;
+                    // A compression error ends the connection, and its table with it.
+                    d = Decoder::new();
+                }
+            }
+            let held: usize = d.table.iter().map(|e| e.bytes.len() + ENTRY_OVERHEAD).sum();
+            assert_eq!(held, d.size);
+            assert!(d.size <= d.max_size && d.max_size <= d.limit);
+            assert!(
+                l.iter()
+                    .map(|f| f.name.len() + f.value.len() + 32)
+                    .sum::<usize>()
+                    <= 256
+            );
+        }
+        assert!(
+            decoded > 5_000 && failed > 5_000,
+            "{decoded} decoded, {failed} failed"
+        );
+    }
 }
