@@ -626,14 +626,17 @@ where
     fn on_read_error(&mut self, e: ReadError) -> Result<(), h2::Error> {
         match e {
             ReadError::Stream(id, reason) => {
-                // A malformed request: that stream only.
+                // A malformed frame on one stream (a bad header block, a PRIORITY on itself):
+                // that stream only, here and at the endpoint, which would otherwise keep it
+                // open on a shared connection, holding a concurrency slot and its window.
                 if id > self.last_id {
                     self.last_id = id;
                 }
-                if let Some(s) = self.streams.remove(&id) {
-                    self.end_stream(s, Some(Status::RESET));
+                if self.streams.contains_key(&id) {
+                    self.reset_stream(id, reason);
+                } else {
+                    self.wire.emit(frame::Reset::new(id, reason).into());
                 }
-                self.wire.emit(frame::Reset::new(id, reason).into());
                 Ok(())
             }
             ReadError::Conn(reason) => {
@@ -648,8 +651,14 @@ where
     fn on_headers(&mut self, h: Block, over_size: bool) {
         let id = h.id;
         if let Some(s) = self.streams.get_mut(&id) {
-            // Request trailers.
-            if s.req_done || !h.eos || contradicts_length(s.content_length, s.received, true) {
+            // Request trailers (RFC 9113 8.1: they end the stream and carry no pseudo-header
+            // field).
+            if s.req_done
+                || !h.eos
+                || over_size
+                || has_pseudo_header(&h.fields)
+                || contradicts_length(s.content_length, s.received, true)
+            {
                 self.reset_stream(id, Reason::PROTOCOL_ERROR);
                 return;
             }
@@ -661,9 +670,14 @@ where
             }
             return;
         }
-        if !id.is_client_initiated() || id <= self.last_id {
-            // A closed stream's id reused, or a server-initiated one.
+        if !id.is_client_initiated() {
             self.fail(Reason::PROTOCOL_ERROR);
+            return;
+        }
+        if id <= self.last_id {
+            // A stream that ended here: trailers the client sent before our RST_STREAM reached
+            // it (refused, answered early, reset) are ignored, as RFC 9113 5.1 asks; the
+            // block was decoded, so the HPACK table stays in step.
             return;
         }
         self.last_id = id;
@@ -1094,18 +1108,27 @@ where
     }
 }
 
-/// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT
-/// (without :protocol).
+/// RFC 9113 8.3.1: a request has :method, and :scheme and :path unless it is a CONNECT. It
+/// has no :status (a response's), and no :protocol: RFC 8441 allows that only to a client
+/// told SETTINGS_ENABLE_CONNECT_PROTOCOL, which the proxy does not send. An endpoint resets
+/// a request with either, and that reset would count against it.
 fn is_valid_request(h: &HeaderList) -> bool {
+    if h.get(b":status").is_some() || h.get(b":protocol").is_some() {
+        return false;
+    }
     let Some(method) = h.get(b":method") else {
         return false;
     };
-    if method == b"CONNECT" && h.get(b":protocol").is_none() {
+    if method == b"CONNECT" {
         return h.get(b":authority").is_some()
             && h.get(b":scheme").is_none()
             && h.get(b":path").is_none();
     }
     h.get(b":scheme").is_some() && h.get(b":path").is_some_and(|path| !path.is_empty())
+}
+
+fn has_pseudo_header(h: &HeaderList) -> bool {
+    h.iter().any(|f| f.name.first() == Some(&b':'))
 }
 
 /// Whether a reset from the endpoint counts against it: NO_ERROR and CANCEL are a peer's

@@ -226,7 +226,7 @@ impl Reader {
             return Err(ReadError::Conn(Reason::PROTOCOL_ERROR));
         }
         let head = frame::Head::parse(&f[..HEAD_LEN]);
-        let conn_err = |_| ReadError::Conn(Reason::PROTOCOL_ERROR);
+        let conn_err = |e| ReadError::Conn(load_error(kind, &f[HEAD_LEN..], e));
         let frame = match kind {
             DATA => {
                 if id.is_zero() {
@@ -248,23 +248,34 @@ impl Reader {
                 if id.is_zero() {
                     return Err(ReadError::Conn(Reason::PROTOCOL_ERROR));
                 }
+                // RFC 9113 6.3 and 5.3.1: a bad PRIORITY is that stream's error.
                 match frame::Priority::load(head, &f[HEAD_LEN..]) {
                     Ok(_) => In::Priority,
                     Err(frame::Error::InvalidDependencyId) => {
                         return Err(ReadError::Stream(id, Reason::PROTOCOL_ERROR))
                     }
-                    Err(_) => return Err(ReadError::Conn(Reason::PROTOCOL_ERROR)),
+                    Err(_) => return Err(ReadError::Stream(id, Reason::FRAME_SIZE_ERROR)),
                 }
             }
-            RST_STREAM => In::Reset(frame::Reset::load(head, &f[HEAD_LEN..]).map_err(conn_err)?),
+            RST_STREAM => {
+                if id.is_zero() {
+                    return Err(ReadError::Conn(Reason::PROTOCOL_ERROR));
+                }
+                In::Reset(frame::Reset::load(head, &f[HEAD_LEN..]).map_err(conn_err)?)
+            }
             SETTINGS => {
                 In::Settings(frame::Settings::load(head, &f[HEAD_LEN..]).map_err(conn_err)?)
             }
             PING => In::Ping(frame::Ping::load(head, &f[HEAD_LEN..]).map_err(conn_err)?),
             GOAWAY => In::GoAway(frame::GoAway::load(head, &f[HEAD_LEN..]).map_err(conn_err)?),
-            WINDOW_UPDATE => {
-                In::WindowUpdate(frame::WindowUpdate::load(head, &f[HEAD_LEN..]).map_err(conn_err)?)
-            }
+            WINDOW_UPDATE => match frame::WindowUpdate::load(head, &f[HEAD_LEN..]) {
+                Ok(w) => In::WindowUpdate(w),
+                // RFC 9113 6.9: an increment of 0 is a stream error on a stream.
+                Err(frame::Error::InvalidWindowUpdateValue) if !id.is_zero() => {
+                    return Err(ReadError::Stream(id, Reason::PROTOCOL_ERROR))
+                }
+                Err(e) => return Err(conn_err(e)),
+            },
             PUSH_PROMISE => In::PushPromise,
             // Unknown frame types are ignored (RFC 9113 4.1).
             _ => return Ok(None),
@@ -365,6 +376,27 @@ impl Reader {
             block: Block { id, eos, fields },
             over_size: decoded.over_size,
         })
+    }
+}
+
+/// The RFC's code for a control frame h2's `frame` types refused (RFC 9113 6): a length
+/// the frame cannot have is FRAME_SIZE_ERROR, SETTINGS_INITIAL_WINDOW_SIZE past 2^31-1 is
+/// FLOW_CONTROL_ERROR (6.5.2), the rest PROTOCOL_ERROR.
+fn load_error(kind: u8, payload: &[u8], e: frame::Error) -> Reason {
+    match e {
+        frame::Error::BadFrameSize
+        | frame::Error::InvalidPayloadLength
+        | frame::Error::InvalidPayloadAckSettings => Reason::FRAME_SIZE_ERROR,
+        frame::Error::InvalidSettingValue
+            if kind == SETTINGS
+                && payload.chunks_exact(6).any(|s| {
+                    u16::from_be_bytes([s[0], s[1]]) == 0x4
+                        && u32::from_be_bytes([s[2], s[3], s[4], s[5]]) > 0x7fff_ffff
+                }) =>
+        {
+            Reason::FLOW_CONTROL_ERROR
+        }
+        _ => Reason::PROTOCOL_ERROR,
     }
 }
 
@@ -499,6 +531,22 @@ mod tests {
             (frame(DATA, PADDED, 1, &[5, 1]), "conn 1"),
             (frame(HEADERS, END_HEADERS, 1, &[0x80]), "conn 9"),
             (frame(WINDOW_UPDATE, 0, 0, &[0, 0, 0, 0]), "conn 1"),
+            // RFC 9113 6.9: on a stream, an increment of 0 is that stream's error.
+            (frame(WINDOW_UPDATE, 0, 1, &[0, 0, 0, 0]), "stream 1 1"),
+            (frame(WINDOW_UPDATE, 0, 1, &[0, 0, 1]), "conn 6"),
+            // 6.5.2: an initial window past 2^31-1; 6.5: a length not a multiple of 6, an
+            // acknowledgement with a payload; a value outside its range.
+            (frame(SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0]), "conn 3"),
+            (frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0]), "conn 6"),
+            (frame(SETTINGS, 1, 0, &[0, 4, 0, 0, 0, 1]), "conn 6"),
+            (frame(SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 2]), "conn 1"),
+            // 6.7, 6.4, 6.8: lengths these frames cannot have; 6.4: RST_STREAM on stream 0.
+            (frame(PING, 0, 0, b"1234567"), "conn 6"),
+            (frame(RST_STREAM, 0, 1, &[0, 0, 8]), "conn 6"),
+            (frame(RST_STREAM, 0, 0, &[0, 0, 0, 8]), "conn 1"),
+            (frame(GOAWAY, 0, 0, &[0, 0, 0, 0, 0, 0, 0]), "conn 6"),
+            // 6.3: a PRIORITY of the wrong length is its stream's error.
+            (frame(PRIORITY, 0, 1, &[0, 0, 0, 3]), "stream 1 6"),
             (
                 [vec![0, 0x40, 1, DATA, 0, 0, 0, 0, 1], vec![0; 0x4001]].concat(),
                 "conn 6",

@@ -159,6 +159,8 @@ struct UStream {
     head_request: bool,
     /// The final (non-1xx) response headers arrived: HEADERS after them are trailers.
     resp_head: bool,
+    /// Informational (1xx) heads so far: each goes to the client, outside any window.
+    informational: u8,
     /// The response's content-length where it binds the DATA, and the DATA bytes so far.
     resp_length: Option<u64>,
     resp_received: u64,
@@ -489,6 +491,21 @@ impl UpConn {
     }
 
     fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
+        let asks_an_answer = match &f {
+            In::Ping(p) => !p.is_ack(),
+            In::Settings(s) => !s.is_ack(),
+            In::Headers { block, .. } => !self.streams.contains_key(&block.id),
+            _ => false,
+        };
+        if asks_an_answer && self.wire.is_backed_up() {
+            // Answers (PONGs, SETTINGS acknowledgements, resets) asked for faster than the
+            // endpoint reads them would pile up here without bound; its streams fail, as on
+            // any broken connection.
+            tracing::debug!(endpoint = %self.key.endpoint, "endpoint asks for answers and does not read them");
+            self.wire
+                .emit(frame::GoAway::new(StreamId::zero(), Reason::ENHANCE_YOUR_CALM).into());
+            return Err(ConnError::Protocol(Reason::ENHANCE_YOUR_CALM.into()));
+        }
         match f {
             In::Headers { block, over_size } => self.on_headers(block, over_size),
             In::Data { data, padding } => self.on_data(data, padding)?,
@@ -504,7 +521,7 @@ impl UpConn {
                 }
             }
             In::WindowUpdate(w) => self.on_window_update(w)?,
-            In::Settings(s) => self.on_settings(s),
+            In::Settings(s) => self.on_settings(s)?,
             In::Ping(p) => {
                 if !p.is_ack() {
                     self.wire.emit(frame::Ping::pong(p.into_payload()).into());
@@ -534,12 +551,17 @@ impl UpConn {
         };
         // The endpoint processed it: no replay from here on.
         s.head = None;
+        if s.resp_done {
+            // RFC 9113 5.1: the response ended; the client has it whole.
+            self.reset(id, Reason::STREAM_CLOSED);
+            return;
+        }
         if over_size {
             self.bad_response(id, Reason::REFUSED_STREAM);
             return;
         }
-        if !response_length_holds(s, &h) {
-            tracing::debug!(endpoint = %self.key.endpoint, "response head contradicts its content-length");
+        if let Err(why) = check_response_block(s, &h) {
+            tracing::debug!(endpoint = %self.key.endpoint, why, "malformed response");
             self.bad_response(id, Reason::PROTOCOL_ERROR);
             return;
         }
@@ -572,6 +594,20 @@ impl UpConn {
             self.conn_credit += len;
             return Ok(());
         };
+        if s.resp_done || !s.resp_head {
+            // After the response ended (RFC 9113 5.1), or before its head (8.1): passed on,
+            // the client would take the second for a protocol error on its connection, and a
+            // stream refused later would be replayed behind bytes already sent.
+            s.head = None;
+            self.conn_credit += len;
+            if s.resp_done {
+                self.reset(id, Reason::STREAM_CLOSED);
+            } else {
+                tracing::debug!(endpoint = %self.key.endpoint, "response DATA before its head");
+                self.bad_response(id, Reason::PROTOCOL_ERROR);
+            }
+            return Ok(());
+        }
         let eos = d.is_end_stream();
         if !eos {
             if let Some(credit) = s.add_credit(padding, self.stream_window / 2) {
@@ -636,9 +672,9 @@ impl UpConn {
         Ok(())
     }
 
-    fn on_settings(&mut self, s: frame::Settings) {
+    fn on_settings(&mut self, s: frame::Settings) -> Result<(), ConnError> {
         if s.is_ack() {
-            return;
+            return Ok(());
         }
         if !self.settings_seen {
             self.settings_seen = true;
@@ -648,8 +684,11 @@ impl UpConn {
         }
         if let Some(size) = s.initial_window_size() {
             let streams = self.streams.iter_mut().map(|(id, st)| (*id, &mut st.out));
-            for id in self.send.resize(size, streams) {
-                self.reset(id, Reason::FLOW_CONTROL_ERROR);
+            if !self.send.resize(size, streams).is_empty() {
+                // RFC 9113 6.9.2: a stream window past 2^31-1 is a connection error.
+                self.wire
+                    .emit(frame::GoAway::new(StreamId::zero(), Reason::FLOW_CONTROL_ERROR).into());
+                return Err(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR.into()));
             }
             let ids: Vec<StreamId> = self.streams.keys().copied().collect();
             for id in ids {
@@ -662,6 +701,7 @@ impl UpConn {
         }
         self.wire.apply_settings(&s);
         self.start_waiting();
+        Ok(())
     }
 
     /// GOAWAY: streams past `last` were not processed and may go elsewhere; the rest finish.
@@ -761,6 +801,7 @@ impl UpConn {
                         credit: 0,
                         head_request,
                         resp_head: false,
+                        informational: 0,
                         resp_length: None,
                         resp_received: 0,
                     },
@@ -935,30 +976,62 @@ impl UpConn {
     }
 }
 
-/// Whether a response HEADERS block keeps to the content-length (RFC 9113 8.1.1, RFC 9110
-/// 8.6): the final head's value must be a number, and a head or trailers that end the stream
-/// must end it with as many DATA bytes as announced. Responses to HEAD and 204 or 304
-/// responses announce a length without a body. Records the length on the stream.
-fn response_length_holds(s: &mut UStream, h: &Block) -> bool {
+/// Informational heads one response may have (100 Continue, 103 Early Hints: one or two in
+/// practice); more is an endpoint filling the client's connection with frames no window
+/// bounds.
+const MAX_INFORMATIONAL: u8 = 8;
+
+/// Why a response header block is malformed (RFC 9113 8.1 and 8.3.2), if it is; the final
+/// head's content-length is kept to check the DATA against.
+fn check_response_block(s: &mut UStream, h: &Block) -> Result<(), &'static str> {
     if s.resp_head {
-        // Trailers.
-        return !h.eos || !contradicts_length(s.resp_length, s.resp_received, true);
+        if !h.eos {
+            return Err("trailers without END_STREAM");
+        }
+        if h.fields.iter().any(|f| f.name.first() == Some(&b':')) {
+            return Err("a pseudo-header field in trailers");
+        }
+        if contradicts_length(s.resp_length, s.resp_received, true) {
+            return Err("fewer DATA bytes than the content-length");
+        }
+        return Ok(());
     }
-    let status = h.fields.status();
-    if matches!(status, Some(100..=199)) {
+    let request_fields: [&[u8]; 5] = [
+        b":method",
+        b":scheme",
+        b":authority",
+        b":path",
+        b":protocol",
+    ];
+    if request_fields.iter().any(|n| h.fields.get(n).is_some()) {
+        return Err("a request pseudo-header field in a response");
+    }
+    let Some(status) = h.fields.status() else {
+        return Err("no :status");
+    };
+    if (100..200).contains(&status) {
         // Informational: the final head is still to come.
-        return true;
+        s.informational = s.informational.saturating_add(1);
+        return match (status, h.eos) {
+            (101, _) => Err("101 (Switching Protocols) in HTTP/2"),
+            (_, true) => Err("an informational response that ends the stream"),
+            _ if s.informational > MAX_INFORMATIONAL => Err("too many informational responses"),
+            _ => Ok(()),
+        };
     }
     s.resp_head = true;
     let Some(v) = h.fields.get(b"content-length") else {
-        return true;
+        return Ok(());
     };
     let Some(n) = parse_content_length(v) else {
-        return false;
+        return Err("a content-length that is not a number");
     };
-    if s.head_request || matches!(status, Some(204 | 304)) {
-        return true;
+    if s.head_request || matches!(status, 204 | 304) {
+        return Ok(());
     }
     s.resp_length = Some(n);
-    !h.eos || n == 0
+    if h.eos && n != 0 {
+        return Err("END_STREAM on a head whose content-length is not 0");
+    }
+    Ok(())
 }
