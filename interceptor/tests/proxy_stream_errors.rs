@@ -141,6 +141,51 @@ async fn a_stream_error_from_the_client_cancels_the_stream_at_the_endpoint_too()
     }
 }
 
+/// Every stream error on an open stream resets the endpoint's stream too, as a cancel does,
+/// so they count against the client's reset limit with its cancels: without that, a client
+/// could reset streams at the endpoint at any rate through the proxy by breaking them
+/// (MadeYouReset, CVE-2025-8671), and an h2 endpoint closes a shared upstream connection
+/// that sees too many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_errors_count_against_the_reset_limit() {
+    let _serial = SERIAL.lock().await;
+    let b = Backend::start_tolerating_resets([127, 0, 0, 2], "b2");
+    let cfg = ProxyConfig {
+        max_client_resets_per_second: 50,
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(cfg, &[b.addr]).await;
+    let (mut w, reader) = raw_conn(p.addr, Duration::from_secs(2)).await;
+    let mut burst = Vec::new();
+    for i in 0..200u32 {
+        let id = 2 * i + 1;
+        burst.extend(frame(HEADERS, END_HEADERS, id, &grpc_request("Unary", &[])));
+        let mut on_itself = id.to_be_bytes().to_vec();
+        on_itself.push(16);
+        burst.extend(frame(PRIORITY, 0, id, &on_itself));
+    }
+    // The proxy may close before it read all of it.
+    let _ = w.write_all(&burst).await;
+    let frames = reader.await.expect("reader");
+    drop(w);
+    let resets = frames.iter().filter(|f| f.0 == RST_STREAM).count();
+    let goaway = frames
+        .iter()
+        .find(|f| f.0 == GOAWAY && f.2.len() >= 8)
+        .map(|f| u32::from_be_bytes([f.2[4], f.2[5], f.2[6], f.2[7]]));
+    println!("{resets} streams reset before GOAWAY {goaway:?}");
+    assert_eq!(
+        goaway,
+        Some(11),
+        "GOAWAY ENHANCE_YOUR_CALM after {resets} resets"
+    );
+    // The relay counts as it reads; the streams engine as its stream tasks see their
+    // streams end, after h2 read the whole burst, so it closes later in the burst.
+    if H2Engine::default() == H2Engine::Relay {
+        assert!(resets <= 60, "{resets} resets: the limit is 50 a second");
+    }
+}
+
 /// RFC 9113 8.3: `:status` belongs to responses, and `:protocol` (RFC 8441) only follows a
 /// server's SETTINGS_ENABLE_CONNECT_PROTOCOL, which the proxy does not send. Passed on, h2
 /// endpoints reset such a request with PROTOCOL_ERROR, and that reset counts against the

@@ -229,6 +229,9 @@ label_enum! {
     /// Why a client connection was closed for abuse.
     AbuseReason {
         RapidReset => "rapid_reset",
+        /// Stream errors (a malformed frame on an open stream) faster than the reset limit:
+        /// each makes the proxy reset the endpoint's stream (MadeYouReset, CVE-2025-8671).
+        StreamErrors => "stream_errors",
         /// An HTTP/1.1 request with both Content-Length and Transfer-Encoding (smuggling).
         AmbiguousFraming => "ambiguous_framing",
         /// An HTTP/1.x request hyper could not parse (answered 400 or 431 by it).

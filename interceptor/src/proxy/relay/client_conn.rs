@@ -675,9 +675,12 @@ where
             return;
         }
         if id <= self.last_id {
-            // A stream that ended here: trailers the client sent before our RST_STREAM reached
-            // it (refused, answered early, reset) are ignored, as RFC 9113 5.1 asks; the
-            // block was decoded, so the HPACK table stays in step.
+            // A stream that ended here. Trailers the client sent before our RST_STREAM reached
+            // it (refused, answered early, reset) must not end its connection (RFC 9113 5.1);
+            // the block was decoded, so the HPACK table stays in step. STREAM_CLOSED tells a
+            // client that reused an id that nothing will answer, where silence would hang it.
+            self.wire
+                .emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
             return;
         }
         self.last_id = id;
@@ -1031,12 +1034,21 @@ where
         let Some(mut s) = self.streams.remove(&id) else {
             return;
         };
-        if let Some(a) = s.attempt.take() {
+        // The attempt stays: the request is counted under its endpoint, not charged to it.
+        if let Some(a) = &s.attempt {
             a.link.send(ToUpstream::Reset(a.id, Reason::CANCEL));
         }
         s.out.clear();
         self.wire.emit(frame::Reset::new(id, reason).into());
         self.end_stream(s, Some(Status::RESET));
+        // Each of these resets the endpoint's stream too, as a cancel does: counted with the
+        // client's cancels, or a client could reset streams at the endpoint at any rate
+        // through us, by breaking them (MadeYouReset, CVE-2025-8671).
+        if self.resets.exceeded() {
+            tracing::warn!(dest = %self.dest.addr(), limit = self.resets.limit, "client breaks streams faster than the reset limit; closing its connection");
+            m::abusive_connection(AbuseReason::StreamErrors);
+            self.fail(Reason::ENHANCE_YOUR_CALM);
+        }
     }
 
     /// Sends a response frame within the client's windows (or queues it behind the stream's
@@ -1113,18 +1125,23 @@ where
 /// told SETTINGS_ENABLE_CONNECT_PROTOCOL, which the proxy does not send. An endpoint resets
 /// a request with either, and that reset would count against it.
 fn is_valid_request(h: &HeaderList) -> bool {
-    if h.get(b":status").is_some() || h.get(b":protocol").is_some() {
-        return false;
+    let (mut method, mut scheme, mut authority, mut path) = (None, false, false, None);
+    // One pass over the pseudo-header fields, which the reader checked come first.
+    for f in h.iter() {
+        match f.name {
+            b":method" => method = Some(f.value),
+            b":scheme" => scheme = true,
+            b":authority" => authority = true,
+            b":path" => path = Some(f.value),
+            n if n.first() == Some(&b':') => return false,
+            _ => break,
+        }
     }
-    let Some(method) = h.get(b":method") else {
-        return false;
-    };
-    if method == b"CONNECT" {
-        return h.get(b":authority").is_some()
-            && h.get(b":scheme").is_none()
-            && h.get(b":path").is_none();
+    match method {
+        None => false,
+        Some(b"CONNECT") => authority && !scheme && path.is_none(),
+        Some(_) => scheme && path.is_some_and(|p| !p.is_empty()),
     }
-    h.get(b":scheme").is_some() && h.get(b":path").is_some_and(|path| !path.is_empty())
 }
 
 fn has_pseudo_header(h: &HeaderList) -> bool {

@@ -403,25 +403,49 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let (mut decoded, mut failed) = (0, 0);
+        let (mut decoded, mut failed, mut filled) = (0, 0, 0);
         let mut d = Decoder::new();
         for _ in 0..30_000 {
             let mut block = Vec::new();
             if next() % 8 == 0 {
-                block.push(0x20 | (next() % 32) as u8);
+                // A size update, 0 to 4127 (past the 4096 limit now and then).
+                let size = (next() % 4128) as usize;
+                if size < 31 {
+                    block.push(0x20 | size as u8);
+                } else {
+                    block.push(0x3f);
+                    let mut rest = size - 31;
+                    while rest >= 128 {
+                        block.push(0x80 | (rest % 128) as u8);
+                        rest /= 128;
+                    }
+                    block.push(rest as u8);
+                }
             }
+            // Indexes into the static table and the dynamic one as it is (one past its end
+            // now and then); literals with a new name or an indexed one; Huffman now and then
+            // (over random bytes, mostly not a valid code).
+            let entries = 61 + d.table.len() as u64 + 1;
             for _ in 0..next() % 6 {
-                match next() % 4 {
-                    0 => block.push(0x80 | (1 + next() % 70) as u8),
+                match next() % 5 {
+                    0 => block.push(0x80 | (1 + next() % entries) as u8),
                     kind => {
-                        block.push(match kind {
-                            1 => 0x40,
-                            2 => 0x00,
+                        let first = match kind {
+                            1 | 2 => 0x40,
+                            3 => 0x00,
                             _ => 0x10,
-                        });
-                        for _ in 0..2 {
+                        };
+                        let strings = if kind == 2 {
+                            // The name by index, 6-bit prefix: static names only.
+                            block.push(first | (1 + next() % 61) as u8);
+                            1
+                        } else {
+                            block.push(first);
+                            2
+                        };
+                        for _ in 0..strings {
                             let len = (next() % 40) as usize;
-                            let huffman = next() % 3 == 0;
+                            let huffman = next() % 10 == 0;
                             block.push(if huffman { 0x80 } else { 0 } | len as u8);
                             block.extend((0..len).map(|_| match next() % 4 {
                                 0 => next() as u8,
@@ -440,7 +464,14 @@ mod tests {
                 _ => {}
             }
             let mut l = HeaderList::new();
-            match d.decode(&block, 256, &mut l) {
+            let result = d.decode(&block, 256, &mut l);
+            let held: usize = d.table.iter().map(|e| e.bytes.len() + ENTRY_OVERHEAD).sum();
+            assert_eq!(held, d.size);
+            assert!(d.size <= d.max_size && d.max_size <= d.limit);
+            let kept: usize = l.iter().map(|f| f.name.len() + f.value.len() + 32).sum();
+            assert!(kept <= 256);
+            filled = filled.max(d.table.len());
+            match result {
                 Ok(_) => decoded += 1,
                 Err(_) => {
                     failed += 1;
@@ -448,19 +479,12 @@ mod tests {
                     d = Decoder::new();
                 }
             }
-            let held: usize = d.table.iter().map(|e| e.bytes.len() + ENTRY_OVERHEAD).sum();
-            assert_eq!(held, d.size);
-            assert!(d.size <= d.max_size && d.max_size <= d.limit);
-            assert!(
-                l.iter()
-                    .map(|f| f.name.len() + f.value.len() + 32)
-                    .sum::<usize>()
-                    <= 256
-            );
         }
         assert!(
             decoded > 5_000 && failed > 5_000,
             "{decoded} decoded, {failed} failed"
         );
+        // The table filled and evicted, not only stayed empty.
+        assert!(filled > 20, "at most {filled} entries");
     }
 }

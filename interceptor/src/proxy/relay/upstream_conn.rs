@@ -242,6 +242,9 @@ struct UpConn {
     ending: bool,
     /// An error GOAWAY from the endpoint was counted.
     goaway_counted: bool,
+    /// Bytes of answers the endpoint asked for (PONGs, SETTINGS acknowledgements, resets of
+    /// streams it does not have) since the socket last took everything we had.
+    owed: usize,
 }
 
 /// Our keepalive PING's payload.
@@ -308,6 +311,7 @@ impl UpConn {
             last_words: 0,
             ending: false,
             goaway_counted: false,
+            owed: 0,
         }
     }
 
@@ -427,7 +431,11 @@ impl UpConn {
             self.wire
                 .emit(frame::WindowUpdate::new(StreamId::zero(), credit).into());
         }
-        if let Err(e) = self.wire.write(cx) {
+        let written = self.wire.write(cx);
+        if let Ok(true) = written {
+            self.owed = 0;
+        }
+        if let Err(e) = written {
             self.write_failed = Some(e);
             self.ending = true;
             self.link.accepting.store(false, Ordering::Release);
@@ -491,17 +499,19 @@ impl UpConn {
     }
 
     fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
-        let asks_an_answer = match &f {
-            In::Ping(p) => !p.is_ack(),
-            In::Settings(s) => !s.is_ack(),
-            In::Headers { block, .. } => !self.streams.contains_key(&block.id),
-            _ => false,
+        // What answering costs in bytes: a PONG, a SETTINGS acknowledgement, RST_STREAM.
+        self.owed += match &f {
+            In::Ping(p) if !p.is_ack() => 17,
+            In::Settings(s) if !s.is_ack() => 9,
+            In::Headers { block, .. } if !self.streams.contains_key(&block.id) => 13,
+            _ => 0,
         };
-        if asks_an_answer && self.wire.is_backed_up() {
-            // Answers (PONGs, SETTINGS acknowledgements, resets) asked for faster than the
-            // endpoint reads them would pile up here without bound; its streams fail, as on
-            // any broken connection.
-            tracing::debug!(endpoint = %self.key.endpoint, "endpoint asks for answers and does not read them");
+        if self.owed > OWED_LIMIT {
+            // Answers asked for faster than the endpoint reads them would pile up here
+            // without bound; its streams fail, as on any broken connection. A healthy
+            // endpoint waits for a PONG before its next PING (grpc-go's BDP estimate does),
+            // so this stays near 0 even while a long upload keeps the socket full.
+            tracing::debug!(endpoint = %self.key.endpoint, owed = self.owed, "endpoint asks for answers and does not read them");
             self.wire
                 .emit(frame::GoAway::new(StreamId::zero(), Reason::ENHANCE_YOUR_CALM).into());
             return Err(ConnError::Protocol(Reason::ENHANCE_YOUR_CALM.into()));
@@ -976,6 +986,9 @@ impl UpConn {
     }
 }
 
+/// Answers an endpoint may have asked for and left unread before its connection is closed.
+const OWED_LIMIT: usize = 1 << 20;
+
 /// Informational heads one response may have (100 Continue, 103 Early Hints: one or two in
 /// practice); more is an endpoint filling the client's connection with frames no window
 /// bounds.
@@ -996,14 +1009,12 @@ fn check_response_block(s: &mut UStream, h: &Block) -> Result<(), &'static str> 
         }
         return Ok(());
     }
-    let request_fields: [&[u8]; 5] = [
-        b":method",
-        b":scheme",
-        b":authority",
-        b":path",
-        b":protocol",
-    ];
-    if request_fields.iter().any(|n| h.fields.get(n).is_some()) {
+    // Pseudo-header fields come first (the reader checked): one short pass.
+    if h.fields
+        .iter()
+        .take_while(|f| f.name.first() == Some(&b':'))
+        .any(|f| f.name != b":status")
+    {
         return Err("a request pseudo-header field in a response");
     }
     let Some(status) = h.fields.status() else {

@@ -21,9 +21,8 @@ use super::read::{In, ReadError, Reader};
 /// a client that keeps asking without reading holds at most about this much of ours. DATA does
 /// not count: the client's own windows bound it, and a client reading a large response slowly
 /// must still be read. An upstream connection is not paused so: it carries many clients'
-/// streams, and a server that reads only after it wrote would deadlock with us. One that
-/// goes on asking for answers (PINGs, SETTINGS, HEADERS on streams it does not have) past
-/// the limit is closed instead.
+/// streams, and a server that reads only after it wrote would deadlock with us (one that
+/// goes on asking for answers without reading them is closed: `upstream_conn`'s OWED_LIMIT).
 const BACKLOG_LIMIT: usize = 1 << 20;
 
 pub(crate) struct Wire<T> {
