@@ -10,45 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use interceptor::proxy::config::ProxyConfig;
+use interceptor_test_support::rng::Rng;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 const CONVERSATIONS: u64 = 400;
 const AT_ONCE: usize = 20;
-
-/// xorshift64*, seeded per conversation.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-const DATA: u8 = 0;
-const PRIORITY: u8 = 2;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const WINDOW_UPDATE: u8 = 8;
-const PADDED: u8 = 8;
 
 fn request_block(rng: &mut Rng) -> Vec<u8> {
     let method = if rng.chance(30) { "Hang" } else { "Unary" };
@@ -217,7 +185,7 @@ fn conversation(rng: &mut Rng, careful: bool) -> Vec<u8> {
                     rng.below(10) as u32
                 };
                 let mut p = dep.to_be_bytes().to_vec();
-                p.push(rng.next() as u8);
+                p.push(rng.next_u64() as u8);
                 if !careful && rng.chance(10) {
                     p.pop();
                 }
@@ -238,7 +206,7 @@ fn conversation(rng: &mut Rng, careful: bool) -> Vec<u8> {
                             5 => [16_384u32, 1 << 20, 100][rng.below(3) as usize],
                             2 | 8 if careful => rng.below(2) as u32,
                             2 | 8 => rng.below(3) as u32,
-                            _ => rng.next() as u32,
+                            _ => rng.next_u64() as u32,
                         };
                         p.extend_from_slice(&id.to_be_bytes());
                         p.extend_from_slice(&value.to_be_bytes());
@@ -259,7 +227,7 @@ fn conversation(rng: &mut Rng, careful: bool) -> Vec<u8> {
                 out.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
                 sending.retain(|o| *o != id);
             }
-            17 => out.extend(frame(0xfa, rng.next() as u8, 1, b"unknown")),
+            17 => out.extend(frame(0xfa, rng.next_u64() as u8, 1, b"unknown")),
             18 => {
                 let last = some_stream(rng, &opened).unwrap_or(0);
                 let mut p = last.to_be_bytes().to_vec();
@@ -269,7 +237,7 @@ fn conversation(rng: &mut Rng, careful: bool) -> Vec<u8> {
             _ => {
                 // A few loose bytes: from here on the framing is whatever they make it.
                 if !careful && rng.chance(20) {
-                    out.extend((0..1 + rng.below(12)).map(|_| rng.next() as u8));
+                    out.extend((0..1 + rng.below(12)).map(|_| rng.next_u64() as u8));
                 }
             }
         }

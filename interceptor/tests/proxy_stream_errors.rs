@@ -21,13 +21,6 @@ const LIMIT: Duration = Duration::from_secs(10);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const DATA: u8 = 0;
-const PRIORITY: u8 = 2;
-const RST_STREAM: u8 = 3;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const WINDOW_UPDATE: u8 = 8;
-
 /// A request head for `/test.Echo/{method}`, as `request_pseudo` builds Unary's, with
 /// content-type application/grpc and `extra` fields after the pseudo-header ones.
 fn grpc_request(method: &str, extra_pseudo: &[u8]) -> Vec<u8> {

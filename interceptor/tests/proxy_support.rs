@@ -682,10 +682,19 @@ pub fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+// Frame types and flags (RFC 9113 6).
+pub const DATA: u8 = 0;
 pub const HEADERS: u8 = 1;
+pub const PRIORITY: u8 = 2;
+pub const RST_STREAM: u8 = 3;
+pub const SETTINGS: u8 = 4;
+pub const PING: u8 = 6;
+pub const GOAWAY: u8 = 7;
+pub const WINDOW_UPDATE: u8 = 8;
 pub const CONTINUATION: u8 = 9;
 pub const END_STREAM: u8 = 1;
 pub const END_HEADERS: u8 = 4;
+pub const PADDED: u8 = 8;
 
 /// An HPACK integer with an `n`-bit prefix (RFC 7541 5.1) after the flag bits `first`.
 pub fn hpack_int(out: &mut Vec<u8>, n: u8, first: u8, mut v: usize) {

@@ -17,34 +17,7 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 use super::encode::{Encoder, MAX_IOVECS};
 use super::fields::HeaderList;
 use super::read::{In, ReadError, Reader};
-
-/// xorshift64*: enough to spread the cases, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len())]
-    }
-}
+use interceptor_test_support::rng::Rng;
 
 /// Names a gRPC or HTTP peer sends, some in the static table and some not, so that fields
 /// repeat across blocks and h2's encoder indexes, refers back to and evicts them.
@@ -71,24 +44,24 @@ const SENSITIVE: &[&str] = &["authorization", "cookie"];
 const TOKEN: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789-_.!#$%&'*+^`|~";
 
 fn token(rng: &mut Rng, max: usize) -> String {
-    let len = 1 + rng.below(max);
+    let len = 1 + rng.index(max);
     (0..len).map(|_| *rng.pick(TOKEN) as char).collect()
 }
 
 /// A field value any HTTP/2 peer may send (RFC 9110 5.5): visible ASCII, obs-text (long
 /// Huffman codes), and spaces and tabs inside it.
 fn value(rng: &mut Rng) -> Vec<u8> {
-    let len = match rng.below(20) {
+    let len = match rng.index(20) {
         0 => 0,
-        1 => 1000 + rng.below(7000),
-        _ => 1 + rng.below(60),
+        1 => 1000 + rng.index(7000),
+        _ => 1 + rng.index(60),
     };
     let mut v: Vec<u8> = (0..len)
-        .map(|_| match rng.below(20) {
-            0 => 0x80 + rng.below(0x80) as u8,
+        .map(|_| match rng.index(20) {
+            0 => 0x80 + rng.index(0x80) as u8,
             1 => b' ',
             2 => b'\t',
-            _ => 0x21 + rng.below(0x5e) as u8,
+            _ => 0x21 + rng.index(0x5e) as u8,
         })
         .collect();
     if let Some(first) = v.first_mut() {
@@ -106,7 +79,7 @@ type Expected = Vec<(Vec<u8>, Vec<u8>, bool)>;
 
 fn regular_fields(rng: &mut Rng, out: &mut Expected) -> HeaderMap {
     let mut map = HeaderMap::new();
-    for _ in 0..rng.below(12) {
+    for _ in 0..rng.index(12) {
         let name = if rng.chance(60) {
             rng.pick(NAMES).to_string()
         } else {
@@ -139,11 +112,11 @@ fn pseudo(name: &str, v: &str) -> (Vec<u8>, Vec<u8>, bool) {
 /// A request head, a response head or trailers, as h2's frame and as the fields expected.
 fn random_block(rng: &mut Rng, id: StreamId) -> (frame::Headers, Expected) {
     let mut expected = Vec::new();
-    match rng.below(3) {
+    match rng.index(3) {
         0 => {
             let method = rng.pick(&["GET", "POST", "PUT", "PURGE"]).to_string();
             let scheme = rng.pick(&["http", "https"]).to_string();
-            let authority = format!("{}.svc:{}", token(rng, 30), rng.below(65536));
+            let authority = format!("{}.svc:{}", token(rng, 30), rng.index(65536));
             let path = format!("/{}/{}", token(rng, 40), token(rng, 20));
             for (n, v) in [
                 (":method", &method),
@@ -166,7 +139,7 @@ fn random_block(rng: &mut Rng, id: StreamId) -> (frame::Headers, Expected) {
             (h, expected)
         }
         1 => {
-            let status = 100 + rng.below(500) as u16;
+            let status = 100 + rng.index(500) as u16;
             expected.push(pseudo(":status", &status.to_string()));
             let p = Pseudo::response(StatusCode::from_u16(status).expect("a status"));
             let map = regular_fields(rng, &mut expected);
@@ -235,20 +208,20 @@ async fn h2_encoded_stream(seed: u64, blocks: usize) -> (Vec<u8>, Vec<Sent>, usi
         });
         codec.send(Frame::Headers(h)).await.expect("h2 encodes");
         if rng.chance(20) {
-            let data = Bytes::from(vec![b'd'; rng.below(3000)]);
+            let data = Bytes::from(vec![b'd'; rng.index(3000)]);
             codec
                 .send(Frame::Data(frame::Data::new(id, data)))
                 .await
                 .expect("h2 encodes");
         }
         if rng.chance(15) {
-            let f: Frame<Bytes> = match rng.below(5) {
-                0 => frame::Ping::new(rng.next().to_be_bytes()).into(),
-                1 => frame::WindowUpdate::new(id, 1 + rng.below(1 << 20) as u32).into(),
+            let f: Frame<Bytes> = match rng.index(5) {
+                0 => frame::Ping::new(rng.next_u64().to_be_bytes()).into(),
+                1 => frame::WindowUpdate::new(id, 1 + rng.index(1 << 20) as u32).into(),
                 2 => frame::Reset::new(id, h2::Reason::CANCEL).into(),
                 3 => {
                     let mut s = frame::Settings::default();
-                    s.set_initial_window_size(Some(rng.below(1 << 20) as u32));
+                    s.set_initial_window_size(Some(rng.index(1 << 20) as u32));
                     s.set_max_concurrent_streams(Some(100));
                     s.into()
                 }
@@ -452,23 +425,25 @@ struct Outcomes {
 
 /// Damage: bytes flipped, cut, repeated or inserted, at random places.
 fn damage(rng: &mut Rng, bytes: &mut Vec<u8>) {
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         if bytes.is_empty() {
             return;
         }
-        let at = rng.below(bytes.len());
-        match rng.below(5) {
-            0 => bytes[at] ^= 1 << rng.below(8),
-            1 => bytes[at] = rng.next() as u8,
+        let at = rng.index(bytes.len());
+        match rng.index(5) {
+            0 => bytes[at] ^= 1 << rng.index(8),
+            1 => bytes[at] = rng.next_u64() as u8,
             2 => bytes.truncate(at),
             3 => {
-                let end = (at + 1 + rng.below(64)).min(bytes.len());
+                let end = (at + 1 + rng.index(64)).min(bytes.len());
                 let piece = bytes[at..end].to_vec();
-                let to = rng.below(bytes.len());
+                let to = rng.index(bytes.len());
                 bytes.splice(to..to, piece);
             }
             _ => {
-                let junk: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                let junk: Vec<u8> = (0..1 + rng.index(16))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect();
                 bytes.splice(at..at, junk);
             }
         }
@@ -486,7 +461,7 @@ async fn damaged_streams_end_in_an_error_or_read_on_never_a_panic() {
             damage(&mut rng, &mut bytes);
             let len = bytes.len();
             let (mut tx, mut rx) = tokio::io::duplex(1 << 26);
-            let step = 1 + rng.below(5000);
+            let step = 1 + rng.index(5000);
             // Delivered in pieces, so partial frames and blocks are resumed across reads.
             let writer = tokio::spawn(async move {
                 for chunk in bytes.chunks(step) {
