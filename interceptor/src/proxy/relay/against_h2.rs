@@ -14,7 +14,7 @@ use h2::Codec;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 
-use super::encode::{Encoder, MAX_IOVECS};
+use super::encode::Encoder;
 use super::fields::HeaderList;
 use super::read::{In, ReadError, Reader};
 use interceptor_test_support::rng::Rng;
@@ -340,7 +340,7 @@ async fn header_blocks_the_relay_encodes_read_in_h2_and_back_as_sent() {
                 list.push(n, v, *s);
             }
             enc.headers(id, eos, &list);
-            let bytes = take_pending(&mut enc);
+            let bytes = enc.take_pending();
             to_h2.write_all(&bytes).await.expect("write");
             let context = format!("seed {seed}, stream {id:?}");
             let Some(Ok(Frame::Headers(got))) = h2_reader.next().await else {
@@ -393,22 +393,6 @@ async fn header_blocks_the_relay_encodes_read_in_h2_and_back_as_sent() {
             }
         }
     }
-}
-
-/// What `enc` holds, as the socket would be given it.
-fn take_pending(enc: &mut Encoder) -> Vec<u8> {
-    let mut out = Vec::new();
-    while enc.pending() > 0 {
-        let mut iov = [std::io::IoSlice::new(&[]); MAX_IOVECS];
-        let n = enc.slices(&mut iov);
-        let before = out.len();
-        for s in &iov[..n] {
-            out.extend_from_slice(s);
-        }
-        let written = out.len() - before;
-        enc.advance(written);
-    }
-    out
 }
 
 /// What reading a damaged stream came to.

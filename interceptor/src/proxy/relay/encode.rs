@@ -192,6 +192,23 @@ impl Encoder {
         n
     }
 
+    /// Everything pending, as the socket would be given it (tests read what was encoded).
+    #[cfg(test)]
+    pub(crate) fn take_pending(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while self.pending() > 0 {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let used = self.slices(&mut iov);
+            let before = out.len();
+            for s in &iov[..used] {
+                out.extend_from_slice(s);
+            }
+            let n = out.len() - before;
+            self.advance(n);
+        }
+        out
+    }
+
     /// `n` bytes of the pending ones were written.
     pub(crate) fn advance(&mut self, mut n: usize) {
         self.pending -= n;
@@ -294,17 +311,7 @@ mod tests {
 
     /// Decodes what `enc` holds with h2's codec, as the peer would.
     async fn decode(enc: &mut Encoder, max_frame: usize) -> Vec<Frame> {
-        let mut bytes = Vec::new();
-        while enc.pending() > 0 {
-            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let used = enc.slices(&mut iov);
-            let before = bytes.len();
-            for s in &iov[..used] {
-                bytes.extend_from_slice(s);
-            }
-            let n = bytes.len() - before;
-            enc.advance(n);
-        }
+        let bytes = enc.take_pending();
         assert_eq!(enc.pending(), 0);
         let (mut ours, theirs) = tokio::io::duplex(1 << 20);
         tokio::io::AsyncWriteExt::write_all(&mut ours, &bytes)
