@@ -868,15 +868,9 @@ async fn a_body_that_contradicts_its_content_length_is_reset_here_and_not_charge
     w.write_all(&burst).await.expect("the requests");
     let frames = reader.await.expect("reader");
     drop(w);
-    let reset = |frames: &[RawFrame], id: u32| {
-        frames
-            .iter()
-            .find(|f| f.0 == 3 && f.1 == id)
-            .map(|f| u32::from_be_bytes([f.2[0], f.2[1], f.2[2], f.2[3]]))
-    };
     for id in [1, 3, 5, 7] {
         assert_eq!(
-            reset(&frames, id),
+            reset_code(&frames, id),
             Some(1),
             "stream {id}: RST_STREAM PROTOCOL_ERROR"
         );
@@ -903,7 +897,7 @@ async fn a_body_that_contradicts_its_content_length_is_reset_here_and_not_charge
         "the request whose body matches its content-length is answered: {:?}",
         frames.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>()
     );
-    assert_eq!(reset(&frames, 1), None);
+    assert_eq!(reset_code(&frames, 1), None);
 }
 
 /// h2 endpoints keep a per-connection budget for small DATA frames their application has not

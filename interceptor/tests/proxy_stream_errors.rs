@@ -43,15 +43,18 @@ fn grpc_message(msg: &[u8]) -> Vec<u8> {
     m
 }
 
-fn reset_code(frames: &[RawFrame], id: u32) -> Option<u32> {
-    frames
-        .iter()
-        .find(|f| f.0 == RST_STREAM && f.1 == id && f.2.len() == 4)
-        .map(|f| u32::from_be_bytes([f.2[0], f.2[1], f.2[2], f.2[3]]))
-}
-
-fn kinds(frames: &[RawFrame]) -> Vec<(u8, u32)> {
-    frames.iter().map(|f| (f.0, f.1)).collect()
+/// The client's connection answered its PING after what went before, without GOAWAY.
+fn assert_went_on(frames: &[RawFrame], what: &str) {
+    assert!(
+        frames.iter().any(|f| f.0 == PING && f.3 & 1 != 0),
+        "{what}: the connection went on: {:?}",
+        frame_kinds(frames)
+    );
+    assert!(
+        !frames.iter().any(|f| f.0 == GOAWAY),
+        "{what}: no GOAWAY: {:?}",
+        frame_kinds(frames)
+    );
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -111,7 +114,7 @@ async fn a_stream_error_from_the_client_cancels_the_stream_at_the_endpoint_too()
             assert!(
                 frames.iter().any(|f| f.0 == GOAWAY),
                 "{what}: {:?}",
-                kinds(&frames)
+                frame_kinds(&frames)
             );
             continue;
         }
@@ -119,18 +122,9 @@ async fn a_stream_error_from_the_client_cancels_the_stream_at_the_endpoint_too()
             reset_code(&frames, 1),
             Some(code),
             "{what}: {:?}",
-            kinds(&frames)
+            frame_kinds(&frames)
         );
-        assert!(
-            frames.iter().any(|f| f.0 == PING && f.3 & 1 != 0),
-            "{what}: the connection went on: {:?}",
-            kinds(&frames)
-        );
-        assert!(
-            !frames.iter().any(|f| f.0 == GOAWAY),
-            "{what}: {:?}",
-            kinds(&frames)
-        );
+        assert_went_on(&frames, what);
     }
 }
 
@@ -162,10 +156,7 @@ async fn stream_errors_count_against_the_reset_limit() {
     let frames = reader.await.expect("reader");
     drop(w);
     let resets = frames.iter().filter(|f| f.0 == RST_STREAM).count();
-    let goaway = frames
-        .iter()
-        .find(|f| f.0 == GOAWAY && f.2.len() >= 8)
-        .map(|f| u32::from_be_bytes([f.2[4], f.2[5], f.2[6], f.2[7]]));
+    let goaway = raw_goaway_code(&frames);
     println!("{resets} streams reset before GOAWAY {goaway:?}");
     assert_eq!(
         goaway,
@@ -211,7 +202,7 @@ async fn a_request_with_a_response_or_extended_connect_field_is_reset_here_and_n
             reset_code(&frames, id),
             Some(1),
             "stream {id}: RST_STREAM PROTOCOL_ERROR: {:?}",
-            kinds(&frames)
+            frame_kinds(&frames)
         );
     }
     // Checked before any call succeeds, which would clear the count.
@@ -233,7 +224,7 @@ async fn a_request_with_a_response_or_extended_connect_field_is_reset_here_and_n
             .iter()
             .any(|f| f.0 == HEADERS && f.1 == 1 && f.3 & END_STREAM != 0),
         "the well-formed request is answered: {:?}",
-        kinds(&frames)
+        frame_kinds(&frames)
     );
     assert_eq!(b.calls(), 1);
 }
@@ -268,18 +259,9 @@ async fn trailers_for_a_stream_the_proxy_reset_are_ignored() {
         reset_code(&frames, 3),
         Some(7),
         "stream 3 refused: {:?}",
-        kinds(&frames)
+        frame_kinds(&frames)
     );
-    assert!(
-        frames.iter().any(|f| f.0 == PING && f.3 & 1 != 0),
-        "the connection went on: {:?}",
-        kinds(&frames)
-    );
-    assert!(
-        !frames.iter().any(|f| f.0 == GOAWAY),
-        "no GOAWAY: {:?}",
-        kinds(&frames)
-    );
+    assert_went_on(&frames, "trailers after the refusal");
 }
 
 // ---- endpoints that answer with malformed responses ------------------------------------------

@@ -758,6 +758,27 @@ pub async fn raw_conn(
     (w, reader)
 }
 
+/// The error code of the RST_STREAM the proxy sent on stream `id`, if it sent one.
+pub fn reset_code(frames: &[RawFrame], id: u32) -> Option<u32> {
+    frames
+        .iter()
+        .find(|f| f.0 == RST_STREAM && f.1 == id && f.2.len() == 4)
+        .map(|f| u32::from_be_bytes([f.2[0], f.2[1], f.2[2], f.2[3]]))
+}
+
+/// The error code of the GOAWAY the proxy sent, if it sent one.
+pub fn raw_goaway_code(frames: &[RawFrame]) -> Option<u32> {
+    frames
+        .iter()
+        .find(|f| f.0 == GOAWAY && f.2.len() >= 8)
+        .map(|f| u32::from_be_bytes([f.2[4], f.2[5], f.2[6], f.2[7]]))
+}
+
+/// Type and stream of each frame, for assertion messages.
+pub fn frame_kinds(frames: &[RawFrame]) -> Vec<(u8, u32)> {
+    frames.iter().map(|f| (f.0, f.1)).collect()
+}
+
 /// The whole frames in `bytes`.
 pub fn parse_frames(bytes: &[u8]) -> Vec<RawFrame> {
     let mut frames = Vec::new();

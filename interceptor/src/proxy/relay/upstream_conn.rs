@@ -499,25 +499,8 @@ impl UpConn {
     }
 
     fn on_frame(&mut self, f: In) -> Result<(), ConnError> {
-        // What answering costs in bytes: a PONG, a SETTINGS acknowledgement, RST_STREAM.
-        self.owed += match &f {
-            In::Ping(p) if !p.is_ack() => 17,
-            In::Settings(s) if !s.is_ack() => 9,
-            In::Headers { block, .. } if !self.streams.contains_key(&block.id) => 13,
-            _ => 0,
-        };
-        if self.owed > OWED_LIMIT {
-            // Answers asked for faster than the endpoint reads them would pile up here
-            // without bound; its streams fail, as on any broken connection. A healthy
-            // endpoint waits for a PONG before its next PING (grpc-go's BDP estimate does),
-            // so this stays near 0 even while a long upload keeps the socket full.
-            tracing::debug!(endpoint = %self.key.endpoint, owed = self.owed, "endpoint asks for answers and does not read them");
-            self.wire
-                .emit(frame::GoAway::new(StreamId::zero(), Reason::ENHANCE_YOUR_CALM).into());
-            return Err(ConnError::Protocol(Reason::ENHANCE_YOUR_CALM.into()));
-        }
         match f {
-            In::Headers { block, over_size } => self.on_headers(block, over_size),
+            In::Headers { block, over_size } => self.on_headers(block, over_size)?,
             In::Data { data, padding } => self.on_data(data, padding)?,
             In::Reset(r) => {
                 let id = r.stream_id();
@@ -535,6 +518,7 @@ impl UpConn {
             In::Ping(p) => {
                 if !p.is_ack() {
                     self.wire.emit(frame::Ping::pong(p.into_payload()).into());
+                    self.owe(17)?;
                 } else if *p.payload() == KEEPALIVE_PING {
                     self.ping_sent = None;
                     self.next_ping = self.now + self.keepalive_interval;
@@ -552,28 +536,45 @@ impl UpConn {
         Ok(())
     }
 
-    fn on_headers(&mut self, h: Block, over_size: bool) {
+    /// An answer the endpoint asked for (a PONG, a SETTINGS acknowledgement, a reset of a
+    /// stream it does not have), `bytes` long, was queued.
+    fn owe(&mut self, bytes: usize) -> Result<(), ConnError> {
+        self.owed += bytes;
+        if self.owed <= OWED_LIMIT {
+            return Ok(());
+        }
+        // Answers asked for faster than the endpoint reads them would pile up here without
+        // bound; its streams fail, as on any broken connection. A healthy endpoint waits for
+        // a PONG before its next PING (grpc-go's BDP estimate does), so this stays near 0
+        // even while a long upload keeps the socket full.
+        tracing::debug!(endpoint = %self.key.endpoint, owed = self.owed, "endpoint asks for answers and does not read them");
+        self.wire
+            .emit(frame::GoAway::new(StreamId::zero(), Reason::ENHANCE_YOUR_CALM).into());
+        Err(ConnError::Protocol(Reason::ENHANCE_YOUR_CALM.into()))
+    }
+
+    fn on_headers(&mut self, h: Block, over_size: bool) -> Result<(), ConnError> {
         let id = h.id;
         let Some(s) = self.streams.get_mut(&id) else {
             self.wire
                 .emit(frame::Reset::new(id, Reason::STREAM_CLOSED).into());
-            return;
+            return self.owe(13);
         };
         // The endpoint processed it: no replay from here on.
         s.head = None;
         if s.resp_done {
             // RFC 9113 5.1: the response ended; the client has it whole.
             self.reset(id, Reason::STREAM_CLOSED);
-            return;
+            return Ok(());
         }
         if over_size {
             self.bad_response(id, Reason::REFUSED_STREAM);
-            return;
+            return Ok(());
         }
         if let Err(why) = check_response_block(s, &h) {
             tracing::debug!(endpoint = %self.key.endpoint, why, "malformed response");
             self.bad_response(id, Reason::PROTOCOL_ERROR);
-            return;
+            return Ok(());
         }
         if h.eos {
             s.resp_done = true;
@@ -585,6 +586,7 @@ impl UpConn {
         if s.resp_done && s.req_done {
             self.remove(id);
         }
+        Ok(())
     }
 
     fn on_data(&mut self, d: frame::Data<Bytes>, padding: u32) -> Result<(), ConnError> {
@@ -711,7 +713,8 @@ impl UpConn {
         }
         self.wire.apply_settings(&s);
         self.start_waiting();
-        Ok(())
+        // apply_settings queued the acknowledgement.
+        self.owe(9)
     }
 
     /// GOAWAY: streams past `last` were not processed and may go elsewhere; the rest finish.
